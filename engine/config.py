@@ -1,0 +1,120 @@
+"""Model hyper-parameters: one dataclass, a table of named presets, and construction from HF config.json."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    ffn_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama-3.1 style frequency rescaling, as in HF config.json, e.g.
+    # {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    #  "original_max_position_embeddings": 8192}; None = plain RoPE.
+    rope_scaling: dict | None = None
+    max_seq_len: int = 131072
+    tie_embeddings: bool = False
+    head_dim: int = 0  # 0 = dim // n_heads
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one KV head (GQA group size)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_bytes_per_token(self, elem_size: int) -> int:
+        """Bytes a full (uncompressed) cache spends per token across all layers: K and V."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_size
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, name: str = "custom") -> "ModelArgs":
+        """Build from a Hugging Face LlamaForCausalLM config.json (already parsed)."""
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+            raise ValueError(
+                f"not a Llama model: model_type={cfg.get('model_type')!r}, architectures={archs}")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise ValueError(f"unsupported Llama variant: {flag}=true")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported activation {act!r} (Llama uses silu)")
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"unsupported rope_scaling type {kind!r} (only 'llama3')")
+        # transformers >= 5 may nest rope settings in rope_parameters
+        rope_params = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        if scaling is None and rope_params.get("rope_type") == "llama3":
+            scaling = dict(rope_params)
+        try:
+            return cls(
+                dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                n_heads=cfg["num_attention_heads"],
+                n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+                vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"],
+                norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                max_seq_len=cfg.get("max_position_embeddings", 2048),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                head_dim=cfg.get("head_dim") or 0, name=name)
+        except KeyError as e:
+            raise ValueError(f"config.json lacks required field {e.args[0]!r}") from None
+
+    def to_hf_config(self) -> dict:
+        """The inverse of from_hf_config: what we write next to imported weights."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size, "intermediate_size": self.ffn_dim,
+            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "head_dim": self.head_dim,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        }
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, ModelArgs] = {
+    "llama-3.1-8b": ModelArgs(name="llama-3.1-8b", rope_scaling=LLAMA31_ROPE),
+    "llama-3.1-70b": ModelArgs(name="llama-3.1-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                               ffn_dim=28672, rope_scaling=LLAMA31_ROPE),
+    "llama-3.2-1b": ModelArgs(name="llama-3.2-1b", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                              ffn_dim=8192, tie_embeddings=True,
+                              rope_scaling={**LLAMA31_ROPE, "factor": 32.0}),
+    "smollm2-135m": ModelArgs(name="smollm2-135m", dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                              vocab_size=49152, ffn_dim=1536, rope_theta=100000.0, max_seq_len=8192,
+                              tie_embeddings=True),
+    # For tests and smoke runs: small enough to run anywhere in milliseconds, but it keeps
+    # GQA (4 query heads per KV head), llama3 rope scaling and the default model's vocabulary
+    # size so the default tokenizer can drive it.
+    "tiny": ModelArgs(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=49152,
+                      ffn_dim=128, rope_scaling={**LLAMA31_ROPE, "original_max_position_embeddings": 256},
+                      max_seq_len=131072),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

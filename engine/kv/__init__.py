@@ -1,0 +1,28 @@
+"""KV cache policies, one object per layer. `build_policies` is the single place names map to classes."""
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelArgs
+from engine.kv.base import KVPolicy
+from engine.kv.full import FullKV
+
+POLICIES: dict[str, type[KVPolicy]] = {"full": FullKV}
+
+
+def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,
+                   device: torch.device | str, dtype: torch.dtype) -> list[KVPolicy]:
+    """One policy per layer. `specs` is one dict for every layer or a list of per-layer dicts,
+    each {"policy": name, **params}."""
+    if isinstance(specs, dict):
+        specs = [specs] * args.n_layers
+    if len(specs) != args.n_layers:
+        raise ValueError(f"{len(specs)} layer specs for a {args.n_layers}-layer model")
+    policies = []
+    for layer, spec in enumerate(specs):
+        params = dict(spec)
+        name = params.pop("policy")
+        if name not in POLICIES:
+            raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
+        policies.append(POLICIES[name](args, layer, capacity, device, dtype, **params))
+    return policies

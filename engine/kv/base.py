@@ -1,0 +1,64 @@
+"""The KV policy contract: what every per-layer cache (full, quantized, offloaded, evicted) implements.
+
+The model hands each layer's keys and values to that layer's policy and asks it for attention
+outputs; it never looks inside and never branches on the policy type. Policies own both storage and
+attention math, because a quantized or sparse cache attends differently from a dense one.
+
+Shapes use native KV heads (GQA): K/V are (B, H_kv, T, D), never expanded to the H query heads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.config import ModelArgs
+
+
+class KVPolicy:
+    name = "base"
+    # How many of the prompt's last queries prefill() wants (scoring policies use them); 0 = none.
+    q_window = 0
+
+    def __init__(self, args: ModelArgs, layer: int, capacity: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.args, self.layer, self.capacity = args, layer, capacity
+        self.device, self.dtype = torch.device(device), dtype
+        self.length = 0  # tokens seen so far (prompt + generated), whatever is actually kept
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, q_window: torch.Tensor | None) -> None:
+        """Take the prompt's K/V (B, H_kv, T, D), RoPE applied, and its last queries (B, H, w, D)."""
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """Decode: append one token's k/v (B, H_kv, 1, D), return attention for q (B, H, 1, D)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> dict[str, int]:
+        """Exact bytes held, by memory tier: {"device": ..., "host": ...}."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """A JSON-able one-line description: the policy and its parameters."""
+        return {"policy": self.name}
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense attention of new queries over cached keys, grouped-query aware, no causal mask needed
+    (every cached key is in the past).
+
+    q: (B, H, Tq, D); k, v: (B, H_kv, T, D) -> (B, H, Tq, D).
+    The H query heads are folded into (H_kv, n_rep) groups so each KV head is read once,
+    instead of materialising repeat_kv copies of the cache.
+    """
+    B, H, Tq, D = q.shape
+    H_kv = k.shape[1]
+    qg = q.reshape(B, H_kv, (H // H_kv) * Tq, D)  # (B, H_kv, n_rep*Tq, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, H_kv, n_rep*Tq, T)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # (B, H_kv, n_rep*Tq, D)
+    return out.reshape(B, H, Tq, D)

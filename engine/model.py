@@ -1,0 +1,171 @@
+"""The Llama forward pass, written out by hand: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Two entry points, because their costs differ:
+  prefill()      the prompt, *layer-major*: one layer at a time over every prompt token, so only one
+                 layer's full K/V exists at once before its KV policy compresses or offloads it;
+                 projections and MLP run over token chunks to bound activation memory.
+  decode_step()  one new token through every layer: small, fixed-shape work, kept free of Python
+                 branching so it can be compiled or CUDA-graphed later.
+The KV policies (one per layer) are passed in explicitly; the model owns no cache state.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelArgs
+from engine.kv.base import KVPolicy
+from engine.rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 like the reference implementation, then return to the model dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    """One transformer layer. Q/K/V are fused into one matrix and gate/up into another, so a decode
+    step reads each layer's weights in four matmuls."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        H, H_kv, D = args.n_heads, args.n_kv_heads, args.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(args.dim))
+        self.wqkv = nn.Parameter(torch.empty((H + 2 * H_kv) * D, args.dim))  # rows: [q; k; v]
+        self.wo = nn.Parameter(torch.empty(args.dim, H * D))
+        self.mlp_norm = nn.Parameter(torch.ones(args.dim))
+        self.w_gate_up = nn.Parameter(torch.empty(2 * args.ffn_dim, args.dim))  # rows: [gate; up]
+        self.w_down = nn.Parameter(torch.empty(args.dim, args.ffn_dim))
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x: (B, T, dim) -> q (B, H, T, D), k and v (B, H_kv, T, D), RoPE applied to q and k."""
+        a = self.args
+        B, T, _ = x.shape
+        h = F.linear(rms_norm(x, self.attn_norm, a.norm_eps), self.wqkv)  # (B, T, (H+2H_kv)*D)
+        q, k, v = h.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
+                           a.n_kv_heads * a.head_dim], dim=-1)
+        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rms_norm(x, self.mlp_norm, self.args.norm_eps), self.w_gate_up).chunk(2, -1)
+        return F.linear(F.silu(gate) * up, self.w_down)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Parameter(torch.empty(args.vocab_size, args.dim))
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = nn.Parameter(torch.ones(args.dim))
+        # A tied model reuses the embedding matrix as the output head (no second copy in memory).
+        self.lm_head = None if args.tie_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.dim))
+        self.register_buffer("inv_freq", inv_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
+                             persistent=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) final hidden states -> (..., vocab) float32 logits."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(rms_norm(x, self.norm, self.args.norm_eps), head).float()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, policies: list[KVPolicy], chunk: int = 2048,
+                all_logits: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run the prompt tokens (B, T) through the model layer by layer, handing each layer's K/V
+        to its policy. Returns logits (B, vocab) for the last position, or (B, T, vocab) when
+        all_logits (tests). `progress(n)` is called after each layer."""
+        B, T = tokens.shape
+        cos, sin = rope_cos_sin(self.inv_freq, torch.arange(T, device=tokens.device), self.embed.dtype)
+        x = F.embedding(tokens, self.embed)  # (B, T, dim)
+        spans = [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
+        for layer, policy in zip(self.layers, policies):
+            # Q/K/V for the whole prompt, computed a chunk of tokens at a time.
+            parts = [layer.qkv(x[:, s:e], cos[s:e], sin[s:e]) for s, e in spans]
+            q, k, v = (torch.cat(p, dim=2) if len(p) > 1 else p[0] for p in zip(*parts))
+            # Causal attention over the whole prompt (flash/memory-efficient SDPA: O(T) memory).
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+            policy.prefill(k, v, q[:, :, T - min(T, policy.q_window):] if policy.q_window else None)
+            del q, k, v
+            attn = attn.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+            for s, e in spans:  # residual updates in place, chunk by chunk
+                x[:, s:e] += F.linear(attn[:, s:e], layer.wo)
+                x[:, s:e] += layer.mlp(x[:, s:e])
+            del attn
+            if progress is not None:
+                progress(1)
+        return self.logits(x if all_logits else x[:, -1])
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor, pos: int, policies: list[KVPolicy]) -> torch.Tensor:
+        """token: (B,) at position `pos` -> logits (B, vocab). Each policy appends and attends."""
+        B = token.shape[0]
+        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([pos], device=token.device), self.embed.dtype)
+        x = F.embedding(token[:, None], self.embed)  # (B, 1, dim)
+        for layer, policy in zip(self.layers, policies):
+            q, k, v = layer.qkv(x, cos, sin)
+            o = policy.attend(q, k, v)  # (B, H, 1, D)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, 1, -1), layer.wo)
+            x = x + layer.mlp(x)
+        return self.logits(x[:, 0])
+
+    # ---- weights -------------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, args: ModelArgs, device: torch.device | str, dtype: torch.dtype) -> "Llama":
+        """Uninitialised weights allocated once, directly in the target dtype and device (building on
+        the meta device first avoids a float32 copy: an 8B model would not fit twice)."""
+        with torch.device("meta"):
+            model = cls(args)
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(
+                        torch.empty(p.shape, device=device, dtype=dtype), requires_grad=False)
+        model.inv_freq = inv_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
+        return model.eval()
+
+    @classmethod
+    def from_hf_state_dict(cls, args: ModelArgs, get: Callable[[str], torch.Tensor],
+                           device: torch.device | str, dtype: torch.dtype) -> "Llama":
+        """Build from tensors named as in HF LlamaForCausalLM; `get(name)` returns one tensor, so a
+        loader can stream them from disk one at a time (peak memory ~ the model, not twice it)."""
+        model = cls.empty(args, device, dtype)
+
+        def put(param: nn.Parameter, *names: str):
+            ts = [get(n) for n in names]
+            param.data.copy_(torch.cat(ts, 0) if len(ts) > 1 else ts[0])
+
+        put(model.embed, "model.embed_tokens.weight")
+        put(model.norm, "model.norm.weight")
+        if model.lm_head is not None:
+            put(model.lm_head, "lm_head.weight")
+        for i, layer in enumerate(model.layers):
+            p = f"model.layers.{i}."
+            put(layer.attn_norm, p + "input_layernorm.weight")
+            put(layer.wqkv, p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                p + "self_attn.v_proj.weight")
+            put(layer.wo, p + "self_attn.o_proj.weight")
+            put(layer.mlp_norm, p + "post_attention_layernorm.weight")
+            put(layer.w_gate_up, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            put(layer.w_down, p + "mlp.down_proj.weight")
+        return model
+
+    @classmethod
+    def random(cls, args: ModelArgs, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> "Llama":
+        """Random weights (std 0.02, norms 1) generated on the target device, for speed/memory runs."""
+        model = cls.empty(args, device, dtype)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.data.fill_(1.0)
+            else:
+                p.data.normal_(0.0, 0.02, generator=gen)
+        return model

@@ -1,0 +1,42 @@
+"""FullKV: prefill-then-decode must equal one full forward over the whole sequence."""
+import pytest
+import torch
+
+from engine.config import preset
+from engine.kv import build_policies
+from engine.model import Llama
+
+
+@pytest.mark.parametrize("split", [1, 17, 64])
+def test_prefill_then_decode_equals_full_forward(split):
+    args = preset("tiny", vocab_size=300)
+    model = Llama.random(args, "cpu", torch.float32, seed=3)
+    tokens = torch.randint(0, 300, (1, 80), generator=torch.Generator().manual_seed(0))
+    full = model.prefill(tokens, build_policies(args, {"policy": "full"}, 80, "cpu", torch.float32),
+                         all_logits=True)[0]  # (T, V)
+    policies = build_policies(args, {"policy": "full"}, 80, "cpu", torch.float32)
+    last = model.prefill(tokens[:, :split], policies)[0]
+    torch.testing.assert_close(last, full[split - 1], atol=1e-5, rtol=0)
+    for pos in range(split, 80):
+        step = model.decode_step(tokens[:, pos], pos, policies)[0]
+        torch.testing.assert_close(step, full[pos], atol=1e-5, rtol=0)
+    assert policies[0].length == 80
+    expected = 2 * args.n_kv_heads * 80 * args.head_dim * 4
+    assert policies[0].nbytes() == {"device": expected, "host": 0}
+
+
+def test_capacity_overflow_is_an_error():
+    args = preset("tiny", vocab_size=300)
+    model = Llama.random(args, "cpu", torch.float32)
+    policies = build_policies(args, {"policy": "full"}, 4, "cpu", torch.float32)
+    model.prefill(torch.zeros(1, 4, dtype=torch.long), policies)
+    with pytest.raises(RuntimeError, match="capacity"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), 4, policies)
+
+
+def test_unknown_policy_and_wrong_layer_count():
+    args = preset("tiny")
+    with pytest.raises(ValueError, match="unknown KV policy"):
+        build_policies(args, {"policy": "nope"}, 8, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="layer specs"):
+        build_policies(args, [{"policy": "full"}], 8, "cpu", torch.float32)

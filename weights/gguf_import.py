@@ -1,0 +1,134 @@
+"""Import a llama.cpp GGUF file (the default model ships as one) into an HF-layout directory.
+
+The file is dequantized once with the `gguf` package and written as config.json + model.safetensors
+into the cache directory; later runs load the cached copy like any HF checkpoint. The import is
+atomic: it writes into a temporary directory and renames it into place, so a failure (corrupt
+file, disk full, Ctrl-C) never leaves a half-written cache entry behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+
+from engine.config import ModelArgs
+
+CACHE_VERSION = 1  # bump when the import format changes, so stale cache entries are not reused
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "layerkv")
+
+
+def _reverse_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter reorders each q/k head's rows for its interleaved-pair RoPE; put them
+    back in HF's half-split order: (heads, 2, D/2) rows were stored as (heads, D/2, 2)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _hf_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")  # suffix: "weight"
+    parts = base.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{suffix}"
+    raise ValueError(f"unsupported tensor {gguf_name!r} in GGUF (only plain Llama tensors are imported)")
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_args(reader, name: str) -> ModelArgs:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"not a Llama GGUF: general.architecture={arch!r}")
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    dim = int(_field(reader, "llama.embedding_length"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelArgs(
+        name=name, dim=dim, n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        vocab_size=int(vocab), ffn_dim=int(_field(reader, "llama.feed_forward_length")),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        max_seq_len=int(_field(reader, "llama.context_length", 4096)),
+        tie_embeddings="output.weight" not in tensor_names,
+        head_dim=int(_field(reader, "llama.rope.dimension_count", dim // n_heads)))
+
+
+def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception as e:  # the reader raises assorted errors on a damaged file
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    try:
+        args = gguf_args(reader, name)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{gguf_path}: GGUF metadata incomplete ({e})") from None
+    tensors = {}
+    for t in reader.tensors:
+        hf = _hf_name(t.name)
+        try:
+            w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        except Exception as e:
+            raise ValueError(f"{gguf_path}: cannot dequantize {t.name} ({e})") from None
+        if t.name.endswith("attn_q.weight"):
+            w = _reverse_permute(w, args.n_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = _reverse_permute(w, args.n_kv_heads)
+        tensors[hf] = torch.from_numpy(np.ascontiguousarray(w))
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}, f, indent=1)
+
+
+def import_gguf(gguf_path: str, log=print) -> str:
+    """Return the cache directory holding the dequantized HF-layout copy of `gguf_path`,
+    importing it first if needed."""
+    if not os.path.isfile(gguf_path):
+        raise ValueError(f"{gguf_path}: no such GGUF file")
+    st = os.stat(gguf_path)
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    key = f"{stem}-{st.st_size:x}-{int(st.st_mtime):x}-v{CACHE_VERSION}"
+    root = os.path.join(cache_root(), "gguf")
+    final = os.path.join(root, key)
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".importing-", dir=root)
+    try:
+        log(f"importing {os.path.basename(gguf_path)} (dequantizing once, cached in {final})")
+        _write_import(gguf_path, tmp, stem)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished the same import first: use theirs
+            if not os.path.isfile(os.path.join(final, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

