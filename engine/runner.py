@@ -59,7 +59,7 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling:
     as each token is chosen; `on_layer` reports prefill progress, one call per layer."""
     if not prompt_ids:
         raise ValueError("empty prompt")
-    device, dtype = model.embed.device, model.embed.dtype
+    device, dtype = model.head.device, model.head.dtype
     capacity = len(prompt_ids) + max_new_tokens
     policies = build_policies(model.args, policy_specs, capacity, device, dtype)
     gen = make_generator(sampling, device)
