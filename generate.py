@@ -57,7 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--policy", default="full", choices=sorted(POLICIES), help="KV cache policy for every layer")
+    p.add_argument("--policy", default="full", choices=sorted(POLICIES),
+                   help="KV cache policy for every layer: full (uncompressed), quant (1/2/4-bit, --kv-*), "
+                        "offload (prompt K/V in host memory, top tokens fetched per step; --budget, ...)")
+    p.add_argument("--kv-bits", type=int, default=2, help="quant: bits per key/value element, 1, 2 or 4 (default 2)")
+    p.add_argument("--kv-group", type=int, default=64,
+                   help="quant: quantization group, tokens per key group and elements per value group (default 64)")
+    p.add_argument("--kv-residual", type=int, default=128,
+                   help="quant: recent tokens kept in full precision, a multiple of --kv-group (default 128)")
+    p.add_argument("--budget", type=int, default=512,
+                   help="offload: prompt tokens attended per step, sink + recent + retrieved (default 512)")
+    p.add_argument("--sink", type=int, default=16, help="offload: first prompt tokens always kept (default 16)")
+    p.add_argument("--recent", type=int, default=64, help="offload: last prompt tokens always kept (default 64)")
+    p.add_argument("--channels", type=int, default=8,
+                   help="offload: key channels per KV head in the on-device sketch that ranks tokens (default 8)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="tokens per chunk for prefill projections/MLP (bounds activation memory)")
     p.add_argument("--stats-json", metavar="PATH", help="write the run's figures as JSON to PATH")
@@ -89,6 +102,15 @@ def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtyp
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     return device, getattr(torch, dtype_name)
+
+
+def policy_spec(a: argparse.Namespace) -> dict:
+    """The per-layer policy parameters the flags ask for (the same for every layer)."""
+    if a.policy == "quant":
+        return {"policy": "quant", "bits": a.kv_bits, "group": a.kv_group, "residual": a.kv_residual}
+    if a.policy == "offload":
+        return {"policy": "offload", "budget": a.budget, "sink": a.sink, "recent": a.recent, "channels": a.channels}
+    return {"policy": a.policy}
 
 
 def run(a: argparse.Namespace) -> int:
@@ -144,7 +166,7 @@ def run(a: argparse.Namespace) -> int:
                disable=None if len(ids) >= 1024 else True, leave=False)
     stream = StreamDecoder(m.tokenizer)
     on_token = lambda tid: print(stream.push(tid), end="", flush=True)  # noqa: E731
-    res = generate(m.model, ids, a.max_new_tokens, sampling, {"policy": a.policy}, m.tokenizer.eos_ids,
+    res = generate(m.model, ids, a.max_new_tokens, sampling, policy_spec(a), m.tokenizer.eos_ids,
                    on_token=on_token, on_layer=bar.update, prefill_chunk=a.prefill_chunk)
     bar.close()
     print(stream.flush(), flush=True)

@@ -115,6 +115,8 @@ PRESETS: dict[str, ModelArgs] = {
 
 
 def preset(name: str, **overrides) -> ModelArgs:
+    """A named preset, optionally changed: preset("tiny", dim=128). head_dim is re-derived from
+    dim / n_heads unless given (every preset uses the derived value)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(PRESETS[name], **{"head_dim": 0, **overrides})

@@ -6,8 +6,10 @@ import torch
 from engine.config import ModelArgs
 from engine.kv.base import KVPolicy
 from engine.kv.full import FullKV
+from engine.kv.offload import OffloadKV
+from engine.kv.quant import QuantKV
 
-POLICIES: dict[str, type[KVPolicy]] = {"full": FullKV}
+POLICIES: dict[str, type[KVPolicy]] = {"full": FullKV, "quant": QuantKV, "offload": OffloadKV}
 
 
 def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,

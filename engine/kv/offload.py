@@ -1,0 +1,128 @@
+"""OffloadKV: the prompt's K/V live in host memory; each decode step fetches only the tokens the
+current query needs (TailorKV's "sparsity-friendly" layers).
+
+On the device stay: the first `sink` tokens, the prompt's last `recent` tokens, every generated
+token, the `budget - sink - recent` prompt tokens selected at the last step, and a key *sketch*: the
+`channels` most important key channels of every middle-of-prompt token (about C/D of the keys,
+e.g. 8/64). Each step:
+  1. approximate scores q[C] . K[C] over the middle of the prompt from the sketch (no host traffic);
+  2. top-k of those per KV head (the max over the query heads that share it);
+  3. rows already on the device from the previous step are reused (a device-side gather); only the
+     newly selected rows cross the bus from the host store;
+  4. exact attention over [sink | selected, in position order | recent | generated].
+The device buffer is kept in token order, so when the budget covers the prompt the computation is
+FullKV's bit for bit, and reusing rows never changes a result, only what is copied.
+
+Channels are chosen once at prefill per KV head by mean|q| (over the prompt's last queries) x
+max|K| (over the middle tokens), TailorKV's criterion; keeping them fixed is what lets the sketch
+stay on the device instead of gathering C channels from host memory every step as their code does.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.kv.base import KVPolicy, decode_attention, tensor_bytes
+from kernels.prefetch import RowFetcher
+from kernels.sparse_attn import approx_scores, select_topk
+
+
+class OffloadKV(KVPolicy):
+    name = "offload"
+    q_window = 32  # prompt queries used to rank channels
+
+    def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
+                 recent: int = 64, channels: int = 8, reuse: bool = True, batch: int = 1):
+        super().__init__(args, layer, capacity, device, dtype)
+        if min(budget, sink, recent) < 0:
+            raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
+        if budget < sink + recent:
+            raise ValueError(f"OffloadKV budget {budget} < sink {sink} + recent {recent}")
+        if not 1 <= channels <= args.head_dim:
+            raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}], got {channels}")
+        self.budget, self.sink, self.recent, self.channels, self.reuse = budget, sink, recent, channels, reuse
+        self.batch = batch
+        self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
+        self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
+        self.fetcher: RowFetcher | None = None
+        self.selected = None            # (B, H_kv, k) middle-token indices held on the device, sorted
+        self.n_prompt_dev = 0           # device tokens that came from the prompt (before generated ones)
+        self.rows_fetched = 0           # host->device rows copied so far (K and V rows count once)
+
+    def prefill(self, k, v, q_window=None):
+        B, H_kv, T, D = k.shape
+        S = min(self.sink, T)
+        W = min(self.recent, T - S)
+        M = T - S - W                                   # middle of the prompt: the offloadable part
+        self.top = min(self.budget - self.sink - self.recent, M)
+        self.offloaded = self.top < M
+        n_prompt = S + self.top + W
+        n_max = n_prompt + (self.capacity - T)          # + room for every token yet to be generated
+        self.k = torch.empty(B, H_kv, n_max, D, device=self.device, dtype=self.dtype)
+        self.v = torch.empty_like(self.k)
+        self.S, self.W, self.M = S, W, M
+        self.k[:, :, :S], self.v[:, :, :S] = k[:, :, :S], v[:, :, :S]
+        self.k[:, :, S + self.top:n_prompt] = k[:, :, T - W:]
+        self.v[:, :, S + self.top:n_prompt] = v[:, :, T - W:]
+        if not self.offloaded:  # everything fits: the middle simply stays, in order
+            self.k[:, :, S:S + M], self.v[:, :, S:S + M] = k[:, :, S:T - W], v[:, :, S:T - W]
+        else:
+            mid_k, mid_v = k[:, :, S:T - W], v[:, :, S:T - W]  # (B, H_kv, M, D)
+            self.fetcher = RowFetcher(mid_k, mid_v, self.device)
+            self.chan = self._rank_channels(mid_k, q_window)
+            self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
+            self.selected = None  # chosen by the first decode step's query
+        self.n_prompt_dev = n_prompt
+        self.length = T
+
+    def _rank_channels(self, mid_k: torch.Tensor, q_window: torch.Tensor | None) -> torch.Tensor:
+        """(B, H_kv, C) channel ids with the largest mean|q| * max|K| per KV head."""
+        B, H_kv, _, D = mid_k.shape
+        kmax = mid_k.abs().amax(dim=2)  # (B, H_kv, D)
+        if q_window is None:
+            weight = kmax
+        else:  # q_window (B, H, w, D): average |q| over the window and the heads of each group
+            qmag = q_window.abs().reshape(B, H_kv, -1, D).float().mean(dim=2)  # (B, H_kv, D)
+            weight = qmag * kmax.float()
+        return weight.topk(self.channels, dim=-1).indices.sort(dim=-1).values
+
+    def _refresh(self, q: torch.Tensor) -> None:
+        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer."""
+        scores = approx_scores(q, self.sketch, self.chan)  # (B, H_kv, M)
+        new = select_topk(scores, self.top)  # (B, H_kv, k) sorted token ids
+        S, k = self.S, self.top
+        region_k, region_v = self.k[:, :, S:S + k], self.v[:, :, S:S + k]
+        if self.selected is not None and self.reuse:
+            # Where does each newly selected token sit among the previous selection, if at all?
+            at = torch.searchsorted(self.selected, new).clamp_(max=k - 1)
+            kept = self.selected.gather(-1, at) == new  # (B, H_kv, k)
+            idx = at[..., None].expand(-1, -1, -1, region_k.shape[-1])
+            next_k, next_v = region_k.gather(2, idx), region_v.gather(2, idx)  # device-side reuse
+        else:
+            kept = torch.zeros_like(new, dtype=torch.bool)
+            next_k, next_v = torch.empty_like(region_k), torch.empty_like(region_v)
+        missing = ~kept
+        fk, fv = self.fetcher.fetch(new, missing)  # rows of the host store, in missing's order
+        next_k[missing], next_v[missing] = fk, fv
+        region_k.copy_(next_k)
+        region_v.copy_(next_v)
+        self.rows_fetched += int(fk.shape[0])
+        self.selected = new
+
+    def attend(self, q, k_new, v_new):
+        n = self.n_prompt_dev + (self.length - self.S - self.M - self.W)  # device tokens before this one
+        if n >= self.k.shape[2]:
+            raise RuntimeError(f"OffloadKV layer {self.layer}: capacity {self.capacity} exceeded")
+        self.k[:, :, n:n + 1], self.v[:, :, n:n + 1] = k_new, v_new
+        self.length += 1
+        if self.offloaded:
+            self._refresh(q)
+        return decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+
+    def nbytes(self):
+        device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.selected)
+        host = self.fetcher.nbytes() if self.fetcher is not None else 0
+        return {"device": device, "host": host}
+
+    def describe(self):
+        return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,
+                "channels": self.channels}

@@ -1,0 +1,286 @@
+"""KIVI-style asymmetric min/max quantization + bit packing for the quantized KV cache.
+
+Format (the decode-attention kernel and the cache depend on it exactly):
+  bits b in {1, 2, 4}, per = 8 // b codes per uint8, always packed along the last dim D:
+    packed[..., j] = sum_i code[..., j*per + i] << (i*b)    (element d: byte d // per, bit (d % per) * b)
+  per-token  (values): groups of `group` consecutive elements along D -> scale, mn (..., T, D // group)
+  per-channel (keys):  groups of `group` consecutive tokens along T   -> scale, mn (..., T // group, D)
+  mn = group min, scale = (max - min) / (2**b - 1), both computed in float32 and stored in x.dtype;
+  codes are computed from the *stored* (cast) values so dequantization matches what is kept:
+    code  = clamp(floor((x - mn) / scale + 0.5), 0, 2**b - 1), and 0 where scale == 0
+    x_hat = code * scale + mn   (float32 math)
+Rounding is floor(y + 0.5) rather than round-half-even because Triton has no portable rint; the
+reference does exactly the same, so the Triton kernels match it bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import use_triton
+
+_BITS = (1, 2, 4)
+_TILE = 4096  # elements per program tile: large enough to amortise launches, small enough for registers
+
+
+def _check_quant(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> int:
+    """Validate quantize arguments; return codes per byte."""
+    if bits not in _BITS:
+        raise ValueError(f"bits must be one of {_BITS}, got {bits}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be (..., T, D), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if group <= 0:
+        raise ValueError(f"group must be positive, got {group}")
+    T, D = x.shape[-2:]
+    per = 8 // bits
+    if D % per != 0:
+        raise ValueError(f"head_dim {D} is not a multiple of {per} ({bits}-bit codes per byte)")
+    if per_channel and T % group != 0:
+        raise ValueError(f"per-channel: T={T} is not a multiple of group={group}")
+    if not per_channel and D % group != 0:
+        raise ValueError(f"per-token: head_dim {D} is not a multiple of group={group}")
+    return per
+
+
+def _check_unpack(codes, scale, mn, bits, group, per_channel) -> int:
+    """Validate unpack arguments against the format above; return the head_dim D."""
+    if bits not in _BITS:
+        raise ValueError(f"bits must be one of {_BITS}, got {bits}")
+    if codes.dtype != torch.uint8 or codes.dim() < 2:
+        raise ValueError(f"codes must be uint8 (..., T, D*bits/8), got {codes.dtype} {tuple(codes.shape)}")
+    if group <= 0:
+        raise ValueError(f"group must be positive, got {group}")
+    *lead, T, nb = codes.shape
+    D = nb * (8 // bits)
+    if per_channel:
+        if T % group != 0:
+            raise ValueError(f"per-channel: T={T} is not a multiple of group={group}")
+        want = (*lead, T // group, D)
+    else:
+        if D % group != 0:
+            raise ValueError(f"per-token: head_dim {D} is not a multiple of group={group}")
+        want = (*lead, T, D // group)
+    if tuple(scale.shape) != want or tuple(mn.shape) != want:
+        raise ValueError(f"scale/mn must have shape {want}, got {tuple(scale.shape)} / {tuple(mn.shape)}")
+    return D
+
+
+# ----------------------------------------------------------------------------- reference (the spec)
+
+def _expand(s: torch.Tensor, group: int, per_channel: bool) -> torch.Tensor:
+    """Broadcast per-group scale/mn to one value per element of (..., T, D), in float32."""
+    return s.float().repeat_interleave(group, dim=-2 if per_channel else -1)
+
+
+def quantize_pack_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool):
+    """x (..., T, D) float -> (codes uint8 (..., T, D*bits//8), scale, mn); scale/mn are
+    (..., T, D//group) per-token or (..., T//group, D) per-channel, dtype x.dtype."""
+    per = _check_quant(x, bits, group, per_channel)
+    levels = (1 << bits) - 1
+    xf = x.float()
+    if per_channel:
+        g = xf.unflatten(-2, (-1, group))  # (..., T/G, G, D)
+        mn, mx = g.amin(-2), g.amax(-2)  # (..., T/G, D)
+    else:
+        g = xf.unflatten(-1, (-1, group))  # (..., T, D/G, G)
+        mn, mx = g.amin(-1), g.amax(-1)  # (..., T, D/G)
+    # Tensor / tensor on purpose: torch's CUDA divide-by-a-Python-scalar multiplies by the
+    # reciprocal, which is not the correctly rounded quotient the Triton kernel computes.
+    scale = ((mx - mn) / torch.full_like(mx, levels)).to(x.dtype)
+    mn = mn.to(x.dtype)
+    s, m = _expand(scale, group, per_channel), _expand(mn, group, per_channel)  # (..., T, D)
+    ok = s > 0  # a constant group (scale 0) gets code 0 and dequantizes to mn exactly
+    y = (xf - m) / torch.where(ok, s, torch.ones_like(s))
+    q = torch.floor(y + 0.5).clamp(0, levels)
+    q = torch.where(ok, q, torch.zeros_like(q)).to(torch.int32)
+    shifts = torch.arange(per, device=x.device, dtype=torch.int32) * bits  # (per,)
+    codes = (q.unflatten(-1, (-1, per)) << shifts).sum(-1).to(torch.uint8)  # (..., T, D/per)
+    return codes, scale, mn
+
+
+def unpack_dequant_ref(codes, scale, mn, bits: int, group: int, per_channel: bool,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of quantize_pack_ref: (..., T, D) in `dtype` (default scale.dtype)."""
+    _check_unpack(codes, scale, mn, bits, group, per_channel)
+    per, levels = 8 // bits, (1 << bits) - 1
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits  # (per,)
+    q = ((codes.to(torch.int32)[..., None] >> shifts) & levels).flatten(-2)  # (..., T, D)
+    x = q.float() * _expand(scale, group, per_channel) + _expand(mn, group, per_channel)
+    return x.to(dtype or scale.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+# Tiles are 3-D (rows, bytes, PER): element d = byte * PER + lane, so packing a byte is a sum over
+# the last axis of code << (lane * BITS) (the bit fields are disjoint, so sum == or).
+
+@triton.jit
+def _codes(x, mn, scale, LEVELS: tl.constexpr):
+    """float32 x, mn, scale (broadcastable) -> int32 codes, exactly as in quantize_pack_ref."""
+    ok = scale > 0
+    # div_rn: correctly rounded division; plain `/` may lower to an approximate divide on GPUs.
+    y = tl.math.div_rn(x - mn, tl.where(ok, scale, 1.0))
+    q = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS)
+    return tl.where(ok, q, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, R,
+                        D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                        LEVELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program: BLOCK_T rows (tokens) x the whole head_dim; groups run along D
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
+    byte = tl.arange(0, BLOCK_B)  # (BB,) BLOCK_B = next_pow2(D / PER)
+    lane = tl.arange(0, PER)  # (PER,)
+    r3 = rows[:, None, None]
+    col = byte[None, :, None] * PER + lane[None, None, :]  # (1, BB, PER) element index d
+    mask = (r3 < R) & (col < D)  # (BT, BB, PER)
+    x = tl.load(x_ptr + r3 * D + col, mask=mask, other=0.0).to(tl.float32)  # (BT, BB, PER)
+    out_ty = scale_ptr.dtype.element_ty
+    gid = col // GROUP  # padded columns get gid >= D // GROUP and join no group
+    mn_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)  # per-element stored mn / scale
+    sc_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)
+    for g in tl.static_range(D // GROUP):
+        sel = gid == g  # (1, BB, PER)
+        g_mn = tl.min(tl.min(tl.where(sel, x, float("inf")), axis=2), axis=1)  # (BT,)
+        g_mx = tl.max(tl.max(tl.where(sel, x, float("-inf")), axis=2), axis=1)
+        g_sc = tl.math.div_rn(g_mx - g_mn, tl.zeros_like(g_mx) + LEVELS).to(out_ty)
+        g_mn = g_mn.to(out_ty)
+        tl.store(scale_ptr + rows * (D // GROUP) + g, g_sc, mask=rows < R)
+        tl.store(mn_ptr + rows * (D // GROUP) + g, g_mn, mask=rows < R)
+        # codes come from the stored (cast) values, like the reference
+        sc_e = tl.where(sel, g_sc.to(tl.float32)[:, None, None], sc_e)
+        mn_e = tl.where(sel, g_mn.to(tl.float32)[:, None, None], mn_e)
+    q = _codes(x, mn_e, sc_e, LEVELS)
+    packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BT, BB)
+    bmask = (rows[:, None] < R) & (byte[None, :] < D // PER)
+    tl.store(codes_ptr + rows[:, None] * (D // PER) + byte[None, :], packed.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def _quant_channel_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr,
+                          D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                          LEVELS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program: one group of GROUP tokens x BLOCK_B bytes (BLOCK_B * PER channels);
+    # min/max reduce over the token axis, one scale per channel
+    gi = tl.program_id(0)
+    tok = tl.arange(0, BLOCK_G)  # (BG,) BLOCK_G = next_pow2(GROUP)
+    byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BB,)
+    lane = tl.arange(0, PER)
+    t3 = tok[:, None, None]
+    col = byte[None, :, None] * PER + lane[None, None, :]  # (1, BB, PER) channel index
+    row3 = gi * GROUP + t3
+    mask = (t3 < GROUP) & (col < D)  # (BG, BB, PER)
+    x = tl.load(x_ptr + row3 * D + col, mask=mask, other=0.0).to(tl.float32)
+    # padded tokens must not join the min/max; padded channels are 0 and never stored
+    mn = tl.min(tl.where(t3 < GROUP, x, float("inf")), axis=0)  # (BB, PER)
+    mx = tl.max(tl.where(t3 < GROUP, x, float("-inf")), axis=0)
+    out_ty = scale_ptr.dtype.element_ty
+    sc = tl.math.div_rn(mx - mn, tl.zeros_like(mx) + LEVELS).to(out_ty)
+    mn = mn.to(out_ty)
+    col2 = byte[:, None] * PER + lane[None, :]  # (BB, PER)
+    tl.store(scale_ptr + gi * D + col2, sc, mask=col2 < D)
+    tl.store(mn_ptr + gi * D + col2, mn, mask=col2 < D)
+    q = _codes(x, mn.to(tl.float32)[None, :, :], sc.to(tl.float32)[None, :, :], LEVELS)
+    packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BG, BB)
+    rows = gi * GROUP + tok[:, None]
+    bmask = (tok[:, None] < GROUP) & (byte[None, :] < D // PER)
+    tl.store(codes_ptr + rows * (D // PER) + byte[None, :], packed.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def _unpack_kernel(codes_ptr, scale_ptr, mn_ptr, out_ptr, R,
+                   D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                   LEVELS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program: BLOCK_T rows x the whole head_dim; scale/mn are gathered per element
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
+    byte = tl.arange(0, BLOCK_B)
+    lane = tl.arange(0, PER)
+    bmask = (rows[:, None] < R) & (byte[None, :] < D // PER)  # (BT, BB)
+    packed = tl.load(codes_ptr + rows[:, None] * (D // PER) + byte[None, :], mask=bmask, other=0)
+    q = (packed.to(tl.int32)[:, :, None] >> (lane[None, None, :] * BITS)) & LEVELS  # (BT, BB, PER)
+    r3 = rows[:, None, None]
+    col = byte[None, :, None] * PER + lane[None, None, :]  # (1, BB, PER)
+    mask = (r3 < R) & (col < D)
+    if PER_CHANNEL:
+        sidx = (r3 // GROUP) * D + col  # rows of one group share a scale per channel
+    else:
+        sidx = r3 * (D // GROUP) + col // GROUP
+    sc = tl.load(scale_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    mn = tl.load(mn_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    x = q.to(tl.float32) * sc + mn
+    tl.store(out_ptr + r3 * D + col, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_block(R: int, block_b: int, per: int) -> int:
+    """Rows per program so a (rows, block_b, per) tile holds about _TILE elements."""
+    return max(1, min(triton.next_power_of_2(max(R, 1)), _TILE // (block_b * per)))
+
+
+def quantize_pack_triton(x: torch.Tensor, bits: int, group: int, per_channel: bool):
+    """Same contract as quantize_pack_ref."""
+    per = _check_quant(x, bits, group, per_channel)
+    *lead, T, D = x.shape
+    # Leading dims (B, H_kv) fold into rows; per-channel groups never straddle two sequences
+    # because T % group == 0. .contiguous() copies only when x is a strided view.
+    x2 = x.contiguous().view(-1, D)  # (R, D)
+    R = x2.shape[0]
+    codes = torch.empty(R, D // per, dtype=torch.uint8, device=x.device)
+    s_shape = (R // group, D) if per_channel else (R, D // group)
+    scale = torch.empty(s_shape, dtype=x.dtype, device=x.device)
+    mn = torch.empty_like(scale)
+    block_b = triton.next_power_of_2(D // per)
+    # enable_fp_fusion=False below: no FMA contraction, so the float32 math rounds like the reference
+    common = dict(D=D, GROUP=group, BITS=bits, PER=per, LEVELS=(1 << bits) - 1)
+    if R > 0 and per_channel:
+        block_g = triton.next_power_of_2(group)
+        bb = max(1, min(block_b, _TILE // (block_g * per)))
+        grid = (R // group, triton.cdiv(D // per, bb))
+        _quant_channel_kernel[grid](x2, codes, scale, mn, **common, BLOCK_G=block_g, BLOCK_B=bb,
+                                    enable_fp_fusion=False)
+    elif R > 0:
+        bt = _rows_block(R, block_b, per)
+        _quant_token_kernel[(triton.cdiv(R, bt),)](x2, codes, scale, mn, R, **common, BLOCK_T=bt,
+                                                   BLOCK_B=block_b, enable_fp_fusion=False)
+    s_out = (*lead, T // group, D) if per_channel else (*lead, T, D // group)
+    return codes.view(*lead, T, D // per), scale.view(s_out), mn.view(s_out)
+
+
+def unpack_dequant_triton(codes, scale, mn, bits: int, group: int, per_channel: bool,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Same contract as unpack_dequant_ref."""
+    D = _check_unpack(codes, scale, mn, bits, group, per_channel)
+    per = 8 // bits
+    *lead, T, nb = codes.shape
+    # .contiguous(): the kernel indexes flat rows; copies only for strided views
+    c2 = codes.contiguous().view(-1, nb)  # (R, D/per)
+    s2, m2 = scale.contiguous().view(-1, scale.shape[-1]), mn.contiguous().view(-1, mn.shape[-1])
+    R = c2.shape[0]
+    out = torch.empty(R, D, dtype=dtype or scale.dtype, device=codes.device)
+    if R > 0:
+        block_b = triton.next_power_of_2(nb)
+        bt = _rows_block(R, block_b, per)
+        # no FMA contraction, so code * scale + mn rounds like the two-op torch reference
+        _unpack_kernel[(triton.cdiv(R, bt),)](c2, s2, m2, out, R, D=D, GROUP=group, BITS=bits, PER=per,
+                                              LEVELS=(1 << bits) - 1, PER_CHANNEL=per_channel,
+                                              BLOCK_T=bt, BLOCK_B=block_b, enable_fp_fusion=False)
+    return out.view(*lead, T, D)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def quantize_pack(x: torch.Tensor, bits: int, group: int, per_channel: bool):
+    """x (..., T, D) float -> (codes uint8 (..., T, D*bits//8), scale, mn) — scale/mn
+    (..., T, D//group) per-token or (..., T//group, D) per-channel, dtype x.dtype."""
+    fn = quantize_pack_triton if use_triton(x) else quantize_pack_ref
+    return fn(x, bits, group, per_channel)
+
+
+def unpack_dequant(codes, scale, mn, bits: int, group: int, per_channel: bool,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of quantize_pack: (..., T, D) in `dtype` (default scale.dtype)."""
+    fn = unpack_dequant_triton if use_triton(codes) else unpack_dequant_ref
+    return fn(codes, scale, mn, bits, group, per_channel, dtype)

@@ -1,0 +1,211 @@
+"""Decode attention over a KIVI-style quantized KV cache, dequantizing on the fly.
+
+Layout (one layer; b bits, per = 8 // b codes per byte, packed along head_dim: element d of a token
+is byte d // per, bits [(d % per) * b, (d % per) * b + b)); dequantized value = code * scale + mn:
+
+    keys   (per channel): k_codes (B, H_kv, T_cap, D/per), k_scale/k_mn (B, H_kv, T_cap/G, D)
+           tokens [0, n_kq) quantized (row t // G), [n_kq, length) in k_res (B, H_kv, R, D) at t - n_kq
+    values (per token):   v_codes (B, H_kv, T_cap, D/per), v_scale/v_mn (B, H_kv, T_cap, D/G)
+           tokens [0, n_vq) quantized (column d // G), [n_vq, length) in the ring v_res at t % R
+
+n_kq and n_vq differ (keys leave the residual a block at a time, values one at a time), so each
+token's K and V sources are chosen independently.
+
+quant_decode_attention_ref is the specification: dequantize everything, then dense attention.
+quant_decode_attention_triton never materialises dequantized K/V: each program loads packed tiles,
+dequantizes them in registers and runs flash-decoding (online softmax over a slice of the tokens)
+for all query heads of one KV head; a small torch step merges the slices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import use_triton
+
+# Split policy: aim for this many (batch, kv head, split) programs, enough to cover a GPU's SMs
+# about twice, but give each split at least MIN_SPLIT_TOKENS so the partial results stay small.
+TARGET_PROGRAMS = 256
+MIN_SPLIT_TOKENS = 512
+
+
+def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
+                           length, bits, group, sm_scale=None) -> torch.Tensor:
+    """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the `length`
+    cached tokens (sm_scale default 1/sqrt(D)). Triton on CUDA tensors, the torch reference elsewhere."""
+    fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_ref
+    return fn(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
+              length, bits, group, sm_scale)
+
+
+# -- reference ----------------------------------------------------------------------------------------
+def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group):
+    B, H, Tq, D = q.shape
+    H_kv, R = k_res.shape[1], v_res.shape[2]
+    per = 8 // bits
+    assert bits in (1, 2, 4) and Tq == 1 and H % H_kv == 0, (bits, q.shape, k_res.shape)
+    assert k_codes.shape[-1] * per == D and v_codes.shape[-1] * per == D, "codes are packed along D"
+    assert k_scale.shape[-2] == k_codes.shape[-2] // group and v_scale.shape[-1] == D // group
+    assert n_kq % group == 0 and 0 <= n_kq <= length and 0 <= n_vq <= length
+    assert length - n_kq <= k_res.shape[2] and length - n_vq <= R and length >= 1
+    assert n_kq <= k_codes.shape[2] and n_vq <= v_codes.shape[2]
+
+
+def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (..., D // per) -> int32 codes (..., D); code d sits in byte d // per at bit (d % per) * bits."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits  # (per,)
+    vals = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., D // per, per)
+    return vals.flatten(-2)
+
+
+def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
+                               length, bits, group, sm_scale=None) -> torch.Tensor:
+    _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
+    B, H, _, D = q.shape
+    H_kv, R, G = k_res.shape[1], v_res.shape[2], group
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    # Keys: one (scale, mn) row per G tokens, shared by every channel of that row.
+    k_q = unpack_codes(k_codes[:, :, :n_kq], bits).float()  # (B, H_kv, n_kq, D)
+    k_q = k_q * k_scale[:, :, :n_kq // G].float().repeat_interleave(G, dim=2) \
+        + k_mn[:, :, :n_kq // G].float().repeat_interleave(G, dim=2)
+    k = torch.cat([k_q.to(k_res.dtype), k_res[:, :, :length - n_kq]], dim=2)  # (B, H_kv, length, D)
+    # Values: one (scale, mn) per G channels of each token.
+    v_q = unpack_codes(v_codes[:, :, :n_vq], bits).float()  # (B, H_kv, n_vq, D)
+    v_q = v_q * v_scale[:, :, :n_vq].float().repeat_interleave(G, dim=3) \
+        + v_mn[:, :, :n_vq].float().repeat_interleave(G, dim=3)
+    slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots of the recent tokens, oldest first
+    v = torch.cat([v_q.to(v_res.dtype), v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
+    # Dense grouped-query attention (as engine.kv.base.decode_attention, with sm_scale).
+    qg = q.reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, n_rep, D)
+    scores = torch.matmul(qg, k.to(q.dtype).transpose(-1, -2)).float() * sm_scale  # (B, H_kv, n_rep, length)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # (B, H_kv, n_rep, D)
+    return out.reshape(B, H, 1, D).to(q.dtype)
+
+
+# -- Triton ----------------------------------------------------------------------------------------------
+@triton.jit
+def _quant_decode_kernel(
+    Q, KC, KS, KM, KR, VC, VS, VM, VR, M_out, L_out, Acc_out,
+    sm_scale, length, n_kq, n_vq, n_rep, H_kv, R, split_len,
+    sq_b, sq_h, sq_d,
+    skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skm_b, skm_h, skm_t, skm_d,
+    skr_b, skr_h, skr_t, skr_d,
+    svc_b, svc_h, svc_t, svc_d, svs_b, svs_h, svs_t, svs_d, svm_b, svm_h, svm_t, svm_d,
+    svr_b, svr_h, svr_t, svr_d,
+    BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
+    the group: every K/V tile is read and dequantized once and used by the whole group."""
+    PER: tl.constexpr = 8 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+    b, hk = (pid_bh // H_kv).to(tl.int64), (pid_bh % H_kv).to(tl.int64)  # int64: big caches overflow int32
+    r = tl.arange(0, NREP_PAD)  # query heads of the group, padded so tl.dot has M >= 16
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :] * sq_d,
+                mask=r[:, None] < n_rep, other=0.0)  # (NREP_PAD, D)
+
+    # Channel-dependent parts of the addresses: byte index and bit shift of each code, scale column.
+    byte_d, shift_d, vgrp_d = d // PER, (d % PER) * BITS, d // G  # (D,)
+    kc = KC + b * skc_b + hk * skc_h
+    ks, km = KS + b * sks_b + hk * sks_h, KM + b * skm_b + hk * skm_h
+    kr = KR + b * skr_b + hk * skr_h
+    vc = VC + b * svc_b + hk * svc_h
+    vs, vm = VS + b * svs_b + hk * svs_h, VM + b * svm_b + hk * svm_h
+    vr = VR + b * svr_b + hk * svr_h
+
+    m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
+    l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)
+    acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)  # running sum of exp(score - m) * v
+    lo = pid_s * split_len
+    hi = tl.minimum(lo + split_len, length)  # the host makes every split non-empty
+    for start in range(lo, hi, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+        live = t < hi
+
+        # K^T tile (D, BLOCK_T): packed codes for t < n_kq, the residual block after. Both loads are
+        # masked, so each token's bytes are read from exactly one of the two sources.
+        k_quant, k_full = live & (t < n_kq), live & (t >= n_kq)
+        byte = tl.load(kc + t[None, :] * skc_t + byte_d[:, None] * skc_d, mask=k_quant[None, :], other=0)
+        code = (byte.to(tl.int32) >> shift_d[:, None]) & CODE_MASK
+        scale = tl.load(ks + (t[None, :] // G) * sks_t + d[:, None] * sks_d, mask=k_quant[None, :], other=0.0)
+        mn = tl.load(km + (t[None, :] // G) * skm_t + d[:, None] * skm_d, mask=k_quant[None, :], other=0.0)
+        k_res = tl.load(kr + (t[None, :] - n_kq) * skr_t + d[:, None] * skr_d, mask=k_full[None, :], other=0.0)
+        k = tl.where(k_quant[None, :], code.to(tl.float32) * scale.to(tl.float32) + mn.to(tl.float32),
+                     k_res.to(tl.float32))  # (D, BLOCK_T)
+
+        # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
+        s = tl.dot(q, k.to(q.dtype), input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds a live token
+        alpha = tl.exp(m - m_new)  # rescales what was summed under the old max (0 on the first block)
+        p = tl.exp(s - m_new[:, None])  # (NREP_PAD, BLOCK_T)
+        l = l * alpha + tl.sum(p, axis=1)
+
+        # V tile (BLOCK_T, D): packed codes for t < n_vq, the ring slot t % R after.
+        v_quant, v_full = live & (t < n_vq), live & (t >= n_vq)
+        byte = tl.load(vc + t[:, None] * svc_t + byte_d[None, :] * svc_d, mask=v_quant[:, None], other=0)
+        code = (byte.to(tl.int32) >> shift_d[None, :]) & CODE_MASK
+        scale = tl.load(vs + t[:, None] * svs_t + vgrp_d[None, :] * svs_d, mask=v_quant[:, None], other=0.0)
+        mn = tl.load(vm + t[:, None] * svm_t + vgrp_d[None, :] * svm_d, mask=v_quant[:, None], other=0.0)
+        v_res = tl.load(vr + (t[:, None] % R) * svr_t + d[None, :] * svr_d, mask=v_full[:, None], other=0.0)
+        v = tl.where(v_quant[:, None], code.to(tl.float32) * scale.to(tl.float32) + mn.to(tl.float32),
+                     v_res.to(tl.float32))  # (BLOCK_T, D)
+
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+        m = m_new
+
+    # Partial results of this split, unnormalised; rows past n_rep are padding and not stored.
+    row = pid_bh * tl.num_programs(1) + pid_s  # index into (B * H_kv, n_splits)
+    keep = r < n_rep
+    tl.store(M_out + row * n_rep + r, m, mask=keep)
+    tl.store(L_out + row * n_rep + r, l, mask=keep)
+    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
+
+
+def _split_len(length: int, n_bh: int, block_t: int, n_splits: int | None) -> int:
+    """Tokens per split, a multiple of block_t (so blocks never straddle two splits)."""
+    if n_splits is None:
+        n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, n_bh), triton.cdiv(length, MIN_SPLIT_TOKENS)))
+    return triton.cdiv(triton.cdiv(length, n_splits), block_t) * block_t
+
+
+def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
+                                  length, bits, group, sm_scale=None, *, n_splits=None, block_t=None):
+    """Fused dequantize + flash-decoding. n_splits / block_t override the defaults (tests use them to
+    exercise several splits on short sequences)."""
+    _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
+    B, H, _, D = q.shape
+    H_kv, R = k_res.shape[1], v_res.shape[2]
+    n_rep = H // H_kv
+    # A block holds ~5 (D, BLOCK_T) tiles at once (codes, scale, mn, residual, result): keep that
+    # near 4096 elements per tile so 4 warps don't spill registers.
+    block_t = block_t or (64 if D <= 64 else 32)
+    assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+
+    split_len = _split_len(length, B * H_kv, block_t, n_splits)
+    n_splits = triton.cdiv(length, split_len)  # recount after rounding: no empty split
+    part = dict(device=q.device, dtype=torch.float32)
+    m = torch.empty(B * H_kv, n_splits, n_rep, **part)
+    l = torch.empty(B * H_kv, n_splits, n_rep, **part)
+    acc = torch.empty(B * H_kv, n_splits, n_rep, D, **part)
+    grid = (B * H_kv, n_splits)
+    _quant_decode_kernel[grid](
+        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, m, l, acc,
+        sm_scale, length, n_kq, n_vq, n_rep, H_kv, R, split_len,
+        q.stride(0), q.stride(1), q.stride(3),
+        *k_codes.stride(), *k_scale.stride(), *k_mn.stride(), *k_res.stride(),
+        *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(),
+        BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
+        num_warps=4,
+    )
+    # Merge the splits: rescale each one's sums to the global max, then normalise once.
+    w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
+    out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]  # (B * H_kv, n_rep, D)
+    return out.reshape(B, H, 1, D).to(q.dtype)

@@ -1,0 +1,173 @@
+"""kernels/pack.py: KIVI-style quantize + bit packing. Triton must match the torch reference bit for bit
+(run in the Triton interpreter on CPU); the reference itself is checked against the format's promises."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.pack import quantize_pack, quantize_pack_ref, unpack_dequant, unpack_dequant_ref
+
+# Triton reads TRITON_INTERPRET at import time and another test module may have imported it first in
+# this process, so the Triton-vs-reference comparison runs in a fresh subprocess with the interpreter
+# on (setting it here would also force the interpreter on a GPU machine), and never silently skips.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One subprocess loops over every case and prints one line per mismatch.
+_COMPARE = r"""
+import torch
+from kernels.pack import (quantize_pack, quantize_pack_ref, quantize_pack_triton,
+                          unpack_dequant_ref, unpack_dequant_triton)
+
+def data(lead, T, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, T, D, generator=g) * 2 + 0.3
+    x[..., :, :8] = 0.75           # constant channels: every per-channel group constant there
+    x[..., :1, :] = -1.25          # a constant token: every per-token group constant there
+    return x.to(dtype)
+
+def check(name, x, bits, group, pc):
+    a = quantize_pack_ref(x, bits, group, pc)
+    b = quantize_pack_triton(x, bits, group, pc)
+    bad = [n for n, u, v in zip(("codes", "scale", "mn"), a, b)
+           if u.shape != v.shape or u.dtype != v.dtype or not torch.equal(u, v)]
+    for out_dtype in (None, torch.float32):
+        u = unpack_dequant_ref(*a, bits, group, pc, out_dtype)
+        v = unpack_dequant_triton(*a, bits, group, pc, out_dtype)
+        if u.dtype != v.dtype or not torch.equal(u, v):
+            bad.append(f"unpack->{out_dtype}")
+    if bad:
+        print(f"FAIL {name} bits={bits} group={group} per_channel={pc} shape={tuple(x.shape)} "
+              f"{x.dtype}: {bad}")
+    return 1
+
+n, seed = 0, 0
+for bits in (1, 2, 4):
+    for D in (64, 128):
+        for group in (32, 64):
+            for T in (1, 7, 33):
+                seed += 1
+                n += check("token", data((2, 3), T, D, torch.float32, seed), bits, group, False)
+            seed += 1
+            n += check("channel", data((2, 3), 2 * group, D, torch.float32, seed), bits, group, True)
+    # half precision storage, non-power-of-two sizes (masked tiles), no leading dims
+    n += check("token", data((2,), 5, 128, torch.float16, bits), bits, 64, False)
+    n += check("channel", data((2,), 128, 128, torch.float16, bits), bits, 64, True)
+    n += check("token-odd", data((), 3, 96, torch.float32, bits), bits, 48, False)
+    n += check("channel-odd", data((1,), 48, 40, torch.float32, bits), bits, 24, True)
+    # non-contiguous input: (B, T, H, D) viewed as (B, H, T, D), as the cache sees it
+    xt = data((2, 16), 3, 64, torch.float32, 100 + bits).transpose(1, 2)
+    n += check("token-strided", xt, bits, 32, False)
+    xt = data((2, 32), 3, 64, torch.float32, 200 + bits).transpose(1, 2)
+    n += check("channel-strided", xt, bits, 32, True)
+
+# dispatch: LAYERKV_KERNELS=triton (set by the parent) routes CPU tensors to the kernel
+x = data((1, 2), 64, 64, torch.float32, 7)
+c = quantize_pack(x, 2, 32, True)
+if not all(torch.equal(u, v) for u, v in zip(c, quantize_pack_ref(x, 2, 32, True))):
+    print("FAIL dispatch")
+print(f"CASES {n}")
+"""
+
+
+def test_triton_matches_reference_bitwise():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LAYERKV_KERNELS": "triton",
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", _COMPARE], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fails = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert not fails, "\n".join(fails)
+    assert "CASES 66" in proc.stdout, proc.stdout[-2000:]
+
+
+def _expand(s, group, per_channel):
+    return s.float().repeat_interleave(group, dim=-2 if per_channel else -1)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_error_bound(per_channel, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 128, 128, generator=g).to(dtype)
+    rel = []
+    for bits in (1, 2, 4):
+        codes, scale, mn = quantize_pack(x, bits, 64, per_channel)  # CPU: the reference
+        assert codes.shape == (2, 3, 128, 128 * bits // 8) and codes.dtype == torch.uint8
+        assert scale.dtype == mn.dtype == dtype
+        x_hat = unpack_dequant(codes, scale, mn, bits, 64, per_channel)
+        assert x_hat.dtype == dtype and x_hat.shape == x.shape
+        err = (x.float() - x_hat.float()).abs()
+        # half the quantization step, plus the rounding of the stored scale (levels * ulp, inside the
+        # step for fp32) and of the output cast
+        ulp = torch.finfo(dtype).eps
+        bound = _expand(scale, 64, per_channel) / 2 * (1 + 2 ** bits * ulp) + x.float().abs() * ulp + 1e-6
+        assert (err <= bound).all(), (bits, (err - bound).max().item())
+        rel.append(err.mean().item() / x.float().abs().mean().item())
+    assert rel[0] > rel[1] > rel[2], rel
+    assert rel[2] < 0.1, rel
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_constant_groups_round_trip_exactly(bits):
+    x = torch.arange(4 * 64, dtype=torch.float32).view(4, 64) / 7  # (T, D)
+    # per-token, group 16: each group of 16 channels constant
+    xt = x[:, ::16].repeat_interleave(16, -1)
+    codes, scale, mn = quantize_pack(xt, bits, 16, False)
+    assert (codes == 0).all() and (scale == 0).all()
+    assert torch.equal(unpack_dequant(codes, scale, mn, bits, 16, False), xt)
+    # per-channel, group 2: each channel constant over each pair of tokens
+    xc = x[::2].repeat_interleave(2, 0)
+    codes, scale, mn = quantize_pack(xc, bits, 2, True)
+    assert (codes == 0).all() and (scale == 0).all()
+    assert torch.equal(unpack_dequant(codes, scale, mn, bits, 2, True), xc)
+
+
+@pytest.mark.parametrize("bits,values,packed", [
+    (2, [1, 2, 3, 0], [0b00111001]),  # 1 | 2<<2 | 3<<4 | 0<<6 = 57
+    (1, [1, 0, 1, 1, 0, 0, 0, 1], [0b10001101]),  # element d at bit d
+    (4, [5, 0, 15, 9], [0x05, 0x9F]),  # low nibble first
+])
+def test_packing_layout(bits, values, packed):
+    # one group spanning the row, min 0 and max 2**bits - 1: scale 1, so codes == values
+    x = torch.tensor([values], dtype=torch.float32)  # (T=1, D)
+    for fn in (quantize_pack_ref, quantize_pack):
+        codes, scale, mn = fn(x, bits, len(values), False)
+        assert codes.tolist() == [packed]
+        assert scale.tolist() == [[1.0]] and mn.tolist() == [[0.0]]
+    codes = torch.tensor([packed], dtype=torch.uint8)
+    one, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    assert torch.equal(unpack_dequant_ref(codes, one, zero, bits, len(values), False), x)
+
+
+def test_rounding_is_floor_half_up():
+    # 2-bit, range [0, 3]: 0.5 -> 1 and 2.5 -> 3 (floor(y + 0.5)), 1.49 -> 1
+    x = torch.tensor([[0.0, 0.5, 2.5, 3.0, 1.49, 0.0, 0.0, 0.0]])
+    codes, _, _ = quantize_pack_ref(x, 2, 8, False)
+    q = unpack_dequant_ref(codes, torch.ones(1, 1), torch.zeros(1, 1), 2, 8, False)
+    assert q.tolist() == [[0.0, 1.0, 3.0, 3.0, 1.0, 0.0, 0.0, 0.0]]
+
+
+def test_invalid_arguments():
+    x = torch.randn(2, 64, 64)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_pack(x, 3, 32, False)
+    with pytest.raises(ValueError, match="per-token"):
+        quantize_pack(x, 2, 48, False)  # 64 % 48
+    with pytest.raises(ValueError, match="per-channel"):
+        quantize_pack(torch.randn(2, 40, 64), 2, 32, True)  # T=40 % 32
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quantize_pack(torch.randn(2, 4, 4), 1, 4, False)  # D=4, 8 one-bit codes per byte
+    with pytest.raises(ValueError, match="T, D"):
+        quantize_pack(torch.randn(64), 2, 32, False)
+    with pytest.raises(ValueError, match="group"):
+        quantize_pack(x, 2, 0, False)
+    codes, scale, mn = quantize_pack(x, 2, 32, True)
+    with pytest.raises(ValueError, match="shape"):
+        unpack_dequant(codes, scale, mn, 2, 32, False)  # per-channel scales read as per-token
+    with pytest.raises(ValueError, match="bits"):
+        unpack_dequant(codes, scale, mn, 5, 32, True)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_dequant(codes.int(), scale, mn, 2, 32, True)

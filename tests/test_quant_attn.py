@@ -1,0 +1,194 @@
+"""Decode attention over the packed KIVI cache (kernels/quant_attn.py).
+
+The reference is checked against dense attention on K/V dequantized here, independently (own packing,
+own dequantization); the Triton kernel is checked against the reference under TRITON_INTERPRET=1 in a
+subprocess, because triton reads that variable once at import and another test may import it first.
+Run this file as a script to run the Triton cases directly.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from engine.kv.base import decode_attention  # noqa: E402
+from kernels.quant_attn import quant_decode_attention, quant_decode_attention_ref  # noqa: E402
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int codes (..., D) -> uint8 (..., D // per); code d goes to byte d // per, bit (d % per) * bits."""
+    per = 8 // bits
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)  # (..., D // per, per)
+    packed = torch.zeros(c.shape[:-1], dtype=torch.int32)
+    for i in range(per):
+        packed |= c[..., i] << (i * bits)
+    return packed.to(torch.uint8)
+
+
+def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, length=100, n_kq=None, n_vq=None,
+              T_cap=None, seed=0, wide=False):
+    """Random cache contents in the layout the kernel reads, plus the dense K/V (B, H_kv, length, D)
+    they stand for. Defaults follow QuantKV: n_kq = largest block of R leaving 1..R keys in full
+    precision, n_vq = length - R. wide=True stores residuals/scales as slices of wider buffers and q
+    transposed, so only .stride() describes them. Unused residual slots hold huge values: reading one
+    by mistake wrecks the result."""
+    g = torch.Generator().manual_seed(seed)
+    n_kq = (length - 1) // R * R if n_kq is None else n_kq
+    n_vq = max(0, length - R) if n_vq is None else n_vq
+    T_cap = (max(n_kq, n_vq) // G + 2) * G if T_cap is None else T_cap  # a multiple of G, with unused rows
+    assert n_kq % G == 0 and length - n_kq <= R and 0 <= length - n_vq <= R, "not a valid cache state"
+    levels = (1 << bits) - 1
+
+    def rand(*shape, lo=-1.0, hi=1.0):
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    def strided(x):  # same values, viewed out of a buffer twice as wide in the last dim
+        if not wide:
+            return x
+        buf = torch.full((*x.shape[:-1], 2 * x.shape[-1]), 1e4, dtype=x.dtype)
+        buf[..., :x.shape[-1]] = x
+        return buf[..., :x.shape[-1]]
+
+    k_int = torch.randint(0, levels + 1, (B, H_kv, T_cap, D), generator=g)
+    v_int = torch.randint(0, levels + 1, (B, H_kv, T_cap, D), generator=g)
+    k_scale, k_mn = rand(B, H_kv, T_cap // G, D, lo=0.1, hi=2.0) / levels, rand(B, H_kv, T_cap // G, D)
+    v_scale, v_mn = rand(B, H_kv, T_cap, D // G, lo=0.1, hi=2.0) / levels, rand(B, H_kv, T_cap, D // G)
+    k_res = torch.full((B, H_kv, R, D), 1e4)
+    k_res[:, :, :length - n_kq] = rand(B, H_kv, length - n_kq, D, lo=-2, hi=2)
+    v_res = torch.full((B, H_kv, R, D), 1e4)
+    slots = torch.arange(n_vq, length) % R  # ring: token t lives in slot t % R
+    v_res[:, :, slots] = rand(B, H_kv, length - n_vq, D, lo=-2, hi=2)
+    q = rand(B, 1, H, D, lo=-2, hi=2).transpose(1, 2) if wide else rand(B, H, 1, D, lo=-2, hi=2)
+
+    # Dense K/V, dequantized directly from the integer codes (no unpacking involved).
+    k_deq = k_int * k_scale.repeat_interleave(G, dim=2) + k_mn.repeat_interleave(G, dim=2)
+    v_deq = v_int * v_scale.repeat_interleave(G, dim=3) + v_mn.repeat_interleave(G, dim=3)
+    k = torch.cat([k_deq[:, :, :n_kq], k_res[:, :, :length - n_kq]], dim=2)  # (B, H_kv, length, D)
+    v = torch.cat([v_deq[:, :, :n_vq], v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
+
+    args = dict(q=q, k_codes=pack_codes(k_int, bits), k_scale=strided(k_scale), k_mn=k_mn, k_res=strided(k_res),
+                n_kq=n_kq, v_codes=pack_codes(v_int, bits), v_scale=v_scale, v_mn=strided(v_mn),
+                v_res=strided(v_res), n_vq=n_vq, length=length, bits=bits, group=G)
+    return args, k, v
+
+
+# -- reference ---------------------------------------------------------------------------------------------
+def test_ref_matches_dense_on_dequantized():
+    for bits in (1, 2, 4):
+        for kw in (dict(), dict(length=200, R=128, n_kq=128, n_vq=150), dict(H=6, H_kv=2, length=37, n_kq=32, n_vq=5),
+                   dict(wide=True, length=150)):
+            args, k, v = make_case(bits=bits, seed=bits, **kw)
+            torch.testing.assert_close(quant_decode_attention_ref(**args), decode_attention(args["q"], k, v),
+                                       rtol=1e-5, atol=1e-6, msg=f"bits={bits} {kw}")
+
+
+def test_ref_quantized_from_floats():
+    """4-bit min/max quantization of known K/V: the reference equals dense attention on the dequantized
+    tensors, and is close to attention on the originals."""
+    torch.manual_seed(0)
+    B, H, H_kv, D, G, R, length = 2, 4, 1, 64, 32, 64, 160
+    n_kq, n_vq = 128, length - R
+    k_f, v_f = torch.randn(B, H_kv, length, D), torch.randn(B, H_kv, length, D)
+    q = torch.randn(B, H, 1, D)
+
+    def quantize(x, dim):  # groups of G along `dim` of x (..., T, D): per channel (2) or per token (3)
+        shape = x.shape
+        xg = x.unflatten(dim, (shape[dim] // G, G))
+        mn, mx = xg.amin(dim + 1, keepdim=True), xg.amax(dim + 1, keepdim=True)
+        scale = (mx - mn) / 15
+        codes = ((xg - mn) / scale).round().clamp(0, 15)
+        return codes.flatten(dim, dim + 1), scale.squeeze(dim + 1), mn.squeeze(dim + 1), (codes * scale + mn).flatten(dim, dim + 1)
+
+    k_codes, k_scale, k_mn, k_deq = quantize(k_f[:, :, :n_kq], 2)
+    v_codes, v_scale, v_mn, v_deq = quantize(v_f[:, :, :n_vq], 3)
+    k_res = torch.zeros(B, H_kv, R, D)
+    k_res[:, :, :length - n_kq] = k_f[:, :, n_kq:]
+    v_res = torch.zeros(B, H_kv, R, D)
+    v_res[:, :, torch.arange(n_vq, length) % R] = v_f[:, :, n_vq:]  # wrapped: n_vq = 96 is past R
+    out = quant_decode_attention_ref(q, pack_codes(k_codes, 4), k_scale, k_mn, k_res, n_kq,
+                                     pack_codes(v_codes, 4), v_scale, v_mn, v_res, n_vq, length, 4, G)
+    k = torch.cat([k_deq, k_f[:, :, n_kq:]], dim=2)
+    v = torch.cat([v_deq, v_f[:, :, n_vq:]], dim=2)
+    torch.testing.assert_close(out, decode_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    err = (out - decode_attention(q, k_f, v_f)).abs().max().item()
+    assert err < 0.1, f"4-bit attention output error {err}"
+
+
+def test_ref_all_residual_is_dense_attention():
+    args, _, _ = make_case(length=50, R=64, n_kq=0, n_vq=0, T_cap=0)  # nothing quantized, empty code store
+    dense = decode_attention(args["q"], args["k_res"][:, :, :50], args["v_res"][:, :, :50])
+    assert torch.equal(quant_decode_attention_ref(**args), dense)
+
+
+def test_ref_ring_order_matters():
+    """With a wrapped ring, reading v_res in slot order instead of token order gives another answer."""
+    args, k, v = make_case(length=100, R=64, n_kq=64, n_vq=40, seed=3)  # tokens 40..99 in slots 40..63, 0..35
+    out = quant_decode_attention_ref(**args)
+    torch.testing.assert_close(out, decode_attention(args["q"], k, v), rtol=1e-5, atol=1e-6)
+    slot_order = torch.cat([torch.arange(0, 36), torch.arange(40, 64)])  # the mistake: slots ascending
+    v_wrong = torch.cat([v[:, :, :40], args["v_res"][:, :, slot_order]], dim=2)
+    assert not torch.allclose(out, decode_attention(args["q"], k, v_wrong), atol=1e-3)
+
+
+def test_sm_scale_and_cpu_dispatch(monkeypatch):
+    monkeypatch.delenv("LAYERKV_KERNELS", raising=False)
+    args, k, v = make_case(length=70)
+    out = quant_decode_attention(**args, sm_scale=0.5)  # CPU tensors: the reference
+    q = args["q"] * (0.5 * math.sqrt(64))  # decode_attention scales by 1/sqrt(D)
+    torch.testing.assert_close(out, decode_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+# -- Triton (interpreter) vs reference -------------------------------------------------------------------
+TRITON_CASES = [
+    dict(length=1, R=64, n_kq=0, n_vq=0),
+    dict(length=37, H=4, H_kv=4, n_kq=0, n_vq=0, T_cap=0, bits=4),  # MHA, nothing quantized
+    dict(length=37, H=6, H_kv=2, G=16, R=32, bits=1),  # GQA 3, default n_kq/n_vq
+    dict(length=200, H=8, H_kv=2, D=128, bits=4, G=64, R=64),  # GQA 4, D=128, 3 key blocks quantized
+    dict(length=200, H=4, H_kv=1, bits=2, R=64, n_kq=192, n_vq=150, wide=True),  # wrapped ring, strided views
+    dict(length=200, H=4, H_kv=2, bits=1, R=128, n_kq=128, n_vq=72),  # ring wrapped at slot 0
+    dict(length=130, B=2, H=6, H_kv=2, D=128, bits=2, G=32, R=64, n_kq=96, n_vq=66, block_t=16, n_splits=3),
+    dict(length=200, H=4, H_kv=4, bits=4, R=64, block_t=32, n_splits=4),  # several splits, partial last block
+    dict(length=100, H=3, H_kv=1, bits=2, R=128, n_kq=0, n_vq=40, block_t=16, n_splits=5),  # keys all residual
+    dict(length=100, H=4, H_kv=2, D=128, bits=1, R=128, n_kq=64, n_vq=0),  # values all residual
+]
+
+
+def run_triton_cases() -> int:
+    """Compare the kernel with the reference on every case; print each failure, return their number."""
+    from kernels.quant_attn import quant_decode_attention_triton
+    failures = 0
+    for case in TRITON_CASES:
+        kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}
+        args, _, _ = make_case(**{k: val for k, val in case.items() if k not in kw})
+        for sm_scale in (None, 0.3):
+            out = quant_decode_attention_triton(**args, sm_scale=sm_scale, **kw)
+            want = quant_decode_attention_ref(**args, sm_scale=sm_scale)
+            # Error relative to the output's scale: elementwise relative error is meaningless where an
+            # output is a near-zero average. Both sides sit ~1e-6 from a float64 evaluation.
+            err = ((out - want).abs().max() / want.abs().max()).item()
+            if out.shape != want.shape or out.dtype != want.dtype or not err < 1e-5:
+                failures += 1
+                print(f"FAIL {case} sm_scale={sm_scale}: relative error {err:.3g}", flush=True)
+    os.environ["LAYERKV_KERNELS"] = "triton"  # the dispatch reaches the kernel when told to
+    args, _, _ = make_case(length=65)
+    if not torch.allclose(quant_decode_attention(**args), quant_decode_attention_ref(**args), rtol=1e-5, atol=1e-6):
+        failures += 1
+        print("FAIL dispatch with LAYERKV_KERNELS=triton", flush=True)
+    print(f"{len(TRITON_CASES)} cases, {failures} failures", flush=True)
+    return failures
+
+
+def test_triton_matches_ref_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "0 failures" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    sys.exit(1 if run_triton_cases() else 0)
