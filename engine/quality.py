@@ -20,15 +20,15 @@ from engine.sampling import SamplingParams
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model: Llama, prompt: list[int], continuation: list[int], spec) -> torch.Tensor:
+def teacher_forced_logits(model: Llama, prompt: list[int], continuation: list[int], spec):
     """Logits (N, vocab) predicting each of the N continuation tokens: prefill the prompt under the
-    policy `spec`, then decode the continuation one forced token at a time."""
+    policy `spec`, then decode the continuation one forced token at a time. Returns (logits, policies)."""
     device = model.head.device
     policies = build_policies(model.args, spec, len(prompt) + len(continuation), device, model.head.dtype)
     out = [model.prefill(torch.tensor([prompt], device=device), policies)[0]]
     for i, tok in enumerate(continuation[:-1]):
         out.append(model.decode_step(torch.tensor([tok], device=device), len(prompt) + i, policies)[0])
-    return torch.stack(out).float()
+    return torch.stack(out).float(), policies
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -52,16 +52,18 @@ class Fidelity:
     top1: float        # fraction of positions where both pick the same next token
     ppl: float         # the policy's perplexity on the continuation
     ppl_full: float    # FullKV's, for reference
+    h2d_bytes_per_token: float  # host->device copies per decode step (offloading policies)
 
 
 def fidelity(model: Llama, prompt: list[int], continuation: list[int], spec,
              full_logits: torch.Tensor | None = None) -> tuple[Fidelity, torch.Tensor]:
     """Compare `spec` with FullKV; pass `full_logits` back in to reuse FullKV's run across policies."""
     if full_logits is None:
-        full_logits = teacher_forced_logits(model, prompt, continuation, {"policy": "full"})
-    logits = teacher_forced_logits(model, prompt, continuation, spec)
+        full_logits, _ = teacher_forced_logits(model, prompt, continuation, {"policy": "full"})
+    logits, policies = teacher_forced_logits(model, prompt, continuation, spec)
+    moved = sum(p.transfer_bytes() for p in policies) / max(1, len(continuation) - 1)
     f = Fidelity(kl_divergence(full_logits, logits).mean().item(), top1_agreement(full_logits, logits),
-                 perplexity(logits, continuation), perplexity(full_logits, continuation))
+                 perplexity(logits, continuation), perplexity(full_logits, continuation), moved)
     return f, full_logits
 
 

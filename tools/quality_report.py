@@ -64,10 +64,12 @@ def main() -> None:
                 print(f"   missed depth {r['depth']} key {r['key']}: {r['answer']!r}", file=sys.stderr)
     print(f"\n{m.name}, float32 CPU, {a.ctx}-token prompts; KL/top-1/ppl over {a.continuation} teacher-forced "
           f"tokens of {os.path.basename(a.text)}; pass key over {len(depths)} depths x {a.seeds} keys\n")
-    print("| policy | pass key | KL(full‖policy) nats | top-1 agree | ppl (full) | KV bytes vs FullKV |")
-    print("|---|---|---|---|---|---|")
+    print("| policy | pass key | KL(full‖policy) nats | top-1 agree | ppl (full) | device KV vs FullKV "
+          "| host->device per token |")
+    print("|---|---|---|---|---|---|---|")
     for name, hit, n, f, frac in rows:
-        print(f"| {name} | {hit}/{n} | {f.kl:.4f} | {f.top1:.3f} | {f.ppl:.2f} ({f.ppl_full:.2f}) | {frac:.3f} |")
+        print(f"| {name} | {hit}/{n} | {f.kl:.4f} | {f.top1:.3f} | {f.ppl:.2f} ({f.ppl_full:.2f}) | {frac:.3f} "
+              f"| {f.h2d_bytes_per_token / 1024:.1f} KiB |")
 
 
 if __name__ == "__main__":

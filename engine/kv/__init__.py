@@ -5,11 +5,13 @@ import torch
 
 from engine.config import ModelArgs
 from engine.kv.base import KVPolicy
+from engine.kv.evict import BudgetedEvictKV
 from engine.kv.full import FullKV
 from engine.kv.offload import OffloadKV
 from engine.kv.quant import QuantKV
 
-POLICIES: dict[str, type[KVPolicy]] = {"full": FullKV, "quant": QuantKV, "offload": OffloadKV}
+POLICIES: dict[str, type[KVPolicy]] = {"full": FullKV, "quant": QuantKV, "offload": OffloadKV,
+                                       "evict": BudgetedEvictKV}
 
 
 def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,

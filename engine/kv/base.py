@@ -42,16 +42,21 @@ class KVPolicy:
         """A JSON-able one-line description: the policy and its parameters."""
         return {"policy": self.name}
 
+    def transfer_bytes(self) -> int:
+        """Bytes copied from host to device memory so far (only offloading policies copy)."""
+        return 0
+
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_probs: bool = False):
     """Dense attention of new queries over cached keys, grouped-query aware, no causal mask needed
     (every cached key is in the past).
 
-    q: (B, H, Tq, D); k, v: (B, H_kv, T, D) -> (B, H, Tq, D).
+    q: (B, H, Tq, D); k, v: (B, H_kv, T, D) -> (B, H, Tq, D), plus the attention probabilities
+    (B, H_kv, n_rep*Tq, T) if return_probs (eviction policies score tokens with them).
     The H query heads are folded into (H_kv, n_rep) groups so each KV head is read once,
     instead of materialising repeat_kv copies of the cache.
     """
@@ -60,5 +65,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     qg = q.reshape(B, H_kv, (H // H_kv) * Tq, D)  # (B, H_kv, n_rep*Tq, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, H_kv, n_rep*Tq, T)
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)  # (B, H_kv, n_rep*Tq, D)
-    return out.reshape(B, H, Tq, D)
+    out = torch.matmul(probs, v).reshape(B, H, Tq, D)  # (B, H_kv, n_rep*Tq, D) -> (B, H, Tq, D)
+    return (out, probs) if return_probs else out

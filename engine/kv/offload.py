@@ -46,7 +46,6 @@ class OffloadKV(KVPolicy):
         self.fetcher: RowFetcher | None = None
         self.selected = None            # (B, H_kv, k) middle-token indices held on the device, sorted
         self.n_prompt_dev = 0           # device tokens that came from the prompt (before generated ones)
-        self.rows_fetched = 0           # host->device rows copied so far (K and V rows count once)
 
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
@@ -105,7 +104,6 @@ class OffloadKV(KVPolicy):
         next_k[missing], next_v[missing] = fk, fv
         region_k.copy_(next_k)
         region_v.copy_(next_v)
-        self.rows_fetched += int(fk.shape[0])
         self.selected = new
 
     def attend(self, q, k_new, v_new):
@@ -122,6 +120,9 @@ class OffloadKV(KVPolicy):
         device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.selected)
         host = self.fetcher.nbytes() if self.fetcher is not None else 0
         return {"device": device, "host": host}
+
+    def transfer_bytes(self):
+        return self.fetcher.bytes_copied if self.fetcher is not None else 0
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,

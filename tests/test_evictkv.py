@@ -1,0 +1,80 @@
+"""BudgetedEvictKV: exact when the budget covers the context, SnapKV scoring, decode-time eviction
+bounded by the budget, bad parameters."""
+import pytest
+import torch
+
+from engine.config import preset
+from engine.kv import build_policies
+from engine.kv.evict import BudgetedEvictKV, window_scores
+from engine.model import Llama
+
+ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)
+
+
+def run_logits(model, tokens, spec, prompt_len):
+    policies = build_policies(ARGS, spec, tokens.shape[1], "cpu", torch.float32)
+    out = [model.prefill(tokens[:, :prompt_len], policies)]
+    out += [model.decode_step(tokens[:, p], p, policies) for p in range(prompt_len, tokens.shape[1])]
+    return torch.stack(out), policies
+
+
+@pytest.mark.parametrize("during_decode", [False, True])
+def test_budget_covering_context_equals_fullkv(during_decode):
+    model = Llama.random(ARGS, "cpu", torch.float32, seed=2)
+    tokens = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(0))
+    full, _ = run_logits(model, tokens, {"policy": "full"}, 100)
+    ev, _ = run_logits(model, tokens, {"policy": "evict", "budget": 150, "window": 8,
+                                       "evict_during_decode": during_decode}, 100)
+    assert torch.equal(full, ev)
+
+
+def test_small_budget_differs_and_decode_eviction_stays_bounded():
+    model = Llama.random(ARGS, "cpu", torch.float32, seed=2)
+    tokens = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(0))
+    full, _ = run_logits(model, tokens, {"policy": "full"}, 100)
+    ev, pol = run_logits(model, tokens, {"policy": "evict", "budget": 40, "window": 8}, 100)
+    assert not torch.equal(full, ev)
+    assert pol[0].n == 40 + 50  # prompt kept to 40, then every decoded token appended
+    _, pol = run_logits(model, tokens, {"policy": "evict", "budget": 40, "window": 8,
+                                        "evict_during_decode": True}, 100)
+    p = pol[0]
+    assert p.n == 40 and p.k.shape[2] == 40
+    newest = torch.arange(150 - 7, 150)  # the window's newest tokens are never evicted
+    assert all(int(t) in p.pos[0, h].tolist() for h in range(2) for t in newest)
+
+
+def test_window_scores_are_causal_and_pooled():
+    k = torch.zeros(1, 1, 6, 4)
+    k[0, 0, 5, 0] = 50.0  # the last key would dominate any query that could see it
+    q = torch.zeros(1, 1, 2, 4)
+    q[..., 0] = 1.0
+    mass = window_scores(k, q, pool=1)[0, 0]
+    # query 0 sits at position 4 and cannot see key 5; query 1 (position 5) puts ~all its mass there
+    assert abs(mass.sum().item() - 2.0) < 1e-5
+    assert abs(mass[5].item() - 1.0) < 1e-5
+    assert abs(mass[:5].sum().item() - 1.0) < 1e-5
+    pooled = window_scores(k, q, pool=3)[0, 0]
+    assert abs(pooled[4].item() - (mass[3] + mass[4] + mass[5]).item() / 3) < 1e-6
+
+
+def test_high_attention_token_is_kept():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 200, 32, generator=g) * 0.1
+    v = torch.randn(1, 2, 200, 32, generator=g)
+    q = torch.zeros(1, 4, 8, 32)
+    q[..., 3] = 5.0
+    k[:, :, 57, 3] = 10.0  # token 57 is what the window's queries look at
+    p = BudgetedEvictKV(ARGS, 0, 210, "cpu", torch.float32, budget=16, window=8, pool=1)
+    p.prefill(k, v, q)
+    assert p.n == 16
+    kept = (p.k[0, 0, :, 3] == 10.0).nonzero().flatten().tolist()
+    assert len(kept) == 1
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="window"):
+        BudgetedEvictKV(ARGS, 0, 100, "cpu", torch.float32, budget=8, window=16)
+    with pytest.raises(ValueError, match="odd"):
+        BudgetedEvictKV(ARGS, 0, 100, "cpu", torch.float32, pool=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        BudgetedEvictKV(ARGS, 0, 100, "cpu", torch.float32, budget=0)
