@@ -8,7 +8,6 @@ from engine.kv import build_policies
 from engine.kv.base import decode_attention
 from engine.kv.quant import QuantKV
 from engine.model import Llama
-from kernels.pack import unpack_dequant
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128)  # head_dim 32
 
@@ -27,18 +26,6 @@ def test_residual_covering_context_equals_fullkv(bits):
     assert torch.equal(logits["full"], logits["quant"])
 
 
-def reconstruct(p: QuantKV):
-    """The keys and values a QuantKV holds, in token order, dequantized: (B, H_kv, length, D)."""
-    kq = unpack_dequant(p.k_codes[:, :, :p.n_kq], p.k_scale[:, :, :p.n_kq // p.group],
-                        p.k_mn[:, :, :p.n_kq // p.group], p.bits, p.group, per_channel=True)
-    vq = unpack_dequant(p.v_codes[:, :, :p.n_vq], p.v_scale[:, :, :p.n_vq], p.v_mn[:, :, :p.n_vq],
-                        p.bits, p.group, per_channel=False)
-    ring = torch.arange(p.n_vq, p.length) % p.residual
-    k = torch.cat([kq, p.k_res[:, :, :p.length - p.n_kq]], 2)
-    v = torch.cat([vq, p.v_res[:, :, ring]], 2)
-    return k, v
-
-
 @pytest.mark.parametrize("prompt_len", [1, 31, 32, 33, 100])
 def test_bookkeeping_across_block_boundaries(prompt_len):
     """Prefill then 75 decode steps with residual 32 / group 16: every token must come back from
@@ -53,7 +40,7 @@ def test_bookkeeping_across_block_boundaries(prompt_len):
     for t in range(prompt_len, T):
         out = p.attend(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
         assert p.length - p.n_kq in range(1, 33) and p.length - p.n_vq <= 32
-    kh, vh = reconstruct(p)
+    kh, vh = p.dequantized()
     assert p.n_kq > 0 and p.n_vq > 0
     torch.testing.assert_close(kh[:, :, p.n_kq:], k[:, :, p.n_kq:], rtol=0, atol=0)
     torch.testing.assert_close(vh[:, :, p.n_vq:], v[:, :, p.n_vq:], rtol=0, atol=0)

@@ -26,6 +26,17 @@ from kernels.prefetch import RowFetcher
 from kernels.sparse_attn import approx_scores, select_topk
 
 
+def rank_channels(mid_k: torch.Tensor, q_window: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """(B, H_kv, C) sorted channel ids with the largest mean|q| * max|K| per KV head: a channel
+    matters for q.k when the query weighs it and the keys are large in it.
+    mid_k (B, H_kv, M, D); q_window (B, H, w, D), |q| averaged over the window and the group."""
+    B, H_kv, _, D = mid_k.shape
+    weight = mid_k.abs().amax(dim=2).float()  # (B, H_kv, D)
+    if q_window is not None:
+        weight = weight * q_window.abs().reshape(B, H_kv, -1, D).float().mean(dim=2)
+    return weight.topk(channels, dim=-1).indices.sort(dim=-1).values
+
+
 class OffloadKV(KVPolicy):
     name = "offload"
     q_window = 32  # prompt queries used to rank channels
@@ -67,22 +78,11 @@ class OffloadKV(KVPolicy):
         else:
             mid_k, mid_v = k[:, :, S:T - W], v[:, :, S:T - W]  # (B, H_kv, M, D)
             self.fetcher = RowFetcher(mid_k, mid_v, self.device)
-            self.chan = self._rank_channels(mid_k, q_window)
+            self.chan = rank_channels(mid_k, q_window, self.channels)
             self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
             self.selected = None  # chosen by the first decode step's query
         self.n_prompt_dev = n_prompt
         self.length = T
-
-    def _rank_channels(self, mid_k: torch.Tensor, q_window: torch.Tensor | None) -> torch.Tensor:
-        """(B, H_kv, C) channel ids with the largest mean|q| * max|K| per KV head."""
-        B, H_kv, _, D = mid_k.shape
-        kmax = mid_k.abs().amax(dim=2)  # (B, H_kv, D)
-        if q_window is None:
-            weight = kmax
-        else:  # q_window (B, H, w, D): average |q| over the window and the heads of each group
-            qmag = q_window.abs().reshape(B, H_kv, -1, D).float().mean(dim=2)  # (B, H_kv, D)
-            weight = qmag * kmax.float()
-        return weight.topk(self.channels, dim=-1).indices.sort(dim=-1).values
 
     def _refresh(self, q: torch.Tensor) -> None:
         """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv.base import KVPolicy, tensor_bytes
-from kernels.pack import quantize_pack
+from kernels.pack import quantize_pack, unpack_dequant
 from kernels.quant_attn import quant_decode_attention
 
 
@@ -109,6 +109,18 @@ class QuantKV(KVPolicy):
         return quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.n_kq,
                                       self.v_codes, self.v_scale, self.v_mn, self.v_res, self.n_vq,
                                       self.length, self.bits, self.group)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values held, dequantized, in token order: (B, H_kv, length, D) each.
+        For analysis and tests (the profiler measures quantization error with it), not decoding."""
+        G = self.group
+        kq = unpack_dequant(self.k_codes[:, :, :self.n_kq], self.k_scale[:, :, :self.n_kq // G],
+                            self.k_mn[:, :, :self.n_kq // G], self.bits, G, per_channel=True)
+        vq = unpack_dequant(self.v_codes[:, :, :self.n_vq], self.v_scale[:, :, :self.n_vq],
+                            self.v_mn[:, :, :self.n_vq], self.bits, G, per_channel=False)
+        ring = torch.arange(self.n_vq, self.length, device=self.device) % self.residual
+        return (torch.cat([kq, self.k_res[:, :, :self.length - self.n_kq]], 2),
+                torch.cat([vq, self.v_res[:, :, ring]], 2))
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale,

@@ -1,0 +1,139 @@
+"""The planner: XKV token allocation optimal (vs exhaustive search), budgets respected, monotone;
+the hybrid greedy within one upgrade of the optimum; byte model == the policies' own nbytes();
+plans round-trip through JSON and are refused for another model."""
+import itertools
+import random
+
+import pytest
+import torch
+
+from engine.config import preset
+from engine.kv import build_policies
+from engine.planner import (Option, allocate_tau, allocate_tokens, greedy_choose, load_plan, option_bytes,
+                            save_plan, upper_hull, _token_gains)
+from engine.profile import FRACTIONS
+
+
+def random_curve(rng, prompt):
+    """A retention curve like the profiler's: sorted masses -> concave R(k), sampled at FRACTIONS."""
+    masses = sorted((rng.random() ** 3 for _ in range(prompt)), reverse=True)
+    total = sum(masses)
+    r = [0.0] + list(itertools.accumulate(m / total for m in masses))  # R(0..prompt)
+    out = []
+    for f in FRACTIONS:
+        x = f * prompt
+        i = min(int(x), prompt - 1)
+        out.append(r[i] + (r[i + 1] - r[i]) * (x - i))
+    return out
+
+
+def retention_at(curve, prompt, k):
+    return curve[0] + float(_token_gains(curve, prompt)[:k].sum())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_token_allocation_is_optimal(seed):
+    rng = random.Random(seed)
+    L, prompt, floor = 3, 7, 1
+    curves = [random_curve(rng, prompt) for _ in range(L)]
+    for total in range(L * floor, L * prompt + 1):
+        alloc = allocate_tokens(curves, prompt, total, floor)
+        assert sum(alloc) == min(total, L * prompt) and min(alloc) >= floor
+        got = sum(retention_at(c, prompt, k) for c, k in zip(curves, alloc))
+        best = max(sum(retention_at(c, prompt, k) for c, k in zip(curves, ks))
+                   for ks in itertools.product(range(floor, prompt + 1), repeat=L) if sum(ks) <= total)
+        assert got == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tau_allocation_is_the_fewest_tokens(seed):
+    rng = random.Random(100 + seed)
+    L, prompt, floor = 3, 6, 1
+    curves = [random_curve(rng, prompt) for _ in range(L)]
+    for tau in (0.3, 0.6, 0.8, 0.95, 1.0):
+        alloc = allocate_tau(curves, prompt, tau, floor)
+        mean = sum(retention_at(c, prompt, k) for c, k in zip(curves, alloc)) / L
+        feasible = [ks for ks in itertools.product(range(floor, prompt + 1), repeat=L)
+                    if sum(retention_at(c, prompt, k) for c, k in zip(curves, ks)) / L >= tau - 1e-12]
+        assert mean >= tau - 1e-9
+        assert sum(alloc) == min(sum(ks) for ks in feasible)
+
+
+def random_hulls(rng, L, n):
+    hulls = []
+    for _ in range(L):
+        opts = [Option({"policy": "x"}, rng.randint(1, 60), 0, rng.random()) for _ in range(n)]
+        hulls.append(upper_hull(opts))
+    return hulls
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hybrid_greedy_budget_monotone_and_near_optimal(seed):
+    rng = random.Random(seed)
+    hulls = random_hulls(rng, 4, 6)
+    floor = sum(h[0].device_bytes for h in hulls)
+    max_step = max((h[j].quality - h[j - 1].quality) for h in hulls for j in range(1, len(h))) if any(
+        len(h) > 1 for h in hulls) else 0.0
+    prev = -1.0
+    for budget in range(floor, floor + 200, 7):
+        choice = greedy_choose(hulls, budget)
+        cost = sum(h[j].device_bytes for h, j in zip(hulls, choice))
+        gain = sum(h[j].quality for h, j in zip(hulls, choice))
+        assert cost <= budget
+        assert gain >= prev - 1e-12  # more budget never lowers quality
+        prev = gain
+        best = max(sum(h[j].quality for h, j in zip(hulls, js))
+                   for js in itertools.product(*(range(len(h)) for h in hulls))
+                   if sum(h[j].device_bytes for h, j in zip(hulls, js)) <= budget)
+        assert best - max_step - 1e-12 <= gain <= best + 1e-12
+    with pytest.raises(ValueError, match="floor"):
+        greedy_choose(hulls, floor - 1)
+
+
+def test_upper_hull_is_concave_and_increasing():
+    rng = random.Random(3)
+    h = random_hulls(rng, 1, 30)[0]
+    slopes = [(b.quality - a.quality) / (b.device_bytes - a.device_bytes) for a, b in zip(h, h[1:])]
+    assert all(s > 0 for s in slopes) and all(x >= y for x, y in zip(slopes, slopes[1:]))
+
+
+ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=1)
+
+
+@pytest.mark.parametrize("spec", [
+    {"policy": "full"},
+    {"policy": "evict", "budget": 40, "window": 8},
+    {"policy": "evict", "budget": 400, "window": 8},
+    {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8},
+    {"policy": "offload", "budget": 480, "sink": 4, "recent": 12, "channels": 8},
+    {"policy": "quant", "bits": 2, "group": 32, "residual": 64},
+    {"policy": "quant", "bits": 4, "group": 16, "residual": 32},
+])
+def test_byte_model_matches_policies(spec):
+    prompt, new = 150, 10
+    pol = build_policies(ARGS, spec, prompt + new, "cpu", torch.float32)[0]
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, prompt, 32, generator=g), torch.randn(1, 2, prompt, 32, generator=g)
+    pol.prefill(k, v, torch.randn(1, 4, 32, 32, generator=g))
+    pol.attend(torch.randn(1, 4, 1, 32, generator=g), k[:, :, :1], v[:, :, :1])  # steady state
+    got = pol.nbytes()
+    assert option_bytes(ARGS, spec, prompt, new, 4) == (got["device"], got["host"])
+
+
+def test_plan_json_round_trip_and_refusals(tmp_path):
+    layers = [Option({"policy": "quant", "bits": 4, "group": 64, "residual": 128}, 10, 0, 0.9),
+              Option({"policy": "evict", "budget": 100, "window": 32, "pool": 7}, 5, 0, 0.8)]
+    path = tmp_path / "plan.json"
+    save_plan(str(path), {"model": "m", "n_layers": 2, "context": 4096}, layers)
+    lines = path.read_text().splitlines()
+    assert sum('"layer":' in ln for ln in lines) == 2  # one readable line per layer
+    header, specs = load_plan(str(path), "m", 2)
+    assert header["context"] == 4096 and specs == [o.spec for o in layers]
+    with pytest.raises(ValueError, match="made for model"):
+        load_plan(str(path), "other", 2)
+    with pytest.raises(ValueError, match="layers"):
+        load_plan(str(path), "m", 3)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a KV plan"):
+        load_plan(str(bad), "m", 2)
