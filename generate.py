@@ -57,16 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--policy", default="full", choices=sorted(POLICIES),
-                   help="KV cache policy for every layer: full (uncompressed), quant (1/2/4-bit, --kv-*), "
-                        "offload (prompt K/V in host memory, top tokens fetched per step; --budget, ...)")
+    p.add_argument("--policy", default="full", choices=sorted(POLICIES) + ["hybrid"],
+                   help="KV cache policy: full (uncompressed), quant (1/2/4-bit, --kv-*), offload (prompt K/V in "
+                        "host memory, top tokens fetched per step; --budget, ...), evict (keep --budget tokens "
+                        "per layer), hybrid (a per-layer plan: --plan, or profile the prompt and plan for --kv-budget)")
+    p.add_argument("--plan", metavar="FILE", help="hybrid: per-layer plan JSON written by profile_layers.py")
+    p.add_argument("--kv-budget", default="0.2",
+                   help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB) or a fraction of FullKV "
+                        "(0.2, 20%%) (default 0.2)")
+    p.add_argument("--profile-tokens", type=parse_tokens, default=4096,
+                   help="hybrid without --plan: profile at most this many prompt tokens (middle cut; default 4k)")
     p.add_argument("--kv-bits", type=int, default=2, help="quant: bits per key/value element, 1, 2 or 4 (default 2)")
     p.add_argument("--kv-group", type=int, default=64,
                    help="quant: quantization group, tokens per key group and elements per value group (default 64)")
     p.add_argument("--kv-residual", type=int, default=128,
                    help="quant: recent tokens kept in full precision, a multiple of --kv-group (default 128)")
     p.add_argument("--budget", type=int, default=512,
-                   help="offload: prompt tokens attended per step, sink + recent + retrieved (default 512)")
+                   help="offload: prompt tokens attended per step, sink + recent + retrieved; evict: prompt "
+                        "tokens kept per layer (default 512)")
+    p.add_argument("--evict-during-decode", action="store_true",
+                   help="evict: also evict while decoding, so the cache never exceeds --budget tokens")
     p.add_argument("--sink", type=int, default=16, help="offload: first prompt tokens always kept (default 16)")
     p.add_argument("--recent", type=int, default=64, help="offload: last prompt tokens always kept (default 64)")
     p.add_argument("--channels", type=int, default=8,
@@ -110,7 +120,30 @@ def policy_spec(a: argparse.Namespace) -> dict:
         return {"policy": "quant", "bits": a.kv_bits, "group": a.kv_group, "residual": a.kv_residual}
     if a.policy == "offload":
         return {"policy": "offload", "budget": a.budget, "sink": a.sink, "recent": a.recent, "channels": a.channels}
+    if a.policy == "evict":
+        return {"policy": "evict", "budget": a.budget, "evict_during_decode": a.evict_during_decode}
     return {"policy": a.policy}
+
+
+def hybrid_specs(a: argparse.Namespace, m, ids: list[int], elem: int, log) -> list[dict]:
+    """Per-layer specs for --policy hybrid: from --plan, or by profiling this prompt and planning."""
+    from engine.planner import load_plan, make_plan, parse_kv_budget
+    if a.plan:
+        header, specs = load_plan(a.plan, m.name, m.args.n_layers)
+        log(f"plan {a.plan}: made for {header.get('context')} tokens, {header.get('mode', 'hybrid')} mode")
+        return specs
+    from engine.profile import profile_prompt
+    budget = parse_kv_budget(a.kv_budget, m.args.kv_bytes_per_token(elem) * (len(ids) + a.max_new_tokens))
+    sample, _ = fit_prompt(ids, a.profile_tokens)
+    t = time.perf_counter()
+    stats = profile_prompt(m.model, sample)
+    plan = make_plan(m.args, stats, len(ids), a.max_new_tokens, elem, budget)
+    kinds = {}
+    for o in plan:
+        kinds[o.spec["policy"]] = kinds.get(o.spec["policy"], 0) + 1
+    log(f"no --plan: profiled {len(sample)} prompt tokens in {time.perf_counter() - t:.1f} s; plan for "
+        f"{fmt_bytes(budget)}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + " layers")
+    return [o.spec for o in plan]
 
 
 def run(a: argparse.Namespace) -> int:
@@ -162,11 +195,13 @@ def run(a: argparse.Namespace) -> int:
                 f"cut {cut} tokens from its middle")
 
     from tqdm import tqdm
+    elem = torch.empty((), dtype=dtype).element_size()
+    specs = policy_spec(a) if a.policy != "hybrid" else hybrid_specs(a, m, ids, elem, log)
     bar = tqdm(total=m.args.n_layers, desc=f"prefill {len(ids)} tokens", unit="layer", file=sys.stderr,
                disable=None if len(ids) >= 1024 else True, leave=False)
     stream = StreamDecoder(m.tokenizer)
     on_token = lambda tid: print(stream.push(tid), end="", flush=True)  # noqa: E731
-    res = generate(m.model, ids, a.max_new_tokens, sampling, policy_spec(a), m.tokenizer.eos_ids,
+    res = generate(m.model, ids, a.max_new_tokens, sampling, specs, m.tokenizer.eos_ids,
                    on_token=on_token, on_layer=bar.update, prefill_chunk=a.prefill_chunk)
     bar.close()
     print(stream.flush(), flush=True)
@@ -174,7 +209,7 @@ def run(a: argparse.Namespace) -> int:
     text_out = m.tokenizer.decode(res.generated_ids)
     kv = res.kv_bytes()
     n_tokens = res.prompt_tokens + len(res.generated_ids)
-    full = m.args.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * n_tokens
+    full = m.args.kv_bytes_per_token(elem) * n_tokens
     log(f"prompt {res.prompt_tokens} tokens | prefill {res.prefill_s:.2f} s "
         f"({res.prompt_tokens / max(res.prefill_s, 1e-9):.0f} tok/s) | decode {res.decode_ms_per_token:.1f} ms/token "
         f"({len(res.generated_ids)} tokens, {res.stop_reason}) | KV device {fmt_bytes(kv['device'])}, "

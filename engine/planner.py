@@ -177,6 +177,54 @@ def allocate_tau(curves: list[list[float]], prompt: int, tau: float, floor: int)
     return [floor + int(c) for c in picked.view(L, -1).sum(-1)]
 
 
+def parse_kv_budget(text: str, full_bytes: int) -> int:
+    """'512MiB', '2GiB', '300MB', '123456' (bytes) or a fraction of FullKV: '0.2', '20%' -> bytes."""
+    t = text.strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    try:
+        if t.endswith("%"):
+            return int(float(t[:-1]) / 100 * full_bytes)
+        for unit, mult in units.items():
+            if t.lower().endswith(unit):
+                return int(float(t[:-len(unit)]) * mult)
+        x = float(t)
+    except ValueError:
+        raise ValueError(f"not a KV budget: {text!r} (examples: 512MiB, 2GiB, 0.2, 20%)") from None
+    if x <= 0:
+        raise ValueError(f"KV budget must be positive, got {text!r}")
+    return int(x * full_bytes) if x <= 1 else int(x)
+
+
+def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,
+              mode: str = "hybrid", cfg: ProfileConfig | None = None, floor: int = 64,
+              tau: float | None = None) -> list[Option]:
+    """mode 'hybrid': every option, greedy per byte. 'xkv': Evict only, XKV's token allocation of the
+    same byte budget ('xkv-tau': the fewest tokens reaching mean retention tau; budget ignored).
+    'uniform': Evict with the same tokens in every layer."""
+    cfg = cfg or ProfileConfig()
+    if mode == "hybrid":
+        return plan_hybrid(args, stats, prompt, new, elem, budget, cfg, floor)
+    per_tok = 2 * args.n_kv_heads * args.head_dim * elem
+    L = args.n_layers
+    if mode == "xkv-tau":
+        tokens = allocate_tau([s.evict for s in stats], prompt, tau, floor)
+    else:
+        total = budget // per_tok - L * new  # prompt tokens the budget pays for, all layers together
+        if mode == "xkv":
+            tokens = allocate_tokens([s.evict for s in stats], prompt, total, floor)
+        elif mode == "uniform":
+            tokens = [max(floor, total // L)] * L
+        else:
+            raise ValueError(f"unknown plan mode {mode!r}")
+    out = []
+    for s, k in zip(stats, tokens):
+        spec = {"policy": "evict", "budget": max(k, cfg.window), "window": cfg.window, "pool": cfg.pool}
+        dev, host = option_bytes(args, spec, prompt, new, elem)
+        i = min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] * prompt - k))
+        out.append(Option(spec, dev, host, s.evict[i]))
+    return out
+
+
 # ---- plans on disk: JSON, one readable line per layer ------------------------------------------
 _SPEC_ONLY = ("layer", "quality", "device_bytes", "host_bytes")
 

@@ -1,16 +1,19 @@
-"""Per-layer attention statistics from one profiling prefill (XKV's "mini-prefill"), the input of
-the planner. Each layer's policy during that prefill is a `ProfileKV`, which measures and keeps
-nothing else, so profiling needs no hooks in the model and only one layer's K/V at a time.
+"""Per-layer attention statistics from one short profiling run (XKV's "mini-prefill"), the input
+of the planner. During it every layer's policy is a `ProfileKV`: a FullKV that also records the
+prompt's last `window` queries at prefill and the queries of a few greedy decode steps after it.
+No hooks in the model are needed.
 
-Measured per layer, from the prompt's last `window` queries (causal inside the window):
-  dense        TailorKV's density: attention mass outside each query's top 5% keys (mean over
-               queries and heads). High = dense = quantize; low = sparse = retrieve or evict.
-  evict[i]     XKV's importance retention R(k) for k = FRACTIONS[i] of the prompt: the share of the
-               pooled window attention (BudgetedEvictKV's own score) that its top k tokens hold,
-               i.e. what static eviction to k tokens keeps.
-  offload[i]   what OffloadKV keeps at the same budgets: each query's exact attention mass on the
-               tokens it would fetch (sink + recent + top by the C-channel sketch's scores).
-  quant_err[b] relative error of the attention output when K/V are stored at b bits (QuantKV).
+What a policy keeps is chosen from the prompt (as the real policies choose at prefill) and judged on
+the *decode* queries (the ones that will need the tokens), per layer:
+  dense        TailorKV's density: attention mass outside each prompt query's top 5% keys (mean
+               over the window and heads). High = dense = quantize; low = sparse = retrieve/evict.
+  evict[i]     importance retention R(k) (XKV) for k = FRACTIONS[i] of the prompt: the decode
+               queries' attention mass on what BudgetedEvictKV keeps at that budget.
+  offload[i]   the same for OffloadKV: each decode query's mass on the tokens it would fetch
+               (sink + recent + top by the C-channel sketch's approximate scores).
+  quant_err[b] relative error of the decode queries' attention output with K/V at b bits.
+Judging static eviction on the prompt queries that chose its tokens would flatter it: on pass-key
+prompts those queries keep the needle, the answer's queries then miss a digit.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.kv.base import KVPolicy
 from engine.kv.evict import window_scores
+from engine.kv.full import FullKV
 from engine.kv.offload import rank_channels
 from engine.kv.quant import QuantKV
 
@@ -38,7 +41,8 @@ class LayerStats:
 
 @dataclass
 class ProfileConfig:
-    window: int = 32           # last prompt queries that are measured (TailorKV uses 32)
+    window: int = 32           # prompt queries that score tokens (TailorKV and BudgetedEvictKV use 32)
+    probe: int = 16            # greedy decode steps whose queries judge the policies
     pool: int = 7              # eviction score smoothing, as BudgetedEvictKV
     sink: int = 16             # OffloadKV's always-kept tokens, as its defaults
     recent: int = 64
@@ -48,97 +52,123 @@ class ProfileConfig:
 
 
 def _causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q (B, H, w, D) are the last w positions of a T-token prompt; k (B, H_kv, T, D)
-    -> probabilities (B, H_kv, n_rep, w, T) float32, causal inside the window."""
-    B, H, w, D = q.shape
+    """q (B, H, n, D) are the last n positions of the T keys k (B, H_kv, T, D)
+    -> probabilities (B, H_kv, n_rep, n, T) float32, causal."""
+    B, H, n, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
-    qg = q.reshape(B, H_kv, H // H_kv, w, D).float()
+    qg = q.reshape(B, H_kv, H // H_kv, n, D).float()
     logits = torch.matmul(qg, k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)
-    future = torch.arange(T, device=k.device)[None, :] > torch.arange(T - w, T, device=k.device)[:, None]
+    future = torch.arange(T, device=k.device)[None, :] > torch.arange(T - n, T, device=k.device)[:, None]
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 def _attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """probs (B, H_kv, n_rep, w, T), v (B, H_kv, T, D) -> (B, H_kv, n_rep, w, D)."""
+    """probs (B, H_kv, n_rep, n, T), v (B, H_kv, T, D) -> (B, H_kv, n_rep, n, D)."""
     return torch.matmul(probs, v.float()[:, :, None])
 
 
-def layer_stats(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, args, cfg: ProfileConfig) -> LayerStats:
-    B, H_kv, T, D = k.shape
-    w = q.shape[2]
-    probs = _causal_probs(q, k)  # (B, H_kv, n_rep, w, T)
+def _mass_in_order(probs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """probs (B, H_kv, n_rep, n, M) over M candidates, order (B, H_kv, [n,] M) best first
+    -> (..., M + 1): the mass on the best j candidates, j = 0..M."""
+    if order.dim() == 3:
+        order = order[:, :, None, None]
+    else:
+        order = order[:, :, None]
+    got = probs.gather(-1, order.expand(probs.shape)).cumsum(-1)
+    return torch.cat([got.new_zeros(got.shape[:-1] + (1,)), got], -1)
 
-    # TailorKV density: mass outside the top 5% of keys
+
+def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor, q_dec: torch.Tensor,
+                args, cfg: ProfileConfig) -> LayerStats:
+    """k, v (B, H_kv, T + n, D): a T-token prompt and n decoded tokens; q_prompt (B, H, w, D) the
+    prompt's last queries, q_dec (B, H, n, D) the decode queries."""
+    B, H_kv, _, D = k.shape
+    n = q_dec.shape[2]
+    dec = _causal_probs(q_dec, k)  # (B, H_kv, n_rep, n, T + n)
+    generated = dec[..., T:].sum(-1)  # every policy keeps the decoded tokens
+
     top5 = max(1, math.ceil(0.05 * T))
-    dense = (1 - probs.topk(top5, dim=-1).values.sum(-1)).mean().item()
+    dense = (1 - _causal_probs(q_prompt, k[:, :, :T]).topk(top5, dim=-1).values.sum(-1)).mean().item()
 
-    # XKV retention of static eviction, by BudgetedEvictKV's own pooled score
-    mass = window_scores(k, q, cfg.pool)  # (B, H_kv, T)
-    csum = torch.cat([mass.new_zeros(B, H_kv, 1), mass.sort(dim=-1, descending=True).values.cumsum(-1)], -1)
-    evict = [(csum[..., round(f * T)] / csum[..., -1]).mean().item() for f in FRACTIONS]
+    # BudgetedEvictKV: top tokens before the window by the prompt's pooled scores, plus the window
+    W = min(cfg.window, T)
+    order = window_scores(k[:, :, :T], q_prompt, cfg.pool)[:, :, :T - W].argsort(dim=-1, descending=True)
+    got = _mass_in_order(dec[..., :T - W], order)
+    base = generated + dec[..., T - W:T].sum(-1)
+    evict = [(base + got[..., min(T - W, max(0, round(f * T) - W))]).mean().item() for f in FRACTIONS]
 
-    # OffloadKV: sink + recent always, the middle ranked per query by the channel sketch
-    S, W = min(cfg.sink, T), min(cfg.recent, max(0, T - cfg.sink))
-    M = T - S - W
-    fixed = probs[..., :S].sum(-1) + probs[..., T - W:].sum(-1)  # (B, H_kv, n_rep, w)
+    # OffloadKV: sink + recent, and per decode query the top of the middle by the channel sketch
+    S, R = min(cfg.sink, T), min(cfg.recent, max(0, T - cfg.sink))
+    M = T - S - R
     offload = []
     if M > 0:
-        mid_k = k[:, :, S:T - W]
-        chan = rank_channels(mid_k, q, cfg.channels)  # (B, H_kv, C)
-        qg = q.reshape(B, H_kv, -1, w, D).float()
-        qc = qg.gather(-1, chan[:, :, None, None, :].expand(-1, -1, qg.shape[2], w, -1))
+        mid_k = k[:, :, S:T - R]
+        chan = rank_channels(mid_k, q_prompt, cfg.channels)  # (B, H_kv, C)
+        qg = q_dec.reshape(B, H_kv, -1, n, D).float()
+        qc = qg.gather(-1, chan[:, :, None, None, :].expand(-1, -1, qg.shape[2], n, -1))
         kc = mid_k.float().gather(-1, chan[:, :, None, :].expand(-1, -1, M, -1))  # (B, H_kv, M, C)
-        approx = torch.matmul(qc, kc[:, :, None].transpose(-1, -2)).amax(dim=2)  # (B, H_kv, w, M)
-        order = approx.argsort(dim=-1, descending=True)[:, :, None].expand(-1, -1, qg.shape[2], -1, -1)
-        got = probs[..., S:T - W].gather(-1, order).cumsum(-1)  # mass of the top-j tokens, j = 1..M
-        got = torch.cat([got.new_zeros(got.shape[:-1] + (1,)), got], -1)
+        approx = torch.matmul(qc, kc[:, :, None].transpose(-1, -2)).amax(dim=2)  # (B, H_kv, n, M)
+        taken = _mass_in_order(dec[..., S:T - R], approx.argsort(dim=-1, descending=True))
+        fixed = generated + dec[..., :S].sum(-1) + dec[..., T - R:T].sum(-1)
     for f in FRACTIONS:
-        extra = min(M, max(0, round(f * T) - S - W)) if M > 0 else 0
-        kept = fixed + (got[..., extra] if M > 0 else 0)
-        offload.append(min(1.0, kept.mean().item()) if round(f * T) >= S + W or M <= 0 else 0.0)
+        k_f = round(f * T)
+        if M <= 0:
+            offload.append(1.0)
+        elif k_f < S + R:
+            offload.append(0.0)  # below sink + recent: not a valid OffloadKV budget
+        else:
+            offload.append(min(1.0, (fixed + taken[..., min(M, k_f - S - R)]).mean().item()))
 
-    # QuantKV: attention output error of the window queries at each bit width
-    exact = _attend(probs, v)
+    # QuantKV over the prompt (decoded tokens stay in its full-precision residual here)
+    exact = _attend(dec, v)
     quant_err = {}
     for bits in QUANT_BITS:
         qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, group=cfg.quant_group,
                       residual=cfg.quant_residual, batch=B)
-        qkv.prefill(k, v)
+        qkv.prefill(k[:, :, :T], v[:, :, :T])
         kh, vh = qkv.dequantized()
-        approx_out = _attend(_causal_probs(q, kh), vh)
+        kh, vh = torch.cat([kh, k[:, :, T:]], 2), torch.cat([vh, v[:, :, T:]], 2)
+        approx_out = _attend(_causal_probs(q_dec, kh), vh)
         quant_err[bits] = ((approx_out - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-9)).mean().item()
     return LayerStats(dense, evict, offload, quant_err)
 
 
-class ProfileKV(KVPolicy):
-    """A measuring stand-in for a layer's policy during the profiling prefill."""
+class ProfileKV(FullKV):
+    """FullKV that records the prompt's last queries and every decode query, for layer_stats."""
     name = "profile"
 
     def __init__(self, args, layer, capacity, device, dtype, cfg: ProfileConfig | None = None):
         super().__init__(args, layer, capacity, device, dtype)
         self.cfg = cfg or ProfileConfig()
         self.q_window = self.cfg.window
-        self.stats: LayerStats | None = None
+        self.prompt_len = 0
+        self.q_prompt, self.q_dec = None, []
 
     def prefill(self, k, v, q_window=None):
-        self.stats = layer_stats(k, v, q_window, self.args, self.cfg)
-        self.length = k.shape[2]
+        super().prefill(k, v)
+        self.prompt_len, self.q_prompt = k.shape[2], q_window
 
     def attend(self, q, k_new, v_new):
-        raise RuntimeError("ProfileKV only measures a prefill; it cannot decode")
+        self.q_dec.append(q)
+        return super().attend(q, k_new, v_new)
 
-    def nbytes(self):
-        return {"device": 0, "host": 0}
+    def stats(self) -> LayerStats:
+        return layer_stats(self.k[:, :, :self.length], self.v[:, :, :self.length], self.prompt_len,
+                           self.q_prompt, torch.cat(self.q_dec, 2), self.args, self.cfg)
 
 
 @torch.inference_mode()
 def profile_prompt(model, ids: list[int], cfg: ProfileConfig | None = None, progress=None) -> list[LayerStats]:
-    """One profiling prefill over `ids`: per-layer statistics."""
+    """Prefill `ids` under ProfileKV, decode cfg.probe greedy tokens, return per-layer statistics."""
+    cfg = cfg or ProfileConfig()
     device = model.head.device
-    policies = [ProfileKV(model.args, i, len(ids), device, model.head.dtype, cfg)
+    policies = [ProfileKV(model.args, i, len(ids) + cfg.probe, device, model.head.dtype, cfg)
                 for i in range(model.args.n_layers)]
-    model.prefill(torch.tensor([ids], device=device), policies, progress=progress)
-    return [p.stats for p in policies]
+    logits = model.prefill(torch.tensor([ids], device=device), policies, progress=progress)
+    for i in range(cfg.probe):
+        token = logits.argmax(-1)
+        logits = model.decode_step(token, len(ids) + i, policies)
+    return [p.stats() for p in policies]
 
 
 def average(profiles: list[list[LayerStats]]) -> list[LayerStats]:
