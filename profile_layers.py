@@ -1,0 +1,170 @@
+"""Profile every layer's attention on a few prompts, print the per-layer table, and write the KV
+plan (JSON, for `generate.py --policy hybrid --plan FILE`) and a PNG of the statistics and the plan.
+
+    python profile_layers.py                          # built-in prompts, 4k tokens, hybrid plan at 20%
+    python profile_layers.py --kv-budget 512MiB --ctx 8k --out plan8k.json
+    python profile_layers.py --mode xkv --kv-budget 0.2   # XKV's eviction-only allocation
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from engine.haystack import make_haystack
+from engine.planner import make_plan, parse_kv_budget, save_plan
+from engine.profile import FRACTIONS, ProfileConfig, average, profile_prompt
+from generate import _Parser, fmt_bytes, parse_tokens, resolve_device
+
+NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
+SHOW = (0.1, 0.2, 0.4)  # budgets shown in the table, as fractions of the prompt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="profile_layers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="as generate.py (default: the shipped SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt-file", action="append", default=[],
+                   help="profile this text (repeatable); default: two pass-key haystacks and, where present, "
+                        f"{NATURAL_TEXT}")
+    p.add_argument("--ctx", type=parse_tokens, default=4096, help="tokens per profiled prompt and the context "
+                   "the plan is made for (default 4k)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode tokens the plan budgets for (default 32)")
+    p.add_argument("--kv-budget", default="0.2", help="device KV budget: bytes (512MiB) or a fraction of FullKV "
+                   "(0.2, 20%%) (default 0.2)")
+    p.add_argument("--mode", default="hybrid", choices=["hybrid", "xkv", "xkv-tau", "uniform"],
+                   help="hybrid: every policy, greedy per byte; xkv: eviction with XKV's token allocation; "
+                        "xkv-tau: fewest tokens reaching mean retention --tau; uniform: same eviction budget "
+                        "in every layer (default hybrid)")
+    p.add_argument("--tau", type=float, default=0.95, help="xkv-tau: mean retention target (default 0.95)")
+    p.add_argument("--floor", type=int, default=64, help="fewest prompt tokens any layer keeps (default 64)")
+    p.add_argument("--out", default="plan.json", help="plan JSON path (default plan.json)")
+    p.add_argument("--png", default="profile.png", help="figure path (default profile.png; '' to skip)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    return p
+
+
+def prompts(a, tok) -> list[tuple[str, list[int]]]:
+    out = []
+    for path in a.prompt_file:
+        try:
+            with open(path, encoding="utf-8") as f:
+                out.append((os.path.basename(path), tok.encode(f.read())))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not a.prompt_file:
+        out += [(f"haystack@{d}", make_haystack(tok, a.ctx, depth=d, seed=i).ids) for i, d in enumerate((0.25, 0.75))]
+        if os.path.exists(NATURAL_TEXT):
+            out.append((os.path.basename(NATURAL_TEXT), tok.encode(open(NATURAL_TEXT).read())))
+    fitted = []
+    for name, ids in out:
+        while len(ids) < min(a.ctx, 64):
+            ids = ids + ids
+        fitted.append((name, ids[-a.ctx:] if len(ids) > a.ctx else ids))
+    return fitted
+
+
+def params(spec: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in spec.items() if k not in ("policy", "window", "pool", "group",
+                                                                      "residual", "sink", "recent"))
+
+
+def draw(path: str, stats, plan, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    L = len(stats)
+    x = list(range(L))
+    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    axes[0].bar(x, [s.dense for s in stats], color="tab:gray")
+    axes[0].axhline(0.2, color="tab:red", ls="--", lw=1, label="TailorKV dense threshold 0.2")
+    axes[0].set_ylabel("mass outside top 5%")
+    axes[0].legend(loc="upper right")
+    for f, style in zip(SHOW, (":", "--", "-")):
+        i = min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f))
+        axes[1].plot(x, [s.evict[i] for s in stats], "tab:blue", ls=style, label=f"evict {f:.0%}")
+        axes[1].plot(x, [s.offload[i] for s in stats], "tab:green", ls=style, label=f"offload {f:.0%}")
+    axes[1].set_ylabel("decode attention kept")
+    axes[1].legend(loc="lower right", ncol=3, fontsize=8)
+    colors = {"full": "black", "quant": "tab:orange", "evict": "tab:blue", "offload": "tab:green"}
+    axes[2].bar(x, [o.device_bytes / 2**20 for o in plan], color=[colors[o.spec["policy"]] for o in plan])
+    for xi, o in zip(x, plan):
+        axes[2].text(xi, o.device_bytes / 2**20, params(o.spec).replace(" ", "\n"), ha="center", va="bottom",
+                     fontsize=6)
+    axes[2].set_ylim(0, 1.45 * max(o.device_bytes for o in plan) / 2**20)  # room for labels and legend
+    axes[2].set_ylabel("device KV MiB")
+    axes[2].set_xlabel("layer")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    axes[2].legend(handles, list(colors), loc="upper right", ncol=4)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(a: argparse.Namespace) -> int:
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if a.new_tokens < 0:
+        raise ValueError(f"--new-tokens must be >= 0, got {a.new_tokens}")
+    device, dtype = resolve_device(a.device, a.dtype)
+    from weights.load import load_model
+    m = load_model(a.model, device, dtype, log=log)
+    elem = torch.empty((), dtype=dtype).element_size()
+    cfg = ProfileConfig()
+    profiles, texts = [], prompts(a, m.tokenizer)
+    for name, ids in texts:
+        t = time.perf_counter()
+        profiles.append(profile_prompt(m.model, ids, cfg))
+        log(f"profiled {name}: {len(ids)} tokens in {time.perf_counter() - t:.1f} s")
+    stats = average(profiles)
+    ctx = min(a.ctx, m.args.max_seq_len - a.new_tokens)
+    full = m.args.kv_bytes_per_token(elem) * (ctx + a.new_tokens)
+    budget = parse_kv_budget(a.kv_budget, full)
+    plan = make_plan(m.args, stats, ctx, a.new_tokens, elem, budget, a.mode, cfg, a.floor, a.tau)
+
+    idx = [min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f)) for f in SHOW]
+    pct = "/".join(f"{f:.0%}" for f in SHOW)
+    print(f"| layer | dense | evict kept @{pct} | offload kept @{pct} | quant err 1/2/4 bit | plan | device |")
+    print("|---|---|---|---|---|---|---|")
+    for i, (s, o) in enumerate(zip(stats, plan)):
+        ev = "/".join(f"{s.evict[j]:.2f}" for j in idx)
+        off = "/".join(f"{s.offload[j]:.2f}" for j in idx)
+        qe = "/".join(f"{s.quant_err[b]:.2f}" for b in sorted(s.quant_err))
+        mark = " **dense**" if s.dense > 0.2 else ""
+        print(f"| {i} | {s.dense:.3f}{mark} | {ev} | {off} | {qe} | {o.spec['policy']} {params(o.spec)} "
+              f"| {fmt_bytes(o.device_bytes)} |")
+    used = sum(o.device_bytes for o in plan)
+    quality = sum(o.quality for o in plan) / len(plan)
+    print(f"\nplan ({a.mode}): {fmt_bytes(used)} of a {fmt_bytes(budget)} budget ({used / full:.1%} of FullKV "
+          f"{fmt_bytes(full)}), mean quality {quality:.3f}; host {fmt_bytes(sum(o.host_bytes for o in plan))}")
+    header = {"model": m.name, "n_layers": m.args.n_layers, "context": ctx, "new_tokens": a.new_tokens,
+              "dtype": str(dtype).removeprefix("torch."), "mode": a.mode, "kv_budget_bytes": budget,
+              "full_kv_bytes": full, "device_bytes": used, "mean_quality": round(quality, 4),
+              "profiled": [f"{name} ({len(ids)} tokens)" for name, ids in texts]}
+    save_plan(a.out, header, plan)
+    log(f"wrote {a.out}")
+    if a.png:
+        draw(a.png, stats, plan, f"{m.name}: per-layer attention and the {a.mode} plan at {fmt_bytes(budget)} "
+                                 f"({ctx} tokens)")
+        log(f"wrote {a.png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return run(a)
+    except (ValueError, OSError) as e:
+        print(f"profile_layers.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
