@@ -8,6 +8,7 @@ plan (JSON, for `generate.py --policy hybrid --plan FILE`) and a PNG of the stat
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 from engine.haystack import make_haystack
 from engine.planner import make_plan, parse_kv_budget, save_plan
-from engine.profile import FRACTIONS, ProfileConfig, average, profile_prompt
+from engine.profile import FRACTIONS, ProfileConfig, average, profile_prompt, stats_from_json, stats_to_json
 from generate import _Parser, fmt_bytes, parse_tokens, resolve_device
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "in every layer (default hybrid)")
     p.add_argument("--tau", type=float, default=0.95, help="xkv-tau: mean retention target (default 0.95)")
     p.add_argument("--floor", type=int, default=64, help="fewest prompt tokens any layer keeps (default 64)")
+    p.add_argument("--stats", metavar="FILE", help="per-layer statistics JSON: loaded if it exists (no profiling, "
+                   "so plans at other budgets or modes cost nothing), else written after profiling")
     p.add_argument("--out", default="plan.json", help="plan JSON path (default plan.json)")
     p.add_argument("--png", default="profile.png", help="figure path (default profile.png; '' to skip)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
@@ -115,12 +118,24 @@ def run(a: argparse.Namespace) -> int:
     m = load_model(a.model, device, dtype, log=log)
     elem = torch.empty((), dtype=dtype).element_size()
     cfg = ProfileConfig()
-    profiles, texts = [], prompts(a, m.tokenizer)
-    for name, ids in texts:
-        t = time.perf_counter()
-        profiles.append(profile_prompt(m.model, ids, cfg))
-        log(f"profiled {name}: {len(ids)} tokens in {time.perf_counter() - t:.1f} s")
-    stats = average(profiles)
+    if a.stats and os.path.exists(a.stats):
+        with open(a.stats) as f:
+            saved = json.load(f)
+        if saved.get("model") != m.name or len(saved.get("layers", [])) != m.args.n_layers:
+            raise ValueError(f"{a.stats}: statistics of another model ({saved.get('model')!r})")
+        stats, profiled = stats_from_json(saved["layers"]), saved["profiled"]
+        log(f"loaded statistics from {a.stats}")
+    else:
+        stats, profiled = [], []
+        for name, ids in prompts(a, m.tokenizer):
+            t = time.perf_counter()
+            stats.append(profile_prompt(m.model, ids, cfg))
+            profiled.append(f"{name} ({len(ids)} tokens)")
+            log(f"profiled {name}: {len(ids)} tokens in {time.perf_counter() - t:.1f} s")
+        stats = average(stats)
+        if a.stats:
+            with open(a.stats, "w") as f:
+                json.dump({"model": m.name, "profiled": profiled, "layers": stats_to_json(stats)}, f)
     ctx = min(a.ctx, m.args.max_seq_len - a.new_tokens)
     full = m.args.kv_bytes_per_token(elem) * (ctx + a.new_tokens)
     budget = parse_kv_budget(a.kv_budget, full)
@@ -144,7 +159,7 @@ def run(a: argparse.Namespace) -> int:
     header = {"model": m.name, "n_layers": m.args.n_layers, "context": ctx, "new_tokens": a.new_tokens,
               "dtype": str(dtype).removeprefix("torch."), "mode": a.mode, "kv_budget_bytes": budget,
               "full_kv_bytes": full, "device_bytes": used, "mean_quality": round(quality, 4),
-              "profiled": [f"{name} ({len(ids)} tokens)" for name, ids in texts]}
+              "profiled": profiled}
     save_plan(a.out, header, plan)
     log(f"wrote {a.out}")
     if a.png:

@@ -83,7 +83,7 @@ def layer_options(args: ModelArgs, stats: LayerStats, prompt: int, new: int, ele
                  "channels": cfg.channels}, stats.offload[i])
     if "quant" in kinds:
         for bits, err in stats.quant_err.items():
-            add({"policy": "quant", "bits": bits, "group": cfg.quant_group, "residual": cfg.quant_residual},
+            add({"policy": "quant", "bits": bits, "group": cfg.group_for(args.head_dim), "residual": cfg.quant_residual},
                 max(0.0, 1.0 - err))
     return opts
 

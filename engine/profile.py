@@ -50,6 +50,10 @@ class ProfileConfig:
     quant_group: int = 64
     quant_residual: int = 128
 
+    def group_for(self, head_dim: int) -> int:
+        """The quantization group for this head size (a group must divide head_dim)."""
+        return math.gcd(self.quant_group, head_dim)
+
 
 def _causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q (B, H, n, D) are the last n positions of the T keys k (B, H_kv, T, D)
@@ -123,7 +127,7 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     exact = _attend(dec, v)
     quant_err = {}
     for bits in QUANT_BITS:
-        qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, group=cfg.quant_group,
+        qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, group=cfg.group_for(D),
                       residual=cfg.quant_residual, batch=B)
         qkv.prefill(k[:, :, :T], v[:, :, :T])
         kh, vh = qkv.dequantized()

@@ -17,11 +17,12 @@ def run(*argv, timeout=300):
 
 
 def assert_clean_error(proc, fragment):
+    """Non-zero exit, no traceback, and the error is one line (the last; progress lines may precede it)."""
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert fragment in lines[0], lines[0]
+    assert sum("error:" in ln for ln in lines) == 1, proc.stderr
+    assert "error:" in lines[-1] and fragment in lines[-1], lines[-1]
 
 
 def test_ctx_not_a_number():
@@ -113,3 +114,38 @@ def test_help_documents_every_flag(flag):
     for opt in ("--model", "--prompt-file", "--chat", "--ctx", "--max-new-tokens", "--temperature", "--top-p",
                 "--top-k", "--seed", "--device", "--dtype", "--policy", "--stats-json"):
         assert opt in proc.stdout
+
+
+def test_profile_layers_then_generate_with_the_plan(tmp_path):
+    plan, png, stats = tmp_path / "plan.json", tmp_path / "p.png", tmp_path / "stats.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "profile_layers.py"), "--model", "random:tiny",
+                           "--ctx", "256", "--kv-budget", "0.3", "--floor", "32", "--out", str(plan),
+                           "--png", str(png), "--stats", str(stats)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| layer |" in proc.stdout and plan.exists() and png.stat().st_size > 10_000 and stats.exists()
+    out = tmp_path / "s.json"
+    proc = run("--model", "random:tiny", "--ctx", "256", "--policy", "hybrid", "--plan", str(plan),
+               "--max-new-tokens", "4", "--stats-json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(out.read_text())["layers"]
+    assert [d["policy"] for d in layers] == [row["policy"] for row in json.loads(plan.read_text())["layers"]]
+
+
+def test_plan_for_another_model_is_refused(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model": "random:llama-3.1-8b", "n_layers": 32, "layers": []}))
+    assert_clean_error(run("--model", "random:tiny", "--policy", "hybrid", "--plan", str(plan), "--prompt", "hi"),
+                       "made for model")
+
+
+def test_bad_kv_budget():
+    assert_clean_error(run("--model", "random:tiny", "--policy", "hybrid", "--kv-budget", "lots", "--prompt", "hi"),
+                       "not a KV budget")
+
+
+def test_bad_policy_parameters_are_one_line_errors():
+    assert_clean_error(run("--model", "random:tiny", "--policy", "quant", "--kv-bits", "3", "--prompt", "hi"),
+                       "bits")
+    assert_clean_error(run("--model", "random:tiny", "--policy", "offload", "--budget", "10", "--prompt", "hi"),
+                       "budget")

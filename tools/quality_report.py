@@ -23,8 +23,12 @@ from weights.load import load_model  # noqa: E402
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"  # long natural English on any Debian machine
 
 
-def parse_policy(text: str) -> dict:
+def parse_policy(text: str, m) -> dict | list[dict]:
+    """'full', 'quant:bits=2,residual=128', or 'plan:PATH' (a plan from profile_layers.py)."""
     name, _, params = text.partition(":")
+    if name == "plan":
+        from engine.planner import load_plan
+        return load_plan(params, m.name, m.args.n_layers)[1]
     spec = {"policy": name}
     for kv in filter(None, params.split(",")):
         key, _, value = kv.partition("=")
@@ -50,7 +54,7 @@ def main() -> None:
     depths = [float(d) for d in a.depths.split(",")]
     full_logits, rows = None, []
     for name in a.policies:
-        spec = parse_policy(name)
+        spec = parse_policy(name, m)
         t = time.perf_counter()
         fid, full_logits = fidelity(m.model, prompt, cont, spec, full_logits)
         pk = passkey_grid(m.model, m.tokenizer, a.ctx, depths, list(range(a.seeds)), spec)
