@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with python3 and pip:
-#   make demo   # pass-key demo on the shipped SmolLM2-135M-Instruct
+#   make demo   # pass-key demo on the shipped SmolLM2-135M-Instruct, hybrid per-layer KV at 20%
 #   make test   # the test suite (what CI runs)
 PY ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(BIN)/.installed: requirements.txt
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python generate.py --ctx 4k
+	$(BIN)/python generate.py --ctx 4k --policy hybrid --kv-budget 0.2
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "host memory, top tokens fetched per step; --budget, ...), evict (keep --budget tokens "
                         "per layer), hybrid (a per-layer plan: --plan, or profile the prompt and plan for --kv-budget)")
     p.add_argument("--plan", metavar="FILE", help="hybrid: per-layer plan JSON written by profile_layers.py")
+    p.add_argument("--plan-policies", default="quant,evict,offload",
+                   help="hybrid without --plan: the policies the planner may choose besides full (default quant,evict,offload; "
+                        "on CPU QuantKV saves bytes but not time: unpacking codes costs more than reading floats)")
     p.add_argument("--kv-budget", default="0.2",
                    help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB) or a fraction of FullKV "
                         "(0.2, 20%%) (default 0.2)")
@@ -137,7 +140,8 @@ def hybrid_specs(a: argparse.Namespace, m, ids: list[int], elem: int, log) -> li
     sample, _ = fit_prompt(ids, a.profile_tokens)
     t = time.perf_counter()
     stats = profile_prompt(m.model, sample)
-    plan = make_plan(m.args, stats, len(ids), a.max_new_tokens, elem, budget)
+    plan = make_plan(m.args, stats, len(ids), a.max_new_tokens, elem, budget,
+                     kinds=tuple(filter(None, a.plan_policies.split(","))))
     kinds = {}
     for o in plan:
         kinds[o.spec["policy"]] = kinds.get(o.spec["policy"], 0) + 1

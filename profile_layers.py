@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=parse_tokens, default=4096, help="tokens per profiled prompt and the context "
                    "the plan is made for (default 4k)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens the plan budgets for (default 32)")
+    p.add_argument("--plan-policies", default="quant,evict,offload",
+                   help="hybrid: the policies the planner may choose besides full (default quant,evict,offload; "
+                        "on CPU QuantKV saves bytes but not time: unpacking codes costs more than reading floats)")
     p.add_argument("--kv-budget", default="0.2", help="device KV budget: bytes (512MiB) or a fraction of FullKV "
                    "(0.2, 20%%) (default 0.2)")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "xkv", "xkv-tau", "uniform"],
@@ -139,7 +142,8 @@ def run(a: argparse.Namespace) -> int:
     ctx = min(a.ctx, m.args.max_seq_len - a.new_tokens)
     full = m.args.kv_bytes_per_token(elem) * (ctx + a.new_tokens)
     budget = parse_kv_budget(a.kv_budget, full)
-    plan = make_plan(m.args, stats, ctx, a.new_tokens, elem, budget, a.mode, cfg, a.floor, a.tau)
+    plan = make_plan(m.args, stats, ctx, a.new_tokens, elem, budget, a.mode, cfg, a.floor, a.tau,
+                     tuple(filter(None, a.plan_policies.split(","))))
 
     idx = [min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f)) for f in SHOW]
     pct = "/".join(f"{f:.0%}" for f in SHOW)

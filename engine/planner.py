@@ -27,6 +27,8 @@ import torch
 from engine.config import ModelArgs
 from engine.profile import FRACTIONS, LayerStats, ProfileConfig
 
+KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
+
 
 @dataclass
 class Option:
@@ -130,7 +132,7 @@ def greedy_choose(hulls: list[list[Option]], budget: int) -> list[int]:
 
 def plan_hybrid(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,
                 cfg: ProfileConfig | None = None, floor: int = 64,
-                kinds: tuple[str, ...] = ("full", "quant", "evict", "offload")) -> list[Option]:
+                kinds: tuple[str, ...] = KINDS) -> list[Option]:
     cfg = cfg or ProfileConfig()
     hulls = [upper_hull(layer_options(args, s, prompt, new, elem, cfg, floor, kinds)) for s in stats]
     return [h[j] for h, j in zip(hulls, greedy_choose(hulls, budget))]
@@ -197,13 +199,16 @@ def parse_kv_budget(text: str, full_bytes: int) -> int:
 
 def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,
               mode: str = "hybrid", cfg: ProfileConfig | None = None, floor: int = 64,
-              tau: float | None = None) -> list[Option]:
+              tau: float | None = None, kinds: tuple[str, ...] = KINDS) -> list[Option]:
     """mode 'hybrid': every option, greedy per byte. 'xkv': Evict only, XKV's token allocation of the
     same byte budget ('xkv-tau': the fewest tokens reaching mean retention tau; budget ignored).
     'uniform': Evict with the same tokens in every layer."""
     cfg = cfg or ProfileConfig()
     if mode == "hybrid":
-        return plan_hybrid(args, stats, prompt, new, elem, budget, cfg, floor)
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown policies {sorted(unknown)} for a plan; choose from {', '.join(KINDS)}")
+        return plan_hybrid(args, stats, prompt, new, elem, budget, cfg, floor, tuple(kinds) + ("full",))
     per_tok = 2 * args.n_kv_heads * args.head_dim * elem
     L = args.n_layers
     if mode == "xkv-tau":

@@ -12,6 +12,9 @@ n_kq and n_vq differ (keys leave the residual a block at a time, values one at a
 token's K and V sources are chosen independently.
 
 quant_decode_attention_ref is the specification: dequantize everything, then dense attention.
+quant_decode_attention_torch is the CPU path: it never builds dequantized keys; codes are unpacked
+with a 256-entry lookup table and the scale/min are folded into the query (keys) and into the
+attention weights (values), so each side costs one table gather and one batched matmul.
 quant_decode_attention_triton never materialises dequantized K/V: each program loads packed tiles,
 dequantizes them in registers and runs flash-decoding (online softmax over a slice of the tokens)
 for all query heads of one KV head; a small torch step merges the slices.
@@ -35,10 +38,49 @@ MIN_SPLIT_TOKENS = 512
 def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
                            length, bits, group, sm_scale=None) -> torch.Tensor:
     """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the `length`
-    cached tokens (sm_scale default 1/sqrt(D)). Triton on CUDA tensors, the torch reference elsewhere."""
-    fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_ref
+    cached tokens (sm_scale default 1/sqrt(D)). Triton on CUDA tensors, the torch path elsewhere."""
+    fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
     return fn(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
               length, bits, group, sm_scale)
+
+
+# -- torch path (CPU) ---------------------------------------------------------------------------------
+def _unpack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (..., D // per) -> float32 codes (..., D) through a (256, per) table: one gather
+    instead of a shift, mask and cast per element."""
+    per = 8 // bits
+    byte = torch.arange(256, device=codes.device, dtype=torch.int32)[:, None]
+    table = ((byte >> (torch.arange(per, device=codes.device, dtype=torch.int32) * bits)) & ((1 << bits) - 1)).float()
+    return table[codes.long()].flatten(-2)
+
+
+def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
+                                 length, bits, group, sm_scale=None) -> torch.Tensor:
+    _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
+    B, H, _, D = q.shape
+    H_kv, R, G = k_res.shape[1], v_res.shape[2], group
+    n_rep = H // H_kv
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    qg = q.reshape(B, H_kv, n_rep, D).float()
+    # Keys: q . (c * s + m) = c . (q * s) + q . m, with (s, m) shared by each group of G tokens.
+    ng = n_kq // G
+    kc = _unpack_lut(k_codes[:, :, :n_kq], bits).view(B, H_kv, ng, G, D)
+    qs = qg[:, :, None] * k_scale[:, :, :ng, None].float()  # (B, H_kv, ng, n_rep, D)
+    s_q = torch.matmul(kc, qs.transpose(-1, -2))  # (B, H_kv, ng, G, n_rep)
+    s_q = s_q + torch.matmul(k_mn[:, :, :ng, None].float(), qg.transpose(-1, -2)[:, :, None])  # + q.m per group
+    s_q = s_q.reshape(B, H_kv, n_kq, n_rep).transpose(-1, -2)  # (B, H_kv, n_rep, n_kq)
+    s_r = torch.matmul(qg, k_res[:, :, :length - n_kq].float().transpose(-1, -2))  # (B, H_kv, n_rep, r)
+    p = torch.softmax(torch.cat([s_q, s_r], dim=-1) * sm_scale, dim=-1)  # (B, H_kv, n_rep, length)
+    # Values: sum_t p_t (c * s + m) = sum_t (p_t s_t) c_t + sum_t p_t m_t, per group of G channels.
+    gv = D // G
+    vc = _unpack_lut(v_codes[:, :, :n_vq], bits).view(B, H_kv, n_vq, gv, G).transpose(2, 3)  # (B,H_kv,gv,n_vq,G)
+    w = p[..., :n_vq, None] * v_scale[:, :, None, :n_vq].float()  # (B, H_kv, n_rep, n_vq, gv)
+    out = torch.matmul(w.permute(0, 1, 4, 2, 3), vc)  # (B, H_kv, gv, n_rep, G)
+    out = out.permute(0, 1, 3, 2, 4).reshape(B, H_kv, n_rep, D)
+    out = out + torch.matmul(p[..., :n_vq], v_mn[:, :, :n_vq].float()).repeat_interleave(G, dim=-1)
+    slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots, oldest first
+    out = out + torch.matmul(p[..., n_vq:], v_res[:, :, slots].float())
+    return out.reshape(B, H, 1, D).to(q.dtype)
 
 
 # -- reference ----------------------------------------------------------------------------------------
