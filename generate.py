@@ -237,16 +237,21 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def cli(parser: argparse.ArgumentParser, run_fn, argv: list[str] | None) -> int:
+    """Parse, run, and turn bad input (ValueError) or file trouble (OSError) into one line."""
+    a = parser.parse_args(argv)
     try:
-        return run(a)
-    except (ValueError, OSError) as e:  # bad input or files: one line, never a traceback
-        print(f"generate.py: error: {e}", file=sys.stderr)
+        return run_fn(a)
+    except (ValueError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

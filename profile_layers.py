@@ -18,7 +18,7 @@ import torch
 from engine.haystack import make_haystack
 from engine.planner import make_plan, parse_kv_budget, save_plan
 from engine.profile import FRACTIONS, ProfileConfig, average, profile_prompt, stats_from_json, stats_to_json
-from generate import _Parser, fmt_bytes, parse_tokens, resolve_device
+from generate import _Parser, cli, fmt_bytes, parse_tokens, resolve_device
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
 SHOW = (0.1, 0.2, 0.4)  # budgets shown in the table, as fractions of the prompt
@@ -174,15 +174,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return run(a)
-    except (ValueError, OSError) as e:
-        print(f"profile_layers.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
