@@ -41,7 +41,7 @@ class BudgetedEvictKV(KVPolicy):
     name = "evict"
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, window: int = 32,
-                 pool: int = 7, evict_during_decode: bool = False, batch: int = 1):
+                 pool: int = 7, evict_during_decode: bool = False):
         super().__init__(args, layer, capacity, device, dtype)
         if budget < 1 or window < 1:
             raise ValueError(f"BudgetedEvictKV budget and window must be >= 1, got {budget}, {window}")

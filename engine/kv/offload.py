@@ -42,7 +42,7 @@ class OffloadKV(KVPolicy):
     q_window = 32  # prompt queries used to rank channels
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
-                 recent: int = 64, channels: int = 8, reuse: bool = True, batch: int = 1):
+                 recent: int = 64, channels: int = 8, reuse: bool = True):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
             raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
@@ -51,7 +51,6 @@ class OffloadKV(KVPolicy):
         if not 1 <= channels <= args.head_dim:
             raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}], got {channels}")
         self.budget, self.sink, self.recent, self.channels, self.reuse = budget, sink, recent, channels, reuse
-        self.batch = batch
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
         self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
         self.fetcher: RowFetcher | None = None
