@@ -1,9 +1,13 @@
-"""Quality of a KV policy against FullKV on the same model and text: teacher-forced next-token
+"""Quality of KV policies against FullKV on the same model and text: teacher-forced next-token
 distributions (KL, top-1 agreement, perplexity) and pass-key retrieval.
 
-Teacher forcing feeds the *same* continuation tokens to both caches, so the two distributions are
+Teacher forcing feeds the *same* continuation tokens to every cache, so the distributions are
 compared position by position; a policy's errors then show up as KL rather than as a diverging
 generation that is hard to compare.
+
+Several policies are measured from one shared prefill: the prompt's forward pass does not depend on
+the KV policy (policies only decide what to keep of each layer's K/V), so a `FanOut` hands every
+layer's K/V to all of them and only the decode steps run per policy.
 """
 from __future__ import annotations
 
@@ -14,21 +18,44 @@ import torch
 
 from engine.haystack import make_haystack
 from engine.kv import build_policies
+from engine.kv.base import KVPolicy
 from engine.model import Llama
-from engine.runner import generate
-from engine.sampling import SamplingParams
+
+
+class FanOut(KVPolicy):
+    """Stands in for one layer's policy during a shared prefill: passes K/V on to several."""
+    name = "fanout"
+
+    def __init__(self, policies: list[KVPolicy]):  # no storage of its own
+        self.policies = policies
+        self.q_window = max(p.q_window for p in policies)
+
+    def prefill(self, k, v, q_window=None):
+        for p in self.policies:  # each gets the last q_window queries it asked for
+            p.prefill(k, v, q_window[:, :, q_window.shape[2] - p.q_window:] if p.q_window else None)
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model: Llama, prompt: list[int], continuation: list[int], spec):
-    """Logits (N, vocab) predicting each of the N continuation tokens: prefill the prompt under the
-    policy `spec`, then decode the continuation one forced token at a time. Returns (logits, policies)."""
+def shared_prefill(model: Llama, ids: list[int], specs: list, new: int) -> tuple[torch.Tensor, list[list[KVPolicy]]]:
+    """Prefill `ids` once for every policy spec -> (last-position logits (1, vocab), per-spec policies)."""
+    device, dtype = model.head.device, model.head.dtype
+    per_spec = [build_policies(model.args, spec, len(ids) + new, device, dtype) for spec in specs]
+    fan = [FanOut([pols[layer] for pols in per_spec]) for layer in range(model.args.n_layers)]
+    return model.prefill(torch.tensor([ids], device=device), fan), per_spec
+
+
+@torch.inference_mode()
+def teacher_forced(model: Llama, prompt: list[int], continuation: list[int], specs: list):
+    """For each spec: (logits (N, vocab) predicting each continuation token, its policies)."""
     device = model.head.device
-    policies = build_policies(model.args, spec, len(prompt) + len(continuation), device, model.head.dtype)
-    out = [model.prefill(torch.tensor([prompt], device=device), policies)[0]]
-    for i, tok in enumerate(continuation[:-1]):
-        out.append(model.decode_step(torch.tensor([tok], device=device), len(prompt) + i, policies)[0])
-    return torch.stack(out).float(), policies
+    first, per_spec = shared_prefill(model, prompt, specs, len(continuation))
+    out = []
+    for policies in per_spec:
+        logits = [first[0]]
+        for i, tok in enumerate(continuation[:-1]):
+            logits.append(model.decode_step(torch.tensor([tok], device=device), len(prompt) + i, policies)[0])
+        out.append((torch.stack(logits).float(), policies))
+    return out
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -55,27 +82,40 @@ class Fidelity:
     h2d_bytes_per_token: float  # host->device copies per decode step (offloading policies)
 
 
-def fidelity(model: Llama, prompt: list[int], continuation: list[int], spec,
-             full_logits: torch.Tensor | None = None) -> tuple[Fidelity, torch.Tensor]:
-    """Compare `spec` with FullKV; pass `full_logits` back in to reuse FullKV's run across policies."""
-    if full_logits is None:
-        full_logits, _ = teacher_forced_logits(model, prompt, continuation, {"policy": "full"})
-    logits, policies = teacher_forced_logits(model, prompt, continuation, spec)
-    moved = sum(p.transfer_bytes() for p in policies) / max(1, len(continuation) - 1)
-    f = Fidelity(kl_divergence(full_logits, logits).mean().item(), top1_agreement(full_logits, logits),
-                 perplexity(logits, continuation), perplexity(full_logits, continuation), moved)
-    return f, full_logits
+def fidelity(model: Llama, prompt: list[int], continuation: list[int], specs: list) -> list[Fidelity]:
+    """Each spec against FullKV on the same teacher-forced continuation."""
+    runs = teacher_forced(model, prompt, continuation, [{"policy": "full"}] + list(specs))
+    full = runs[0][0]
+    out = []
+    for logits, policies in runs[1:]:
+        moved = sum(p.transfer_bytes() for p in policies) / max(1, len(continuation) - 1)
+        out.append(Fidelity(kl_divergence(full, logits).mean().item(), top1_agreement(full, logits),
+                            perplexity(logits, continuation), perplexity(full, continuation), moved))
+    return out
 
 
-def passkey_grid(model: Llama, tok, n_tokens: int, depths: list[float], seeds: list[int], spec,
-                 max_new_tokens: int = 8) -> list[dict]:
-    """Pass-key retrieval for every (depth, seed) pair: one row per trial."""
-    rows = []
+@torch.inference_mode()
+def passkey_grid(model: Llama, tok, n_tokens: int, depths: list[float], seeds: list[int], specs: list,
+                 max_new_tokens: int = 8) -> list[list[dict]]:
+    """Greedy pass-key retrieval for every (depth, seed) pair and every spec: one list of trial
+    rows per spec. Each haystack is prefilled once for all specs."""
+    rows = [[] for _ in specs]
     for seed in seeds:
         for depth in depths:
             h = make_haystack(tok, n_tokens, depth=depth, seed=seed)
-            res = generate(model, h.ids, max_new_tokens, SamplingParams(), spec, tok.eos_ids)
-            text = tok.decode(res.generated_ids)
-            rows.append({"depth": depth, "seed": seed, "key": h.key, "answer": text, "found": h.found(text),
-                         "kv_bytes": res.kv_bytes()})
+            first, per_spec = shared_prefill(model, h.ids, specs, max_new_tokens)
+            for i, policies in enumerate(per_spec):
+                logits, ids = first, []
+                while True:
+                    token = logits.argmax(-1)
+                    ids.append(int(token))
+                    if ids[-1] in tok.eos_ids or len(ids) == max_new_tokens:
+                        break
+                    logits = model.decode_step(token, len(h.ids) + len(ids) - 1, policies)
+                kv = {"device": sum(p.nbytes()["device"] for p in policies),
+                      "host": sum(p.nbytes()["host"] for p in policies)}
+                text = tok.decode(ids)
+                rows[i].append({"depth": depth, "seed": seed, "key": h.key, "answer": text,
+                                "found": h.found(text), "kv_bytes": kv})
+                per_spec[i] = None  # free this spec's cache before the next one decodes
     return rows

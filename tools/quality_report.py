@@ -45,27 +45,29 @@ def main() -> None:
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="pass-key depths (default 0.1,...,0.9)")
     p.add_argument("--seeds", type=int, default=2, help="keys per depth (default 2)")
     a = p.parse_args()
-    m = load_model(None, "cpu", torch.float32, log=lambda msg: print(msg, file=sys.stderr))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    m = load_model(None, "cpu", torch.float32, log=log)
     text = open(a.text).read() if os.path.exists(a.text) else FILLER * 2000
     ids = m.tokenizer.encode(text)
     while len(ids) < a.ctx + a.continuation:  # a short text is repeated: still real language
         ids = ids + ids
     prompt, cont = ids[:a.ctx], ids[a.ctx:a.ctx + a.continuation]
     depths = [float(d) for d in a.depths.split(",")]
-    full_logits, rows = None, []
-    for name in a.policies:
-        spec = parse_policy(name, m)
-        t = time.perf_counter()
-        fid, full_logits = fidelity(m.model, prompt, cont, spec, full_logits)
-        pk = passkey_grid(m.model, m.tokenizer, a.ctx, depths, list(range(a.seeds)), spec)
-        kv = pk[0]["kv_bytes"]["device"]
-        full_kv = m.args.kv_bytes_per_token(4) * (a.ctx + 8)
-        rows.append((name, sum(r["found"] for r in pk), len(pk), fid, kv / full_kv))
-        print(f"{name}: {rows[-1][1]}/{len(pk)} keys, KL {fid.kl:.4f} ({time.perf_counter() - t:.0f} s)",
-              file=sys.stderr)
+    specs = [parse_policy(name, m) for name in a.policies]
+    t = time.perf_counter()
+    fids = fidelity(m.model, prompt, cont, specs)
+    log(f"teacher-forced {len(cont)} tokens for {len(specs)} policies in {time.perf_counter() - t:.0f} s")
+    t = time.perf_counter()
+    grids = passkey_grid(m.model, m.tokenizer, a.ctx, depths, list(range(a.seeds)), specs)
+    log(f"pass key: {len(grids[0])} haystacks in {time.perf_counter() - t:.0f} s")
+    full_kv = m.args.kv_bytes_per_token(4) * (a.ctx + 8)
+    rows = []
+    for name, fid, pk in zip(a.policies, fids, grids):
+        rows.append((name, sum(r["found"] for r in pk), len(pk), fid, pk[0]["kv_bytes"]["device"] / full_kv))
+        log(f"{name}: {rows[-1][1]}/{len(pk)} keys, KL {fid.kl:.4f}")
         for r in pk:
             if not r["found"]:
-                print(f"   missed depth {r['depth']} key {r['key']}: {r['answer']!r}", file=sys.stderr)
+                log(f"   missed depth {r['depth']} key {r['key']}: {r['answer']!r}")
     print(f"\n{m.name}, float32 CPU, {a.ctx}-token prompts; KL/top-1/ppl over {a.continuation} teacher-forced "
           f"tokens of {os.path.basename(a.text)}; pass key over {len(depths)} depths x {a.seeds} keys\n")
     print("| policy | pass key | KL(full‖policy) nats | top-1 agree | ppl (full) | device KV vs FullKV "
