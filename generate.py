@@ -204,13 +204,18 @@ def run(a: argparse.Namespace) -> int:
     bar = tqdm(total=m.args.n_layers, desc=f"prefill {len(ids)} tokens", unit="layer", file=sys.stderr,
                disable=None if len(ids) >= 1024 else True, leave=False)
     stream = StreamDecoder(m.tokenizer)
-    on_token = lambda tid: print(stream.push(tid), end="", flush=True)  # noqa: E731
-    res = generate(m.model, ids, a.max_new_tokens, sampling, specs, m.tokenizer.eos_ids,
+    eos = m.tokenizer.eos_ids
+
+    def on_token(tid: int) -> None:  # stream the text; the end-of-turn token itself is not shown
+        if tid not in eos:
+            print(stream.push(tid), end="", flush=True)
+
+    res = generate(m.model, ids, a.max_new_tokens, sampling, specs, eos,
                    on_token=on_token, on_layer=bar.update, prefill_chunk=a.prefill_chunk)
     bar.close()
     print(stream.flush(), flush=True)
 
-    text_out = m.tokenizer.decode(res.generated_ids)
+    text_out = m.tokenizer.decode([t for t in res.generated_ids if t not in eos])
     kv = res.kv_bytes()
     n_tokens = res.prompt_tokens + len(res.generated_ids)
     full = m.args.kv_bytes_per_token(elem) * n_tokens
