@@ -141,3 +141,15 @@ def test_cuda_offload_matches_cpu_path():
         out[name] = torch.stack(lg).cpu()
     assert (out["cpu"].argmax(-1) == out["cuda"].argmax(-1)).float().mean() > 0.95
     torch.testing.assert_close(out["cpu"], out["cuda"], rtol=1e-3, atol=1e-3)
+
+
+def test_slots_hold_the_rows_of_their_tokens(model_and_tokens):
+    model, tokens = model_and_tokens
+    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
+    _, policies = run_logits(model, tokens, spec, 100)
+    for p in policies:
+        B, H_kv, k = p.slots.shape
+        assert all(len(set(p.slots[0, h].tolist())) == k for h in range(H_kv))  # no token twice
+        rows = (torch.arange(H_kv)[:, None] * p.M + p.slots[0]).flatten()
+        held = p.k[0, :, p.S:p.S + k].reshape(-1, p.k.shape[-1])
+        assert torch.equal(held, p.fetcher.host_k[rows])

@@ -7,11 +7,12 @@ token, the `budget - sink - recent` prompt tokens selected at the last step, and
 e.g. 8/64). Each step:
   1. approximate scores q[C] . K[C] over the middle of the prompt from the sketch (no host traffic);
   2. top-k of those per KV head (the max over the query heads that share it);
-  3. rows already on the device from the previous step are reused (a device-side gather); only the
-     newly selected rows cross the bus from the host store;
-  4. exact attention over [sink | selected, in position order | recent | generated].
-The device buffer is kept in token order, so when the budget covers the prompt the computation is
-FullKV's bit for bit, and reusing rows never changes a result, only what is copied.
+  3. a slot whose token is still selected keeps it; only the newly selected tokens' rows cross the
+     bus from the host store, into the freed slots;
+  4. exact attention over [sink | selected slots | recent | generated].
+When the budget covers the prompt nothing is offloaded and the buffer is FullKV's, bit for bit.
+With reuse off (the baseline that refetches every selected row each step) the slots are assigned
+the same way, so reuse changes what is copied, never a result.
 
 Channels are chosen once at prefill per KV head by mean|q| (over the prompt's last queries) x
 max|K| (over the middle tokens), TailorKV's criterion; keeping them fixed is what lets the sketch
@@ -54,7 +55,7 @@ class OffloadKV(KVPolicy):
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
         self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
         self.fetcher: RowFetcher | None = None
-        self.selected = None            # (B, H_kv, k) middle-token indices held on the device, sorted
+        self.slots = None               # (B, H_kv, k) the middle token held in each device slot
         self.n_prompt_dev = 0           # device tokens that came from the prompt (before generated ones)
 
     def prefill(self, k, v, q_window=None):
@@ -79,31 +80,37 @@ class OffloadKV(KVPolicy):
             self.fetcher = RowFetcher(mid_k, mid_v, self.device)
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
-            self.selected = None  # chosen by the first decode step's query
+            self.slots = None  # filled by the first decode step's query
         self.n_prompt_dev = n_prompt
         self.length = T
 
     def _refresh(self, q: torch.Tensor) -> None:
-        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer."""
+        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots."""
         scores = approx_scores(q, self.sketch, self.chan)  # (B, H_kv, M)
         new = select_topk(scores, self.top)  # (B, H_kv, k) sorted token ids
-        S, k = self.S, self.top
-        region_k, region_v = self.k[:, :, S:S + k], self.v[:, :, S:S + k]
-        if self.selected is not None and self.reuse:
-            # Where does each newly selected token sit among the previous selection, if at all?
-            at = torch.searchsorted(self.selected, new).clamp_(max=k - 1)
-            kept = self.selected.gather(-1, at) == new  # (B, H_kv, k)
-            idx = at[..., None].expand(-1, -1, -1, region_k.shape[-1])
-            next_k, next_v = region_k.gather(2, idx), region_v.gather(2, idx)  # device-side reuse
+        k = self.top
+        if self.slots is None:  # first step: every slot is free; fill them in token order
+            self.slots = new.clone()
+            slot_idx, tokens, wanted = torch.arange(k, device=new.device).expand_as(new), new, torch.ones_like(
+                new, dtype=torch.bool)
         else:
-            kept = torch.zeros_like(new, dtype=torch.bool)
-            next_k, next_v = torch.empty_like(region_k), torch.empty_like(region_v)
-        missing = ~kept
-        fk, fv = self.fetcher.fetch(new, missing)  # rows of the host store, in missing's order
-        next_k[missing], next_v[missing] = fk, fv
-        region_k.copy_(next_k)
-        region_v.copy_(next_v)
-        self.selected = new
+            # A slot keeps its token if that token is still selected; the other slots are free.
+            keep = new.gather(-1, torch.searchsorted(new, self.slots).clamp_(max=k - 1)) == self.slots
+            held = self.slots.sort(dim=-1).values
+            present = held.gather(-1, torch.searchsorted(held, new).clamp_(max=k - 1)) == new
+            # Pair the j-th free slot with the j-th newly selected token (equal counts per head).
+            slot_idx = keep.to(torch.uint8).argsort(dim=-1, stable=True)  # free slots first
+            tokens = new.gather(-1, present.to(torch.uint8).argsort(dim=-1, stable=True))  # new tokens first
+            wanted = torch.arange(k, device=new.device) < (~keep).sum(-1, keepdim=True)  # (B, H_kv, k)
+            self.slots.scatter_(-1, slot_idx, torch.where(wanted, tokens, self.slots.gather(-1, slot_idx)))
+            if not self.reuse:  # the baseline: copy every selected row again, into the same slots
+                slot_idx = torch.arange(k, device=new.device).expand_as(new)
+                tokens, wanted = self.slots, torch.ones_like(wanted)
+        fk, fv = self.fetcher.fetch(tokens, wanted)  # rows in wanted's row-major order
+        b, h, j = wanted.nonzero(as_tuple=True)
+        pos = self.S + slot_idx[b, h, j]
+        self.k[b, h, pos] = fk
+        self.v[b, h, pos] = fv
 
     def attend(self, q, k_new, v_new):
         n = self.n_prompt_dev + (self.length - self.S - self.M - self.W)  # device tokens before this one
@@ -116,7 +123,7 @@ class OffloadKV(KVPolicy):
         return decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
 
     def nbytes(self):
-        device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.selected)
+        device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.slots)
         host = self.fetcher.nbytes() if self.fetcher is not None else 0
         return {"device": device, "host": host}
 
