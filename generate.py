@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "host memory, top tokens fetched per step; --budget, ...), evict (keep --budget tokens "
                         "per layer), hybrid (a per-layer plan: --plan, or profile the prompt and plan for --kv-budget)")
     p.add_argument("--plan", metavar="FILE", help="hybrid: per-layer plan JSON written by profile_layers.py")
-    p.add_argument("--plan-policies", default="quant,evict,offload",
-                   help="hybrid without --plan: the policies the planner may choose besides full (default quant,evict,offload; "
-                        "on CPU QuantKV saves bytes but not time: unpacking codes costs more than reading floats)")
+    p.add_argument("--plan-policies", default="auto",
+                   help="hybrid without --plan: the policies the planner may choose besides full, e.g. quant,evict,offload "
+                        "(default auto: all three on CUDA, evict,offload on CPU, where QuantKV saves bytes but "
+                        "costs decode time: unpacking codes is slower than reading floats)")
     p.add_argument("--kv-budget", default="0.2",
                    help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB) or a fraction of FullKV "
                         "(0.2, 20%%) (default 0.2)")
@@ -128,6 +129,13 @@ def policy_spec(a: argparse.Namespace) -> dict:
     return {"policy": a.policy}
 
 
+def plan_kinds(text: str, device: torch.device) -> tuple[str, ...]:
+    """--plan-policies: 'auto' leaves QuantKV out on CPU (see the flag's help)."""
+    if text == "auto":
+        return ("quant", "evict", "offload") if device.type == "cuda" else ("evict", "offload")
+    return tuple(filter(None, text.split(",")))
+
+
 def hybrid_specs(a: argparse.Namespace, m, ids: list[int], elem: int, log) -> list[dict]:
     """Per-layer specs for --policy hybrid: from --plan, or by profiling this prompt and planning."""
     from engine.planner import load_plan, make_plan, parse_kv_budget
@@ -141,7 +149,7 @@ def hybrid_specs(a: argparse.Namespace, m, ids: list[int], elem: int, log) -> li
     t = time.perf_counter()
     stats = profile_prompt(m.model, sample)
     plan = make_plan(m.args, stats, len(ids), a.max_new_tokens, elem, budget,
-                     kinds=tuple(filter(None, a.plan_policies.split(","))))
+                     kinds=plan_kinds(a.plan_policies, m.model.head.device))
     kinds = {}
     for o in plan:
         kinds[o.spec["policy"]] = kinds.get(o.spec["policy"], 0) + 1

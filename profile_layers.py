@@ -18,7 +18,7 @@ import torch
 from engine.haystack import make_haystack
 from engine.planner import make_plan, parse_kv_budget, save_plan
 from engine.profile import FRACTIONS, ProfileConfig, average, profile_prompt, stats_from_json, stats_to_json
-from generate import _Parser, cli, fmt_bytes, parse_tokens, resolve_device
+from generate import _Parser, cli, fmt_bytes, parse_tokens, plan_kinds, resolve_device
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
 SHOW = (0.1, 0.2, 0.4)  # budgets shown in the table, as fractions of the prompt
@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=parse_tokens, default=4096, help="tokens per profiled prompt and the context "
                    "the plan is made for (default 4k)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens the plan budgets for (default 32)")
-    p.add_argument("--plan-policies", default="quant,evict,offload",
-                   help="hybrid: the policies the planner may choose besides full (default quant,evict,offload; "
-                        "on CPU QuantKV saves bytes but not time: unpacking codes costs more than reading floats)")
+    p.add_argument("--plan-policies", default="auto",
+                   help="hybrid: the policies the planner may choose besides full, e.g. quant,evict,offload "
+                        "(default auto: all three on CUDA, evict,offload on CPU, where QuantKV saves bytes but "
+                        "costs decode time: unpacking codes is slower than reading floats)")
     p.add_argument("--kv-budget", default="0.2", help="device KV budget: bytes (512MiB) or a fraction of FullKV "
                    "(0.2, 20%%) (default 0.2)")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "xkv", "xkv-tau", "uniform"],
@@ -143,7 +144,7 @@ def run(a: argparse.Namespace) -> int:
     full = m.args.kv_bytes_per_token(elem) * (ctx + a.new_tokens)
     budget = parse_kv_budget(a.kv_budget, full)
     plan = make_plan(m.args, stats, ctx, a.new_tokens, elem, budget, a.mode, cfg, a.floor, a.tau,
-                     tuple(filter(None, a.plan_policies.split(","))))
+                     plan_kinds(a.plan_policies, device))
 
     idx = [min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f)) for f in SHOW]
     pct = "/".join(f"{f:.0%}" for f in SHOW)
