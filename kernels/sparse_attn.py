@@ -20,7 +20,7 @@ def approx_scores_ref(q: torch.Tensor, sketch: torch.Tensor, chan: torch.Tensor)
     """q (B, H, 1, D); sketch (B, H_kv, M, C) = keys at channels chan (B, H_kv, C)
     -> (B, H_kv, M) float32: for each token, the max over the KV head's query heads of q[C] . k[C]."""
     B, H, _, D = q.shape
-    H_kv, C = chan.shape[1], chan.shape[2]
+    H_kv = chan.shape[1]
     qg = q.reshape(B, H_kv, H // H_kv, D).float()  # (B, H_kv, n_rep, D)
     qc = qg.gather(-1, chan[:, :, None, :].expand(-1, -1, H // H_kv, -1))  # (B, H_kv, n_rep, C)
     scores = torch.matmul(qc, sketch.float().transpose(-1, -2))  # (B, H_kv, n_rep, M)
