@@ -56,7 +56,7 @@ class OffloadKV(KVPolicy):
         self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
         self.fetcher: RowFetcher | None = None
         self.slots = None               # (B, H_kv, k) the middle token held in each device slot
-        self.n_prompt_dev = 0           # device tokens that came from the prompt (before generated ones)
+        self.n = 0                      # tokens held in the device buffer
 
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
@@ -69,7 +69,7 @@ class OffloadKV(KVPolicy):
         n_max = n_prompt + (self.capacity - T)          # + room for every token yet to be generated
         self.k = torch.empty(B, H_kv, n_max, D, device=self.device, dtype=self.dtype)
         self.v = torch.empty_like(self.k)
-        self.S, self.W, self.M = S, W, M
+        self.S, self.M = S, M
         self.k[:, :, :S], self.v[:, :, :S] = k[:, :, :S], v[:, :, :S]
         self.k[:, :, S + self.top:n_prompt] = k[:, :, T - W:]
         self.v[:, :, S + self.top:n_prompt] = v[:, :, T - W:]
@@ -81,7 +81,7 @@ class OffloadKV(KVPolicy):
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
             self.slots = None  # filled by the first decode step's query
-        self.n_prompt_dev = n_prompt
+        self.n = n_prompt
         self.length = T
 
     def _refresh(self, q: torch.Tensor) -> None:
@@ -91,8 +91,8 @@ class OffloadKV(KVPolicy):
         k = self.top
         if self.slots is None:  # first step: every slot is free; fill them in token order
             self.slots = new.clone()
-            slot_idx, tokens, wanted = torch.arange(k, device=new.device).expand_as(new), new, torch.ones_like(
-                new, dtype=torch.bool)
+            slot_idx, tokens = torch.arange(k, device=new.device).expand_as(new), new
+            wanted = torch.ones_like(new, dtype=torch.bool)
         else:
             # A slot keeps its token if that token is still selected; the other slots are free.
             keep = new.gather(-1, torch.searchsorted(new, self.slots).clamp_(max=k - 1)) == self.slots
@@ -113,11 +113,11 @@ class OffloadKV(KVPolicy):
         self.v[b, h, pos] = fv
 
     def attend(self, q, k_new, v_new):
-        n = self.n_prompt_dev + (self.length - self.S - self.M - self.W)  # device tokens before this one
+        n = self.n
         if n >= self.k.shape[2]:
             raise RuntimeError(f"OffloadKV layer {self.layer}: capacity {self.capacity} exceeded")
         self.k[:, :, n:n + 1], self.v[:, :, n:n + 1] = k_new, v_new
-        self.length += 1
+        self.n, self.length = n + 1, self.length + 1
         if self.offloaded:
             self._refresh(q)
         return decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
