@@ -82,16 +82,28 @@ class Fidelity:
     h2d_bytes_per_token: float  # host->device copies per decode step (offloading policies)
 
 
-def fidelity(model: Llama, prompt: list[int], continuation: list[int], specs: list) -> list[Fidelity]:
-    """Each spec against FullKV on the same teacher-forced continuation."""
+def compare(full: torch.Tensor, logits: torch.Tensor, continuation: list[int], moved: float = 0.0) -> Fidelity:
+    """One policy's teacher-forced logits (N, vocab) against FullKV's on the same continuation."""
+    return Fidelity(kl_divergence(full, logits).mean().item(), top1_agreement(full, logits),
+                    perplexity(logits, continuation), perplexity(full, continuation), moved)
+
+
+def fidelity_with_reference(model: Llama, prompt: list[int], continuation: list[int],
+                            specs: list) -> tuple[torch.Tensor, list[Fidelity]]:
+    """Each spec against FullKV on the same teacher-forced continuation; also returns FullKV's
+    logits (N, vocab), so other engines (bench.py's peers) can be compared with the same reference."""
     runs = teacher_forced(model, prompt, continuation, [{"policy": "full"}] + list(specs))
     full = runs[0][0]
     out = []
     for logits, policies in runs[1:]:
         moved = sum(p.transfer_bytes() for p in policies) / max(1, len(continuation) - 1)
-        out.append(Fidelity(kl_divergence(full, logits).mean().item(), top1_agreement(full, logits),
-                            perplexity(logits, continuation), perplexity(full, continuation), moved))
-    return out
+        out.append(compare(full, logits, continuation, moved))
+    return full, out
+
+
+def fidelity(model: Llama, prompt: list[int], continuation: list[int], specs: list) -> list[Fidelity]:
+    """Each spec against FullKV on the same teacher-forced continuation."""
+    return fidelity_with_reference(model, prompt, continuation, specs)[1]
 
 
 @torch.inference_mode()

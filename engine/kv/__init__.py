@@ -30,3 +30,24 @@ def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,
             raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
         policies.append(POLICIES[name](args, layer, capacity, device, dtype, **params))
     return policies
+
+
+def parse_policy(text: str, model_name: str, n_layers: int) -> dict | list[dict]:
+    """A policy written on a command line -> build_policies' specs: 'full', 'quant:bits=2,residual=128',
+    or 'plan:PATH' (a per-layer plan from profile_layers.py, checked against the model)."""
+    name, _, params = text.partition(":")
+    if name == "plan":
+        from engine.planner import load_plan
+        return load_plan(params, model_name, n_layers)[1]
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)} or plan:PATH")
+    spec: dict = {"policy": name}
+    for kv in filter(None, params.split(",")):
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"policy {text!r}: expected key=value, got {kv!r}")
+        try:
+            spec[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise ValueError(f"policy {text!r}: {key}={value!r} is not a number") from None
+    return spec
