@@ -1,0 +1,165 @@
+"""Benchmark KV policies side by side: a matrix of policies x context lengths on one model, with
+latency (prefill s, median decode ms/token), memory (KV bytes by tier, vs FullKV, peak) and quality
+against FullKV on the same prompts (pass key over depths, teacher-forced KL / top-1 / perplexity),
+plus the peers on the same weights where installed: transformers (DynamicCache, 4-bit
+QuantizedCache) and kvpress presses at the same kept fraction (`make peers` builds their venv).
+
+    python bench.py                                  # SmolLM2-135M on CPU, 2k/4k/8k, every policy
+    python bench.py --quick --json out.json          # a few minutes on 2 CPU cores
+    .venv-peers/bin/python bench.py --ctx 2k,4k --plots figs --markdown bench.md
+    python bench.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 --ctx 32k,64k,128k \\
+        --policies full,quant,offload,evict --peers transformers
+
+Progress goes to stderr; the markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import shlex
+import sys
+import time
+
+from generate import _Parser, cli, parse_tokens, resolve_device
+
+
+def parse_list(kind):
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty list: {text!r}")
+        return [kind(t) for t in items]
+    return parse
+
+
+def fraction(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (examples: 0.1, 0.2)") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"a kept fraction must be in (0, 1], got {text!r}")
+    return x
+
+
+def depth(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a depth: {text!r} (examples: 0.1, 0.5)") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"a pass-key depth must be in [0, 1], got {text!r}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="as generate.py: HF dir, .gguf, random:<preset>; default the shipped "
+                                                 "SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--ctx", type=parse_list(parse_tokens), default=None,
+                   help="context lengths, comma-separated (default 2k,4k,8k; --quick: 1k); a prompt is cut to fit "
+                        "the model's own context with the generated tokens after it")
+    p.add_argument("--policies", type=parse_list(str), default=None,
+                   help="our policies: full, quant (4-bit), evict, offload, hybrid, or name:key=value / plan:PATH "
+                        "(default all five)")
+    p.add_argument("--kv-fraction", type=parse_list(fraction), default=[0.2],
+                   help="kept-KV fraction(s), e.g. 0.2 or 0.1,0.2,0.4: the first sets the latency matrix; quality is "
+                        "measured at each (accuracy-vs-fraction plot) (default 0.2)")
+    p.add_argument("--peers", type=parse_list(str), default=["all"],
+                   help="transformers, kvpress, all, none, or single ones: hf-dynamic, hf-quanto4, kvpress-snapkv, "
+                        "kvpress-pyramidkv, kvpress-adakv, kvpress-streamingllm (default all; missing ones are "
+                        "reported as skipped)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per cell, >= 16 (default 16; --quick 16)")
+    p.add_argument("--warmup", type=int, default=2, help="decode steps before timing (default 2)")
+    p.add_argument("--depths", type=parse_list(depth), default=None,
+                   help="pass-key depths (default 0.25,0.5,0.75; --quick 0.5)")
+    p.add_argument("--seeds", type=int, default=1, help="pass keys per depth (default 1)")
+    p.add_argument("--continuation", type=int, default=None,
+                   help="teacher-forced tokens for KL / top-1 / ppl (default 64; --quick 16)")
+    p.add_argument("--no-quality", action="store_true", help="latency and memory only")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1k context, one pass key, 16 continuation tokens")
+    p.add_argument("--json", metavar="PATH", help="write every number as JSON (rewritten after each cell)")
+    p.add_argument("--markdown", metavar="PATH", help="write the table with the command, date and device (for the README)")
+    p.add_argument("--plots", metavar="DIR", help="write latency.png, memory.png (and accuracy.png for several fractions)")
+    return p
+
+
+def meta(a: argparse.Namespace, m, device, dtype, cfg) -> dict:
+    import torch
+
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    return {"command": "python bench.py " + shlex.join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "model": m.name, "device": str(device), "device_name": name,
+            "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": version("transformers"), "kvpress": version("kvpress"),
+            "optimum_quanto": version("optimum-quanto"), "fractions": cfg.fractions, "steps": cfg.steps,
+            "warmup": cfg.warmup, "ctxs": cfg.ctxs, "policies": cfg.policies, "depths": cfg.depths,
+            "seeds": cfg.seeds, "continuation": cfg.continuation, "quality": cfg.quality}
+
+
+def run(a: argparse.Namespace) -> int:
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    if a.steps < 16:
+        raise ValueError(f"--steps must be >= 16 (the median needs enough steps), got {a.steps}")
+    if a.warmup < 0 or a.seeds < 1:
+        raise ValueError("--warmup must be >= 0 and --seeds >= 1")
+    if a.continuation is not None and a.continuation < 2:
+        raise ValueError(f"--continuation must be >= 2, got {a.continuation}")
+    from engine.bench import OUR_POLICIES, BenchConfig
+    from engine.peers import expand_peers
+    peers = expand_peers(a.peers)
+    policies = a.policies or list(OUR_POLICIES)
+    for name in policies:
+        if name not in OUR_POLICIES and ":" not in name:
+            raise ValueError(f"unknown policy {name!r}; choose from {', '.join(OUR_POLICIES)}, name:key=value or plan:PATH")
+    cfg = BenchConfig(ctxs=a.ctx or ([1024] if a.quick else [2048, 4096, 8192]), policies=policies,
+                      fractions=a.kv_fraction, steps=a.steps, warmup=a.warmup,
+                      depths=a.depths or ([0.5] if a.quick else [0.25, 0.5, 0.75]), seeds=a.seeds,
+                      continuation=a.continuation or (16 if a.quick else 64), quality=not a.no_quality)
+    device, dtype = resolve_device(a.device, a.dtype)
+
+    from engine.bench import load_for_bench
+    from engine.bench_matrix import run_matrix
+    from engine.bench_report import markdown, plots
+    t = time.perf_counter()
+    m = load_for_bench(a.model, device, dtype, log)
+    log(f"loaded {m.name} on {device} as {str(dtype).removeprefix('torch.')} in {time.perf_counter() - t:.1f} s")
+    results = {"meta": meta(a, m, device, dtype, cfg), "cells": [], "sweep": []}
+
+    def save() -> None:  # after every cell: a long run that dies still leaves its numbers
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    run_matrix(m, cfg, peers, results, save, log)
+    save()
+    text = markdown(results)
+    print(text)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(text)
+    if a.plots:
+        log("plots: " + ", ".join(plots(results, a.plots)))
+    bad = [c for c in results["cells"] if c["status"] == "error"]
+    if bad:
+        log(f"{len(bad)} cell(s) failed; their rows say why")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""bench.py's harness: every cell of the policies x context-lengths matrix, for this engine's KV
+policies, measured the same way: latency (prefill, median decode step after warm-up), memory (KV
+bytes by tier, FullKV bytes, peak device memory) and quality against FullKV on the same prompts.
+
+A cell is a plain dict (the JSON row). A cell that fails (out of memory, a bad parameter) records
+its error and the matrix goes on: at 128k one policy's OOM must not lose the others' numbers.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+from engine.config import preset
+from engine.haystack import FILLER
+from engine.model import Llama
+from engine.quality import fidelity_with_reference, passkey_grid
+from engine.runner import generate
+from engine.sampling import SamplingParams
+
+OUR_POLICIES = ("full", "quant", "evict", "offload", "hybrid")
+TEXT = "/usr/share/common-licenses/GPL-3"  # long natural English on any Debian machine
+
+
+@dataclass
+class BenchConfig:
+    ctxs: list[int]
+    policies: list[str]
+    fractions: list[float]         # kept-KV fractions; the latency matrix uses the first
+    steps: int = 16                # timed decode steps per cell (the median is reported)
+    warmup: int = 2                # decode steps run before timing starts
+    depths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    seeds: int = 1                 # pass keys per depth
+    continuation: int = 64         # teacher-forced tokens for KL / top-1 / perplexity
+    quality: bool = True
+
+    @property
+    def new_tokens(self) -> int:  # what a latency cell generates: first token + warm-up + timed
+        return 1 + self.warmup + self.steps
+
+
+# ---- model and prompts ---------------------------------------------------------------------------
+def load_for_bench(spec: str | None, device: torch.device, dtype: torch.dtype, log):
+    """Like weights.load.load_model, but a random: preset needs no tokenizer file (the GPU machine
+    has none: its prompts are random token ids and its quality is skipped anyway)."""
+    if spec and spec.startswith("random:"):
+        args = preset(spec.split(":", 1)[1])
+        return SimpleNamespace(name=spec, args=args, model=Llama.random(args, device, dtype), tokenizer=None)
+    from weights.load import load_model
+    return load_model(spec, device, dtype, log=log)
+
+
+def is_random(m) -> bool:
+    return m.tokenizer is None or m.name.startswith("random:")
+
+
+def text_ids(m, n: int) -> list[int]:
+    """n tokens of real text (GPL-3, repeated if short), or seeded random ids for random weights."""
+    if m.tokenizer is None:
+        rng = random.Random(0)
+        return [rng.randrange(100, m.args.vocab_size) for _ in range(n)]
+    text = FILLER * 2000
+    if os.path.exists(TEXT):
+        with open(TEXT) as f:
+            text = f.read()
+    ids = m.tokenizer.encode(text)
+    while len(ids) < n:  # a short text is repeated: still real language
+        ids = ids + ids
+    return ids[:n]
+
+
+def prompt_len(m, ctx: int, new: int) -> int:
+    """The prompt fits the model's context with `new` tokens after it (SmolLM2 stops at 8192)."""
+    return max(1, min(ctx, m.args.max_seq_len - new))
+
+
+# ---- policy specs at one kept fraction -------------------------------------------------------------
+def policy_specs(name: str, m, ids: list[int], fraction: float, new: int, log) -> dict | list[dict]:
+    """`name` at `fraction` of the context: evict/offload keep that many prompt tokens per layer,
+    hybrid gets that fraction of FullKV's device bytes (a plan from a profiling pass over `ids`),
+    quant is 4-bit whatever the fraction (its bytes follow from the bits)."""
+    budget = max(1, int(fraction * len(ids)))
+    if name == "full":
+        return {"policy": "full"}
+    if name == "quant":
+        return {"policy": "quant", "bits": 4, "group": min(64, m.args.head_dim), "residual": 128}
+    if name == "evict":
+        return {"policy": "evict", "budget": max(budget, 32)}  # at least its 32-query window
+    if name == "offload":
+        sink, recent = 16, 64
+        return {"policy": "offload", "budget": max(budget, sink + recent), "sink": sink, "recent": recent}
+    if name == "hybrid":
+        # generate.py --policy hybrid's own code path (profile this prompt, plan), reused as is
+        from generate import hybrid_specs
+        elem = torch.empty((), dtype=m.model.head.dtype).element_size()
+        a = SimpleNamespace(plan=None, kv_budget=str(fraction), max_new_tokens=new,
+                            profile_tokens=4096, plan_policies="auto")  # generate.py's defaults
+        return hybrid_specs(a, m, ids, elem, log)
+    if name.startswith("plan:") or ":" in name:
+        from engine.kv import parse_policy
+        return parse_policy(name, m.name, m.args.n_layers)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(OUR_POLICIES)}, name:key=value or plan:PATH")
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+def release(device: torch.device) -> None:
+    """Free what the last cell left: Python garbage, the CUDA caching allocator's blocks, and on CPU
+    glibc's free lists, so the next cell's peak starts from the weights, not from leftovers."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:  # Linux >= 4.0: "5" resets the process's peak RSS (VmHWM) to its current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are). CUDA: max allocated since the cell began (weights included).
+    CPU: the process's peak resident memory since the cell began (weights, activations, KV in both
+    tiers: host memory *is* the device); if the kernel cannot reset the peak, the process peak."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "rss_peak_since_cell_start"
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_peak_of_process"
+
+
+def guarded(cell: dict, device: torch.device, fn, log) -> dict:
+    """Run fn(cell) -> fields; on failure the cell says why (first line), and memory is freed."""
+    release(device)
+    try:
+        cell.update(fn())
+        cell["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 -- one cell's failure (often OOM) must not end the matrix
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cell.update(status="error", reason=f"{type(e).__name__}: {msg}"[:300])
+        log(f"  {cell['engine']} {cell['policy']} @ {cell['ctx']}: {cell['reason']}")
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+    release(device)
+    return cell
+
+
+# ---- this engine's cells ------------------------------------------------------------------------------
+def latency_fields(prefill_s: float, step_s: list[float], kv: dict, full: int, peak: tuple[int, str]) -> dict:
+    """The latency and memory fields every engine's cell reports, the same way."""
+    step_s = sorted(step_s)
+    return {"prefill_s": prefill_s, "decode_ms_per_token": 1000 * step_s[len(step_s) // 2],
+            "decode_steps": len(step_s), "kv_bytes": kv, "full_kv_bytes": full,
+            "kv_ratio": kv["device"] / full, "peak_memory_bytes": peak[0], "peak_memory_kind": peak[1]}
+
+
+def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
+    """Prefill `ids`, decode cfg.new_tokens greedily; the first cfg.warmup steps are not timed."""
+    res = generate(m.model, ids, cfg.new_tokens, SamplingParams(), specs)
+    elem = m.model.head.element_size()
+    full = m.args.kv_bytes_per_token(elem) * (len(ids) + cfg.new_tokens)
+    out = latency_fields(res.prefill_s, res.decode_times_s[cfg.warmup:], res.kv_bytes(), full,
+                         peak_memory(m.model.head.device))
+    kinds: dict[str, int] = {}
+    for p in res.policies:
+        kinds[p.name] = kinds.get(p.name, 0) + 1
+    out["layers"] = kinds  # e.g. {"evict": 12, "offload": 10, "full": 8} for a hybrid plan
+    return out
+
+
+def quality_cells(m, ids: list[int], cont: list[int], specs: dict, cfg: BenchConfig, log) -> tuple[dict, dict]:
+    """Quality of every policy in `specs` ({name: spec}) against FullKV: teacher-forced over `cont`
+    after the prompt `ids`, and pass-key haystacks of len(ids) tokens -> ({name: fields}, reference),
+    the reference being what the peers are compared with (prompt, continuation, FullKV's logits)."""
+    names = list(specs)
+    t = time.perf_counter()
+    ref, fids = fidelity_with_reference(m.model, ids, cont, [specs[n] for n in names])
+    log(f"  quality: teacher-forced {len(cont)} tokens x {len(names) + 1} policies in {time.perf_counter() - t:.0f} s")
+    t = time.perf_counter()
+    grids = passkey_grid(m.model, m.tokenizer, len(ids), cfg.depths, list(range(cfg.seeds)), [specs[n] for n in names])
+    log(f"  quality: pass key, {len(grids[0])} haystacks x {len(names)} policies in {time.perf_counter() - t:.0f} s")
+    out = {}
+    for name, f, rows in zip(names, fids, grids):
+        out[name] = passkey_fields([r["found"] for r in rows], [r["answer"] for r in rows])
+        out[name].update(kl=f.kl, top1=f.top1, ppl=f.ppl, ppl_full=f.ppl_full, h2d_bytes_per_token=f.h2d_bytes_per_token)
+    return out, {"prompt": ids, "continuation": cont, "full_logits": ref}
+
+
+def passkey_fields(found: list[bool], answers: list[str]) -> dict:
+    return {"passkey_found": sum(found), "passkey_trials": len(found), "passkey_acc": sum(found) / len(found),
+            "passkey_answers": answers}

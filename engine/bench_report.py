@@ -1,0 +1,115 @@
+"""bench.py's outputs from its result dict: the markdown table (stdout and --markdown), PNG plots
+(--plots). Every number shown comes from the run's cells; a skipped or failed cell says why."""
+from __future__ import annotations
+
+import os
+
+MiB = 2 ** 20
+
+
+def _ctx_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _q(c: dict, key: str, fmt: str) -> str:
+    q = c.get("quality")
+    if not q:
+        return "–"
+    if "error" in q:
+        return "error"
+    return format(q[key], fmt)
+
+
+def table(results: dict) -> str:
+    """One row per cell: latency, memory, and quality against FullKV at the same context."""
+    head = ("| engine | policy | ctx | prompt | prefill s | decode ms/tok | KV device MiB | KV host MiB "
+            "| KV vs FullKV | peak mem MiB | pass key | KL(full‖x) | top-1 | ppl |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in results["cells"]:
+        lead = f"| {c['engine']} | {c['policy']} | {_ctx_label(c['ctx'])} | {c.get('prompt_tokens', '–')} "
+        if c["status"] != "ok":
+            rows.append(lead + f"| {c['status']}: {c.get('reason', '')} |" + " |" * 9)
+            continue
+        q = c.get("quality") or {}
+        pk = f"{q['passkey_found']}/{q['passkey_trials']}" if "passkey_found" in q else "–"
+        rows.append(lead + f"| {c['prefill_s']:.2f} | {c['decode_ms_per_token']:.1f} "
+                    f"| {c['kv_bytes']['device'] / MiB:.1f} | {c['kv_bytes']['host'] / MiB:.1f} "
+                    f"| {c['kv_ratio']:.3f} | {c['peak_memory_bytes'] / MiB:.0f} | {pk} "
+                    f"| {_q(c, 'kl', '.4f')} | {_q(c, 'top1', '.3f')} | {_q(c, 'ppl', '.2f')} |")
+    return "\n".join(rows)
+
+
+def describe(results: dict) -> str:
+    """The run's circumstances, one paragraph: what the numbers mean and how they were made."""
+    m = results["meta"]
+    mem = {"cuda_max_allocated": "peak = torch.cuda.max_memory_allocated during the cell (weights included)",
+           "rss": "peak = the process's peak resident memory during the cell (weights included; reset per "
+                  "cell through /proc/self/clear_refs)"}["cuda_max_allocated" if m["device"].startswith("cuda") else "rss"]
+    lines = [f"`{m['command']}`", "",
+             (f"{m['date']}; {m['model']} ({m['dtype']}) on {m['device_name']}; torch {m['torch']}, "
+             f"transformers {m.get('transformers') or 'not installed'}, kvpress {m.get('kvpress') or 'not installed'}. "
+             f"Kept-KV fraction {m['fractions'][0]}: evict/offload keep that share of the prompt's tokens per layer, "
+             f"kvpress presses use compression_ratio {1 - m['fractions'][0]:.2f}, hybrid plans for that share of "
+             f"FullKV's bytes, quant is 4-bit. Decode: median of {m['steps']} greedy steps after {m['warmup']} "
+             f"warm-up steps. KV vs FullKV = device KV bytes / FullKV's at the same length; {mem}.")]
+    if m.get("quality_note"):
+        lines.append(m["quality_note"])
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    return describe(results) + "\n\n" + table(results) + "\n"
+
+
+def plots(results: dict, out_dir: str) -> list[str]:
+    """latency.png, memory.png (vs context, one line per engine/policy); accuracy.png when the
+    quality was measured at several kept fractions. Returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    ok = [c for c in results["cells"] if c["status"] == "ok"]
+    series: dict[str, list[dict]] = {}
+    for c in ok:
+        series.setdefault(f"{c['engine']} {c['policy']}" if c["engine"] != "layerkv" else c["policy"], []).append(c)
+    written = []
+    for fname, panels in (("latency.png", [("decode_ms_per_token", "decode ms/token"), ("prefill_s", "prefill s")]),
+                          ("memory.png", [("kv_device_mib", "device KV MiB"), ("peak_mib", "peak memory MiB")])):
+        fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+        for ax, (key, label) in zip(axes, panels):
+            for name, cs in sorted(series.items()):
+                cs = sorted(cs, key=lambda c: c["ctx"])
+                ys = [c["kv_bytes"]["device"] / MiB if key == "kv_device_mib" else
+                      c["peak_memory_bytes"] / MiB if key == "peak_mib" else c[key] for c in cs]
+                ax.plot([c["ctx"] for c in cs], ys, marker="o", label=name)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{results['meta']['model']} on {results['meta']['device_name']}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    sweep = [r for r in results.get("sweep", []) if "passkey_acc" in r["quality"]]
+    if len({r["fraction"] for r in sweep}) > 1:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ctx in sorted({r["ctx"] for r in sweep}):
+            for name in sorted({r["policy"] for r in sweep}):
+                rs = sorted((r for r in sweep if r["ctx"] == ctx and r["policy"] == name), key=lambda r: r["fraction"])
+                for ax, key in zip(axes, ("passkey_acc", "kl")):
+                    ax.plot([r["fraction"] for r in rs], [r["quality"][key] for r in rs], marker="o",
+                            label=f"{name} @ {_ctx_label(ctx)}")
+        for ax, label in zip(axes, ("pass-key accuracy", "KL(full‖policy) nats")):
+            ax.set_xlabel("kept KV fraction")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "accuracy.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
