@@ -34,6 +34,20 @@ def parse_list(kind):
     return parse
 
 
+def parse_policies(text: str) -> list[str]:
+    """'full,quant:bits=2,residual=128,evict' -> ['full', 'quant:bits=2,residual=128', 'evict']: a
+    piece that is only key=value belongs to the policy before it."""
+    out: list[str] = []
+    for piece in filter(None, (t.strip() for t in text.split(","))):
+        if "=" in piece and ":" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty list: {text!r}")
+    return out
+
+
 def fraction(text: str) -> float:
     try:
         x = float(text)
@@ -64,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=parse_list(parse_tokens), default=None,
                    help="context lengths, comma-separated (default 2k,4k,8k; --quick: 1k); a prompt is cut to fit "
                         "the model's own context with the generated tokens after it")
-    p.add_argument("--policies", type=parse_list(str), default=None,
+    p.add_argument("--policies", type=parse_policies, default=None,
                    help="our policies: full, quant (4-bit), evict, offload, hybrid, or name:key=value / plan:PATH "
                         "(default all five)")
     p.add_argument("--kv-fraction", type=parse_list(fraction), default=[0.2],

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(*argv, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *argv], cwd=ROOT,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *argv], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 
 
@@ -100,6 +100,9 @@ def test_metrics_on_hand_made_cases():
 
 
 def test_parse_policy_and_peers():
+    from bench import parse_policies
+    assert parse_policies("full,quant:bits=2,residual=128,plan:p.json") == ["full", "quant:bits=2,residual=128",
+                                                                           "plan:p.json"]
     assert parse_policy("quant:bits=2,residual=128", "m", 2) == {"policy": "quant", "bits": 2, "residual": 128}
     with pytest.raises(ValueError, match="unknown KV policy"):
         parse_policy("magic", "m", 2)
