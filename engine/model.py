@@ -60,6 +60,13 @@ class Block(nn.Module):
         v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Only the query part of qkv(): x (B, T, dim) -> q (B, H, T, D) with RoPE."""
+        a = self.args
+        B, T, _ = x.shape
+        q = rms_norm(x, self.attn_norm, a.norm_eps) @ self.wqkv[:, :a.n_heads * a.head_dim]
+        return apply_rope(q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = (rms_norm(x, self.mlp_norm, self.args.norm_eps) @ self.w_gate_up).chunk(2, -1)
         return (F.silu(gate) * up) @ self.w_down
@@ -120,7 +127,11 @@ class Llama(nn.Module):
         B = token.shape[0]
         cos, sin = rope_cos_sin(self.inv_freq, torch.tensor([pos], device=token.device), self.head.dtype)
         x = self.embed_tokens(token[:, None])  # (B, 1, dim)
-        for layer, policy in zip(self.layers, policies):
+        for i, (layer, policy) in enumerate(zip(self.layers, policies)):
+            if i + 1 < len(policies) and policies[i + 1].wants_lookahead():
+                # The next layer's query, approximated from this layer's input, so the next
+                # layer's KV fetch can run while this layer computes.
+                policies[i + 1].prepare(self.layers[i + 1].query(x, cos, sin))
             q, k, v = layer.qkv(x, cos, sin)
             o = policy.attend(q, k, v)  # (B, H, 1, D)
             x = x + o.transpose(1, 2).reshape(B, 1, -1) @ layer.wo

@@ -116,22 +116,57 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @cuda
 def test_cuda_fetch_equals_synchronous_copy():
-    from kernels.prefetch import RowFetcher
+    """Zero-copy gather from pinned host memory, overlapped on the side stream == plain indexing."""
+    from kernels.prefetch import RowFetcher, gather_rows_ref
     k, v = torch.randn(1, 8, 4096, 128, device="cuda"), torch.randn(1, 8, 4096, 128, device="cuda")
     f = RowFetcher(k, v, "cuda")
-    tokens = torch.randint(0, 4096, (1, 8, 256), device="cuda").sort(-1).values
+    tokens = torch.rand(1, 8, 4096, device="cuda").topk(256, -1).indices.sort(-1).values
+    slots = torch.rand(1, 8, 256, device="cuda").argsort(-1)
     wanted = torch.rand(1, 8, 256, device="cuda") < 0.5
-    fk, fv = f.fetch(tokens, wanted)
-    idx = tokens[..., None].expand(-1, -1, -1, 128)
-    assert torch.equal(fk, k.gather(2, idx)[wanted]) and torch.equal(fv, v.gather(2, idx)[wanted])
+    got_k, got_v = torch.zeros(1, 8, 300, 128, device="cuda"), torch.zeros(1, 8, 300, 128, device="cuda")
+    f.fetch(tokens, wanted, slots, got_k, got_v, 7, overlap=True)
+    f.wait()
+    want_k, want_v = torch.zeros_like(got_k), torch.zeros_like(got_v)
+    gather_rows_ref(k.reshape(-1, 128), v.reshape(-1, 128), tokens, wanted, slots, want_k, want_v, 7)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert f.bytes_copied == int(wanted.sum()) * 2 * 128 * 4
 
 
 @cuda
-def test_cuda_offload_matches_cpu_path():
+def test_cuda_copy_overlaps_compute():
+    """Events on both streams: the side-stream fetch is still running after compute queued behind it
+    has started, i.e. copy and compute were in flight together."""
+    from kernels.prefetch import RowFetcher
+    M = 1 << 17
+    k = torch.randn(1, 8, M, 128, device="cuda", dtype=torch.bfloat16)
+    f = RowFetcher(k, k, "cuda")
+    del k
+    tokens = torch.arange(M, device="cuda").expand(1, 8, M).contiguous()  # 512 MiB of K+V to fetch
+    dst = torch.empty(1, 8, M, 128, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    compute = torch.cuda.current_stream()
+    for _ in range(2):  # the first round compiles the kernel
+        copy_start, copy_end, mm_start = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        copy_start.record(f.stream)  # the side stream is idle: recorded now, before the fetch
+        f.fetch(tokens, torch.ones_like(tokens, dtype=torch.bool), tokens, dst, dst, 0, overlap=True)
+        copy_end.record(f.stream)
+        mm_start.record(compute)
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        f.wait()
+        torch.cuda.synchronize()
+    assert copy_start.elapsed_time(copy_end) > 0
+    assert mm_start.elapsed_time(copy_end) > 0  # the copy ended after the matmuls had begun
+
+
+@pytest.mark.parametrize("lookahead", ["none", "layer", "step"])
+def test_cuda_offload_matches_cpu_path(lookahead):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (prefetcher streams)")
     model_cpu = Llama.random(ARGS, "cpu", torch.float32, seed=7)
     model_gpu = Llama.random(ARGS, "cpu", torch.float32, seed=7).to("cuda")
     tokens = torch.randint(0, 300, (1, 160), generator=torch.Generator().manual_seed(0))
-    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
+    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8, "lookahead": lookahead}
     out = {}
     for name, m in [("cpu", model_cpu), ("cuda", model_gpu)]:
         dev = m.head.device
@@ -143,13 +178,68 @@ def test_cuda_offload_matches_cpu_path():
     torch.testing.assert_close(out["cpu"], out["cuda"], rtol=1e-3, atol=1e-3)
 
 
-def test_slots_hold_the_rows_of_their_tokens(model_and_tokens):
-    model, tokens = model_and_tokens
-    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
-    _, policies = run_logits(model, tokens, spec, 100)
-    for p in policies:
-        B, H_kv, k = p.slots.shape
-        assert all(len(set(p.slots[0, h].tolist())) == k for h in range(H_kv))  # no token twice
-        rows = (torch.arange(H_kv)[:, None] * p.M + p.slots[0]).flatten()
-        held = p.k[0, :, p.S:p.S + k].reshape(-1, p.k.shape[-1])
-        assert torch.equal(held, p.fetcher.host_k[rows])
+GATHER_CHECK = r"""
+import torch
+from kernels.prefetch import gather_rows_ref, gather_rows_triton
+bad = 0
+for B, H_kv, M, D, K, n, off in [(1, 2, 50, 32, 20, 40, 3), (2, 3, 300, 64, 77, 90, 0), (1, 8, 129, 128, 33, 40, 5)]:
+    g = torch.Generator().manual_seed(M)
+    src_k, src_v = torch.randn(B * H_kv * M, D, generator=g), torch.randn(B * H_kv * M, D, generator=g)
+    tokens = torch.rand(B, H_kv, M, generator=g).topk(K, -1).indices.sort(-1).values
+    slots = torch.rand(B, H_kv, K, generator=g).argsort(-1)
+    wanted = torch.rand(B, H_kv, K, generator=g) < 0.6
+    out = []
+    for fn in (gather_rows_ref, gather_rows_triton):
+        dk, dv = torch.zeros(B, H_kv, n, D), torch.zeros(B, H_kv, n, D)
+        fn(src_k, src_v, tokens, wanted, slots, dk, dv, off)
+        out.append((dk, dv))
+    if not (torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])):
+        bad += 1
+        print("MISMATCH", B, H_kv, M, D, K)
+print("cases failed:", bad)
+"""
+
+
+def test_gather_rows_triton_matches_reference():
+    proc = subprocess.run([sys.executable, "-c", GATHER_CHECK], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cases failed: 0" in proc.stdout, proc.stdout
+
+
+def _policy(lookahead, k, v):
+    p = OffloadKV(ARGS, 1, 100, "cpu", torch.float32, budget=24, sink=2, recent=6, channels=8,
+                  lookahead=lookahead)
+    p.prefill(k, v, None)
+    return p
+
+
+def test_lookahead_layer_attends_over_the_early_selection():
+    """prepare(q) one layer early, then attend(q): the same as selecting with q at attend time;
+    and a different early query changes which rows are attended."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 80, 32, generator=g), torch.randn(1, 2, 80, 32, generator=g)
+    q, q_other = torch.randn(1, 4, 1, 32, generator=g), torch.randn(1, 4, 1, 32, generator=g)
+    kn, vn = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+    exact, early, wrong = _policy("none", k, v), _policy("layer", k, v), _policy("layer", k, v)
+    out_exact = exact.attend(q, kn, vn)
+    early.prepare(q)
+    wrong.prepare(q_other)
+    assert torch.equal(early.attend(q, kn, vn), out_exact)
+    assert not torch.equal(wrong.attend(q, kn, vn), out_exact)
+
+
+def test_lookahead_step_uses_the_previous_query():
+    """In "step" mode step t attends over the rows chosen by step t-1's query (step 0 by its own):
+    the same as "layer" mode handed that older query early."""
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(1, 2, 80, 32, generator=g), torch.randn(1, 2, 80, 32, generator=g)
+    qs = [torch.randn(1, 4, 1, 32, generator=g) for _ in range(4)]
+    kvs = [(torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)) for _ in range(4)]
+    lagged, early, exact = _policy("step", k, v), _policy("layer", k, v), _policy("none", k, v)
+    for t in range(4):
+        got = lagged.attend(qs[t], *kvs[t])
+        early.prepare(qs[max(t - 1, 0)])
+        assert torch.equal(got, early.attend(qs[t], *kvs[t])), t
+        same = torch.equal(got, exact.attend(qs[t], *kvs[t]))
+        assert same == (t == 0), t  # from step 1 on the stale selection differs from the exact one

