@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from engine.graphs import GraphedDecoder, can_graph
 from engine.kv import build_policies
 from engine.kv.base import KVPolicy
 from engine.model import Llama
@@ -23,6 +24,7 @@ class GenerationResult:
     decode_times_s: list[float] = field(default_factory=list)  # one per decode step
     stop_reason: str = "length"  # "eos" | "length"
     policies: list[KVPolicy] = field(default_factory=list, repr=False)
+    cuda_graphs: bool = False  # decode steps replayed from a CUDA graph
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -54,9 +56,11 @@ def fit_prompt(ids: list[int], limit: int) -> tuple[list[int], int]:
 def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
              policy_specs: list[dict] | dict, eos_ids: set[int] = frozenset(),
              on_token: Callable[[int], None] | None = None,
-             on_layer: Callable[[int], None] | None = None, prefill_chunk: int = 2048) -> GenerationResult:
+             on_layer: Callable[[int], None] | None = None, prefill_chunk: int = 2048,
+             cuda_graphs: bool = True) -> GenerationResult:
     """Generate up to `max_new_tokens` after `prompt_ids` (batch of one). `on_token(id)` is called
-    as each token is chosen; `on_layer` reports prefill progress, one call per layer."""
+    as each token is chosen; `on_layer` reports prefill progress, one call per layer. On CUDA,
+    decode steps replay a CUDA graph when every policy allows it (engine.graphs) and cuda_graphs."""
     if not prompt_ids:
         raise ValueError("empty prompt")
     device, dtype = model.head.device, model.head.dtype
@@ -73,6 +77,8 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling:
     if max_new_tokens == 0:
         return result
 
+    graphed = GraphedDecoder(model, policies, device) if cuda_graphs and can_graph(policies, device) else None
+    result.cuda_graphs = graphed is not None
     pos = len(prompt_ids)
     token = sample(logits, sampling, gen)  # (1,)
     tid = int(token.item())
@@ -88,7 +94,7 @@ def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling:
         # A decode step's time covers the forward pass and sampling up to the id on the host
         # (.item() waits for the device), i.e. what a user waits per token minus printing.
         t = time.perf_counter()
-        logits = model.decode_step(token, pos, policies)
+        logits = graphed.step(token, pos) if graphed else model.decode_step(token, pos, policies)
         token = sample(logits, sampling, gen)
         tid = int(token.item())
         result.decode_times_s.append(time.perf_counter() - t)

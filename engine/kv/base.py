@@ -43,6 +43,23 @@ class KVPolicy:
         """A JSON-able one-line description: the policy and its parameters."""
         return {"policy": self.name}
 
+    # Whether attend_at() exists: the decode step can then be captured in a CUDA graph.
+    graphable = False
+
+    def attend_at(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor:
+        """attend() for a CUDA graph: the token's absolute position comes as a (1,) int64 device
+        tensor and no shape or launch may depend on a host-side counter (graph replays skip the
+        host). The host-side bookkeeping of the step is left to advance()."""
+        raise NotImplementedError
+
+    def advance(self) -> None:
+        """Host-side counters for one decode step done by attend_at (called after each replay)."""
+
+    def finish_step(self) -> None:
+        """End of a decode step: a policy joins any copy still in flight (a graph must not end with
+        work forked onto another stream)."""
+
     def wants_lookahead(self) -> bool:
         """True if this layer wants `prepare(q_hat)` before its turn (see OffloadKV's lookahead)."""
         return False

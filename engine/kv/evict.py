@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv.base import KVPolicy, decode_attention, tensor_bytes
+from kernels.dense_attn import dense_decode_attention
 
 
 def window_scores(k: torch.Tensor, q_window: torch.Tensor, pool: int) -> torch.Tensor:
@@ -76,6 +77,7 @@ class BudgetedEvictKV(KVPolicy):
             self.k[:, :, :self.budget] = k.gather(2, idx)
             self.v[:, :, :self.budget] = v.gather(2, idx)
         self.n = keep.shape[-1]
+        self.row_offset = self.n - T  # buffer row of position p is p + row_offset (no decode eviction)
         if self.evict_during_decode:
             self.pos = torch.full((B, H_kv, n_max), -1, device=self.device, dtype=torch.long)
             self.pos[:, :, :self.n] = keep
@@ -105,6 +107,21 @@ class BudgetedEvictKV(KVPolicy):
         out, probs = decode_attention(q, k, v, return_probs=True)
         self.acc[:, :, :self.n] += probs.float().sum(dim=2)  # mass from every query head of the group
         return out
+
+    @property
+    def graphable(self):  # eviction during decode picks slots by data: left to eager steps
+        return not self.evict_during_decode
+
+    def attend_at(self, q, k_new, v_new, pos):
+        row = pos + self.row_offset
+        self.k.index_copy_(2, row, k_new)
+        self.v.index_copy_(2, row, v_new)
+        return dense_decode_attention(q, self.k, self.v, row + 1)
+
+    def advance(self):
+        if self.n >= self.k.shape[2]:
+            raise RuntimeError(f"BudgetedEvictKV layer {self.layer}: capacity {self.capacity} exceeded")
+        self.n, self.length = self.n + 1, self.length + 1
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k, self.v, self.pos, self.acc), "host": 0}

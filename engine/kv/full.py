@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 
 from engine.kv.base import KVPolicy, decode_attention, tensor_bytes
+from kernels.dense_attn import dense_decode_attention
 
 
 class FullKV(KVPolicy):
     name = "full"
+    graphable = True
 
     def __init__(self, args, layer, capacity, device, dtype, batch: int = 1):
         super().__init__(args, layer, capacity, device, dtype)
@@ -33,6 +35,15 @@ class FullKV(KVPolicy):
     def attend(self, q, k_new, v_new):
         self._write(k_new, v_new)
         return decode_attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length])
+
+    def attend_at(self, q, k_new, v_new, pos):
+        # FullKV keeps every token at its own position: row == position.
+        self.k.index_copy_(2, pos, k_new)
+        self.v.index_copy_(2, pos, v_new)
+        return dense_decode_attention(q, self.k, self.v, pos + 1)
+
+    def advance(self):
+        self.length += 1
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k, self.v), "host": 0}

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv.base import KVPolicy, decode_attention, tensor_bytes
+from kernels.dense_attn import dense_decode_attention
 from kernels.prefetch import RowFetcher
 from kernels.sparse_attn import approx_scores, select_topk
 
@@ -55,6 +56,7 @@ LOOKAHEAD = ("none", "layer", "step")
 
 class OffloadKV(KVPolicy):
     name = "offload"
+    graphable = True
     q_window = 32  # prompt queries used to rank channels
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
@@ -102,6 +104,7 @@ class OffloadKV(KVPolicy):
             self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
             self.slots = None  # filled by the first decode step's query
         self.n = n_prompt
+        self.row_offset = n_prompt - T  # buffer row of decode position p is p + row_offset
         self.length = T
 
     def _select(self, q: torch.Tensor, overlap: bool) -> None:
@@ -137,23 +140,47 @@ class OffloadKV(KVPolicy):
         self._select(q_hat, overlap=True)
         self.prepared = True
 
-    def attend(self, q, k_new, v_new):
-        n = self.n
-        if n >= self.k.shape[2]:
-            raise RuntimeError(f"OffloadKV layer {self.layer}: capacity {self.capacity} exceeded")
-        self.k[:, :, n:n + 1], self.v[:, :, n:n + 1] = k_new, v_new
-        self.n, self.length = n + 1, self.length + 1
-        if not self.offloaded:
-            return decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+    def _before_attention(self, q) -> bool:
+        """Make sure this step's rows are in place; True on the first decode step."""
         first = self.slots is None
         if self.lookahead == "none" or first or (self.lookahead == "layer" and not self.prepared):
             self._select(q, overlap=False)  # exact: this query, copy on the critical path
         self.prepared = False
         self.fetcher.wait()
-        out = decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+        return first
+
+    def _after_attention(self, q, first: bool) -> None:
         if self.lookahead == "step" and not first:  # the next step's rows, fetched while we go on
             self._select(q, overlap=True)
+
+    def attend(self, q, k_new, v_new):
+        n = self.n
+        if n >= self.k.shape[2]:
+            raise RuntimeError(f"OffloadKV layer {self.layer}: capacity {self.capacity} exceeded")
+        self.k[:, :, n:n + 1], self.v[:, :, n:n + 1] = k_new, v_new
+        self.advance()
+        first = self.offloaded and self._before_attention(q)
+        out = decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
+        if self.offloaded:
+            self._after_attention(q, first)
         return out
+
+    def attend_at(self, q, k_new, v_new, pos):
+        row = pos + self.row_offset  # (1,) this token's row in the device buffer
+        self.k.index_copy_(2, row, k_new)
+        self.v.index_copy_(2, row, v_new)
+        first = self.offloaded and self._before_attention(q)
+        out = dense_decode_attention(q, self.k, self.v, row + 1)
+        if self.offloaded:
+            self._after_attention(q, first)
+        return out
+
+    def advance(self):
+        self.n, self.length = self.n + 1, self.length + 1
+
+    def finish_step(self):
+        if self.fetcher is not None:
+            self.fetcher.wait()
 
     def nbytes(self):
         device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.slots)

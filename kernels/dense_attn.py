@@ -1,0 +1,98 @@
+"""Decode attention over a preallocated K/V buffer whose live length is a *device* tensor.
+
+Why not SDPA: a CUDA graph replays fixed shapes, so a graphed decode step cannot slice the cache to
+[:length] with a Python int that changes every step. This kernel reads the length from device
+memory instead: the grid is sized for the whole buffer once (static), and each program masks what
+lies past the live length. Flash-decoding as in kernels/quant_attn.py: one program per (batch, KV
+head) and split of the tokens serves all query heads of the GQA group, so each K/V row is read
+once; the splits are merged by their running max and sum.
+
+The reference is engine.kv.base.decode_attention over buffer[:, :, :length].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import use_triton
+
+TARGET_PROGRAMS = 512  # enough programs to fill a large GPU several times over
+MIN_SPLIT_TOKENS = 256
+
+
+def dense_decode_attention_ref(q, k, v, length: torch.Tensor):
+    from engine.kv.base import decode_attention  # (engine imports kernels, not the other way round)
+    n = int(length.reshape(-1)[0])
+    return decode_attention(q, k[:, :, :n], v[:, :, :n])
+
+
+@triton.jit
+def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H_kv, split_len,
+                         sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                         D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+    b, hk = (pid_bh // H_kv).to(tl.int64), (pid_bh % H_kv).to(tl.int64)
+    r = tl.arange(0, NREP_PAD)  # the group's query heads, padded so tl.dot has M >= 16
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :], mask=r[:, None] < n_rep, other=0.0)
+    length = tl.load(LEN)
+    m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
+    l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)  # noqa: E741
+    acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)
+    lo = pid_s * split_len
+    hi = tl.minimum(lo + split_len, length)  # splits past the live length do no work
+    k_base, v_base = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
+    for start in range(lo, hi, BLOCK_T):
+        t = (start + tl.arange(0, BLOCK_T)).to(tl.int64)
+        live = t < hi
+        k = tl.load(k_base + t[None, :] * sk_t + d[:, None], mask=live[None, :], other=0.0)  # (D, BLOCK_T)
+        s = tl.dot(q, k, input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
+        vt = tl.load(v_base + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0)  # (BLOCK_T, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        m = m_new
+    row = pid_bh * tl.num_programs(1) + pid_s
+    keep = r < n_rep
+    tl.store(M_out + row * n_rep + r, m, mask=keep)  # -inf for an empty split: weight 0 in the merge
+    tl.store(L_out + row * n_rep + r, l, mask=keep)
+    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
+
+
+def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: int | None = None,
+                                  block_t: int = 32):
+    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers, rows [0, length) live; length a (1,) int
+    device tensor -> (B, H, 1, D). Every launch parameter depends only on the shapes."""
+    B, H, _, D = q.shape
+    H_kv, N = k.shape[1], k.shape[2]
+    n_rep = H // H_kv
+    assert D >= 16 and D & (D - 1) == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
+    if n_splits is None:
+        n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * H_kv), triton.cdiv(N, MIN_SPLIT_TOKENS)))
+    split_len = triton.cdiv(triton.cdiv(N, n_splits), block_t) * block_t
+    n_splits = triton.cdiv(N, split_len)
+    q = q.reshape(B, H, D).contiguous()
+    part = {"device": q.device, "dtype": torch.float32}
+    m = torch.empty(B * H_kv, n_splits, n_rep, **part)
+    l = torch.empty(B * H_kv, n_splits, n_rep, **part)  # noqa: E741
+    acc = torch.empty(B * H_kv, n_splits, n_rep, D, **part)
+    _dense_decode_kernel[(B * H_kv, n_splits)](
+        q, k, v, length, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, split_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t, num_warps=4)
+    w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
+    out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]
+    return out.reshape(B, H, 1, D).to(q.dtype)
+
+
+def dense_decode_attention(q, k, v, length: torch.Tensor):
+    D = q.shape[-1]
+    if use_triton(q) and D >= 16 and not D & (D - 1):
+        return dense_decode_attention_triton(q, k, v, length)
+    return dense_decode_attention_ref(q, k, v, length)
