@@ -43,17 +43,19 @@ def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)  # noqa: E741
     acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)
     lo = pid_s * split_len
-    hi = tl.minimum(lo + split_len, length)  # splits past the live length do no work
     k_base, v_base = K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h
-    for start in range(lo, hi, BLOCK_T):
-        t = (start + tl.arange(0, BLOCK_T)).to(tl.int64)
-        live = t < hi
+    # A fixed trip count (loop bounds from device memory trip up some Triton interpreters); blocks
+    # past the live length load nothing (masked) and add nothing.
+    for start in range(0, split_len, BLOCK_T):
+        t = (lo + start + tl.arange(0, BLOCK_T)).to(tl.int64)
+        live = t < length
         k = tl.load(k_base + t[None, :] * sk_t + d[:, None], mask=live[None, :], other=0.0)  # (D, BLOCK_T)
         s = tl.dot(q, k, input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref[:, None])
         l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
         vt = tl.load(v_base + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0)  # (BLOCK_T, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
