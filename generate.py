@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", type=int, default=64, help="offload: last prompt tokens always kept (default 64)")
     p.add_argument("--channels", type=int, default=8,
                    help="offload: key channels per KV head in the on-device sketch that ranks tokens (default 8)")
+    p.add_argument("--lookahead", default="none", choices=["none", "layer", "step"],
+                   help="offload: pick each step's tokens with this step's query (none: exact), an approximate "
+                        "query one layer early (layer), or the previous step's query (step); the last two let "
+                        "the copy overlap compute (default none: it measured as fast on an H100, see README)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly on CUDA even when every layer's policy could replay a CUDA graph")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="tokens per chunk for prefill projections/MLP (bounds activation memory)")
     p.add_argument("--stats-json", metavar="PATH", help="write the run's figures as JSON to PATH")
@@ -123,7 +129,8 @@ def policy_spec(a: argparse.Namespace) -> dict:
     if a.policy == "quant":
         return {"policy": "quant", "bits": a.kv_bits, "group": a.kv_group, "residual": a.kv_residual}
     if a.policy == "offload":
-        return {"policy": "offload", "budget": a.budget, "sink": a.sink, "recent": a.recent, "channels": a.channels}
+        return {"policy": "offload", "budget": a.budget, "sink": a.sink, "recent": a.recent, "channels": a.channels,
+                "lookahead": a.lookahead}
     if a.policy == "evict":
         return {"policy": "evict", "budget": a.budget, "evict_during_decode": a.evict_during_decode}
     return {"policy": a.policy}
@@ -219,7 +226,8 @@ def run(a: argparse.Namespace) -> int:
             print(stream.push(tid), end="", flush=True)
 
     res = generate(m.model, ids, a.max_new_tokens, sampling, specs, eos,
-                   on_token=on_token, on_layer=bar.update, prefill_chunk=a.prefill_chunk)
+                   on_token=on_token, on_layer=bar.update, prefill_chunk=a.prefill_chunk,
+                   cuda_graphs=not a.no_cuda_graphs)
     bar.close()
     print(stream.flush(), flush=True)
 
@@ -229,7 +237,7 @@ def run(a: argparse.Namespace) -> int:
     full = m.args.kv_bytes_per_token(elem) * n_tokens
     log(f"prompt {res.prompt_tokens} tokens | prefill {res.prefill_s:.2f} s "
         f"({res.prompt_tokens / max(res.prefill_s, 1e-9):.0f} tok/s) | decode {res.decode_ms_per_token:.1f} ms/token "
-        f"({len(res.generated_ids)} tokens, {res.stop_reason}) | KV device {fmt_bytes(kv['device'])}, "
+        f"({len(res.generated_ids)} tokens, {res.stop_reason}{', CUDA graph' if res.cuda_graphs else ''}) | KV device {fmt_bytes(kv['device'])}, "
         f"host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})")
     if haystack is not None:
         log(f"pass key {haystack.key}: {'retrieved' if haystack.found(text_out) else 'NOT retrieved'}")
@@ -239,8 +247,8 @@ def run(a: argparse.Namespace) -> int:
             "policy": a.policy, "ctx": a.ctx, "prompt_tokens": res.prompt_tokens,
             "generated_ids": res.generated_ids, "text": text_out, "stop_reason": res.stop_reason,
             "prefill_s": res.prefill_s, "decode_ms_per_token": res.decode_ms_per_token,
-            "decode_steps": len(res.decode_times_s), "kv_bytes": kv, "full_kv_bytes": full,
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "decode_steps": len(res.decode_times_s), "cuda_graphs": res.cuda_graphs,
+            "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak_memory_bytes(device),
             "layers": [p.describe() for p in res.policies],
             "passkey": None if haystack is None else {
                 "key": haystack.key, "depth": haystack.depth, "retrieved": haystack.found(text_out)},
