@@ -5,7 +5,7 @@ run that dies (a GPU machine's time limit) still leaves every finished number be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from engine import bench
@@ -62,6 +62,7 @@ def run_matrix(m, cfg: bench.BenchConfig, peers: list[str], results: dict, save,
     if cfg.quality and not quality:
         results["meta"]["quality_note"] = ("Quality skipped: random weights (random: presets) have no meaningful "
                                            "pass key or perplexity; this run measures speed and memory at real shapes.")
+    warm_up(m, cfg, [p for p in peers if not skips[p]], hf, log)
     for ctx in cfg.ctxs:
         n = bench.prompt_len(m, ctx, max(cfg.new_tokens, cfg.continuation))
         ids = bench.text_ids(m, n + cfg.continuation)
@@ -85,6 +86,23 @@ def run_matrix(m, cfg: bench.BenchConfig, peers: list[str], results: dict, save,
                 _quality_at(c, f, specs if f == cfg.fractions[0] else {}, cells,
                             [p for p in peers if not skips[p]], results, device)
                 save()
+
+
+def warm_up(m, cfg: bench.BenchConfig, peers: list[str], hf, log, n: int = 256) -> None:
+    """Run every policy and peer once on a short prompt, unreported: the first call of each pays
+    for Triton compilation, cuBLAS heuristics and allocator growth, which would otherwise land in
+    whichever cell happens to come first (seconds on a GPU)."""
+    device = m.model.head.device
+    short = replace(cfg, steps=2, warmup=0)
+    ids = bench.text_ids(m, n + 8)
+    c = Context(m, short, n, ids[:n], ids[n:], hf, lambda _: None)
+    t = time.perf_counter()
+    for name in cfg.policies:
+        bench.guarded(_cell("layerkv", name, c), device, partial(_ours_latency, c, name, {}, {}), c.log)
+    for peer in peers:
+        bench.guarded(_cell(peer, peer, c), device,
+                      partial(peer_mod.latency_cell, hf, peer, c.ids, cfg.fractions[0], short), c.log)
+    log(f"warm-up: every policy and peer once on {n} tokens in {time.perf_counter() - t:.1f} s (not reported)")
 
 
 def _quality_at(c: Context, f: float, specs: dict, cells: dict, peers: list[str], results: dict, device) -> None:
