@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write every number as JSON (rewritten after each cell)")
     p.add_argument("--markdown", metavar="PATH", help="write the table with the command, date and device (for the README)")
     p.add_argument("--plots", metavar="DIR", help="write latency.png, memory.png (and accuracy.png for several fractions)")
+    p.add_argument("--render", metavar="JSON", help="measure nothing: print the table (and write --markdown/--plots) "
+                                                    "from a --json file of an earlier run, e.g. one from a GPU machine")
     return p
 
 
@@ -122,8 +124,29 @@ def meta(a: argparse.Namespace, m, device, dtype, cfg) -> dict:
             "seeds": cfg.seeds, "continuation": cfg.continuation, "quality": cfg.quality}
 
 
+def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
+    from engine.bench_report import markdown, plots
+    text = markdown(results)
+    print(text)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(text)
+    if a.plots:
+        log("plots: " + ", ".join(plots(results, a.plots)))
+
+
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    if a.render:
+        try:
+            with open(a.render) as f:
+                results = json.load(f)
+            if "command" not in results["meta"] or "cells" not in results:
+                raise KeyError("meta.command")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{a.render}: not a bench.py --json file ({type(e).__name__})") from None
+        write_outputs(a, results, log)
+        return 0
     if a.steps < 16:
         raise ValueError(f"--steps must be >= 16 (the median needs enough steps), got {a.steps}")
     if a.warmup < 0 or a.seeds < 1:
@@ -145,7 +168,6 @@ def run(a: argparse.Namespace) -> int:
 
     from engine.bench import load_for_bench
     from engine.bench_matrix import run_matrix
-    from engine.bench_report import markdown, plots
     t = time.perf_counter()
     m = load_for_bench(a.model, device, dtype, log)
     log(f"loaded {m.name} on {device} as {str(dtype).removeprefix('torch.')} in {time.perf_counter() - t:.1f} s")
@@ -158,13 +180,7 @@ def run(a: argparse.Namespace) -> int:
 
     run_matrix(m, cfg, peers, results, save, log)
     save()
-    text = markdown(results)
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(text)
-    if a.plots:
-        log("plots: " + ", ".join(plots(results, a.plots)))
+    write_outputs(a, results, log)
     bad = [c for c in results["cells"] if c["status"] == "error"]
     if bad:
         log(f"{len(bad)} cell(s) failed; their rows say why")

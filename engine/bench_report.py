@@ -70,19 +70,29 @@ def plots(results: dict, out_dir: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     ok = [c for c in results["cells"] if c["status"] == "ok"]
-    series: dict[str, list[dict]] = {}
+    series: dict[tuple[str, str], list[dict]] = {}
     for c in ok:
-        series.setdefault(f"{c['engine']} {c['policy']}" if c["engine"] != "layerkv" else c["policy"], []).append(c)
+        series.setdefault((c["engine"], c["policy"]), []).append(c)
+    style = {"layerkv": "-", "transformers": "--", "kvpress": ":"}  # engine by line style, policy by colour
+    colours = plt.get_cmap("tab20").colors
+    ctxs = sorted({c["ctx"] for c in ok})
     written = []
     for fname, panels in (("latency.png", [("decode_ms_per_token", "decode ms/token"), ("prefill_s", "prefill s")]),
                           ("memory.png", [("kv_device_mib", "device KV MiB"), ("peak_mib", "peak memory MiB")])):
         fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
         for ax, (key, label) in zip(axes, panels):
-            for name, cs in sorted(series.items()):
+            for i, ((engine, policy), cs) in enumerate(sorted(series.items())):
                 cs = sorted(cs, key=lambda c: c["ctx"])
                 ys = [c["kv_bytes"]["device"] / MiB if key == "kv_device_mib" else
                       c["peak_memory_bytes"] / MiB if key == "peak_mib" else c[key] for c in cs]
-                ax.plot([c["ctx"] for c in cs], ys, marker="o", label=name)
+                ax.plot([c["ctx"] for c in cs], ys, style.get(engine, "-"), marker="o", color=colours[i % 20],
+                        label=policy if engine == "layerkv" else f"{engine} {policy}")
+            # log scales: contexts double, and one slow peer must not flatten everyone else's line
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ctxs, [_ctx_label(n) for n in ctxs])
+            ax.minorticks_off()
+            if fname == "latency.png":
+                ax.set_yscale("log")
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
