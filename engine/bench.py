@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from engine.config import preset
-from engine.haystack import FILLER
+from engine.haystack import FILLER, make_haystack
 from engine.model import Llama
 from engine.quality import fidelity_with_reference, passkey_grid
 from engine.runner import generate
@@ -185,19 +185,33 @@ def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
     return out
 
 
-def quality_cells(m, ids: list[int], cont: list[int], specs: dict, cfg: BenchConfig, log) -> tuple[dict, dict]:
+def quality_cells(m, ids: list[int], cont: list[int], specs: dict, fraction: float, cfg: BenchConfig,
+                  log) -> tuple[dict, dict]:
     """Quality of every policy in `specs` ({name: spec}) against FullKV: teacher-forced over `cont`
     after the prompt `ids`, and pass-key haystacks of len(ids) tokens -> ({name: fields}, reference),
-    the reference being what the peers are compared with (prompt, continuation, FullKV's logits)."""
+    the reference being what the peers are compared with (prompt, continuation, FullKV's logits).
+    hybrid is planned per prompt, as generate.py --policy hybrid does: its KL uses the plan made
+    from `ids`, and each haystack gets a plan from its own profiling pass."""
     names = list(specs)
     t = time.perf_counter()
     ref, fids = fidelity_with_reference(m.model, ids, cont, [specs[n] for n in names])
     log(f"  quality: teacher-forced {len(cont)} tokens x {len(names) + 1} policies in {time.perf_counter() - t:.0f} s")
     t = time.perf_counter()
-    grids = passkey_grid(m.model, m.tokenizer, len(ids), cfg.depths, list(range(cfg.seeds)), [specs[n] for n in names])
-    log(f"  quality: pass key, {len(grids[0])} haystacks x {len(names)} policies in {time.perf_counter() - t:.0f} s")
+    shared = [n for n in names if n != "hybrid"]
+    grids = dict(zip(shared, passkey_grid(m.model, m.tokenizer, len(ids), cfg.depths, list(range(cfg.seeds)),
+                                          [specs[n] for n in shared])))
+    if "hybrid" in specs:
+        grids["hybrid"] = []
+        for seed in range(cfg.seeds):
+            for depth in cfg.depths:
+                h = make_haystack(m.tokenizer, len(ids), depth=depth, seed=seed)
+                spec = policy_specs("hybrid", m, h.ids, fraction, 8, log)
+                grids["hybrid"] += passkey_grid(m.model, m.tokenizer, len(ids), [depth], [seed], [spec])[0]
+    log(f"  quality: pass key, {len(cfg.depths) * cfg.seeds} haystacks x {len(names)} policies in "
+        f"{time.perf_counter() - t:.0f} s")
     out = {}
-    for name, f, rows in zip(names, fids, grids):
+    for name, f in zip(names, fids):
+        rows = grids[name]
         out[name] = passkey_fields([r["found"] for r in rows], [r["answer"] for r in rows])
         out[name].update(kl=f.kl, top1=f.top1, ppl=f.ppl, ppl_full=f.ppl_full, h2d_bytes_per_token=f.h2d_bytes_per_token)
     return out, {"prompt": ids, "continuation": cont, "full_logits": ref}

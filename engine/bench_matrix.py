@@ -42,7 +42,7 @@ def _ours_latency(c: Context, name: str, specs: dict, cell: dict) -> dict:
 
 def _ours_quality(c: Context, specs: dict, names: list[str], f: float, out: dict) -> dict:
     todo = {k: specs.get(k) or bench.policy_specs(k, c.m, c.ids, f, len(c.cont), c.log) for k in names}
-    out["ours"], out["ref"] = bench.quality_cells(c.m, c.ids, c.cont, todo, c.cfg, c.log)
+    out["ours"], out["ref"] = bench.quality_cells(c.m, c.ids, c.cont, todo, f, c.cfg, c.log)
     return {}
 
 
