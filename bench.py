@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=int, default=None,
                    help="teacher-forced tokens for KL / top-1 / ppl (default 64; --quick 16)")
     p.add_argument("--no-quality", action="store_true", help="latency and memory only")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the unreported warm-up pass over every policy and peer (JIT compiles, cuBLAS "
+                        "heuristics); the first cell then pays for them")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1k context, one pass key, 16 continuation tokens")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON (rewritten after each cell)")
     p.add_argument("--markdown", metavar="PATH", help="write the table with the command, date and device (for the README)")
@@ -163,7 +166,8 @@ def run(a: argparse.Namespace) -> int:
     cfg = BenchConfig(ctxs=a.ctx or ([1024] if a.quick else [2048, 4096, 8192]), policies=policies,
                       fractions=a.kv_fraction, steps=a.steps, warmup=a.warmup,
                       depths=a.depths or ([0.5] if a.quick else [0.25, 0.5, 0.75]), seeds=a.seeds,
-                      continuation=a.continuation or (16 if a.quick else 64), quality=not a.no_quality)
+                      continuation=a.continuation or (16 if a.quick else 64), quality=not a.no_quality,
+                      warm_up=not a.no_warmup)
     device, dtype = resolve_device(a.device, a.dtype)
 
     from engine.bench import load_for_bench

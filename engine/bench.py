@@ -40,6 +40,7 @@ class BenchConfig:
     seeds: int = 1                 # pass keys per depth
     continuation: int = 64         # teacher-forced tokens for KL / top-1 / perplexity
     quality: bool = True
+    warm_up: bool = True           # run every policy and peer once, unreported, before the matrix
 
     @property
     def new_tokens(self) -> int:  # what a latency cell generates: first token + warm-up + timed
@@ -182,6 +183,7 @@ def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
     for p in res.policies:
         kinds[p.name] = kinds.get(p.name, 0) + 1
     out["layers"] = kinds  # e.g. {"evict": 12, "offload": 10, "full": 8} for a hybrid plan
+    out["cuda_graphs"] = bool(getattr(res, "cuda_graphs", False))  # decode replayed from a CUDA graph
     return out
 
 

@@ -62,7 +62,8 @@ def run_matrix(m, cfg: bench.BenchConfig, peers: list[str], results: dict, save,
     if cfg.quality and not quality:
         results["meta"]["quality_note"] = ("Quality skipped: random weights (random: presets) have no meaningful "
                                            "pass key or perplexity; this run measures speed and memory at real shapes.")
-    warm_up(m, cfg, [p for p in peers if not skips[p]], hf, log)
+    if cfg.warm_up:
+        warm_up(m, cfg, [p for p in peers if not skips[p]], hf, log)
     for ctx in cfg.ctxs:
         n = bench.prompt_len(m, ctx, max(cfg.new_tokens, cfg.continuation))
         ids = bench.text_ids(m, n + cfg.continuation)

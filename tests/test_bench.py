@@ -29,7 +29,8 @@ def quick(tmp_path_factory):
     """One --quick run on the default model (a random-weight preset would skip quality), with a
     shorter context than --quick's 1k and only the peer transformers always has."""
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    proc = run_bench("--quick", "--ctx", "512", "--peers", "hf-dynamic,kvpress-snapkv", "--json", str(out))
+    proc = run_bench("--quick", "--ctx", "512", "--peers", "hf-dynamic,kvpress-snapkv", "--no-warmup",
+                     "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text()), proc.stdout
 
