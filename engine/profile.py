@@ -140,6 +140,7 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
 class ProfileKV(FullKV):
     """FullKV that records the prompt's last queries and every decode query, for layer_stats."""
     name = "profile"
+    graphable = False  # it records every decode query on the host side: eager steps only
 
     def __init__(self, args, layer, capacity, device, dtype, cfg: ProfileConfig | None = None):
         super().__init__(args, layer, capacity, device, dtype)

@@ -5,7 +5,7 @@ import torch
 
 from engine.config import preset
 from engine.kv import build_policies
-from engine.kv.base import decode_attention
+from engine.kv.base import KVPolicy, decode_attention
 from engine.kv.quant import QuantKV
 from engine.model import Llama
 
@@ -72,11 +72,11 @@ def test_nbytes_counts_everything_and_shrinks_with_bits():
     assert sizes[1] < sizes[2] < sizes[4] < full
 
 
-class Probe:
+class Probe(KVPolicy):
     """Stands in for a layer's policy for one decode step: records q and the new k/v, answers with
     FullKV's attention so the rest of the forward pass is the real one."""
 
-    def __init__(self, full):
+    def __init__(self, full):  # no storage of its own
         self.full = full
 
     def attend(self, q, k_new, v_new):
