@@ -34,7 +34,7 @@ def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,
 
 def parse_policy(text: str, model_name: str, n_layers: int) -> dict | list[dict]:
     """A policy written on a command line -> build_policies' specs: 'full', 'quant:bits=2,residual=128',
-    or 'plan:PATH' (a per-layer plan from profile_layers.py, checked against the model)."""
+    'offload:budget=256,lookahead=layer', or 'plan:PATH' (a per-layer plan from profile_layers.py, checked against the model)."""
     name, _, params = text.partition(":")
     if name == "plan":
         from engine.planner import load_plan
@@ -48,6 +48,6 @@ def parse_policy(text: str, model_name: str, n_layers: int) -> dict | list[dict]
             raise ValueError(f"policy {text!r}: expected key=value, got {kv!r}")
         try:
             spec[key] = float(value) if "." in value else int(value)
-        except ValueError:
-            raise ValueError(f"policy {text!r}: {key}={value!r} is not a number") from None
+        except ValueError:  # a word, e.g. offload's lookahead=layer
+            spec[key] = value
     return spec
