@@ -1,19 +1,15 @@
 """The graph form of a decode step (positions as device tensors, attend_at + advance) equals the
 eager step; the device-length attention kernel equals its reference; on CUDA, replayed graphs equal
 eager decoding (skipped without a GPU)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from engine.config import preset
 from engine.kv import build_policies
 from engine.model import Llama
+from interpreted import check_interpreted
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)  # head_dim 32
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = [
     {"policy": "full"},
     {"policy": "evict", "budget": 40, "window": 8},
@@ -85,10 +81,7 @@ print("cases failed:", bad)
 
 def test_dense_decode_triton_matches_reference():
     """Includes a length of 1, splits past the live length (empty), GQA groups of 1..4."""
-    proc = subprocess.run([sys.executable, "-c", DENSE_CHECK], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "cases failed: 0" in proc.stdout, proc.stdout
+    check_interpreted(DENSE_CHECK)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["policy"] + "-" + s.get("lookahead", ""))

@@ -1,9 +1,5 @@
 """OffloadKV: exact when the budget covers the prompt, reuse never changes results, approximate
 scores kernel vs reference, CUDA prefetcher checks (skipped without a GPU), bad params."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -11,10 +7,10 @@ from engine.config import preset
 from engine.kv import build_policies
 from engine.kv.offload import OffloadKV
 from engine.model import Llama
+from interpreted import check_interpreted
 from kernels.sparse_attn import approx_scores_ref, select_topk
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)  # head_dim 32
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_logits(model, tokens, spec, prompt_len):
@@ -105,10 +101,7 @@ print("cases failed:", bad)
 
 
 def test_approx_scores_triton_matches_reference():
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "cases failed: 0" in proc.stdout, proc.stdout
+    check_interpreted(TRITON_CHECK)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (prefetcher streams)")
@@ -201,10 +194,7 @@ print("cases failed:", bad)
 
 
 def test_gather_rows_triton_matches_reference():
-    proc = subprocess.run([sys.executable, "-c", GATHER_CHECK], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "cases failed: 0" in proc.stdout, proc.stdout
+    check_interpreted(GATHER_CHECK)
 
 
 def _policy(lookahead, k, v):
