@@ -1,6 +1,8 @@
 """KV cache policies, one object per layer. `build_policies` is the single place names map to classes."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from engine.config import ModelArgs
@@ -42,12 +44,19 @@ def parse_policy(text: str, model_name: str, n_layers: int) -> dict | list[dict]
     if name not in POLICIES:
         raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)} or plan:PATH")
     spec: dict = {"policy": name}
+    defaults = {k: v.default for k, v in inspect.signature(POLICIES[name].__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}  # the parameters a policy takes
     for kv in filter(None, params.split(",")):
         key, sep, value = kv.partition("=")
         if not sep:
             raise ValueError(f"policy {text!r}: expected key=value, got {kv!r}")
+        if key not in defaults:
+            raise ValueError(f"policy {text!r}: {name} has no parameter {key!r} ({', '.join(defaults)})")
+        if isinstance(defaults[key], str):  # a word, e.g. offload's lookahead=layer
+            spec[key] = value
+            continue
         try:
             spec[key] = float(value) if "." in value else int(value)
-        except ValueError:  # a word, e.g. offload's lookahead=layer
-            spec[key] = value
+        except ValueError:
+            raise ValueError(f"policy {text!r}: {key}={value!r} is not a number") from None
     return spec
