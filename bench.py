@@ -48,24 +48,21 @@ def parse_policies(text: str) -> list[str]:
     return out
 
 
-def fraction(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (examples: 0.1, 0.2)") from None
-    if not 0.0 < x <= 1.0:
-        raise argparse.ArgumentTypeError(f"a kept fraction must be in (0, 1], got {text!r}")
-    return x
+def unit_number(what: str, examples: str, label: str, zero_ok: bool):
+    """An argparse type: a float in [0, 1] (zero_ok) or (0, 1]."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {what}: {text!r} (examples: {examples})") from None
+        if not (0.0 <= x if zero_ok else 0.0 < x) or x > 1.0:
+            raise argparse.ArgumentTypeError(f"{label} must be in {'[' if zero_ok else '('}0, 1], got {text!r}")
+        return x
+    return parse
 
 
-def depth(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a depth: {text!r} (examples: 0.1, 0.5)") from None
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"a pass-key depth must be in [0, 1], got {text!r}")
-    return x
+fraction = unit_number("fraction", "0.1, 0.2", "a kept fraction", zero_ok=False)
+depth = unit_number("depth", "0.1, 0.5", "a pass-key depth", zero_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
