@@ -31,11 +31,6 @@ class ModelArgs:
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one KV head (GQA group size)."""
-        return self.n_heads // self.n_kv_heads
-
     def kv_bytes_per_token(self, elem_size: int) -> int:
         """Bytes a full (uncompressed) cache spends per token across all layers: K and V."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_size

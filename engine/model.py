@@ -122,14 +122,13 @@ class Llama(nn.Module):
         return self.logits(x if all_logits else x[:, -1])
 
     @torch.inference_mode()
-    def decode_step(self, token: torch.Tensor, pos: int | torch.Tensor, policies: list[KVPolicy]) -> torch.Tensor:
-        """token: (B,) at position `pos` -> logits (B, vocab). Each policy appends and attends.
-        `pos` as a (1,) int64 device tensor is the CUDA-graph form (engine.graphs): policies are
-        then called through attend_at and nothing in the step reads a host-side counter."""
+    def decode_step(self, token: torch.Tensor, pos: torch.Tensor, policies: list[KVPolicy]) -> torch.Tensor:
+        """token (B,) at position pos, a (1,) int64 tensor on the device -> logits (B, vocab). Each
+        policy stores the token's k/v and attends. Nothing here reads a host-side counter, so the
+        same code runs eagerly and inside a CUDA graph (engine/graphs.py); the policies' host-side
+        work happens before the step, in before_step()."""
         B = token.shape[0]
-        graphed = torch.is_tensor(pos)
-        positions = pos if graphed else torch.tensor([pos], device=token.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.head.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, self.head.dtype)
         x = self.embed_tokens(token[:, None])  # (B, 1, dim)
         for i, (layer, policy) in enumerate(zip(self.layers, policies)):
             if i + 1 < len(policies) and policies[i + 1].wants_lookahead():
@@ -137,7 +136,7 @@ class Llama(nn.Module):
                 # layer's KV fetch can run while this layer computes.
                 policies[i + 1].prepare(self.layers[i + 1].query(x, cos, sin))
             q, k, v = layer.qkv(x, cos, sin)
-            o = policy.attend_at(q, k, v, pos) if graphed else policy.attend(q, k, v)  # (B, H, 1, D)
+            o = policy.attend(q, k, v, pos)  # (B, H, 1, D)
             x = x + o.transpose(1, 2).reshape(B, 1, -1) @ layer.wo
             x = x + layer.mlp(x)
         for policy in policies:

@@ -18,13 +18,14 @@ prompts those queries keep the needle, the answer's queries then miss a digit.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engine.kv.evict import window_scores
+from engine.graphs import Decoder
+from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.kv.full import FullKV
-from engine.kv.offload import rank_channels
+from engine.kv.offload import OffloadKV, rank_channels
 from engine.kv.quant import QuantKV
 
 FRACTIONS = [i / 64 for i in range(65)]  # budgets as fractions of the prompt, 0 .. 1
@@ -39,20 +40,23 @@ class LayerStats:
     quant_err: dict[int, float]
 
 
+def _pick(defaults: dict, *keys: str) -> dict:
+    return {k: defaults[k] for k in keys}
+
+
 @dataclass
 class ProfileConfig:
-    window: int = 32           # prompt queries that score tokens (TailorKV and BudgetedEvictKV use 32)
-    probe: int = 16            # greedy decode steps whose queries judge the policies
-    pool: int = 7              # eviction score smoothing, as BudgetedEvictKV
-    sink: int = 16             # OffloadKV's always-kept tokens, as its defaults
-    recent: int = 64
-    channels: int = 8
-    quant_group: int = 64
-    quant_residual: int = 128
+    """How the profile judges each policy: with the parameters the planner will give it, which are
+    the policies' own defaults (read from their constructors) unless changed here."""
+    probe: int = 16  # greedy decode steps whose queries judge the policies
+    evict: dict = field(default_factory=lambda: _pick(BudgetedEvictKV.defaults(), "window", "pool"))
+    offload: dict = field(default_factory=lambda: _pick(OffloadKV.defaults(), "sink", "recent", "channels"))
+    quant: dict = field(default_factory=lambda: _pick(QuantKV.defaults(), "group", "residual"))
 
-    def group_for(self, head_dim: int) -> int:
-        """The quantization group for this head size (a group must divide head_dim)."""
-        return math.gcd(self.quant_group, head_dim)
+    @property
+    def window(self) -> int:
+        """Prompt queries the profile records: what eviction scores with and OffloadKV ranks channels by."""
+        return max(self.evict["window"], OffloadKV.q_window)
 
 
 def _causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -95,19 +99,24 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     dense = (1 - _causal_probs(q_prompt, k[:, :, :T]).topk(top5, dim=-1).values.sum(-1)).mean().item()
 
     # BudgetedEvictKV: top tokens before the window by the prompt's pooled scores, plus the window
-    W = min(cfg.window, T)
-    order = window_scores(k[:, :, :T], q_prompt, cfg.pool)[:, :, :T - W].argsort(dim=-1, descending=True)
+    W = min(cfg.evict["window"], T)
+    mass = window_scores(k[:, :, :T], q_prompt[:, :, -cfg.evict["window"]:], cfg.evict["pool"])  # (B, H_kv, T)
+    order = mass[:, :, :T - W].argsort(dim=-1, descending=True)
     got = _mass_in_order(dec[..., :T - W], order)
     base = generated + dec[..., T - W:T].sum(-1)
+    # At a budget of k = round(f * T) prompt tokens BudgetedEvictKV keeps the W window tokens plus
+    # the best k - W candidates, and got[..., j] is the mass on the best j: so the index is k - W,
+    # clamped to [0, T - W]. E.g. T = 1000, W = 32, f = 0.25: k = 250, the window + 218 candidates.
     evict = [(base + got[..., min(T - W, max(0, round(f * T) - W))]).mean().item() for f in FRACTIONS]
 
     # OffloadKV: sink + recent, and per decode query the top of the middle by the channel sketch
-    S, R = min(cfg.sink, T), min(cfg.recent, max(0, T - cfg.sink))
+    sink, recent = cfg.offload["sink"], cfg.offload["recent"]
+    S, R = min(sink, T), min(recent, max(0, T - sink))
     M = T - S - R
     offload = []
     if M > 0:
         mid_k = k[:, :, S:T - R]
-        chan = rank_channels(mid_k, q_prompt, cfg.channels)  # (B, H_kv, C)
+        chan = rank_channels(mid_k, q_prompt[:, :, -OffloadKV.q_window:], cfg.offload["channels"])  # (B, H_kv, C)
         qg = q_dec.reshape(B, H_kv, -1, n, D).float()
         qc = qg.gather(-1, chan[:, :, None, None, :].expand(-1, -1, qg.shape[2], n, -1))
         kc = mid_k.float().gather(-1, chan[:, :, None, :].expand(-1, -1, M, -1))  # (B, H_kv, M, C)
@@ -127,8 +136,7 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     exact = _attend(dec, v)
     quant_err = {}
     for bits in QUANT_BITS:
-        qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, group=cfg.group_for(D),
-                      residual=cfg.quant_residual, batch=B)
+        qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, **cfg.quant)
         qkv.prefill(k[:, :, :T], v[:, :, :T])
         kh, vh = qkv.dequantized()
         kh, vh = torch.cat([kh, k[:, :, T:]], 2), torch.cat([vh, v[:, :, T:]], 2)
@@ -153,9 +161,9 @@ class ProfileKV(FullKV):
         super().prefill(k, v)
         self.prompt_len, self.q_prompt = k.shape[2], q_window
 
-    def attend(self, q, k_new, v_new):
+    def attend(self, q, k_new, v_new, pos):
         self.q_dec.append(q)
-        return super().attend(q, k_new, v_new)
+        return super().attend(q, k_new, v_new, pos)
 
     def stats(self) -> LayerStats:
         return layer_stats(self.k[:, :, :self.length], self.v[:, :, :self.length], self.prompt_len,
@@ -170,9 +178,9 @@ def profile_prompt(model, ids: list[int], cfg: ProfileConfig | None = None, prog
     policies = [ProfileKV(model.args, i, len(ids) + cfg.probe, device, model.head.dtype, cfg)
                 for i in range(model.args.n_layers)]
     logits = model.prefill(torch.tensor([ids], device=device), policies, progress=progress)
+    decoder = Decoder(model, policies)  # eager: ProfileKV is not graphable
     for i in range(cfg.probe):
-        token = logits.argmax(-1)
-        logits = model.decode_step(token, len(ids) + i, policies)
+        logits = decoder.step(logits.argmax(-1), len(ids) + i)
     return [p.stats() for p in policies]
 
 

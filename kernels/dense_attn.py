@@ -7,13 +7,15 @@ lies past the live length. Flash-decoding as in kernels/quant_attn.py: one progr
 head) and split of the tokens serves all query heads of the GQA group, so each K/V row is read
 once; the splits are merged by their running max and sum.
 
-The reference is engine.kv.base.decode_attention over buffer[:, :, :length].
+The reference is `decode_attention` (below) over buffer[:, :, :length]; it is also what policies
+use for dense attention over a slice whose length the host knows (prefill-time scoring, CPU steps).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -23,8 +25,30 @@ TARGET_PROGRAMS = 512  # enough programs to fill a large GPU several times over
 MIN_SPLIT_TOKENS = 256
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_probs: bool = False):
+    """Dense attention of new queries over cached keys, grouped-query aware, no causal mask needed
+    (every cached key is in the past).
+
+    q: (B, H, Tq, D); k, v: (B, H_kv, T, D) -> (B, H, Tq, D), plus the attention probabilities
+    (B, H_kv, n_rep*Tq, T) if return_probs (eviction policies score tokens with them).
+    The H query heads are folded into (H_kv, n_rep) groups so each KV head is read once,
+    instead of materialising repeat_kv copies of the cache.
+    """
+    B, H, Tq, D = q.shape
+    H_kv = k.shape[1]
+    if q.is_cuda and not return_probs:
+        # cuBLAS runs these 4-row batched GEMMs far below memory bandwidth at long context (0.3-1 ms
+        # per layer at 32k on an H100, measured); SDPA's fused kernels read K/V once at full speed.
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=H != H_kv)
+    qg = q.reshape(B, H_kv, (H // H_kv) * Tq, D)  # (B, H_kv, n_rep*Tq, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, H_kv, n_rep*Tq, T)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v).reshape(B, H, Tq, D)  # (B, H_kv, n_rep*Tq, D) -> (B, H, Tq, D)
+    return (out, probs) if return_probs else out
+
+
 def dense_decode_attention_ref(q, k, v, length: torch.Tensor):
-    from engine.kv.base import decode_attention  # (engine imports kernels, not the other way round)
+    """The reference: read the length on the host (a sync on a GPU) and attend over that slice."""
     n = int(length.reshape(-1)[0])
     return decode_attention(q, k[:, :, :n], v[:, :, :n])
 

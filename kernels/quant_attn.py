@@ -9,7 +9,13 @@ is byte d // per, bits [(d % per) * b, (d % per) * b + b)); dequantized value = 
            tokens [0, n_vq) quantized (column d // G), [n_vq, length) in the ring v_res at t % R
 
 n_kq and n_vq differ (keys leave the residual a block at a time, values one at a time), so each
-token's K and V sources are chosen independently.
+token's K and V sources are chosen independently. Both follow from the position `pos` of the newest
+token alone, because the cache (engine/kv/quant.py) moves tokens on a fixed schedule: with R the
+residual / ring size, length = pos + 1, n_kq = pos - pos % R (whole blocks of R keys are packed; the
+block holding pos is still in full precision) and n_vq = max(0, pos + 1 - R) (the ring holds the
+last R values). E.g. R = 128, pos = 300: keys 0..255 packed, 256..300 in k_res rows 0..44; values
+0..172 packed, 173..300 in the ring. So the kernel takes `pos` as a (1,) device tensor and reads
+it on the device: the same launch serves every step, which is what a CUDA graph replays.
 
 quant_decode_attention_ref is the specification: dequantize everything, then dense attention.
 quant_decode_attention_torch is the CPU path: it never builds dequantized keys; codes are unpacked
@@ -35,13 +41,18 @@ TARGET_PROGRAMS = 256
 MIN_SPLIT_TOKENS = 512
 
 
-def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
-                           length, bits, group, sm_scale=None) -> torch.Tensor:
-    """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the `length`
+def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
+                           bits, group, sm_scale=None) -> torch.Tensor:
+    """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the pos + 1
     cached tokens (sm_scale default 1/sqrt(D)). Triton on CUDA tensors, the torch path elsewhere."""
     fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
-    return fn(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
-              length, bits, group, sm_scale)
+    return fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale)
+
+
+def token_ranges(pos: torch.Tensor | int, R: int) -> tuple[int, int, int]:
+    """(length, n_kq, n_vq) on the host for the newest token at `pos` (see the module docstring)."""
+    p = int(pos.reshape(-1)[0]) if torch.is_tensor(pos) else int(pos)
+    return p + 1, p - p % R, max(0, p + 1 - R)
 
 
 # -- torch path (CPU) ---------------------------------------------------------------------------------
@@ -54,8 +65,9 @@ def _unpack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return table[codes.long()].flatten(-2)
 
 
-def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
-                                 length, bits, group, sm_scale=None) -> torch.Tensor:
+def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
+                                 bits, group, sm_scale=None) -> torch.Tensor:
+    length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])  # on the host: this path is for CPU tensors
     _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
@@ -104,8 +116,9 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.flatten(-2)
 
 
-def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
-                               length, bits, group, sm_scale=None) -> torch.Tensor:
+def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
+                               bits, group, sm_scale=None) -> torch.Tensor:
+    length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])
     _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
@@ -121,7 +134,7 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, 
         + v_mn[:, :, :n_vq].float().repeat_interleave(G, dim=3)
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots of the recent tokens, oldest first
     v = torch.cat([v_q.to(v_res.dtype), v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
-    # Dense grouped-query attention (as engine.kv.base.decode_attention, with sm_scale).
+    # Dense grouped-query attention (as kernels.dense_attn.decode_attention, with sm_scale).
     qg = q.reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, n_rep, D)
     scores = torch.matmul(qg, k.to(q.dtype).transpose(-1, -2)).float() * sm_scale  # (B, H_kv, n_rep, length)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
@@ -133,7 +146,7 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, 
 @triton.jit
 def _quant_decode_kernel(
     Q, KC, KS, KM, KR, VC, VS, VM, VR, M_out, L_out, Acc_out,
-    sm_scale, length, n_kq, n_vq, n_rep, H_kv, R, split_len,
+    sm_scale, POS, n_rep, H_kv, R, split_len,
     sq_b, sq_h, sq_d,
     skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skm_b, skm_h, skm_t, skm_d,
     skr_b, skr_h, skr_t, skr_d,
@@ -161,14 +174,17 @@ def _quant_decode_kernel(
     vs, vm = VS + b * svs_b + hk * svs_h, VM + b * svm_b + hk * svm_h
     vr = VR + b * svr_b + hk * svr_h
 
+    pos = tl.load(POS)  # the newest token; the ranges follow from it (module docstring)
+    length, n_kq, n_vq = pos + 1, pos - pos % R, tl.maximum(pos + 1 - R, 0)
     m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)  # running sum of exp(score - m) * v
     lo = pid_s * split_len
-    hi = tl.minimum(lo + split_len, length)  # the host makes every split non-empty
-    for start in range(lo, hi, BLOCK_T):
-        t = start + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
-        live = t < hi
+    # The grid covers the whole capacity and every split runs a fixed trip count: blocks past the
+    # live length load nothing (masked) and add nothing, so no launch depends on the length.
+    for start in range(0, split_len, BLOCK_T):
+        t = (lo + start + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BLOCK_T,)
+        live = t < length
 
         # K^T tile (D, BLOCK_T): packed codes for t < n_kq, the residual block after. Both loads are
         # masked, so each token's bytes are read from exactly one of the two sources.
@@ -184,9 +200,10 @@ def _quant_decode_kernel(
         # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
         s = tl.dot(q, k.to(q.dtype), input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
         s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds a live token
-        alpha = tl.exp(m - m_new)  # rescales what was summed under the old max (0 on the first block)
-        p = tl.exp(s - m_new[:, None])  # (NREP_PAD, BLOCK_T)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
+        alpha = tl.exp(m - m_ref)  # rescales what was summed under the old max (0 on the first block)
+        p = tl.exp(s - m_ref[:, None])  # (NREP_PAD, BLOCK_T)
         l = l * alpha + tl.sum(p, axis=1)
 
         # V tile (BLOCK_T, D): packed codes for t < n_vq, the ring slot t % R after.
@@ -202,7 +219,8 @@ def _quant_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
         m = m_new
 
-    # Partial results of this split, unnormalised; rows past n_rep are padding and not stored.
+    # Partial results of this split, unnormalised (m = -inf for a split past the length: weight 0
+    # in the merge); rows past n_rep are padding and not stored.
     row = pid_bh * tl.num_programs(1) + pid_s  # index into (B * H_kv, n_splits)
     keep = r < n_rep
     tl.store(M_out + row * n_rep + r, m, mask=keep)
@@ -210,37 +228,34 @@ def _quant_decode_kernel(
     tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
 
 
-def _split_len(length: int, n_bh: int, block_t: int, n_splits: int | None) -> int:
-    """Tokens per split, a multiple of block_t (so blocks never straddle two splits)."""
-    if n_splits is None:
-        n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, n_bh), triton.cdiv(length, MIN_SPLIT_TOKENS)))
-    return triton.cdiv(triton.cdiv(length, n_splits), block_t) * block_t
-
-
-def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, n_kq, v_codes, v_scale, v_mn, v_res, n_vq,
-                                  length, bits, group, sm_scale=None, *, n_splits=None, block_t=None):
-    """Fused dequantize + flash-decoding. n_splits / block_t override the defaults (tests use them to
-    exercise several splits on short sequences)."""
-    _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
+def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
+                                  bits, group, sm_scale=None, *, n_splits=None, block_t=None):
+    """Fused dequantize + flash-decoding. Every launch parameter depends only on the shapes (the grid
+    covers the capacity), so the call can be captured in a CUDA graph. n_splits / block_t override
+    the defaults (tests use them to exercise several splits on short sequences)."""
     B, H, _, D = q.shape
     H_kv, R = k_res.shape[1], v_res.shape[2]
     n_rep = H // H_kv
+    capacity = v_codes.shape[2] + R  # values: packed rows + the ring (see engine/kv/quant.py)
     # A block holds ~5 (D, BLOCK_T) tiles at once (codes, scale, mn, residual, result): keep that
     # near 4096 elements per tile so 4 warps don't spill registers.
     block_t = block_t or (64 if D <= 64 else 32)
     assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
+    assert bits in (1, 2, 4) and k_codes.shape[-1] * (8 // bits) == D and H % H_kv == 0
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
 
-    split_len = _split_len(length, B * H_kv, block_t, n_splits)
-    n_splits = triton.cdiv(length, split_len)  # recount after rounding: no empty split
+    if n_splits is None:
+        n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * H_kv), triton.cdiv(capacity, MIN_SPLIT_TOKENS)))
+    split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_t) * block_t  # whole blocks per split
+    n_splits = triton.cdiv(capacity, split_len)
     part = dict(device=q.device, dtype=torch.float32)
     m = torch.empty(B * H_kv, n_splits, n_rep, **part)
-    l = torch.empty(B * H_kv, n_splits, n_rep, **part)
+    l = torch.empty(B * H_kv, n_splits, n_rep, **part)  # noqa: E741
     acc = torch.empty(B * H_kv, n_splits, n_rep, D, **part)
     grid = (B * H_kv, n_splits)
     _quant_decode_kernel[grid](
         q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, m, l, acc,
-        sm_scale, length, n_kq, n_vq, n_rep, H_kv, R, split_len,
+        sm_scale, pos, n_rep, H_kv, R, split_len,
         q.stride(0), q.stride(1), q.stride(3),
         *k_codes.stride(), *k_scale.stride(), *k_mn.stride(), *k_res.stride(),
         *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(),

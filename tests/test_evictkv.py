@@ -4,26 +4,19 @@ import pytest
 import torch
 
 from engine.config import preset
-from engine.kv import build_policies
 from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.model import Llama
+from stepping import decode_logits
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)
-
-
-def run_logits(model, tokens, spec, prompt_len):
-    policies = build_policies(ARGS, spec, tokens.shape[1], "cpu", torch.float32)
-    out = [model.prefill(tokens[:, :prompt_len], policies)]
-    out += [model.decode_step(tokens[:, p], p, policies) for p in range(prompt_len, tokens.shape[1])]
-    return torch.stack(out), policies
 
 
 @pytest.mark.parametrize("during_decode", [False, True])
 def test_budget_covering_context_equals_fullkv(during_decode):
     model = Llama.random(ARGS, "cpu", torch.float32, seed=2)
     tokens = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(0))
-    full, _ = run_logits(model, tokens, {"policy": "full"}, 100)
-    ev, _ = run_logits(model, tokens, {"policy": "evict", "budget": 150, "window": 8,
+    full, _ = decode_logits(model, tokens, {"policy": "full"}, 100)
+    ev, _ = decode_logits(model, tokens, {"policy": "evict", "budget": 150, "window": 8,
                                        "evict_during_decode": during_decode}, 100)
     assert torch.equal(full, ev)
 
@@ -31,14 +24,15 @@ def test_budget_covering_context_equals_fullkv(during_decode):
 def test_small_budget_differs_and_decode_eviction_stays_bounded():
     model = Llama.random(ARGS, "cpu", torch.float32, seed=2)
     tokens = torch.randint(0, 300, (1, 150), generator=torch.Generator().manual_seed(0))
-    full, _ = run_logits(model, tokens, {"policy": "full"}, 100)
-    ev, pol = run_logits(model, tokens, {"policy": "evict", "budget": 40, "window": 8}, 100)
+    full, _ = decode_logits(model, tokens, {"policy": "full"}, 100)
+    ev, pol = decode_logits(model, tokens, {"policy": "evict", "budget": 40, "window": 8}, 100)
     assert not torch.equal(full, ev)
-    assert pol[0].n == 40 + 50  # prompt kept to 40, then every decoded token appended
-    _, pol = run_logits(model, tokens, {"policy": "evict", "budget": 40, "window": 8,
+    assert pol[0].k.shape[2] == 40 + 50  # prompt kept to 40, then room for every decoded token
+    assert pol[0].row_offset == 40 - 100  # position p sits in row p - 60
+    _, pol = decode_logits(model, tokens, {"policy": "evict", "budget": 40, "window": 8,
                                         "evict_during_decode": True}, 100)
     p = pol[0]
-    assert p.n == 40 and p.k.shape[2] == 40
+    assert p.k.shape[2] == 40 and bool((p.pos >= 0).all())  # every slot live, never more than 40
     newest = torch.arange(150 - 7, 150)  # the window's newest tokens are never evicted
     assert all(int(t) in p.pos[0, h].tolist() for h in range(2) for t in newest)
 
@@ -66,7 +60,7 @@ def test_high_attention_token_is_kept():
     k[:, :, 57, 3] = 10.0  # token 57 is what the window's queries look at
     p = BudgetedEvictKV(ARGS, 0, 210, "cpu", torch.float32, budget=16, window=8, pool=1)
     p.prefill(k, v, q)
-    assert p.n == 16
+    assert p.row_offset == 16 - 200  # 16 of the 200 prompt tokens kept
     kept = (p.k[0, 0, :, 3] == 10.0).nonzero().flatten().tolist()
     assert len(kept) == 1
 

@@ -4,6 +4,7 @@ import torch
 
 from engine.config import preset
 from engine.kv import build_policies
+from engine.graphs import Decoder
 from engine.model import Llama
 
 
@@ -17,8 +18,9 @@ def test_prefill_then_decode_equals_full_forward(split):
     policies = build_policies(args, {"policy": "full"}, 80, "cpu", torch.float32)
     last = model.prefill(tokens[:, :split], policies)[0]
     torch.testing.assert_close(last, full[split - 1], atol=1e-5, rtol=0)
+    decoder = Decoder(model, policies)
     for pos in range(split, 80):
-        step = model.decode_step(tokens[:, pos], pos, policies)[0]
+        step = decoder.step(tokens[:, pos], pos)[0]
         torch.testing.assert_close(step, full[pos], atol=1e-5, rtol=0)
     assert policies[0].length == 80
     expected = 2 * args.n_kv_heads * 80 * args.head_dim * 4
@@ -31,7 +33,7 @@ def test_capacity_overflow_is_an_error():
     policies = build_policies(args, {"policy": "full"}, 4, "cpu", torch.float32)
     model.prefill(torch.zeros(1, 4, dtype=torch.long), policies)
     with pytest.raises(RuntimeError, match="capacity"):
-        model.decode_step(torch.zeros(1, dtype=torch.long), 4, policies)
+        Decoder(model, policies).step(torch.zeros(1, dtype=torch.long), 4)
 
 
 def test_unknown_policy_and_wrong_layer_count():

@@ -4,20 +4,13 @@ import pytest
 import torch
 
 from engine.config import preset
-from engine.kv import build_policies
 from engine.kv.offload import OffloadKV
 from engine.model import Llama
 from interpreted import check_interpreted
+from stepping import attend_next, decode_logits
 from kernels.sparse_attn import approx_scores_ref, select_topk
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)  # head_dim 32
-
-
-def run_logits(model, tokens, spec, prompt_len):
-    policies = build_policies(ARGS, spec, tokens.shape[1], "cpu", torch.float32)
-    out = [model.prefill(tokens[:, :prompt_len], policies)]
-    out += [model.decode_step(tokens[:, p], p, policies) for p in range(prompt_len, tokens.shape[1])]
-    return torch.stack(out), policies
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +23,8 @@ def model_and_tokens():
 @pytest.mark.parametrize("budget", [120, 500])
 def test_budget_covering_prompt_equals_fullkv(model_and_tokens, budget):
     model, tokens = model_and_tokens
-    full, _ = run_logits(model, tokens, {"policy": "full"}, 120)
-    off, policies = run_logits(model, tokens, {"policy": "offload", "budget": budget, "sink": 4,
+    full, _ = decode_logits(model, tokens, {"policy": "full"}, 120)
+    off, policies = decode_logits(model, tokens, {"policy": "offload", "budget": budget, "sink": 4,
                                                 "recent": 16, "channels": 8}, 120)
     assert torch.equal(full, off)
     assert policies[0].nbytes()["host"] == 0
@@ -40,20 +33,20 @@ def test_budget_covering_prompt_equals_fullkv(model_and_tokens, budget):
 def test_reuse_never_changes_results(model_and_tokens):
     model, tokens = model_and_tokens
     spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
-    with_reuse, pol_a = run_logits(model, tokens, {**spec, "reuse": True}, 100)
-    without, pol_b = run_logits(model, tokens, {**spec, "reuse": False}, 100)
+    with_reuse, pol_a = decode_logits(model, tokens, {**spec, "reuse": True}, 100)
+    without, pol_b = decode_logits(model, tokens, {**spec, "reuse": False}, 100)
     assert torch.equal(with_reuse, without)
     moved_a = sum(p.fetcher.bytes_copied for p in pol_a)
     moved_b = sum(p.fetcher.bytes_copied for p in pol_b)
     assert 0 < moved_a < moved_b  # reuse copies strictly less once selections overlap
-    full, _ = run_logits(model, tokens, {"policy": "full"}, 100)
+    full, _ = decode_logits(model, tokens, {"policy": "full"}, 100)
     assert not torch.equal(full, with_reuse)  # the budget really bites (84 middle tokens, 32 kept)
 
 
 def test_device_and_host_bytes(model_and_tokens):
     model, tokens = model_and_tokens
     spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
-    _, policies = run_logits(model, tokens[:, :101], spec, 100)
+    _, policies = decode_logits(model, tokens[:, :101], spec, 100)
     p = policies[0]
     D, H = ARGS.head_dim, ARGS.n_kv_heads
     M = 100 - 4 - 12
@@ -160,13 +153,7 @@ def test_cuda_offload_matches_cpu_path(lookahead):
     model_gpu = Llama.random(ARGS, "cpu", torch.float32, seed=7).to("cuda")
     tokens = torch.randint(0, 300, (1, 160), generator=torch.Generator().manual_seed(0))
     spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8, "lookahead": lookahead}
-    out = {}
-    for name, m in [("cpu", model_cpu), ("cuda", model_gpu)]:
-        dev = m.head.device
-        pol = build_policies(ARGS, spec, 160, dev, torch.float32)
-        lg = [m.prefill(tokens[:, :100].to(dev), pol)]
-        lg += [m.decode_step(tokens[:, p].to(dev), p, pol) for p in range(100, 160)]
-        out[name] = torch.stack(lg).cpu()
+    out = {name: decode_logits(m, tokens, spec, 100)[0] for name, m in [("cpu", model_cpu), ("cuda", model_gpu)]}
     assert (out["cpu"].argmax(-1) == out["cuda"].argmax(-1)).float().mean() > 0.95
     torch.testing.assert_close(out["cpu"], out["cuda"], rtol=1e-3, atol=1e-3)
 
@@ -212,11 +199,11 @@ def test_lookahead_layer_attends_over_the_early_selection():
     q, q_other = torch.randn(1, 4, 1, 32, generator=g), torch.randn(1, 4, 1, 32, generator=g)
     kn, vn = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
     exact, early, wrong = _policy("none", k, v), _policy("layer", k, v), _policy("layer", k, v)
-    out_exact = exact.attend(q, kn, vn)
+    out_exact = attend_next(exact, q, kn, vn)
     early.prepare(q)
     wrong.prepare(q_other)
-    assert torch.equal(early.attend(q, kn, vn), out_exact)
-    assert not torch.equal(wrong.attend(q, kn, vn), out_exact)
+    assert torch.equal(attend_next(early, q, kn, vn), out_exact)
+    assert not torch.equal(attend_next(wrong, q, kn, vn), out_exact)
 
 
 def test_lookahead_step_uses_the_previous_query():
@@ -228,8 +215,8 @@ def test_lookahead_step_uses_the_previous_query():
     kvs = [(torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)) for _ in range(4)]
     lagged, early, exact = _policy("step", k, v), _policy("layer", k, v), _policy("none", k, v)
     for t in range(4):
-        got = lagged.attend(qs[t], *kvs[t])
+        got = attend_next(lagged, qs[t], *kvs[t])
         early.prepare(qs[max(t - 1, 0)])
-        assert torch.equal(got, early.attend(qs[t], *kvs[t])), t
-        same = torch.equal(got, exact.attend(qs[t], *kvs[t]))
+        assert torch.equal(got, attend_next(early, qs[t], *kvs[t])), t
+        same = torch.equal(got, attend_next(exact, qs[t], *kvs[t]))
         assert same == (t == 0), t  # from step 1 on the stale selection differs from the exact one

@@ -4,10 +4,13 @@ The reference is checked against dense attention on K/V dequantized here, indepe
 own dequantization); the Triton kernel is checked against the reference under TRITON_INTERPRET=1 in a
 subprocess, because triton reads that variable once at import and another test may import it first.
 Run this file as a script to run the Triton cases directly.
+
+The cache's state follows from the newest token's position `pos` alone (see the kernel's docstring):
+with R the residual / ring size, keys [0, n_kq) are packed, n_kq = pos - pos % R, and values
+[0, n_vq), n_vq = max(0, pos + 1 - R); the rest are in full precision.
 """
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -16,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from engine.kv.base import decode_attention  # noqa: E402
+from interpreted import check_interpreted  # noqa: E402
+from kernels.dense_attn import decode_attention  # noqa: E402
 from kernels.quant_attn import quant_decode_attention, quant_decode_attention_ref  # noqa: E402
 
 
@@ -30,18 +34,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, length=100, n_kq=None, n_vq=None,
-              T_cap=None, seed=0, wide=False):
-    """Random cache contents in the layout the kernel reads, plus the dense K/V (B, H_kv, length, D)
-    they stand for. Defaults follow QuantKV: n_kq = largest block of R leaving 1..R keys in full
-    precision, n_vq = length - R. wide=True stores residuals/scales as slices of wider buffers and q
-    transposed, so only .stride() describes them. Unused residual slots hold huge values: reading one
-    by mistake wrecks the result."""
+def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False):
+    """Random cache contents in the layout the kernel reads after the token at `pos`, plus the dense
+    K/V (B, H_kv, pos + 1, D) they stand for. wide=True stores residuals/scales as slices of wider
+    buffers and q transposed, so only .stride() describes them. Unused code rows and residual slots
+    hold random codes and huge values: reading one by mistake wrecks the result."""
     g = torch.Generator().manual_seed(seed)
-    n_kq = (length - 1) // R * R if n_kq is None else n_kq
-    n_vq = max(0, length - R) if n_vq is None else n_vq
+    length, n_kq, n_vq = pos + 1, pos - pos % R, max(0, pos + 1 - R)
     T_cap = (max(n_kq, n_vq) // G + 2) * G if T_cap is None else T_cap  # a multiple of G, with unused rows
-    assert n_kq % G == 0 and length - n_kq <= R and 0 <= length - n_vq <= R, "not a valid cache state"
+    assert R % G == 0 and max(n_kq, n_vq) <= T_cap and T_cap % G == 0, "not a valid cache"
     levels = (1 << bits) - 1
 
     def rand(*shape, lo=-1.0, hi=1.0):
@@ -72,16 +73,15 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, length=100, n_kq=None,
     v = torch.cat([v_deq[:, :, :n_vq], v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
 
     args = dict(q=q, k_codes=pack_codes(k_int, bits), k_scale=strided(k_scale), k_mn=k_mn, k_res=strided(k_res),
-                n_kq=n_kq, v_codes=pack_codes(v_int, bits), v_scale=v_scale, v_mn=strided(v_mn),
-                v_res=strided(v_res), n_vq=n_vq, length=length, bits=bits, group=G)
+                v_codes=pack_codes(v_int, bits), v_scale=v_scale, v_mn=strided(v_mn), v_res=strided(v_res),
+                pos=torch.tensor([pos]), bits=bits, group=G)
     return args, k, v
 
 
 # -- reference ---------------------------------------------------------------------------------------------
 def test_ref_matches_dense_on_dequantized():
     for bits in (1, 2, 4):
-        for kw in (dict(), dict(length=200, R=128, n_kq=128, n_vq=150), dict(H=6, H_kv=2, length=37, n_kq=32, n_vq=5),
-                   dict(wide=True, length=150)):
+        for kw in (dict(), dict(pos=199, R=128), dict(H=6, H_kv=2, pos=36, R=32), dict(wide=True, pos=149)):
             args, k, v = make_case(bits=bits, seed=bits, **kw)
             torch.testing.assert_close(quant_decode_attention_ref(**args), decode_attention(args["q"], k, v),
                                        rtol=1e-5, atol=1e-6, msg=f"bits={bits} {kw}")
@@ -110,8 +110,9 @@ def test_ref_quantized_from_floats():
     k_res[:, :, :length - n_kq] = k_f[:, :, n_kq:]
     v_res = torch.zeros(B, H_kv, R, D)
     v_res[:, :, torch.arange(n_vq, length) % R] = v_f[:, :, n_vq:]  # wrapped: n_vq = 96 is past R
-    out = quant_decode_attention_ref(q, pack_codes(k_codes, 4), k_scale, k_mn, k_res, n_kq,
-                                     pack_codes(v_codes, 4), v_scale, v_mn, v_res, n_vq, length, 4, G)
+    assert (n_kq, n_vq) == (length - 1 - (length - 1) % R, length - R)  # the state after token length - 1
+    out = quant_decode_attention_ref(q, pack_codes(k_codes, 4), k_scale, k_mn, k_res, pack_codes(v_codes, 4),
+                                     v_scale, v_mn, v_res, length - 1, 4, G)
     k = torch.cat([k_deq, k_f[:, :, n_kq:]], dim=2)
     v = torch.cat([v_deq, v_f[:, :, n_vq:]], dim=2)
     torch.testing.assert_close(out, decode_attention(q, k, v), rtol=1e-5, atol=1e-6)
@@ -120,24 +121,23 @@ def test_ref_quantized_from_floats():
 
 
 def test_ref_all_residual_is_dense_attention():
-    args, _, _ = make_case(length=50, R=64, n_kq=0, n_vq=0, T_cap=0)  # nothing quantized, empty code store
+    args, _, _ = make_case(pos=49, R=64, T_cap=0)  # nothing quantized, empty code store
     dense = decode_attention(args["q"], args["k_res"][:, :, :50], args["v_res"][:, :, :50])
     assert torch.equal(quant_decode_attention_ref(**args), dense)
 
 
 def test_ref_ring_order_matters():
     """With a wrapped ring, reading v_res in slot order instead of token order gives another answer."""
-    args, k, v = make_case(length=100, R=64, n_kq=64, n_vq=40, seed=3)  # tokens 40..99 in slots 40..63, 0..35
+    args, k, v = make_case(pos=99, R=64, seed=3)  # tokens 36..99 in slots 36..63, then 0..35
     out = quant_decode_attention_ref(**args)
     torch.testing.assert_close(out, decode_attention(args["q"], k, v), rtol=1e-5, atol=1e-6)
-    slot_order = torch.cat([torch.arange(0, 36), torch.arange(40, 64)])  # the mistake: slots ascending
-    v_wrong = torch.cat([v[:, :, :40], args["v_res"][:, :, slot_order]], dim=2)
+    v_wrong = torch.cat([v[:, :, :36], args["v_res"]], dim=2)  # the mistake: slots 0..63 ascending
     assert not torch.allclose(out, decode_attention(args["q"], k, v_wrong), atol=1e-3)
 
 
 def test_sm_scale_and_cpu_dispatch(monkeypatch):
     monkeypatch.delenv("LAYERKV_KERNELS", raising=False)
-    args, k, v = make_case(length=70)
+    args, k, v = make_case(pos=69)
     out = quant_decode_attention(**args, sm_scale=0.5)  # CPU tensors: the reference
     q = args["q"] * (0.5 * math.sqrt(64))  # decode_attention scales by 1/sqrt(D)
     torch.testing.assert_close(out, decode_attention(q, k, v), rtol=1e-5, atol=1e-6)
@@ -145,16 +145,16 @@ def test_sm_scale_and_cpu_dispatch(monkeypatch):
 
 # -- Triton (interpreter) vs reference -------------------------------------------------------------------
 TRITON_CASES = [
-    dict(length=1, R=64, n_kq=0, n_vq=0),
-    dict(length=37, H=4, H_kv=4, n_kq=0, n_vq=0, T_cap=0, bits=4),  # MHA, nothing quantized
-    dict(length=37, H=6, H_kv=2, G=16, R=32, bits=1),  # GQA 3, default n_kq/n_vq
-    dict(length=200, H=8, H_kv=2, D=128, bits=4, G=64, R=64),  # GQA 4, D=128, 3 key blocks quantized
-    dict(length=200, H=4, H_kv=1, bits=2, R=64, n_kq=192, n_vq=150, wide=True),  # wrapped ring, strided views
-    dict(length=200, H=4, H_kv=2, bits=1, R=128, n_kq=128, n_vq=72),  # ring wrapped at slot 0
-    dict(length=130, B=2, H=6, H_kv=2, D=128, bits=2, G=32, R=64, n_kq=96, n_vq=66, block_t=16, n_splits=3),
-    dict(length=200, H=4, H_kv=4, bits=4, R=64, block_t=32, n_splits=4),  # several splits, partial last block
-    dict(length=100, H=3, H_kv=1, bits=2, R=128, n_kq=0, n_vq=40, block_t=16, n_splits=5),  # keys all residual
-    dict(length=100, H=4, H_kv=2, D=128, bits=1, R=128, n_kq=64, n_vq=0),  # values all residual
+    dict(pos=0, R=64),  # one token
+    dict(pos=36, H=4, H_kv=4, T_cap=0, bits=4),  # MHA, nothing quantized, empty code store
+    dict(pos=36, H=6, H_kv=2, G=16, R=32, bits=1),  # GQA 3, one key block packed, 5 values
+    dict(pos=199, H=8, H_kv=2, D=128, bits=4, G=64, R=64),  # GQA 4, D=128, 3 key blocks packed
+    dict(pos=199, H=4, H_kv=1, bits=2, R=64, wide=True),  # wrapped ring, strided views
+    dict(pos=199, H=4, H_kv=2, bits=1, R=128),  # R=128: one key block, ring wrapped past slot 0
+    dict(pos=129, B=2, H=6, H_kv=2, bits=2, G=32, R=64, block_t=16, n_splits=3),  # batch of 2, 3 splits
+    dict(pos=199, H=2, H_kv=2, bits=4, R=64, block_t=32, n_splits=4),  # several splits, partial last block
+    dict(pos=127, H=3, H_kv=1, bits=2, R=64, block_t=16, n_splits=5),  # both residuals full, ring at slot 0
+    dict(pos=128, H=4, H_kv=2, D=128, bits=1, R=128),  # the first key block just packed: 1 residual key
 ]
 
 
@@ -162,54 +162,51 @@ def run_triton_cases() -> int:
     """Compare the kernel with the reference on every case; print each failure, return their number."""
     from kernels.quant_attn import quant_decode_attention_triton
     failures = 0
-    for case in TRITON_CASES:
+    for i, case in enumerate(TRITON_CASES):
         kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}
         args, _, _ = make_case(**{k: val for k, val in case.items() if k not in kw})
-        for sm_scale in (None, 0.3):
-            out = quant_decode_attention_triton(**args, sm_scale=sm_scale, **kw)
-            want = quant_decode_attention_ref(**args, sm_scale=sm_scale)
-            # Error relative to the output's scale: elementwise relative error is meaningless where an
-            # output is a near-zero average. Both sides sit ~1e-6 from a float64 evaluation.
-            err = ((out - want).abs().max() / want.abs().max()).item()
-            if out.shape != want.shape or out.dtype != want.dtype or not err < 1e-5:
-                failures += 1
-                print(f"FAIL {case} sm_scale={sm_scale}: relative error {err:.3g}", flush=True)
+        sm_scale = (None, 0.3)[i % 2]  # the default 1/sqrt(D) and a given scale, on alternate cases
+        out = quant_decode_attention_triton(**args, sm_scale=sm_scale, **kw)
+        want = quant_decode_attention_ref(**args, sm_scale=sm_scale)
+        # Error relative to the output's scale: elementwise relative error is meaningless where an
+        # output is a near-zero average. Both sides sit ~1e-6 from a float64 evaluation.
+        err = ((out - want).abs().max() / want.abs().max()).item()
+        if out.shape != want.shape or out.dtype != want.dtype or not err < 1e-5:
+            failures += 1
+            print(f"FAIL {case} sm_scale={sm_scale}: relative error {err:.3g}", flush=True)
     os.environ["LAYERKV_KERNELS"] = "triton"  # the dispatch reaches the kernel when told to
-    args, _, _ = make_case(length=65)
+    args, _, _ = make_case(pos=64)
     if not torch.allclose(quant_decode_attention(**args), quant_decode_attention_ref(**args), rtol=1e-5, atol=1e-6):
         failures += 1
         print("FAIL dispatch with LAYERKV_KERNELS=triton", flush=True)
-    print(f"{len(TRITON_CASES)} cases, {failures} failures", flush=True)
+    print(f"{len(TRITON_CASES)} cases, cases failed: {failures}", flush=True)
     return failures
 
 
 def test_triton_matches_ref_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "0 failures" in proc.stdout, proc.stdout + proc.stderr[-4000:]
-
-
-if __name__ == "__main__":
-    sys.exit(1 if run_triton_cases() else 0)
+    check_interpreted(f"import runpy; runpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')")
 
 
 def test_torch_path_matches_reference():
     """The CPU path (lookup-table unpack, scale folded into q and the weights) equals the spec."""
     from kernels.quant_attn import quant_decode_attention_ref, quant_decode_attention_torch
     g = torch.Generator().manual_seed(0)
-    for bits, G, H, H_kv, D, R, length, n_kq, n_vq in [(2, 64, 9, 3, 64, 128, 300, 256, 172),
-                                                       (1, 32, 8, 2, 128, 64, 257, 256, 193),
-                                                       (4, 16, 4, 4, 32, 32, 40, 32, 8),
-                                                       (4, 32, 6, 2, 64, 64, 20, 0, 0)]:
+    for bits, G, H, H_kv, D, R, pos in [(2, 64, 9, 3, 64, 128, 299),  # 256 keys, 172 values packed
+                                        (1, 32, 8, 2, 128, 64, 256),  # a key block just packed
+                                        (4, 16, 4, 4, 32, 32, 39),  # 32 keys, 8 values packed
+                                        (4, 32, 6, 2, 64, 64, 19)]:  # nothing packed
         per, cap = 8 // bits, 320
         args = dict(
             k_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
             k_scale=torch.rand(1, H_kv, cap // G, D, generator=g), k_mn=torch.randn(1, H_kv, cap // G, D, generator=g),
-            k_res=torch.randn(1, H_kv, R, D, generator=g), n_kq=n_kq,
+            k_res=torch.randn(1, H_kv, R, D, generator=g),
             v_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
             v_scale=torch.rand(1, H_kv, cap, D // G, generator=g), v_mn=torch.randn(1, H_kv, cap, D // G, generator=g),
-            v_res=torch.randn(1, H_kv, R, D, generator=g), n_vq=n_vq, length=length, bits=bits, group=G)
+            v_res=torch.randn(1, H_kv, R, D, generator=g), pos=torch.tensor([pos]), bits=bits, group=G)
         q = torch.randn(1, H, 1, D, generator=g)
         ref, fast = quant_decode_attention_ref(q, **args), quant_decode_attention_torch(q, **args)
         assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, G, (fast - ref).abs().max())
+
+
+if __name__ == "__main__":
+    sys.exit(1 if run_triton_cases() else 0)

@@ -5,9 +5,12 @@ import torch
 
 from engine.config import preset
 from engine.kv import build_policies
-from engine.kv.base import KVPolicy, decode_attention
+from engine.graphs import Decoder
+from engine.kv.base import KVPolicy
 from engine.kv.quant import QuantKV
 from engine.model import Llama
+from kernels.dense_attn import decode_attention
+from stepping import attend_next, decode_logits
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128)  # head_dim 32
 
@@ -16,14 +19,9 @@ ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128)  # head_
 def test_residual_covering_context_equals_fullkv(bits):
     model = Llama.random(ARGS, "cpu", torch.float32, seed=5)
     tokens = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(0))
-    logits = {}
-    for name, spec in [("full", {"policy": "full"}),
-                       ("quant", {"policy": "quant", "bits": bits, "group": 32, "residual": 96})]:
-        policies = build_policies(ARGS, spec, 70, "cpu", torch.float32)
-        out = [model.prefill(tokens[:, :40], policies)]
-        out += [model.decode_step(tokens[:, p], p, policies) for p in range(40, 70)]
-        logits[name] = torch.stack(out)
-    assert torch.equal(logits["full"], logits["quant"])
+    full, _ = decode_logits(model, tokens, {"policy": "full"}, 40)
+    quant, _ = decode_logits(model, tokens, {"policy": "quant", "bits": bits, "group": 32, "residual": 96}, 40)
+    assert torch.equal(full, quant)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 31, 32, 33, 100])
@@ -38,20 +36,21 @@ def test_bookkeeping_across_block_boundaries(prompt_len):
     p.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len])
     q = torch.randn(1, 4, 1, 32, generator=g)
     for t in range(prompt_len, T):
-        out = p.attend(q, k[:, :, t:t + 1], v[:, :, t:t + 1])
-        assert p.length - p.n_kq in range(1, 33) and p.length - p.n_vq <= 32
+        out = attend_next(p, q, k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert p.length - p.n_kq in range(1, 33)
+        # attention over what it holds (dequantized) is what attend() returned, at every step
+        torch.testing.assert_close(out, decode_attention(q, *p.dequantized()), rtol=1e-4, atol=1e-5)
     kh, vh = p.dequantized()
-    assert p.n_kq > 0 and p.n_vq > 0
+    n_vq = T - 32  # the last 32 values are in the ring
+    assert p.n_kq > 0
     torch.testing.assert_close(kh[:, :, p.n_kq:], k[:, :, p.n_kq:], rtol=0, atol=0)
-    torch.testing.assert_close(vh[:, :, p.n_vq:], v[:, :, p.n_vq:], rtol=0, atol=0)
+    torch.testing.assert_close(vh[:, :, n_vq:], v[:, :, n_vq:], rtol=0, atol=0)
     # 4 bits over a group's range: the error is at most half a step, (max - min) / 15 / 2 < 0.35 here
     assert (kh - k).abs().max() < 0.35 and (vh - v).abs().max() < 0.35
-    # and attention over what it holds is what attend() returned at the last step
-    torch.testing.assert_close(out, decode_attention(q, kh, vh), rtol=1e-5, atol=1e-6)
 
 
 def test_invalid_parameters_fail_at_construction():
-    for kw, msg in [(dict(bits=3), "bits"), (dict(group=24), "divide"), (dict(residual=-1), ">= 0"),
+    for kw, msg in [(dict(bits=3), "bits"), (dict(group=24), "divide"), (dict(residual=-1), "multiple"),
                     (dict(residual=48), "multiple")]:
         with pytest.raises(ValueError, match=msg):
             QuantKV(ARGS, 0, 100, "cpu", torch.float32, **{"group": 32, **kw})
@@ -59,9 +58,13 @@ def test_invalid_parameters_fail_at_construction():
 
 def test_nbytes_counts_everything_and_shrinks_with_bits():
     sizes = {}
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 4000, 32, generator=g), torch.randn(1, 2, 4000, 32, generator=g)
     for bits in (1, 2, 4):
         p = QuantKV(ARGS, 0, 4096, "cpu", torch.float32, bits=bits, group=32, residual=128)
+        p.prefill(k, v)
         sizes[bits] = p.nbytes()["device"]
+        assert QuantKV.cost(ARGS, 4000, 96, 4, bits=bits, group=32, residual=128) == p.nbytes()
         D, H = ARGS.head_dim, ARGS.n_kv_heads
         kq, vq = 4095 // 128 * 128, 4096 - 128
         expected = (H * (kq + vq) * D * bits // 8  # codes
@@ -79,9 +82,12 @@ class Probe(KVPolicy):
     def __init__(self, full):  # no storage of its own
         self.full = full
 
-    def attend(self, q, k_new, v_new):
+    def before_step(self):
+        self.full.before_step()
+
+    def attend(self, q, k_new, v_new, pos):
         self.q, self.k_new, self.v_new = q, k_new, v_new
-        return self.full.attend(q, k_new, v_new)
+        return self.full.attend(q, k_new, v_new, pos)
 
 
 def test_attention_error_shrinks_with_bits_on_real_activations():
@@ -96,7 +102,7 @@ def test_attention_error_shrinks_with_bits_on_real_activations():
     m.model.prefill(torch.tensor([ids[:T]]), full)
     keys = [(p.k[:, :, :T].clone(), p.v[:, :, :T].clone()) for p in full]
     probes = [Probe(p) for p in full]
-    m.model.decode_step(torch.tensor([ids[T]]), T, probes)
+    Decoder(m.model, probes).step(torch.tensor([ids[T]]), T)
     errors = {}
     for bits in (1, 2, 4):
         rel = []
@@ -104,7 +110,7 @@ def test_attention_error_shrinks_with_bits_on_real_activations():
             exact = decode_attention(pr.q, torch.cat([k, pr.k_new], 2), torch.cat([v, pr.v_new], 2))
             qkv = QuantKV(m.args, 0, T + 1, "cpu", torch.float32, bits=bits, group=64, residual=64)
             qkv.prefill(k, v)
-            out = qkv.attend(pr.q, pr.k_new, pr.v_new)
+            out = attend_next(qkv, pr.q, pr.k_new, pr.v_new)
             rel.append(((out - exact).norm() / exact.norm()).item())
         errors[bits] = sum(rel) / len(rel)
     assert errors[1] > errors[2] > errors[4], errors

@@ -1,7 +1,6 @@
-"""KV cache policies, one object per layer. `build_policies` is the single place names map to classes."""
+"""KV cache policies, one object per layer. `POLICIES` is the single place names map to classes;
+`parse_policy` reads the `name:key=value,...` form that the CLIs and the Python API share."""
 from __future__ import annotations
-
-import inspect
 
 import torch
 
@@ -16,6 +15,13 @@ POLICIES: dict[str, type[KVPolicy]] = {"full": FullKV, "quant": QuantKV, "offloa
                                        "evict": BudgetedEvictKV}
 
 
+def policy_class(spec: dict) -> type[KVPolicy]:
+    name = spec.get("policy")
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
 def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,
                    device: torch.device | str, dtype: torch.dtype) -> list[KVPolicy]:
     """One policy per layer. `specs` is one dict for every layer or a list of per-layer dicts,
@@ -26,37 +32,44 @@ def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,
         raise ValueError(f"{len(specs)} layer specs for a {args.n_layers}-layer model")
     policies = []
     for layer, spec in enumerate(specs):
-        params = dict(spec)
-        name = params.pop("policy")
-        if name not in POLICIES:
-            raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
-        policies.append(POLICIES[name](args, layer, capacity, device, dtype, **params))
+        params = {k: v for k, v in spec.items() if k != "policy"}
+        try:
+            policies.append(policy_class(spec)(args, layer, capacity, device, dtype, **params))
+        except TypeError as e:  # an unknown parameter name, e.g. from a hand-edited plan
+            raise ValueError(f"layer {layer}: bad parameters for {spec['policy']}: {e}") from None
     return policies
 
 
-def parse_policy(text: str, model_name: str, n_layers: int) -> dict | list[dict]:
-    """A policy written on a command line -> build_policies' specs: 'full', 'quant:bits=2,residual=128',
-    'offload:budget=256,lookahead=layer', or 'plan:PATH' (a per-layer plan from profile_layers.py, checked against the model)."""
-    name, _, params = text.partition(":")
-    if name == "plan":
-        from engine.planner import load_plan
-        return load_plan(params, model_name, n_layers)[1]
+def spec_cost(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int) -> dict[str, int]:
+    """Bytes by tier {"device", "host"} that the policy `spec` will hold: the policy's own cost."""
+    return policy_class(spec).cost(args, prompt, new, elem, **{k: v for k, v in spec.items() if k != "policy"})
+
+
+def parse_policy(text: str) -> dict:
+    """A policy as written on a command line -> a spec for build_policies:
+    'full', 'quant:bits=2,residual=128', 'offload:budget=256,lookahead=layer'. Keys and value
+    types are checked against the policy's constructor (the one place its defaults live)."""
+    name, _, params = text.strip().partition(":")
     if name not in POLICIES:
-        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)} or plan:PATH")
+        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
     spec: dict = {"policy": name}
-    defaults = {k: v.default for k, v in inspect.signature(POLICIES[name].__init__).parameters.items()
-                if v.default is not inspect.Parameter.empty}  # the parameters a policy takes
-    for kv in filter(None, params.split(",")):
+    defaults = POLICIES[name].defaults()
+    for kv in filter(None, (p.strip() for p in params.split(","))):
         key, sep, value = kv.partition("=")
         if not sep:
             raise ValueError(f"policy {text!r}: expected key=value, got {kv!r}")
         if key not in defaults:
             raise ValueError(f"policy {text!r}: {name} has no parameter {key!r} ({', '.join(defaults)})")
-        if isinstance(defaults[key], str):  # a word, e.g. offload's lookahead=layer
+        default = defaults[key]
+        if isinstance(default, bool):  # a switch, e.g. evict_during_decode=1
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"policy {text!r}: {key}={value!r} is not a yes/no value (1, 0, true, false)")
+            spec[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, str):  # a word, e.g. offload's lookahead=layer
             spec[key] = value
-            continue
-        try:
-            spec[key] = float(value) if "." in value else int(value)
-        except ValueError:
-            raise ValueError(f"policy {text!r}: {key}={value!r} is not a number") from None
+        else:
+            try:
+                spec[key] = int(value)
+            except ValueError:
+                raise ValueError(f"policy {text!r}: {key}={value!r} is not a whole number") from None
     return spec

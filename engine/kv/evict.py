@@ -16,8 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.kv.base import KVPolicy, decode_attention, tensor_bytes
-from kernels.dense_attn import dense_decode_attention
+from engine.kv.base import KVPolicy, tensor_bytes
+from kernels.dense_attn import decode_attention, dense_decode_attention
 
 
 def window_scores(k: torch.Tensor, q_window: torch.Tensor, pool: int) -> torch.Tensor:
@@ -54,15 +54,19 @@ class BudgetedEvictKV(KVPolicy):
         self.evict_during_decode = bool(evict_during_decode)
         self.q_window = window
         self.k = self.v = None  # (B, H_kv, n_max, D)
-        self.n = 0              # tokens held
-        self.pos = self.acc = None  # decode-time eviction: token position and accumulated mass per slot
+        self.pos = self.acc = None  # decode-time eviction: token position (-1: free) and attention mass per slot
+
+    @staticmethod
+    def _rows(capacity: int, prompt: int, budget: int, evict_during_decode: bool) -> int:
+        """Rows of the device buffer: never more than `budget` with decode eviction, else what
+        prefill keeps plus every token yet to be generated."""
+        if evict_during_decode:
+            return min(budget, capacity)
+        return min(prompt, budget) + (capacity - prompt)
 
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
-        if self.evict_during_decode:  # never more than `budget` tokens
-            n_max = min(self.budget, self.capacity)
-        else:  # what prefill keeps + every token yet to be generated
-            n_max = min(T, self.budget) + (self.capacity - T)
+        n_max = self._rows(self.capacity, T, self.budget, self.evict_during_decode)
         self.k = torch.empty(B, H_kv, n_max, D, device=self.device, dtype=self.dtype)
         self.v = torch.empty_like(self.k)
         if T <= self.budget:  # everything fits: keep it all, in order
@@ -76,55 +80,59 @@ class BudgetedEvictKV(KVPolicy):
             idx = keep[..., None].expand(-1, -1, -1, D)
             self.k[:, :, :self.budget] = k.gather(2, idx)
             self.v[:, :, :self.budget] = v.gather(2, idx)
-        self.n = keep.shape[-1]
-        self.row_offset = self.n - T  # buffer row of position p is p + row_offset (no decode eviction)
+        self.row_offset = keep.shape[-1] - T  # buffer row of position p is p + row_offset (no decode eviction)
         if self.evict_during_decode:
             self.pos = torch.full((B, H_kv, n_max), -1, device=self.device, dtype=torch.long)
-            self.pos[:, :, :self.n] = keep
+            self.pos[:, :, :keep.shape[-1]] = keep
             self.acc = torch.zeros(B, H_kv, n_max, device=self.device, dtype=torch.float32)
         self.length = T
 
-    def attend(self, q, k_new, v_new):
-        if self.n < self.k.shape[2]:  # room left: append
-            self.k[:, :, self.n], self.v[:, :, self.n] = k_new[:, :, 0], v_new[:, :, 0]
-            if self.evict_during_decode:
-                self.pos[:, :, self.n] = self.length
-            self.n += 1
-        elif self.evict_during_decode:  # full: the least-attended token outside the window makes room
-            protected = self.pos > self.length - self.window
-            slot = self.acc.masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)  # (B, H_kv, 1)
-            idx = slot[..., None].expand(-1, -1, 1, self.k.shape[-1])
-            self.k.scatter_(2, idx, k_new)
-            self.v.scatter_(2, idx, v_new)
-            self.pos.scatter_(2, slot, self.length)
-            self.acc.scatter_(2, slot, 0.0)
-        else:
-            raise RuntimeError(f"BudgetedEvictKV layer {self.layer}: capacity {self.capacity} exceeded")
-        self.length += 1
-        k, v = self.k[:, :, :self.n], self.v[:, :, :self.n]
-        if not self.evict_during_decode:
-            return decode_attention(q, k, v)
-        out, probs = decode_attention(q, k, v, return_probs=True)
-        self.acc[:, :, :self.n] += probs.float().sum(dim=2)  # mass from every query head of the group
+    def attend(self, q, k_new, v_new, pos):
+        if not self.evict_during_decode:  # append: every generated token has its own row
+            row = pos + self.row_offset
+            self.k.index_copy_(2, row, k_new)
+            self.v.index_copy_(2, row, v_new)
+            return dense_decode_attention(q, self.k, self.v, row + 1)
+        # Decode eviction, all on the device: a free slot (pos -1) if any is left, else the slot
+        # with the least attention mass so far that is not among the `window` newest tokens.
+        score = self.acc.masked_fill(self.pos > pos - self.window, float("inf"))
+        score = score.masked_fill(self.pos < 0, float("-inf"))  # free slots first, in row order
+        slot = score.argmin(dim=-1, keepdim=True)  # (B, H_kv, 1)
+        idx = slot[..., None].expand(-1, -1, 1, self.k.shape[-1])
+        self.k.scatter_(2, idx, k_new)
+        self.v.scatter_(2, idx, v_new)
+        self.pos.scatter_(2, slot, pos.expand_as(slot))
+        self.acc.scatter_(2, slot, 0.0)
+        out, mass = self._attend_live(q, (self.pos[:1, :1] >= 0).sum().reshape(1))
+        self.acc += mass
         return out
 
-    @property
-    def graphable(self):  # eviction during decode picks slots by data: left to eager steps
-        return not self.evict_during_decode
-
-    def attend_at(self, q, k_new, v_new, pos):
-        row = pos + self.row_offset
-        self.k.index_copy_(2, row, k_new)
-        self.v.index_copy_(2, row, v_new)
-        return dense_decode_attention(q, self.k, self.v, row + 1)
-
-    def advance(self):
-        if self.n >= self.k.shape[2]:
-            raise RuntimeError(f"BudgetedEvictKV layer {self.layer}: capacity {self.capacity} exceeded")
-        self.n, self.length = self.n + 1, self.length + 1
+    def _attend_live(self, q, n_live):
+        """Attention over the live slots -> (out (B, H, 1, D), attention mass per slot (B, H_kv, N)
+        summed over the query heads of each group). Free slots are taken in row order, so the live
+        ones are always the first n_live rows (n_live a (1,) device tensor)."""
+        B, H, _, D = q.shape
+        H_kv, N = self.k.shape[1], self.k.shape[2]
+        if q.is_cuda:  # a CUDA graph cannot slice by a device count: mask the free rows instead
+            qg = q.reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, n_rep, D)
+            scores = torch.matmul(qg, self.k.transpose(-1, -2)).float() / math.sqrt(D)  # (B, H_kv, n_rep, N)
+            free = torch.arange(N, device=q.device) >= n_live
+            probs = scores.masked_fill(free, float("-inf")).softmax(dim=-1)
+            return torch.matmul(probs.to(self.v.dtype), self.v).reshape(B, H, 1, D), probs.sum(dim=2)
+        n = int(n_live)  # CPU: read the count (no graph here) and attend as FullKV does, bit for bit
+        out, probs = decode_attention(q, self.k[:, :, :n], self.v[:, :, :n], return_probs=True)
+        return out, F.pad(probs.float().sum(dim=2), (0, N - n))
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k, self.v, self.pos, self.acc), "host": 0}
+
+    @classmethod
+    def cost(cls, args, prompt, new, elem, budget=512, evict_during_decode=False, **_):
+        rows = cls._rows(prompt + new, prompt, budget, evict_during_decode)
+        device = rows * 2 * args.n_kv_heads * args.head_dim * elem
+        if evict_during_decode:  # slot positions (int64) and accumulated mass (float32)
+            device += rows * args.n_kv_heads * (8 + 4)
+        return {"device": device, "host": 0}
 
     def describe(self):
         d = {"policy": self.name, "budget": self.budget, "window": self.window, "pool": self.pool}

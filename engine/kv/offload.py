@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv.base import KVPolicy, decode_attention, tensor_bytes
+from engine.kv.base import KVPolicy, tensor_bytes
 from kernels.dense_attn import dense_decode_attention
 from kernels.prefetch import RowFetcher
 from kernels.sparse_attn import approx_scores, select_topk
@@ -56,7 +56,6 @@ LOOKAHEAD = ("none", "layer", "step")
 
 class OffloadKV(KVPolicy):
     name = "offload"
-    graphable = True
     q_window = 32  # prompt queries used to rank channels
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
@@ -78,7 +77,6 @@ class OffloadKV(KVPolicy):
         self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
         self.fetcher: RowFetcher | None = None
         self.slots = None               # (B, H_kv, k) the middle token held in each device slot
-        self.n = 0                      # tokens held in the device buffer
 
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
@@ -103,7 +101,6 @@ class OffloadKV(KVPolicy):
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
             self.slots = None  # filled by the first decode step's query
-        self.n = n_prompt
         self.row_offset = n_prompt - T  # buffer row of decode position p is p + row_offset
         self.length = T
 
@@ -118,7 +115,14 @@ class OffloadKV(KVPolicy):
             slot_idx, tokens = torch.arange(k, device=new.device).expand_as(new), new
             wanted = torch.ones_like(new, dtype=torch.bool)
         else:
-            # A slot keeps its token if that token is still selected; the other slots are free.
+            # A slot keeps its token if that token is still selected; the other slots are free and
+            # the newly selected tokens go into them, the j-th new token into the j-th free slot.
+            # Example, k = 4: slots = [7, 2, 9, 4] (slot 0 holds token 7, ...), new = [2, 4, 5, 8]
+            #   keep    = [F, T, F, T]       slots 1 and 3 keep tokens 2 and 4
+            #   present = [T, T, F, F]       of new, 5 and 8 are not held yet
+            #   slot_idx = [0, 2, 1, 3]      free slots first; tokens = [5, 8, 2, 4]: new ones first
+            #   wanted  = [T, T, F, F]       2 free slots = 2 new tokens (both k - kept)
+            # -> slot 0 <- token 5, slot 2 <- token 8, slots = [5, 2, 8, 4]: two rows cross the bus.
             keep = new.gather(-1, torch.searchsorted(new, self.slots).clamp_(max=k - 1)) == self.slots
             held = self.slots.sort(dim=-1).values
             present = held.gather(-1, torch.searchsorted(held, new).clamp_(max=k - 1)) == new
@@ -153,19 +157,7 @@ class OffloadKV(KVPolicy):
         if self.lookahead == "step" and not first:  # the next step's rows, fetched while we go on
             self._select(q, overlap=True)
 
-    def attend(self, q, k_new, v_new):
-        n = self.n
-        if n >= self.k.shape[2]:
-            raise RuntimeError(f"OffloadKV layer {self.layer}: capacity {self.capacity} exceeded")
-        self.k[:, :, n:n + 1], self.v[:, :, n:n + 1] = k_new, v_new
-        self.advance()
-        first = self.offloaded and self._before_attention(q)
-        out = decode_attention(q, self.k[:, :, :n + 1], self.v[:, :, :n + 1])
-        if self.offloaded:
-            self._after_attention(q, first)
-        return out
-
-    def attend_at(self, q, k_new, v_new, pos):
+    def attend(self, q, k_new, v_new, pos):
         row = pos + self.row_offset  # (1,) this token's row in the device buffer
         self.k.index_copy_(2, row, k_new)
         self.v.index_copy_(2, row, v_new)
@@ -175,9 +167,6 @@ class OffloadKV(KVPolicy):
             self._after_attention(q, first)
         return out
 
-    def advance(self):
-        self.n, self.length = self.n + 1, self.length + 1
-
     def finish_step(self):
         if self.fetcher is not None:
             self.fetcher.wait()
@@ -186,6 +175,20 @@ class OffloadKV(KVPolicy):
         device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.slots)
         host = self.fetcher.nbytes() if self.fetcher is not None else 0
         return {"device": device, "host": host}
+
+    @classmethod
+    def cost(cls, args, prompt, new, elem, budget=512, sink=16, recent=64, channels=8, **_):
+        H, D = args.n_kv_heads, args.head_dim
+        S = min(sink, prompt)
+        W = min(recent, prompt - S)
+        M = prompt - S - W
+        top = min(budget - sink - recent, M)
+        device = (S + top + W + new) * 2 * H * D * elem
+        if top == M:  # nothing offloaded
+            return {"device": device, "host": 0}
+        # + the sketch (M x C), the channel ids and the selected-token ids (int64)
+        device += H * M * channels * elem + H * channels * 8 + H * top * 8
+        return {"device": device, "host": 2 * H * M * D * elem}
 
     def transfer_bytes(self):
         return self.fetcher.bytes_copied if self.fetcher is not None else 0
