@@ -14,14 +14,13 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
-from engine.config import preset
-from engine.haystack import FILLER, make_haystack
-from engine.model import Llama
-from engine.quality import fidelity_with_reference, passkey_grid
+from engine.eval.haystack import FILLER, make_haystack
+from engine.eval.quality import fidelity_with_reference, passkey_grid
+from engine.kv.evict import BudgetedEvictKV
+from engine.kv.offload import OffloadKV
 from engine.runner import generate
 from engine.sampling import SamplingParams
 
@@ -48,23 +47,13 @@ class BenchConfig:
 
 
 # ---- model and prompts ---------------------------------------------------------------------------
-def load_for_bench(spec: str | None, device: torch.device, dtype: torch.dtype, log):
-    """Like weights.load.load_model, but a random: preset needs no tokenizer file (the GPU machine
-    has none: its prompts are random token ids and its quality is skipped anyway)."""
-    if spec and spec.startswith("random:"):
-        args = preset(spec.split(":", 1)[1])
-        return SimpleNamespace(name=spec, args=args, model=Llama.random(args, device, dtype), tokenizer=None)
-    from weights.load import load_model
-    return load_model(spec, device, dtype, log=log)
-
-
 def is_random(m) -> bool:
-    return m.tokenizer is None or m.name.startswith("random:")
+    return m.name.startswith("random:")
 
 
 def text_ids(m, n: int) -> list[int]:
     """n tokens of real text (GPL-3, repeated if short), or seeded random ids for random weights."""
-    if m.tokenizer is None:
+    if is_random(m):
         rng = random.Random(0)
         return [rng.randrange(100, m.args.vocab_size) for _ in range(n)]
     text = FILLER * 2000
@@ -83,7 +72,7 @@ def prompt_len(m, ctx: int, new: int) -> int:
 
 
 # ---- policy specs at one kept fraction -------------------------------------------------------------
-def policy_specs(name: str, m, ids: list[int], fraction: float, new: int, log) -> dict | list[dict]:
+def policy_specs(name: str, m, ids: list[int], fraction: float, new: int) -> dict | list[dict]:
     """`name` at `fraction` of the context: evict/offload keep that many prompt tokens per layer,
     hybrid gets that fraction of FullKV's device bytes (a plan from a profiling pass over `ids`),
     quant is 4-bit whatever the fraction (its bytes follow from the bits)."""
@@ -91,22 +80,16 @@ def policy_specs(name: str, m, ids: list[int], fraction: float, new: int, log) -
     if name == "full":
         return {"policy": "full"}
     if name == "quant":
-        return {"policy": "quant", "bits": 4, "group": min(64, m.args.head_dim), "residual": 128}
-    if name == "evict":
-        return {"policy": "evict", "budget": max(budget, 32)}  # at least its 32-query window
-    if name == "offload":
-        sink, recent = 16, 64
-        return {"policy": "offload", "budget": max(budget, sink + recent), "sink": sink, "recent": recent}
-    if name == "hybrid":
-        # generate.py --policy hybrid's own code path (profile this prompt, plan), reused as is
-        from generate import hybrid_specs
-        elem = torch.empty((), dtype=m.model.head.dtype).element_size()
-        a = SimpleNamespace(plan=None, kv_budget=str(fraction), max_new_tokens=new,
-                            profile_tokens=4096, plan_policies="auto")  # generate.py's defaults
-        return hybrid_specs(a, m, ids, elem, log)
-    if name.startswith("plan:") or ":" in name:
-        from engine.kv import parse_policy
-        return parse_policy(name, m.name, m.args.n_layers)
+        return {"policy": "quant", "bits": 4}
+    if name == "evict":  # at least its query window
+        return {"policy": "evict", "budget": max(budget, BudgetedEvictKV.defaults()["window"])}
+    if name == "offload":  # at least its sink + recent tokens
+        d = OffloadKV.defaults()
+        return {"policy": "offload", "budget": max(budget, d["sink"] + d["recent"])}
+    if name == "hybrid":  # as generate.py --policy hybrid: profile this prompt, plan for the fraction
+        return m.policy_specs("hybrid", ids, new, kv_budget=fraction)
+    if ":" in name:  # name:key=value or plan:PATH
+        return m.policy_specs(name)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(OUR_POLICIES)}, name:key=value or plan:PATH")
 
 
@@ -207,7 +190,7 @@ def quality_cells(m, ids: list[int], cont: list[int], specs: dict, fraction: flo
         for seed in range(cfg.seeds):
             for depth in cfg.depths:
                 h = make_haystack(m.tokenizer, len(ids), depth=depth, seed=seed)
-                spec = policy_specs("hybrid", m, h.ids, fraction, 8, log)
+                spec = policy_specs("hybrid", m, h.ids, fraction, 8)
                 grids["hybrid"] += passkey_grid(m.model, m.tokenizer, len(ids), [depth], [seed], [spec])[0]
     log(f"  quality: pass key, {len(cfg.depths) * cfg.seeds} haystacks x {len(names)} policies in "
         f"{time.perf_counter() - t:.0f} s")

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 
-from engine import bench
-from engine import peers as peer_mod
+from engine.eval import cells
+from engine.eval import peers as peer_mod
 
 FRACTION_FREE = ("full", "quant", "hf-dynamic", "hf-quanto4")  # what a kept fraction does not change
 
@@ -18,7 +18,7 @@ FRACTION_FREE = ("full", "quant", "hf-dynamic", "hf-quanto4")  # what a kept fra
 class Context:
     """What every cell of one context length shares."""
     m: object
-    cfg: bench.BenchConfig
+    cfg: cells.BenchConfig
     ctx: int
     ids: list[int]   # the prompt
     cont: list[int]  # the teacher-forced continuation after it
@@ -33,16 +33,15 @@ def _cell(engine: str, policy: str, c: Context) -> dict:
 
 def _ours_latency(c: Context, name: str, specs: dict, cell: dict) -> dict:
     t = time.perf_counter()
-    specs[name] = bench.policy_specs(name, c.m, c.ids, c.cfg.fractions[0],
-                                     max(c.cfg.new_tokens, len(c.cont)), c.log)
+    specs[name] = cells.policy_specs(name, c.m, c.ids, c.cfg.fractions[0], max(c.cfg.new_tokens, len(c.cont)))
     if name == "hybrid":
         cell["plan_s"] = time.perf_counter() - t  # the profiling pass + planning, before the run
-    return bench.latency_cell(c.m, c.ids, specs[name], c.cfg)
+    return cells.latency_cell(c.m, c.ids, specs[name], c.cfg)
 
 
 def _ours_quality(c: Context, specs: dict, names: list[str], f: float, out: dict) -> dict:
-    todo = {k: specs.get(k) or bench.policy_specs(k, c.m, c.ids, f, len(c.cont), c.log) for k in names}
-    out["ours"], out["ref"] = bench.quality_cells(c.m, c.ids, c.cont, todo, f, c.cfg, c.log)
+    todo = {k: specs.get(k) or cells.policy_specs(k, c.m, c.ids, f, len(c.cont)) for k in names}
+    out["ours"], out["ref"] = cells.quality_cells(c.m, c.ids, c.cont, todo, f, c.cfg, c.log)
     return {}
 
 
@@ -51,71 +50,71 @@ def _peer_quality(c: Context, peer: str, ref: dict, f: float, out: dict) -> dict
     return {}
 
 
-def run_matrix(m, cfg: bench.BenchConfig, peers: list[str], results: dict, save, log) -> None:
+def run_matrix(m, cfg: cells.BenchConfig, peers: list[str], results: dict, save, log) -> None:
     device = m.model.head.device
     skips = {p: peer_mod.skip_reason(p) for p in peers}
     hf = None
     if any(r is None for r in skips.values()):
-        from engine.hf_view import hf_view
+        from engine.eval.hf_view import hf_view
         hf = hf_view(m.model)
-    quality = cfg.quality and not bench.is_random(m)
+    quality = cfg.quality and not cells.is_random(m)
     if cfg.quality and not quality:
         results["meta"]["quality_note"] = ("Quality skipped: random weights (random: presets) have no meaningful "
                                            "pass key or perplexity; this run measures speed and memory at real shapes.")
     if cfg.warm_up:
         warm_up(m, cfg, [p for p in peers if not skips[p]], hf, log)
     for ctx in cfg.ctxs:
-        n = bench.prompt_len(m, ctx, max(cfg.new_tokens, cfg.continuation))
-        ids = bench.text_ids(m, n + cfg.continuation)
+        n = cells.prompt_len(m, ctx, max(cfg.new_tokens, cfg.continuation))
+        ids = cells.text_ids(m, n + cfg.continuation)
         c = Context(m, cfg, ctx, ids[:n], ids[n:], hf, log)
         log(f"context {ctx}: {n}-token prompt")
-        specs, cells = {}, {}
+        specs, by_name = {}, {}  # cells of this context, by policy or peer
         for name in cfg.policies:
-            cell = cells[name] = _cell("layerkv", name, c)
-            bench.guarded(cell, device, partial(_ours_latency, c, name, specs, cell), log)
+            cell = by_name[name] = _cell("layerkv", name, c)
+            cells.guarded(cell, device, partial(_ours_latency, c, name, specs, cell), log)
             _done(cell, results, save, log)
         for peer in peers:
             engine = "kvpress" if peer.startswith("kvpress-") else "transformers"
-            cell = cells[peer] = _cell(engine, peer.removeprefix("kvpress-"), c)
+            cell = by_name[peer] = _cell(engine, peer.removeprefix("kvpress-"), c)
             if skips[peer]:
                 cell.update(status="skipped", reason=skips[peer])
             else:
-                bench.guarded(cell, device, partial(peer_mod.latency_cell, hf, peer, c.ids, cfg.fractions[0], cfg), log)
+                cells.guarded(cell, device, partial(peer_mod.latency_cell, hf, peer, c.ids, cfg.fractions[0], cfg), log)
             _done(cell, results, save, log)
         if quality:
             for f in cfg.fractions:
-                _quality_at(c, f, specs if f == cfg.fractions[0] else {}, cells,
+                _quality_at(c, f, specs if f == cfg.fractions[0] else {}, by_name,
                             [p for p in peers if not skips[p]], results, device)
                 save()
 
 
-def warm_up(m, cfg: bench.BenchConfig, peers: list[str], hf, log, n: int = 256) -> None:
+def warm_up(m, cfg: cells.BenchConfig, peers: list[str], hf, log, n: int = 256) -> None:
     """Run every policy and peer once on a short prompt, unreported: the first call of each pays
     for Triton compilation, cuBLAS heuristics and allocator growth, which would otherwise land in
     whichever cell happens to come first (seconds on a GPU)."""
     device = m.model.head.device
     short = replace(cfg, steps=2, warmup=0)
-    ids = bench.text_ids(m, n + 8)
+    ids = cells.text_ids(m, n + 8)
     c = Context(m, short, n, ids[:n], ids[n:], hf, lambda _: None)
     t = time.perf_counter()
     for name in cfg.policies:
-        bench.guarded(_cell("layerkv", name, c), device, partial(_ours_latency, c, name, {}, {}), c.log)
+        cells.guarded(_cell("layerkv", name, c), device, partial(_ours_latency, c, name, {}, {}), c.log)
     for peer in peers:
-        bench.guarded(_cell(peer, peer, c), device,
+        cells.guarded(_cell(peer, peer, c), device,
                       partial(peer_mod.latency_cell, hf, peer, c.ids, cfg.fractions[0], short), c.log)
     log(f"warm-up: every policy and peer once on {n} tokens in {time.perf_counter() - t:.1f} s (not reported)")
 
 
-def _quality_at(c: Context, f: float, specs: dict, cells: dict, peers: list[str], results: dict, device) -> None:
+def _quality_at(c: Context, f: float, specs: dict, by_name: dict, peers: list[str], results: dict, device) -> None:
     """Quality at kept fraction f: our policies (one shared prefill per prompt), then each peer
     against the same FullKV reference. Fraction-free entries are measured at the first only."""
     first = f == c.cfg.fractions[0]
-    names = [k for k in c.cfg.policies if k in cells and (first or k not in FRACTION_FREE)]
+    names = [k for k in c.cfg.policies if k in by_name and (first or k not in FRACTION_FREE)]
     out: dict = {}
     probe = {"engine": "layerkv", "policy": "quality", "ctx": c.ctx}
-    bench.guarded(probe, device, partial(_ours_quality, c, specs, names, f, out), c.log)
+    cells.guarded(probe, device, partial(_ours_quality, c, specs, names, f, out), c.log)
     for k in names:
-        _quality(results, cells[k], f, first, out["ours"][k] if "ours" in out else {"error": probe["reason"]})
+        _quality(results, by_name[k], f, first, out["ours"][k] if "ours" in out else {"error": probe["reason"]})
     if "ref" not in out:
         return
     for peer in peers:
@@ -123,8 +122,8 @@ def _quality_at(c: Context, f: float, specs: dict, cells: dict, peers: list[str]
             continue
         row: dict = {}
         probe = {"engine": peer, "policy": "quality", "ctx": c.ctx}
-        bench.guarded(probe, device, partial(_peer_quality, c, peer, out["ref"], f, row), c.log)
-        _quality(results, cells[peer], f, first, row if probe["status"] == "ok" else {"error": probe["reason"]})
+        cells.guarded(probe, device, partial(_peer_quality, c, peer, out["ref"], f, row), c.log)
+        _quality(results, by_name[peer], f, first, row if probe["status"] == "ok" else {"error": probe["reason"]})
         if row:
             c.log(f"  quality {peer} @ {f}: pass key {row['passkey_found']}/{row['passkey_trials']}, KL {row['kl']:.4f}")
 

@@ -1,9 +1,9 @@
-"""bench.py's peers, run on the same weights as this engine (engine/hf_view.py: no copy):
+"""bench.py's peers, run on the same weights as this engine (engine/eval/hf_view.py: no copy):
 Hugging Face transformers with its default DynamicCache and its QuantizedCache (quanto, 4-bit),
 and NVIDIA kvpress presses (SnapKV, PyramidKV, AdaKV, StreamingLLM) compressing that DynamicCache
 at prefill to the same kept-token fraction as our policies (compression_ratio = 1 - fraction).
 
-They are measured the way our policies are (engine/bench.py): prefill, greedy decode steps timed
+They are measured the way our policies are (engine/eval/cells.py): prefill, greedy decode steps timed
 one by one (the token read back on the host each step), KV bytes actually held by the cache, peak
 memory, and quality against *our* FullKV's logits on the same prompt. A peer that is not installed
 is a row saying so; nothing is estimated in its place.
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from engine.bench import latency_fields, passkey_fields, peak_memory
-from engine.haystack import make_haystack
-from engine.quality import compare
+from engine.eval.cells import latency_fields, passkey_fields, peak_memory
+from engine.eval.haystack import make_haystack
+from engine.eval.quality import compare
 
 PRESSES = {"snapkv": "SnapKVPress", "pyramidkv": "PyramidKVPress", "adakv": "AdaKVPress",
            "streamingllm": "StreamingLLMPress"}
@@ -161,7 +161,7 @@ def quality_cell(hf, peer: str, tok, ref: dict, fraction: float, cfg) -> dict:
             h = make_haystack(tok, len(prompt), depth=depth, seed=seed)
             cache = make_cache(peer, hf)
             ids = [int(prefill(hf, h.ids, cache, make_press(peer, fraction)).argmax(-1))]
-            while ids[-1] not in tok.eos_ids and len(ids) < 8:  # greedy, as engine/quality.passkey_grid
+            while ids[-1] not in tok.eos_ids and len(ids) < 8:  # greedy, as engine/eval/quality.passkey_grid
                 ids.append(int(forward(hf, ids[-1:], cache, len(h.ids) + len(ids) - 1)[-1].argmax(-1)))
             answers.append(tok.decode(ids))
             found.append(h.found(answers[-1]))

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.haystack import make_haystack
+from engine.eval.haystack import make_haystack
+from engine.graphs import Decoder
 from engine.kv import build_policies
 from engine.kv.base import KVPolicy
 from engine.model import Llama
@@ -51,9 +52,9 @@ def teacher_forced(model: Llama, prompt: list[int], continuation: list[int], spe
     first, per_spec = shared_prefill(model, prompt, specs, len(continuation))
     out = []
     for policies in per_spec:
-        logits = [first[0]]
-        for i, tok in enumerate(continuation[:-1]):
-            logits.append(model.decode_step(torch.tensor([tok], device=device), len(prompt) + i, policies)[0])
+        logits, decoder = [first[0]], Decoder(model, policies)
+        for i, tok in enumerate(continuation[:-1]):  # (a graph's output buffer is reused: clone)
+            logits.append(decoder.step(torch.tensor([tok], device=device), len(prompt) + i)[0].clone())
         out.append((torch.stack(logits).float(), policies))
     return out
 
@@ -117,13 +118,13 @@ def passkey_grid(model: Llama, tok, n_tokens: int, depths: list[float], seeds: l
             h = make_haystack(tok, n_tokens, depth=depth, seed=seed)
             first, per_spec = shared_prefill(model, h.ids, specs, max_new_tokens)
             for i, policies in enumerate(per_spec):
-                logits, ids = first, []
+                logits, ids, decoder = first, [], Decoder(model, policies)
                 while True:
                     token = logits.argmax(-1)
                     ids.append(int(token))
                     if ids[-1] in tok.eos_ids or len(ids) == max_new_tokens:
                         break
-                    logits = model.decode_step(token, len(h.ids) + len(ids) - 1, policies)
+                    logits = decoder.step(token, len(h.ids) + len(ids) - 1)
                 kv = {"device": sum(p.nbytes()["device"] for p in policies),
                       "host": sum(p.nbytes()["host"] for p in policies)}
                 text = tok.decode(ids)

@@ -1,0 +1,76 @@
+"""What the command-line scripts (generate.py, bench.py, profile_layers.py, tools/) share: a parser
+whose errors are one line, the parse-run-report wrapper, and the small argument types and formats.
+No script imports another; each imports these from here."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: the error is what the user needs to see
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cli(parser: argparse.ArgumentParser, run_fn, argv: list[str] | None) -> int:
+    """Parse, run, and turn bad input (ValueError) or file trouble (OSError) into one line."""
+    a = parser.parse_args(argv)
+    try:
+        return run_fn(a)
+    except (ValueError, OSError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def parse_tokens(text: str) -> int:
+    """'4096', '4k' (4096), '128k' (131072), '1m' -> a token count."""
+    t = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+    try:
+        n = int(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (examples: 4096, 4k, 128k)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return n * mult
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def check_writable(path: str | None, flag: str) -> None:
+    """An output path is checked before any expensive work, not after it."""
+    if path is None or path == "":
+        return
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: no such directory {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")
+
+
+def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype -> (device, dtype); 'auto' picks CUDA when present, bfloat16 there, float32 on CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, dtype_name)
