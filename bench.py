@@ -20,9 +20,10 @@ import importlib.metadata
 import json
 import shlex
 import sys
-import time
 
-from generate import _Parser, cli, parse_tokens, resolve_device
+from engine.cli import Parser, check_writable, cli, parse_tokens, resolve_device
+from engine.kv import parse_policy
+from engine.planner import Plan
 
 
 def parse_list(kind):
@@ -66,7 +67,7 @@ depth = unit_number("depth", "0.1, 0.5", "a pass-key depth", zero_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="as generate.py: HF dir, .gguf, random:<preset>; default the shipped "
                                                  "SmolLM2-135M-Instruct")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
@@ -125,7 +126,7 @@ def meta(a: argparse.Namespace, m, device, dtype, cfg) -> dict:
 
 
 def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
-    from engine.bench_report import markdown, plots
+    from engine.eval.report import markdown, plots
     text = markdown(results)
     print(text)
     if a.markdown:
@@ -153,25 +154,33 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError("--warmup must be >= 0 and --seeds >= 1")
     if a.continuation is not None and a.continuation < 2:
         raise ValueError(f"--continuation must be >= 2, got {a.continuation}")
-    from engine.bench import OUR_POLICIES, BenchConfig
-    from engine.peers import expand_peers
+    from engine.eval.cells import OUR_POLICIES, BenchConfig
+    from engine.eval.peers import expand_peers
     peers = expand_peers(a.peers)
     policies = a.policies or list(OUR_POLICIES)
-    for name in policies:
-        if name not in OUR_POLICIES and ":" not in name:
+    for name in policies:  # every piece checked before the model loads; values once it is known
+        if name.startswith("plan:"):
+            Plan.load(name[len("plan:"):])
+        elif ":" in name:
+            parse_policy(name)
+        elif name not in OUR_POLICIES:
             raise ValueError(f"unknown policy {name!r}; choose from {', '.join(OUR_POLICIES)}, name:key=value or plan:PATH")
+    for path, flag in ((a.json, "--json"), (a.markdown, "--markdown")):
+        check_writable(path, flag)
     cfg = BenchConfig(ctxs=a.ctx or ([1024] if a.quick else [2048, 4096, 8192]), policies=policies,
                       fractions=a.kv_fraction, steps=a.steps, warmup=a.warmup,
                       depths=a.depths or ([0.5] if a.quick else [0.25, 0.5, 0.75]), seeds=a.seeds,
                       continuation=a.continuation or (16 if a.quick else 64), quality=not a.no_quality,
                       warm_up=not a.no_warmup)
-    device, dtype = resolve_device(a.device, a.dtype)
+    resolve_device(a.device, a.dtype)
 
-    from engine.bench import load_for_bench
-    from engine.bench_matrix import run_matrix
-    t = time.perf_counter()
-    m = load_for_bench(a.model, device, dtype, log)
-    log(f"loaded {m.name} on {device} as {str(dtype).removeprefix('torch.')} in {time.perf_counter() - t:.1f} s")
+    from engine import LLM
+    from engine.eval.matrix import run_matrix
+    m = LLM(a.model, a.device, a.dtype, log=log)
+    for name in policies:
+        if ":" in name:
+            m.policy_specs(name)  # plan for this model? parameter values in range?
+    device, dtype = m.device, m.dtype
     results = {"meta": meta(a, m, device, dtype, cfg), "cells": [], "sweep": []}
 
     def save() -> None:  # after every cell: a long run that dies still leaves its numbers

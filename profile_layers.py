@@ -11,21 +11,18 @@ import argparse
 import json
 import os
 import sys
-import time
 
-import torch
-
-from engine.haystack import make_haystack
-from engine.planner import make_plan, parse_kv_budget, save_plan
-from engine.profile import FRACTIONS, ProfileConfig, average, profile_prompt, stats_from_json, stats_to_json
-from generate import _Parser, cli, fmt_bytes, parse_tokens, plan_kinds, resolve_device
+from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
+from engine.eval.haystack import make_haystack
+from engine.planner import parse_kv_budget
+from engine.profile import FRACTIONS, stats_from_json, stats_to_json
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
 SHOW = (0.1, 0.2, 0.4)  # budgets shown in the table, as fractions of the prompt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="profile_layers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="profile_layers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="as generate.py (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--prompt-file", action="append", default=[],
                    help="profile this text (repeatable); default: two pass-key haystacks and, where present, "
@@ -115,61 +112,57 @@ def draw(path: str, stats, plan, title: str) -> None:
 
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    # Everything the flags can get wrong is checked before the model loads.
     if a.new_tokens < 0:
         raise ValueError(f"--new-tokens must be >= 0, got {a.new_tokens}")
-    device, dtype = resolve_device(a.device, a.dtype)
-    from weights.load import load_model
-    m = load_model(a.model, device, dtype, log=log)
-    elem = torch.empty((), dtype=dtype).element_size()
-    cfg = ProfileConfig()
+    parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model
+    for path, flag in ((a.out, "--out"), (a.png, "--png"), (a.stats, "--stats")):
+        if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
+            check_writable(path, flag)
+    resolve_device(a.device, a.dtype)
+
+    from engine import LLM
+    llm = LLM(a.model, a.device, a.dtype, log=log)
     if a.stats and os.path.exists(a.stats):
         with open(a.stats) as f:
             saved = json.load(f)
-        if saved.get("model") != m.name or len(saved.get("layers", [])) != m.args.n_layers:
+        if saved.get("model") != llm.name or len(saved.get("layers", [])) != llm.args.n_layers:
             raise ValueError(f"{a.stats}: statistics of another model ({saved.get('model')!r})")
         stats, profiled = stats_from_json(saved["layers"]), saved["profiled"]
         log(f"loaded statistics from {a.stats}")
     else:
-        stats, profiled = [], []
-        for name, ids in prompts(a, m.tokenizer):
-            t = time.perf_counter()
-            stats.append(profile_prompt(m.model, ids, cfg))
-            profiled.append(f"{name} ({len(ids)} tokens)")
-            log(f"profiled {name}: {len(ids)} tokens in {time.perf_counter() - t:.1f} s")
-        stats = average(stats)
+        named = prompts(a, llm.tokenizer)
+        profiled = [f"{name} ({len(ids)} tokens)" for name, ids in named]
+        stats = llm.profile([ids for _, ids in named], profile_tokens=None)
         if a.stats:
             with open(a.stats, "w") as f:
-                json.dump({"model": m.name, "profiled": profiled, "layers": stats_to_json(stats)}, f)
-    ctx = min(a.ctx, m.args.max_seq_len - a.new_tokens)
-    full = m.args.kv_bytes_per_token(elem) * (ctx + a.new_tokens)
-    budget = parse_kv_budget(a.kv_budget, full)
-    plan = make_plan(m.args, stats, ctx, a.new_tokens, elem, budget, a.mode, cfg, a.floor, a.tau,
-                     plan_kinds(a.plan_policies, device))
+                json.dump({"model": llm.name, "profiled": profiled, "layers": stats_to_json(stats)}, f)
+    ctx = llm.room(a.new_tokens, a.ctx)
+    plan = llm.plan(stats=stats, kv_budget=a.kv_budget, new_tokens=a.new_tokens, context=ctx, mode=a.mode,
+                    kinds=a.plan_policies, floor=a.floor, tau=a.tau)
+    plan.header["profiled"] = profiled
+    budget, full = plan.header["kv_budget_bytes"], plan.header["full_kv_bytes"]
 
     idx = [min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f)) for f in SHOW]
     pct = "/".join(f"{f:.0%}" for f in SHOW)
     print(f"| layer | dense | evict kept @{pct} | offload kept @{pct} | quant err 1/2/4 bit | plan | device |")
     print("|---|---|---|---|---|---|---|")
-    for i, (s, o) in enumerate(zip(stats, plan)):
+    for i, (s, o) in enumerate(zip(stats, plan.layers)):
         ev = "/".join(f"{s.evict[j]:.2f}" for j in idx)
         off = "/".join(f"{s.offload[j]:.2f}" for j in idx)
         qe = "/".join(f"{s.quant_err[b]:.2f}" for b in sorted(s.quant_err))
         mark = " **dense**" if s.dense > 0.2 else ""
         print(f"| {i} | {s.dense:.3f}{mark} | {ev} | {off} | {qe} | {o.spec['policy']} {params(o.spec)} "
               f"| {fmt_bytes(o.device_bytes)} |")
-    used = sum(o.device_bytes for o in plan)
-    quality = sum(o.quality for o in plan) / len(plan)
+    used = plan.device_bytes
     print(f"\nplan ({a.mode}): {fmt_bytes(used)} of a {fmt_bytes(budget)} budget ({used / full:.1%} of FullKV "
-          f"{fmt_bytes(full)}), mean quality {quality:.3f}; host {fmt_bytes(sum(o.host_bytes for o in plan))}")
-    header = {"model": m.name, "n_layers": m.args.n_layers, "context": ctx, "new_tokens": a.new_tokens,
-              "dtype": str(dtype).removeprefix("torch."), "mode": a.mode, "kv_budget_bytes": budget,
-              "full_kv_bytes": full, "device_bytes": used, "mean_quality": round(quality, 4),
-              "profiled": profiled}
-    save_plan(a.out, header, plan)
+          f"{fmt_bytes(full)}), mean quality {plan.header['mean_quality']:.3f}; "
+          f"host {fmt_bytes(sum(o.host_bytes for o in plan.layers))}")
+    plan.save(a.out)
     log(f"wrote {a.out}")
     if a.png:
-        draw(a.png, stats, plan, f"{m.name}: per-layer attention and the {a.mode} plan at {fmt_bytes(budget)} "
-                                 f"({ctx} tokens)")
+        draw(a.png, stats, plan.layers, f"{llm.name}: per-layer attention and the {a.mode} plan at "
+                                        f"{fmt_bytes(budget)} ({ctx} tokens)")
         log(f"wrote {a.png}")
     return 0
 

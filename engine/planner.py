@@ -20,11 +20,13 @@ marginal gains token by token is optimal there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import ModelArgs
+from engine.kv import spec_cost
 from engine.profile import FRACTIONS, LayerStats, ProfileConfig
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
@@ -38,55 +40,27 @@ class Option:
     quality: float
 
 
-def option_bytes(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int) -> tuple[int, int]:
-    """(device, host) bytes the policy `spec` holds for a prompt of `prompt` tokens followed by
-    `new` decoded ones: the same arithmetic as the policies' allocations (tests check nbytes())."""
-    H, D, cap = args.n_kv_heads, args.head_dim, prompt + new
-    per_tok = 2 * H * D * elem
-    kind = spec["policy"]
-    if kind == "full":
-        return cap * per_tok, 0
-    if kind == "evict":
-        return (min(prompt, spec["budget"]) + new) * per_tok, 0
-    if kind == "offload":
-        S = min(spec["sink"], prompt)
-        W = min(spec["recent"], prompt - S)
-        M = prompt - S - W
-        top = min(spec["budget"] - spec["sink"] - spec["recent"], M)
-        dev = (S + top + W + new) * per_tok
-        if top < M:  # sketch (M x C), channel ids and the selected-token ids (int64)
-            dev += H * M * spec["channels"] * elem + H * spec["channels"] * 8 + H * top * 8
-            return dev, 2 * H * M * D * elem
-        return dev, 0
-    if kind == "quant":
-        b, G, R = spec["bits"], spec["group"], spec["residual"]
-        max_kq, max_vq = (cap - 1) // R * R, max(0, cap - R)
-        codes = H * (max_kq + max_vq) * D * b // 8
-        scales = 2 * H * (max_kq // G * D + max_vq * (D // G)) * elem
-        return codes + scales + min(R, cap) * per_tok, 0
-    raise ValueError(f"no byte model for policy {kind!r}")
+def make_option(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int, quality: float) -> Option:
+    cost = spec_cost(args, spec, prompt, new, elem)  # the policy prices itself
+    return Option(spec, cost["device"], cost["host"], quality)
 
 
 def layer_options(args: ModelArgs, stats: LayerStats, prompt: int, new: int, elem: int,
                   cfg: ProfileConfig, floor: int, kinds: tuple[str, ...]) -> list[Option]:
-    opts = []
-
-    def add(spec, quality):
-        dev, host = option_bytes(args, spec, prompt, new, elem)
-        opts.append(Option(spec, dev, host, quality))
-
-    add({"policy": "full"}, 1.0)
+    """Every option the profile measured for one layer, with its bytes and quality."""
+    opts = [make_option(args, {"policy": "full"}, prompt, new, elem, 1.0)]
     for i, f in enumerate(FRACTIONS[1:-1], start=1):
         k = round(f * prompt)
-        if "evict" in kinds and k >= max(floor, cfg.window):
-            add({"policy": "evict", "budget": k, "window": cfg.window, "pool": cfg.pool}, stats.evict[i])
-        if "offload" in kinds and k > max(floor, cfg.sink + cfg.recent):
-            add({"policy": "offload", "budget": k, "sink": cfg.sink, "recent": cfg.recent,
-                 "channels": cfg.channels}, stats.offload[i])
+        if "evict" in kinds and k >= max(floor, cfg.evict["window"]):
+            opts.append(make_option(args, {"policy": "evict", "budget": k, **cfg.evict}, prompt, new, elem,
+                                    stats.evict[i]))
+        if "offload" in kinds and k > max(floor, cfg.offload["sink"] + cfg.offload["recent"]):
+            opts.append(make_option(args, {"policy": "offload", "budget": k, **cfg.offload}, prompt, new, elem,
+                                    stats.offload[i]))
     if "quant" in kinds:
         for bits, err in stats.quant_err.items():
-            add({"policy": "quant", "bits": bits, "group": cfg.group_for(args.head_dim), "residual": cfg.quant_residual},
-                max(0.0, 1.0 - err))
+            spec = {"policy": "quant", "bits": bits, **cfg.quant}
+            opts.append(make_option(args, spec, prompt, new, elem, max(0.0, 1.0 - err)))
     return opts
 
 
@@ -164,7 +138,14 @@ def allocate_tokens(curves: list[list[float]], prompt: int, total: int, floor: i
 
 
 def allocate_tau(curves: list[list[float]], prompt: int, tau: float, floor: int) -> list[int]:
-    """XKV: the fewest tokens per layer whose mean retention reaches tau, each layer >= floor."""
+    """XKV: the fewest tokens per layer whose mean retention reaches tau, each layer >= floor.
+
+    Every layer starts at `floor` tokens; then the single largest marginal gains, over all layers,
+    are taken until the mean retention reaches tau. Example, 2 layers, floor 1, retention after
+    1/2/3 tokens A: .5/.8/.9, B: .2/.4/.6 (both 0 at 0 tokens), tau = 0.6:
+        start: A 1, B 1 -> retention .5 + .2 = .7 (mean .35); gains left, best first:
+        A's 2nd token +.3 (mean .50), B's 2nd +.2 (mean .60 >= tau: stop) -> [2, 2].
+    Sorted scores make each layer's gains non-increasing, so no other choice of 4 tokens does better."""
     L = len(curves)
     floor = min(floor, prompt)
     gains = torch.stack([_token_gains(c, prompt)[floor:] for c in curves])
@@ -223,47 +204,69 @@ def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, e
             raise ValueError(f"unknown plan mode {mode!r}")
     out = []
     for s, k in zip(stats, tokens):
-        spec = {"policy": "evict", "budget": max(k, cfg.window), "window": cfg.window, "pool": cfg.pool}
-        dev, host = option_bytes(args, spec, prompt, new, elem)
+        spec = {"policy": "evict", "budget": max(k, cfg.evict["window"]), **cfg.evict}
         i = min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] * prompt - k))
-        out.append(Option(spec, dev, host, s.evict[i]))
+        out.append(make_option(args, spec, prompt, new, elem, s.evict[i]))
     return out
 
 
-# ---- plans on disk: JSON, one readable line per layer ------------------------------------------
-_SPEC_ONLY = ("layer", "quality", "device_bytes", "host_bytes")
+# ---- a plan, and plans on disk: JSON, one readable line per layer ----------------------------------
+_NOT_SPEC = ("layer", "quality", "device_bytes", "host_bytes")
 
 
-def save_plan(path: str, header: dict, layers: list[Option]) -> None:
-    import json
-    lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in header.items()]
-    lines.append('  "layers": [')
-    for i, o in enumerate(layers):
-        row = {"layer": i, **o.spec, "quality": round(o.quality, 4), "device_bytes": o.device_bytes,
-               "host_bytes": o.host_bytes}
-        lines.append(f"    {json.dumps(row)}{',' if i + 1 < len(layers) else ''}")
-    lines += ["  ]", "}"]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+@dataclass
+class Plan:
+    """One KV policy per layer, with the bytes and quality the planner priced it at. `header` says
+    what it was made for (model, context, budget, ...); `stats` are the profile it came from, when
+    made in this process (not saved)."""
+    layers: list[Option]
+    header: dict = field(default_factory=dict)
+    stats: list[LayerStats] | None = field(default=None, repr=False)
 
+    @property
+    def specs(self) -> list[dict]:
+        return [o.spec for o in self.layers]
 
-def load_plan(path: str, model: str, n_layers: int) -> tuple[dict, list[dict]]:
-    """-> (header, per-layer policy specs). Refuses a plan made for another model or depth."""
-    import json
-    try:
-        with open(path) as f:
-            plan = json.load(f)
-        layers = plan["layers"]
-        header = {k: v for k, v in plan.items() if k != "layers"}
-        specs = [{k: v for k, v in row.items() if k not in _SPEC_ONLY} for row in layers]
-        if not all("policy" in s for s in specs):
-            raise KeyError("policy")
-    except OSError as e:
-        raise ValueError(f"cannot read plan {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
-    if header.get("model") != model:
-        raise ValueError(f"{path}: plan was made for model {header.get('model')!r}, not {model!r}")
-    if len(specs) != n_layers:
-        raise ValueError(f"{path}: plan has {len(specs)} layers, the model has {n_layers}")
-    return header, specs
+    @property
+    def device_bytes(self) -> int:
+        return sum(o.device_bytes for o in self.layers)
+
+    def summary(self) -> str:
+        """e.g. '12 evict, 10 offload, 8 full layers'."""
+        counts: dict[str, int] = {}
+        for o in self.layers:
+            counts[o.spec["policy"]] = counts.get(o.spec["policy"], 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " layers"
+
+    def check(self, model: str, n_layers: int, source: str = "plan") -> None:
+        """Refuse a plan made for another model or depth."""
+        if self.header.get("model") != model:
+            raise ValueError(f"{source}: plan was made for model {self.header.get('model')!r}, not {model!r}")
+        if len(self.layers) != n_layers:
+            raise ValueError(f"{source}: plan has {len(self.layers)} layers, the model has {n_layers}")
+
+    def save(self, path: str) -> None:
+        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in self.header.items()]
+        lines.append('  "layers": [')
+        for i, o in enumerate(self.layers):
+            row = {"layer": i, **o.spec, "quality": round(o.quality, 4), "device_bytes": o.device_bytes,
+                   "host_bytes": o.host_bytes}
+            lines.append(f"    {json.dumps(row)}{',' if i + 1 < len(self.layers) else ''}")
+        lines += ["  ]", "}"]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, path: str) -> "Plan":
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            layers = [Option({k: v for k, v in row.items() if k not in _NOT_SPEC}, int(row.get("device_bytes", 0)),
+                             int(row.get("host_bytes", 0)), float(row.get("quality", 0.0))) for row in raw["layers"]]
+            if not all(isinstance(o.spec.get("policy"), str) for o in layers):
+                raise KeyError("policy")
+        except OSError as e:
+            raise ValueError(f"cannot read plan {path}: {e.strerror}") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
+        return cls(layers, {k: v for k, v in raw.items() if k != "layers"})

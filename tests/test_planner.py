@@ -1,5 +1,5 @@
 """The planner: XKV token allocation optimal (vs exhaustive search), budgets respected, monotone;
-the hybrid greedy within one upgrade of the optimum; byte model == the policies' own nbytes();
+the hybrid greedy within one upgrade of the optimum; each policy's class-level cost == its nbytes();
 plans round-trip through JSON and are refused for another model."""
 import itertools
 import random
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from engine.config import preset
-from engine.kv import build_policies
-from engine.planner import (Option, allocate_tau, allocate_tokens, greedy_choose, load_plan, option_bytes,
-                            save_plan, upper_hull, _token_gains)
+from engine.kv import build_policies, spec_cost
+from engine.planner import Option, Plan, allocate_tau, allocate_tokens, greedy_choose, upper_hull, _token_gains
 from engine.profile import FRACTIONS
+from stepping import attend_next
 
 
 def random_curve(rng, prompt):
@@ -104,10 +104,12 @@ ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers
     {"policy": "full"},
     {"policy": "evict", "budget": 40, "window": 8},
     {"policy": "evict", "budget": 400, "window": 8},
+    {"policy": "evict", "budget": 40, "window": 8, "evict_during_decode": True},
     {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8},
     {"policy": "offload", "budget": 480, "sink": 4, "recent": 12, "channels": 8},
     {"policy": "quant", "bits": 2, "group": 32, "residual": 64},
     {"policy": "quant", "bits": 4, "group": 16, "residual": 32},
+    {"policy": "quant"},  # every default, the group resolved from head_dim
 ])
 def test_byte_model_matches_policies(spec):
     prompt, new = 150, 10
@@ -115,25 +117,26 @@ def test_byte_model_matches_policies(spec):
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(1, 2, prompt, 32, generator=g), torch.randn(1, 2, prompt, 32, generator=g)
     pol.prefill(k, v, torch.randn(1, 4, 32, 32, generator=g))
-    pol.attend(torch.randn(1, 4, 1, 32, generator=g), k[:, :, :1], v[:, :, :1])  # steady state
-    got = pol.nbytes()
-    assert option_bytes(ARGS, spec, prompt, new, 4) == (got["device"], got["host"])
+    attend_next(pol, torch.randn(1, 4, 1, 32, generator=g), k[:, :, :1], v[:, :, :1])  # steady state
+    assert spec_cost(ARGS, spec, prompt, new, 4) == pol.nbytes()
 
 
 def test_plan_json_round_trip_and_refusals(tmp_path):
     layers = [Option({"policy": "quant", "bits": 4, "group": 64, "residual": 128}, 10, 0, 0.9),
               Option({"policy": "evict", "budget": 100, "window": 32, "pool": 7}, 5, 0, 0.8)]
     path = tmp_path / "plan.json"
-    save_plan(str(path), {"model": "m", "n_layers": 2, "context": 4096}, layers)
+    Plan(layers, {"model": "m", "n_layers": 2, "context": 4096}).save(str(path))
     lines = path.read_text().splitlines()
     assert sum('"layer":' in ln for ln in lines) == 2  # one readable line per layer
-    header, specs = load_plan(str(path), "m", 2)
-    assert header["context"] == 4096 and specs == [o.spec for o in layers]
+    plan = Plan.load(str(path))
+    assert plan.header["context"] == 4096 and plan.layers == layers
+    plan.check("m", 2)
     with pytest.raises(ValueError, match="made for model"):
-        load_plan(str(path), "other", 2)
+        plan.check("other", 2)
     with pytest.raises(ValueError, match="layers"):
-        load_plan(str(path), "m", 3)
+        plan.check("m", 3)
     bad = tmp_path / "bad.json"
-    bad.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="not a KV plan"):
-        load_plan(str(bad), "m", 2)
+    for text in ("[1, 2]", '{"layers": [{"budget": 3}]}', '{"layers": [{"policy": "full", "quality": "x"}]}'):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="not a KV plan"):
+            Plan.load(str(bad))

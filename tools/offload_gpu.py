@@ -17,11 +17,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import parse_tokens  # noqa: E402
 from engine.config import preset  # noqa: E402
 from engine.model import Llama  # noqa: E402
-from engine.runner import generate  # noqa: E402
+from engine.runner import GenerationResult, stream_tokens  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
-from generate import parse_tokens  # noqa: E402
 
 
 def configs(budget: int) -> list[tuple[str, dict, bool]]:
@@ -53,17 +53,13 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             # Copy-kernel time is read from a profile of 4 eager steps (graph replays hide kernels).
             prof = profile(activities=[ProfilerActivity.CUDA]) if name == "offload/none eager" else None
-            done = [0]
-
-            def on_token(_, prof=prof, done=done):
-                done[0] += 1
-                if prof is not None and done[0] == 20:
+            r = GenerationResult(len(ids))
+            for done, _ in enumerate(stream_tokens(m, ids, a.steps, SamplingParams(), spec, r, cuda_graphs=graphs), 1):
+                if prof is not None and done == 20:
                     prof.start()
-                if prof is not None and done[0] == 24:
+                if prof is not None and done == 24:
                     torch.cuda.synchronize()
                     prof.stop()
-
-            r = generate(m, ids, a.steps, SamplingParams(), spec, cuda_graphs=graphs, on_token=on_token)
             ms = 1e3 * statistics.median(r.decode_times_s[8:])
             copy = "" if prof is None else " copy kernels %.2f ms/token" % (sum(
                 e.self_device_time_total for e in prof.key_averages() if "gather_rows" in e.key) / 4e3)

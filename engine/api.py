@@ -1,0 +1,242 @@
+"""The public API: load a model once, then generate, stream or plan.
+
+    from engine import LLM, Plan
+    llm = LLM()                                   # the shipped SmolLM2-135M-Instruct, on CUDA if present
+    out = llm.generate("text", max_new_tokens=32, policy="hybrid", kv_budget=0.2)
+    out.text, out.token_ids, out.decode_ms_per_token, out.kv_bytes
+    for piece in llm.stream("text", policy="offload:budget=256"): print(piece, end="")
+    plan = llm.plan("text", kv_budget=0.2); plan.save("plan.json"); llm.generate("text", policy=Plan.load("plan.json"))
+
+A policy is "full", "name:key=value,..." (quant, evict, offload; keys are the policy's constructor
+parameters), "hybrid" (profile this prompt, plan for kv_budget), "plan:PATH", a Plan, or one spec
+per layer (strings or {"policy": ..., ...} dicts). Bad input raises ValueError with one line, before
+any expensive work: the CLIs print that line as it is.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from engine.cli import fmt_bytes, resolve_device
+from engine.kv import build_policies, parse_policy
+from engine.planner import Plan, make_plan, parse_kv_budget
+from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
+from engine.runner import GenerationResult, fit_prompt, stream_tokens
+from engine.sampling import SamplingParams
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]              # generated ids (an end-of-turn token included when it ended the text)
+    prompt_tokens: int
+    prefill_s: float
+    decode_ms_per_token: float        # median decode step
+    kv_bytes: dict[str, int]          # {"device": ..., "host": ...}, summed from the policies' tensors
+    full_kv_bytes: int                # what FullKV would hold for the same tokens
+    layers: list[dict]                # each layer's policy, described
+    stop_reason: str                  # "eos" | "length"
+    cuda_graphs: bool = False         # decode replayed a CUDA graph
+    decode_steps: int = 0
+    h2d_bytes: int = 0                # host -> device copies (offloading layers)
+    prompt_cut: int = 0               # tokens cut from the middle of a prompt too long for the context
+    plan: Plan | None = field(default=None, repr=False)  # the plan "hybrid" made for this prompt
+
+
+class Stream:
+    """What LLM.stream returns: iterate for text pieces; afterwards `.output` holds the Output."""
+
+    def __init__(self, make_pieces: Callable[["Stream"], Iterator[str]]):
+        self.output: Output | None = None
+        self._pieces = make_pieces(self)  # a generator: nothing runs until the first piece is asked for
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class LLM:
+    def __init__(self, model: str | None = None, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, log: Callable[[str], None] | None = None):
+        """model: an HF directory, a .gguf file, "random:<preset>" (random weights at real shapes), or
+        None for the shipped default. device/dtype: None = CUDA and bfloat16 if present, else CPU and
+        float32. `log` receives progress lines (loading, profiling); silent by default."""
+        from weights.load import load_model  # the engine core does not need weights/ to import
+        self.log = log or (lambda _: None)
+        dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+        if dtype_name not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {dtype_name!r}: float32, bfloat16 or float16")
+        self.device, self.dtype = resolve_device(str(device) if device is not None else "auto", dtype_name)
+        t = time.perf_counter()
+        loaded = load_model(model, self.device, self.dtype, log=self.log)
+        self.name, self.args, self.model, self.tokenizer = loaded.name, loaded.args, loaded.model, loaded.tokenizer
+        self.log(f"loaded {self.name} ({self.args.n_layers} layers, dim {self.args.dim}) on {self.device} as "
+                 f"{dtype_name if dtype_name != 'auto' else str(self.dtype).removeprefix('torch.')} "
+                 f"in {time.perf_counter() - t:.1f} s")
+
+    # ---- prompts ---------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        """Text (wrapped in the chat template if chat) or token ids -> token ids, checked."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("empty prompt")
+            if chat:  # the template writes its own special tokens, BOS included
+                return self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]),
+                                             bos=False)
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        if not all(isinstance(t, int) and 0 <= t < self.args.vocab_size for t in ids):
+            raise ValueError(f"token ids must be ints in [0, {self.args.vocab_size})")
+        return ids
+
+    def room(self, max_new_tokens: int, ctx: int | None = None) -> int:
+        """The most prompt tokens that fit `ctx` and the model's context with max_new_tokens after them."""
+        limit = min(ctx or self.args.max_seq_len, self.args.max_seq_len - max_new_tokens)
+        if limit <= 0:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in {self.name}'s "
+                             f"{self.args.max_seq_len}-token context")
+        return limit
+
+    def fit(self, ids: list[int], max_new_tokens: int, ctx: int | None = None) -> tuple[list[int], int]:
+        """Cut the prompt's middle so it and the new tokens fit -> (ids, tokens cut)."""
+        return fit_prompt(ids, self.room(max_new_tokens, ctx))
+
+    def full_kv_bytes(self, tokens: int) -> int:
+        return self.args.kv_bytes_per_token(self.model.head.element_size()) * tokens
+
+    # ---- policies ---------------------------------------------------------------------------------------
+    def policy_specs(self, policy, ids: list[int] | None = None, new_tokens: int = 32, kv_budget=0.2,
+                     **plan_options) -> list[dict]:
+        """Any accepted form of `policy` -> one spec per layer, validated (cheap: policies allocate
+        nothing until prefill). "hybrid" profiles `ids` and plans; see LLM.plan for plan_options."""
+        if isinstance(policy, str) and policy.strip() == "hybrid":
+            if ids is None:
+                raise ValueError("policy 'hybrid' needs a prompt to profile")
+            policy = self.plan(ids, kv_budget=kv_budget, new_tokens=new_tokens, context=len(ids), **plan_options)
+        elif isinstance(policy, str) and policy.startswith("plan:"):
+            path = policy[len("plan:"):]
+            policy = Plan.load(path)
+            policy.check(self.name, self.args.n_layers, path)
+        if isinstance(policy, Plan):
+            policy.check(self.name, self.args.n_layers)
+            specs = policy.specs
+        elif isinstance(policy, (str, dict)):
+            specs = [parse_policy(policy) if isinstance(policy, str) else dict(policy)] * self.args.n_layers
+        elif isinstance(policy, (list, tuple)):
+            specs = [parse_policy(p) if isinstance(p, str) else dict(p) for p in policy]
+        else:
+            raise ValueError(f"not a KV policy: {policy!r}")
+        build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
+        return specs
+
+    def profile(self, prompts: list[str | list[int]], profile_tokens: int | None = 4096,
+                cfg: ProfileConfig | None = None) -> list[LayerStats]:
+        """Per-layer attention statistics, averaged over the prompts (each cut to profile_tokens)."""
+        stats = []
+        for p in prompts:
+            ids = self.encode(p)
+            if profile_tokens:
+                ids, _ = fit_prompt(ids, profile_tokens)
+            t = time.perf_counter()
+            stats.append(profile_prompt(self.model, ids, cfg))
+            self.log(f"profiled {len(ids)} prompt tokens in {time.perf_counter() - t:.1f} s")
+        return average(stats)
+
+    def plan(self, prompt: str | list[int] | list[str] | None = None, kv_budget=0.2, new_tokens: int = 32,
+             context: int | None = None, mode: str = "hybrid", kinds: str | tuple[str, ...] = "auto",
+             floor: int = 64, tau: float | None = None, profile_tokens: int | None = 4096,
+             stats: list[LayerStats] | None = None) -> Plan:
+        """Profile the prompt(s) (or use `stats`) and plan every layer's policy for a `context`-token
+        prompt (default: the prompt's length) plus `new_tokens`, under `kv_budget` device bytes: an
+        int or '512MiB' (bytes), or a fraction of FullKV (0.2, '20%'). mode: hybrid (every policy,
+        greedy per byte), xkv (eviction, XKV's allocation), xkv-tau (fewest tokens reaching mean
+        retention tau), uniform. kinds: the policies a hybrid plan may use besides full ("auto":
+        quant, evict, offload on CUDA; evict, offload on CPU, where unpacking codes costs time)."""
+        if kinds == "auto":
+            kinds = ("quant", "evict", "offload") if self.device.type == "cuda" else ("evict", "offload")
+        elif isinstance(kinds, str):
+            kinds = tuple(filter(None, kinds.split(",")))
+        if stats is None:
+            if prompt is None:
+                raise ValueError("plan() needs a prompt or stats")
+            prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+            ids_len = len(self.encode(prompts[0]))
+            stats = self.profile(prompts, profile_tokens)
+            context = context or ids_len
+        if not context:
+            raise ValueError("plan() needs the context it plans for")
+        if new_tokens < 0:
+            raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+        full = self.full_kv_bytes(context + new_tokens)
+        budget = parse_kv_budget(str(kv_budget), full)
+        elem = self.model.head.element_size()
+        layers = make_plan(self.args, stats, context, new_tokens, elem, budget, mode, ProfileConfig(), floor,
+                           tau, tuple(kinds))
+        used = sum(o.device_bytes for o in layers)
+        header = {"model": self.name, "n_layers": self.args.n_layers, "context": context, "new_tokens": new_tokens,
+                  "dtype": str(self.dtype).removeprefix("torch."), "mode": mode, "kv_budget_bytes": budget,
+                  "full_kv_bytes": full, "device_bytes": used,
+                  "mean_quality": round(sum(o.quality for o in layers) / len(layers), 4)}
+        plan = Plan(layers, header, stats)
+        self.log(f"plan for {fmt_bytes(budget)} ({used / full:.1%} of FullKV): {plan.summary()}")
+        return plan
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 32, policy="full", kv_budget=0.2, *,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               chat: bool = False, ctx: int | None = None, cuda_graphs: bool = True, prefill_chunk: int = 2048,
+               on_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
+        """Like generate(), but returns a Stream: iterate it for text pieces as tokens come; its
+        `.output` is filled when the iteration ends. Everything is checked before this returns."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        ids, cut = self.fit(self.encode(prompt, chat), max_new_tokens, ctx)
+        if cut:
+            self.log(f"warning: prompt is {len(ids) + cut} tokens, over the limit of {len(ids)}; "
+                     f"cut {cut} tokens from its middle")
+        plan = None
+        if isinstance(policy, str) and policy.strip() == "hybrid":
+            plan = self.plan(ids, kv_budget=kv_budget, new_tokens=max_new_tokens, context=len(ids), **plan_options)
+            policy = plan
+        specs = self.policy_specs(policy, ids, max_new_tokens, kv_budget)
+        run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+        return Stream(lambda s: self._pieces(s, ids, cut, max_new_tokens, sampling, specs, plan, run))
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, policy="full", kv_budget=0.2,
+                 **options) -> Output:
+        """Generate after `prompt` (text or token ids): greedy unless temperature > 0 (then top_p,
+        top_k, seed apply); chat wraps text in the model's chat template; ctx caps the prompt (its
+        middle is cut). See the module docstring for `policy`; kv_budget is hybrid's device budget."""
+        s = self.stream(prompt, max_new_tokens, policy, kv_budget, **options)
+        for _ in s:
+            pass
+        return s.output
+
+    def _pieces(self, stream: Stream, ids, cut, max_new_tokens, sampling, specs, plan, run_options):
+        from weights.tokenizer import StreamDecoder
+        eos = self.tokenizer.eos_ids
+        result = GenerationResult(len(ids))
+        text = StreamDecoder(self.tokenizer)
+        for tid in stream_tokens(self.model, ids, max_new_tokens, sampling, specs, result, eos, **run_options):
+            if tid not in eos:  # the end-of-turn token itself is not shown
+                piece = text.push(tid)
+                if piece:
+                    yield piece
+        tail = text.flush()
+        if tail:
+            yield tail
+        stream.output = Output(
+            text=self.tokenizer.decode([t for t in result.generated_ids if t not in eos]),
+            token_ids=result.generated_ids, prompt_tokens=len(ids), prefill_s=result.prefill_s,
+            decode_ms_per_token=result.decode_ms_per_token, kv_bytes=result.kv_bytes(),
+            full_kv_bytes=self.full_kv_bytes(len(ids) + len(result.generated_ids)),
+            layers=[p.describe() for p in result.policies], stop_reason=result.stop_reason,
+            cuda_graphs=result.cuda_graphs, decode_steps=len(result.decode_times_s),
+            h2d_bytes=sum(p.transfer_bytes() for p in result.policies), prompt_cut=cut, plan=plan)
