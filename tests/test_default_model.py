@@ -8,23 +8,25 @@ import torch
 from engine.kv import build_policies
 from engine.runner import generate
 from engine.sampling import SamplingParams
-from weights.load import DEFAULT_MODEL, default_gguf_path, load_model
+from weights.gguf_import import import_gguf
+from weights.hf import read_config
+from weights.load import default_gguf_path
 
 TEXT = ("The history of the lighthouse begins in antiquity. The Pharos of Alexandria, built in the third "
         "century BC, guided ships into the harbour for more than a thousand years. ") * 12
 
 
 @pytest.fixture(scope="module")
-def models():
+def ref():
+    """transformers' model from the same GGUF file: its own reader, dequantization and name mapping."""
     from transformers import AutoModelForCausalLM
     path = default_gguf_path()
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32).eval()
-    return ref, load_model(DEFAULT_MODEL, "cpu", torch.float32, log=lambda _: None)
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
 
 
-def test_logits_match_transformers(models):
-    ref, m = models
+def test_logits_match_transformers(ref, default_model):
+    m = default_model
     ids = m.tokenizer.encode(TEXT)[:300]
     assert len(ids) == 300
     tokens = torch.tensor([ids])
@@ -35,8 +37,8 @@ def test_logits_match_transformers(models):
     assert (ours - expected).abs().max().item() <= 1e-3
 
 
-def test_greedy_32_tokens_match_transformers(models):
-    ref, m = models
+def test_greedy_32_tokens_match_transformers(ref, default_model):
+    m = default_model
     ids = m.tokenizer.encode(TEXT)[:200] + m.tokenizer.encode(" In summary,", bos=False)
     with torch.no_grad():
         expected = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
@@ -44,7 +46,7 @@ def test_greedy_32_tokens_match_transformers(models):
     assert res.generated_ids == expected[0, len(ids):].tolist()
 
 
-def test_cached_import_is_reused(models):
-    _, m = models
-    again = load_model(DEFAULT_MODEL, "cpu", torch.float32, log=lambda msg: pytest.fail(f"re-imported: {msg}"))
-    assert again.args == m.args
+def test_cached_import_is_reused(default_model):
+    """The session already imported the GGUF (default_model): asking again finds the cache entry."""
+    path = import_gguf(default_gguf_path(), log=lambda msg: pytest.fail(f"re-imported: {msg}"))
+    assert read_config(path) == default_model.args

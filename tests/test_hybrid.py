@@ -1,17 +1,14 @@
 """Hybrid end to end on the default model: profile a 2k-token pass-key prompt, plan at 10% of
 FullKV, generate, and find the key with the device KV inside the budget."""
-import torch
-
-from engine.haystack import make_haystack
+from engine.eval.haystack import make_haystack
 from engine.planner import make_plan
 from engine.profile import profile_prompt
 from engine.runner import generate
 from engine.sampling import SamplingParams
-from weights.load import DEFAULT_MODEL, load_model
 
 
-def test_hybrid_retrieves_pass_key_at_2k_within_10_percent():
-    m = load_model(DEFAULT_MODEL, "cpu", torch.float32, log=lambda _: None)
+def test_hybrid_retrieves_pass_key_at_2k_within_10_percent(default_model):
+    m = default_model
     h = make_haystack(m.tokenizer, 2048, depth=0.5, seed=0)
     new = 8
     full = m.args.kv_bytes_per_token(4) * (len(h.ids) + new)

