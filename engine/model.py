@@ -3,7 +3,7 @@
 Two entry points, because their costs differ:
   prefill()      the prompt, *layer-major*: one layer at a time over every prompt token, so only one
                  layer's full K/V exists at once before its KV policy compresses or offloads it;
-                 projections and MLP run over token chunks to bound activation memory.
+                 projections, attention and MLP run over chunks of query tokens to bound memory.
   decode_step()  one new token through every layer: small, fixed-shape work, kept free of Python
                  branching so it can be compiled or CUDA-graphed later.
 The KV policies (one per layer) are passed in explicitly; the model owns no cache state.
@@ -19,6 +19,7 @@ from torch import nn
 from engine.config import ModelArgs
 from engine.kv.base import KVPolicy
 from engine.rope import apply_rope, inv_frequencies, rope_cos_sin
+from kernels.prefill_attn import chunk_attention
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,24 +100,33 @@ class Llama(nn.Module):
                 all_logits: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run the prompt tokens (B, T) through the model layer by layer, handing each layer's K/V
         to its policy. Returns logits (B, vocab) for the last position, or (B, T, vocab) when
-        all_logits (tests). `progress(n)` is called after each layer."""
+        all_logits (tests). `progress(n)` is called after each layer.
+
+        Memory: besides the residual stream x (B, T, dim) and the layer's K/V (B, H_kv, T, D) that
+        its policy receives, everything is per chunk of `chunk` query tokens (queries, attention
+        output, MLP activations), so prefill's transient memory grows with T only by those."""
         B, T = tokens.shape
+        a = self.args
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(T, device=tokens.device), self.head.dtype)
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        spans = [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
         for layer, policy in zip(self.layers, policies):
-            # Q/K/V for the whole prompt, computed a chunk of tokens at a time.
-            parts = [layer.qkv(x[:, s:e], cos[s:e], sin[s:e]) for s, e in spans]
-            q, k, v = (torch.cat(p, dim=2) if len(p) > 1 else p[0] for p in zip(*parts))
-            # Causal attention over the whole prompt (flash/memory-efficient SDPA: O(T) memory).
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
-            policy.prefill(k, v, q[:, :, T - min(T, policy.q_window):] if policy.q_window else None)
-            del q, k, v
-            attn = attn.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-            for s, e in spans:  # residual updates in place, chunk by chunk
-                x[:, s:e] += attn[:, s:e] @ layer.wo
+            k = torch.empty(B, a.n_kv_heads, T, a.head_dim, device=x.device, dtype=x.dtype)
+            v = torch.empty_like(k)
+            q_tail = None  # the last policy.q_window queries, for policies that score with them
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                q, k[:, :, s:e], v[:, :, s:e] = layer.qkv(x[:, s:e], cos[s:e], sin[s:e])
+                if policy.q_window:
+                    q_tail = q if q_tail is None else torch.cat([q_tail, q], dim=2)
+                    q_tail = q_tail[:, :, -policy.q_window:]
+                # Queries s..e-1 see keys 0..e-1, all computed by now: chunk j's keys come from
+                # x before this layer's update of chunk j, and chunks are updated in order.
+                o = chunk_attention(q, k[:, :, :e], v[:, :, :e])  # (B, H, e-s, D)
+                x[:, s:e] += o.transpose(1, 2).reshape(B, e - s, -1) @ layer.wo  # residual, in place
                 x[:, s:e] += layer.mlp(x[:, s:e])
-            del attn
+                del q, o
+            policy.prefill(k, v, q_tail)
+            del k, v, q_tail  # the policy keeps what it needs; the full K/V goes before the next layer
             if progress is not None:
                 progress(1)
         return self.logits(x if all_logits else x[:, -1])

@@ -13,12 +13,12 @@ def attend_next(policy, q, k_new, v_new):
     return policy.attend(q, k_new, v_new, pos)
 
 
-def decode_logits(model, tokens, spec, prompt_len, cuda_graphs=False):
-    """Prefill tokens[:, :prompt_len] under `spec`, then feed the rest one step at a time (teacher
-    forcing) -> (logits (1 + steps, 1, vocab) on the CPU, the policies)."""
+def decode_logits(model, tokens, spec, prompt_len, cuda_graphs=False, chunk=2048):
+    """Prefill tokens[:, :prompt_len] under `spec` (in query chunks of `chunk`), then feed the rest
+    one step at a time (teacher forcing) -> (logits (1 + steps, 1, vocab) on the CPU, the policies)."""
     device = model.head.device
     policies = build_policies(model.args, spec, tokens.shape[1], device, model.head.dtype)
-    out = [model.prefill(tokens[:, :prompt_len].to(device), policies)]
+    out = [model.prefill(tokens[:, :prompt_len].to(device), policies, chunk=chunk)]
     decoder = Decoder(model, policies, cuda_graphs)
     out += [decoder.step(tokens[:, p].to(device), p).clone() for p in range(prompt_len, tokens.shape[1])]
     return torch.stack(out).cpu(), policies
