@@ -21,7 +21,7 @@ import json
 import shlex
 import sys
 
-from engine.cli import Parser, check_writable, cli, parse_tokens, resolve_device
+from engine.cli import Parser, cap_gpu_memory, check_writable, cli, gpu_memory, parse_tokens, resolve_device
 from engine.kv import parse_policy
 from engine.planner import Plan
 
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the unreported warm-up pass over every policy and peer (JIT compiles, cuBLAS "
                         "heuristics); the first cell then pays for them")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1k context, one pass key, 16 continuation tokens")
+    p.add_argument("--gpu-memory", type=gpu_memory, metavar="SIZE",
+                   help="cap this process's GPU memory (ours and the peers' alike), e.g. 24GiB for a 24 GB card")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON (rewritten after each cell)")
     p.add_argument("--markdown", metavar="PATH", help="write the table with the command, date and device (for the README)")
     p.add_argument("--plots", metavar="DIR", help="write latency.png, memory.png (and accuracy.png for several fractions)")
@@ -172,7 +174,8 @@ def run(a: argparse.Namespace) -> int:
                       depths=a.depths or ([0.5] if a.quick else [0.25, 0.5, 0.75]), seeds=a.seeds,
                       continuation=a.continuation or (16 if a.quick else 64), quality=not a.no_quality,
                       warm_up=not a.no_warmup)
-    resolve_device(a.device, a.dtype)
+    device, _ = resolve_device(a.device, a.dtype)
+    gpu_cap = cap_gpu_memory(a.gpu_memory, device)
 
     from engine import LLM
     from engine.eval.matrix import run_matrix
@@ -181,7 +184,7 @@ def run(a: argparse.Namespace) -> int:
         if ":" in name:
             m.policy_specs(name)  # plan for this model? parameter values in range?
     device, dtype = m.device, m.dtype
-    results = {"meta": meta(a, m, device, dtype, cfg), "cells": [], "sweep": []}
+    results = {"meta": {**meta(a, m, device, dtype, cfg), "gpu_memory_cap": gpu_cap}, "cells": [], "sweep": []}
 
     def save() -> None:  # after every cell: a long run that dies still leaves its numbers
         if a.json:

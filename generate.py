@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
+from engine.cli import (Parser, cap_gpu_memory, check_writable, cli, fmt_bytes, gpu_memory, parse_tokens,
+                        resolve_device)
 from engine.eval.haystack import make_haystack
 from engine.kv import POLICIES, parse_policy
 from engine.sampling import SamplingParams
@@ -88,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the copy overlap compute (default none: it measured as fast on an H100, see README)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: replay a CUDA graph)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
-                   help="tokens per chunk for prefill projections/MLP (bounds activation memory)")
+                   help="prompt tokens per prefill chunk: queries, attention output and MLP activations exist "
+                        "one chunk at a time (default 2048)")
+    p.add_argument("--gpu-memory", type=gpu_memory, metavar="SIZE",
+                   help="cap this process's GPU memory, e.g. 24GiB: shows on a large GPU what a smaller one holds")
     p.add_argument("--stats-json", metavar="PATH", help="write the run's figures as JSON to PATH")
     return p
 
@@ -144,8 +148,11 @@ def run(a: argparse.Namespace) -> int:
         parse_policy(policy)  # names, keys and value types (the values are checked once the model is known)
     elif ":" in policy:
         raise ValueError("--policy hybrid takes no parameters (see --kv-budget, --plan, --plan-policies)")
+    if a.prefill_chunk < 1:
+        raise ValueError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     check_writable(a.stats_json, "--stats-json")
-    resolve_device(a.device, a.dtype)
+    device, _ = resolve_device(a.device, a.dtype)
+    cap_gpu_memory(a.gpu_memory, device)
 
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
     llm = LLM(a.model, a.device, a.dtype, log=log)
@@ -178,7 +185,8 @@ def run(a: argparse.Namespace) -> int:
     log(f"prompt {out.prompt_tokens} tokens | prefill {out.prefill_s:.2f} s "
         f"({out.prompt_tokens / max(out.prefill_s, 1e-9):.0f} tok/s) | decode {out.decode_ms_per_token:.1f} ms/token "
         f"({len(out.token_ids)} tokens, {out.stop_reason}{', CUDA graph' if out.cuda_graphs else ''}) | "
-        f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})")
+        f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})"
+        + (f" | peak GPU {fmt_bytes(peak_memory_bytes(llm.device))}" if llm.device.type == "cuda" else ""))
     if haystack is not None:
         log(f"pass key {haystack.key}: {'retrieved' if haystack.found(out.text) else 'NOT retrieved'}")
     if a.stats_json:

@@ -61,6 +61,35 @@ def check_writable(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: not writable")
 
 
+def gpu_memory(text: str) -> str:
+    """argparse type of --gpu-memory: the syntax now, the device check once the device is known."""
+    from engine.planner import parse_bytes
+    try:
+        if parse_bytes(text) is None:
+            raise ValueError(f"{text!r} has no unit (examples: 24GiB, 16G, 40000MB)")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
+    """--gpu-memory SIZE: cap what this process may allocate on its GPU, so a run on a large GPU
+    proves what a smaller card holds (past the cap torch raises OutOfMemoryError, as the small card
+    would). The cap covers torch's allocations; the CUDA context (~0.5 GiB) comes on top, which is
+    why a 24 GB card is measured as a 24 GiB cap with a peak of at most 22 GiB. -> the cap in bytes."""
+    if text is None:
+        return None
+    from engine.planner import parse_bytes
+    cap = parse_bytes(text)
+    if device.type != "cuda":
+        raise ValueError(f"--gpu-memory caps a CUDA GPU's memory; this run is on {device}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap > total:
+        raise ValueError(f"--gpu-memory {text}: more than the GPU's {fmt_bytes(total)}")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap
+
+
 def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype -> (device, dtype); 'auto' picks CUDA when present, bfloat16 there, float32 on CPU."""
     if name == "auto":

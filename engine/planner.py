@@ -21,6 +21,7 @@ marginal gains token by token is optimal there.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -160,22 +161,39 @@ def allocate_tau(curves: list[list[float]], prompt: int, tau: float, floor: int)
     return [floor + int(c) for c in picked.view(L, -1).sum(-1)]
 
 
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+
+
+def parse_bytes(text: str) -> int | None:
+    """'512MiB', '2GiB', '24G', '300MB', '1.5 GiB' -> bytes (a bare G/M/K is binary); None when the
+    text names no unit. Raises ValueError on a number that is not one, or not finite and positive."""
+    t = text.strip().lower().replace(" ", "")
+    t = t + "ib" if t[-1:] in ("k", "m", "g") else t
+    for unit, mult in _UNITS.items():
+        if t.endswith(unit):
+            try:
+                x = float(t[:-len(unit)])
+            except ValueError:
+                raise ValueError(f"not a size: {text!r} (examples: 512MiB, 24GiB)") from None
+            if not (math.isfinite(x) and x > 0):
+                raise ValueError(f"a size must be positive and finite, got {text!r}")
+            return int(x * mult)
+    return None
+
+
 def parse_kv_budget(text: str, full_bytes: int) -> int:
     """'512MiB', '2GiB', '300MB', '123456' (bytes) or a fraction of FullKV: '0.2', '20%' -> bytes."""
     t = text.strip()
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    sized = parse_bytes(t) if t else None
+    if sized is not None:
+        return sized
     try:
-        if t.endswith("%"):
-            return int(float(t[:-1]) / 100 * full_bytes)
-        for unit, mult in units.items():
-            if t.lower().endswith(unit):
-                return int(float(t[:-len(unit)]) * mult)
-        x = float(t)
+        x = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
         raise ValueError(f"not a KV budget: {text!r} (examples: 512MiB, 2GiB, 0.2, 20%)") from None
-    if x <= 0:
-        raise ValueError(f"KV budget must be positive, got {text!r}")
-    return int(x * full_bytes) if x <= 1 else int(x)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"KV budget must be positive and finite, got {text!r}")
+    return int(x * full_bytes) if x <= 1 or t.endswith("%") else int(x)
 
 
 def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,

@@ -104,6 +104,9 @@ def test_parse_policy_and_peers():
     (["--steps", "4"], "--steps must be >= 16"),
     (["--policies", "full,magic"], "unknown policy"),
     (["--peers", "vllm"], "unknown peer"),
+    (["--gpu-memory", "24"], "has no unit"),
+    (["--gpu-memory=-3GiB"], "positive and finite"),
+    (["--gpu-memory", "24GiB", "--device", "cpu", "--model", "random:tiny"], "caps a CUDA GPU"),
 ])
 def test_bad_input_is_one_line(argv, fragment, capsys):
     assert_clean_error(call(bench.main, argv, capsys), fragment)

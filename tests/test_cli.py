@@ -137,6 +137,22 @@ def test_bad_kv_budget(gen):
                        "not a KV budget")
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["--gpu-memory", "lots"], "has no unit"),
+    (["--gpu-memory", "nanGiB"], "positive and finite"),
+    (["--gpu-memory", "24GiB", "--device", "cpu"], "caps a CUDA GPU"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
+    (["--kv-budget", "inf", "--policy", "hybrid"], "positive and finite"),
+])
+def test_memory_flags_checked_before_loading(gen, argv, fragment):
+    assert_clean_error(gen("--model", "random:tiny", "--prompt", "hi", *argv), fragment)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA only")
+def test_gpu_memory_cap_is_applied(gen):
+    assert_clean_error(gen("--model", "random:tiny", "--prompt", "hi", "--gpu-memory", "100000GiB"), "more than the GPU")
+
+
 def test_bad_policy_parameters_are_one_line_errors(gen):
     assert_clean_error(gen("--model", "random:tiny", "--policy", "quant", "--kv-bits", "3", "--prompt", "hi"), "bits")
     assert_clean_error(gen("--model", "random:tiny", "--policy", "offload", "--budget", "10", "--prompt", "hi"),

@@ -52,6 +52,9 @@ def describe(results: dict) -> str:
              f"kvpress presses use compression_ratio {1 - m['fractions'][0]:.2f}, hybrid plans for that share of "
              f"FullKV's bytes, quant is 4-bit. Decode: median of {m['steps']} greedy steps after {m['warmup']} "
              f"warm-up steps. KV vs FullKV = device KV bytes / FullKV's at the same length; {mem}.")]
+    if m.get("gpu_memory_cap"):
+        lines.append(f"The process was capped at {m['gpu_memory_cap'] / 2**30:.1f} GiB of GPU memory "
+                     "(--gpu-memory): a cell that needed more failed with out-of-memory, as on a smaller card.")
     if m.get("quality_note"):
         lines.append(m["quality_note"])
     return "\n".join(lines)
