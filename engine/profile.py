@@ -10,7 +10,7 @@ the *decode* queries (the ones that will need the tokens), per layer:
   evict[i]     importance retention R(k) (XKV) for k = FRACTIONS[i] of the prompt: the decode
                queries' attention mass on what BudgetedEvictKV keeps at that budget.
   offload[i]   the same for OffloadKV: each decode query's mass on the tokens it would fetch
-               (sink + recent + top by the C-channel sketch's approximate scores).
+               (sink + recent + the top chunks by the C-channel sketch's approximate scores).
   quant_err[b] relative error of the decode queries' attention output with K/V at b bits.
 Judging static eviction on the prompt queries that chose its tokens would flatter it: on pass-key
 prompts those queries keep the needle, the answer's queries then miss a digit.
@@ -25,8 +25,9 @@ import torch
 from engine.graphs import Decoder
 from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.kv.full import FullKV
-from engine.kv.offload import OffloadKV, rank_channels
+from engine.kv.offload import OffloadKV, chunk_sketch, rank_channels
 from engine.kv.quant import QuantKV
+from kernels.sparse_attn import sketch_scores
 
 FRACTIONS = [i / 64 for i in range(65)]  # budgets as fractions of the prompt, 0 .. 1
 QUANT_BITS = (1, 2, 4)
@@ -50,7 +51,8 @@ class ProfileConfig:
     the policies' own defaults (read from their constructors) unless changed here."""
     probe: int = 16  # greedy decode steps whose queries judge the policies
     evict: dict = field(default_factory=lambda: _pick(BudgetedEvictKV.defaults(), "window", "pool"))
-    offload: dict = field(default_factory=lambda: _pick(OffloadKV.defaults(), "sink", "recent", "channels"))
+    offload: dict = field(default_factory=lambda: _pick(OffloadKV.defaults(), "sink", "recent", "channels",
+                                                                       "chunk"))
     quant: dict = field(default_factory=lambda: _pick(QuantKV.defaults(), "group", "residual"))
 
     @property
@@ -109,28 +111,29 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     # clamped to [0, T - W]. E.g. T = 1000, W = 32, f = 0.25: k = 250, the window + 218 candidates.
     evict = [(base + got[..., min(T - W, max(0, round(f * T) - W))]).mean().item() for f in FRACTIONS]
 
-    # OffloadKV: sink + recent, and per decode query the top of the middle by the channel sketch
-    sink, recent = cfg.offload["sink"], cfg.offload["recent"]
-    S, R = min(sink, T), min(recent, max(0, T - sink))
-    M = T - S - R
-    offload = []
+    # OffloadKV: sink + recent, and per decode query the top chunks of the middle by the sketch
+    sink, recent, c = cfg.offload["sink"], cfg.offload["recent"], cfg.offload["chunk"]
+    S, M, R, _ = OffloadKV.layout(T, 0, sink, recent, c)  # budget 0: the middle in whole chunks
     if M > 0:
-        mid_k = k[:, :, S:T - R]
+        mid_k = k[:, :, S:S + M].float()
         chan = rank_channels(mid_k, q_prompt[:, :, -OffloadKV.q_window:], cfg.offload["channels"])  # (B, H_kv, C)
-        qg = q_dec.reshape(B, H_kv, -1, n, D).float()
-        qc = qg.gather(-1, chan[:, :, None, None, :].expand(-1, -1, qg.shape[2], n, -1))
-        kc = mid_k.float().gather(-1, chan[:, :, None, :].expand(-1, -1, M, -1))  # (B, H_kv, M, C)
-        approx = torch.matmul(qc, kc[:, :, None].transpose(-1, -2)).amax(dim=2)  # (B, H_kv, n, M)
-        taken = _mass_in_order(dec[..., S:T - R], approx.argsort(dim=-1, descending=True))
-        fixed = generated + dec[..., :S].sum(-1) + dec[..., T - R:T].sum(-1)
+        mn, mx = chunk_sketch(mid_k, chan, c)  # (B, H_kv, N, C), N = M // c chunks
+        qg = q_dec.reshape(B, H_kv, -1, D)  # (B, H_kv, n_rep * n, D), rows (head, query)
+        qc = qg.gather(-1, chan[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
+        approx = sketch_scores(qc, mn, mx).view(B, H_kv, -1, n, M // c).amax(dim=2)  # (B, H_kv, n, N)
+        chunk_mass = dec[..., S:S + M].unflatten(-1, (M // c, c)).sum(-1)  # (B, H_kv, n_rep, n, N)
+        taken = _mass_in_order(chunk_mass, approx.argsort(dim=-1, descending=True))  # best j chunks
+        fixed = generated + dec[..., :S].sum(-1) + dec[..., S + M:T].sum(-1)
+    offload = []
     for f in FRACTIONS:
         k_f = round(f * T)
-        if M <= 0:
+        _, _, _, top = OffloadKV.layout(T, k_f, sink, recent, c)
+        if M <= 0 or top >= M:
             offload.append(1.0)
-        elif k_f < S + R:
+        elif k_f < sink + recent:
             offload.append(0.0)  # below sink + recent: not a valid OffloadKV budget
         else:
-            offload.append(min(1.0, (fixed + taken[..., min(M, k_f - S - R)]).mean().item()))
+            offload.append(min(1.0, (fixed + taken[..., top // c]).mean().item()))
 
     # QuantKV over the prompt (decoded tokens stay in its full-precision residual here)
     exact = _attend(dec, v)

@@ -20,19 +20,20 @@ def model_and_tokens():
     return model, tokens
 
 
-@pytest.mark.parametrize("budget", [120, 500])
-def test_budget_covering_prompt_equals_fullkv(model_and_tokens, budget):
+@pytest.mark.parametrize("budget, chunk", [(120, 1), (500, 1), (120, 16)])
+def test_budget_covering_prompt_equals_fullkv(model_and_tokens, budget, chunk):
     model, tokens = model_and_tokens
     full, _ = decode_logits(model, tokens, {"policy": "full"}, 120)
     off, policies = decode_logits(model, tokens, {"policy": "offload", "budget": budget, "sink": 4,
-                                                "recent": 16, "channels": 8}, 120)
+                                                "recent": 16, "channels": 8, "chunk": chunk}, 120)
     assert torch.equal(full, off)
     assert policies[0].nbytes()["host"] == 0
 
 
-def test_reuse_never_changes_results(model_and_tokens):
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_reuse_never_changes_results(model_and_tokens, chunk):
     model, tokens = model_and_tokens
-    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
+    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8, "chunk": chunk}
     with_reuse, pol_a = decode_logits(model, tokens, {**spec, "reuse": True}, 100)
     without, pol_b = decode_logits(model, tokens, {**spec, "reuse": False}, 100)
     assert torch.equal(with_reuse, without)
@@ -55,9 +56,53 @@ def test_device_and_host_bytes(model_and_tokens):
     assert p.nbytes()["device"] == dev
 
 
+def test_chunk_bounds_hold_every_token():
+    """The chunk score is an upper bound of q[C].k[C] for each of its tokens, exact with chunk 1."""
+    from engine.kv.offload import chunk_sketch
+    from kernels.sparse_attn import sketch_scores
+    g = torch.Generator().manual_seed(3)
+    k, q = torch.randn(1, 2, 96, 32, generator=g), torch.randn(1, 2, 5, 32, generator=g)
+    chan = torch.tensor([[[0, 3, 5, 9, 11, 20, 30, 31]] * 2])
+    qc = q.gather(-1, chan[:, :, None, :].expand(-1, -1, 5, -1))  # (1, 2, 5, 8)
+    exact = qc @ k.gather(-1, chan[:, :, None, :].expand(-1, -1, 96, -1)).transpose(-1, -2)  # (1, 2, 5, 96)
+    mn, mx = chunk_sketch(k, chan, 1)
+    assert mn is mx and torch.allclose(sketch_scores(qc, mn, mx), exact, atol=1e-5)
+    mn, mx = chunk_sketch(k, chan, 8)
+    bound = sketch_scores(qc, mn, mx)  # (1, 2, 5, 12)
+    per_chunk_max = exact.view(1, 2, 5, 12, 8).amax(-1)
+    assert (bound >= per_chunk_max - 1e-5).all() and (bound > per_chunk_max + 1e-3).any()
+
+
+def test_chunks_are_selected_by_their_bound_and_copied_whole():
+    """One decode step at chunk 4: the slots hold the top chunks by the brute-force bound, computed
+    here from the full keys, and each slot's rows are its chunk's keys and values in order."""
+    g = torch.Generator().manual_seed(4)
+    T, S, W, c = 103, 4, 8, 4  # middle 91 = 22 chunks + 3 tokens handed to the recent part
+    k, v = torch.randn(1, 2, T, 32, generator=g), torch.randn(1, 2, T, 32, generator=g)
+    p = OffloadKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=S + W + 24, sink=S, recent=W, channels=8, chunk=c)
+    p.prefill(k, v, torch.randn(1, 4, 32, 32, generator=g))
+    assert (p.M, p.top) == (88, 24)  # 6 chunks of 4 selected
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    attend_next(p, q, k[:, :, :1], v[:, :, :1])
+    mid = k[:, :, S:S + 88]
+    kc = mid.gather(-1, p.chan[:, :, None, :].expand(-1, -1, 88, -1)).view(1, 2, 22, c, 8)
+    qc = q.reshape(1, 2, 2, 32).gather(-1, p.chan[:, :, None, :].expand(-1, -1, 2, -1))  # (1, 2, 2, 8)
+    bound = (qc.clamp(min=0) @ kc.amax(3).transpose(-1, -2) + qc.clamp(max=0) @ kc.amin(3).transpose(-1, -2)).amax(2)
+    want = bound.topk(6, -1).indices.sort(-1).values  # (1, 2, 6)
+    assert torch.equal(p.slots.sort(-1).values, want)
+    for h in range(2):
+        for i, chunk in enumerate(p.slots[0, h].tolist()):
+            rows = slice(S + i * c, S + (i + 1) * c)
+            assert torch.equal(p.k[0, h, rows], mid[0, h, chunk * c:(chunk + 1) * c])
+            assert torch.equal(p.v[0, h, rows], v[0, h, S + chunk * c:S + (chunk + 1) * c])
+    assert torch.equal(p.k[0, :, S + 24:S + 24 + W + 3], k[0, :, T - W - 3:])  # recent + the 3 leftovers
+
+
 def test_bad_parameters():
     with pytest.raises(ValueError, match="budget"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, budget=10, sink=8, recent=8)
+    with pytest.raises(ValueError, match="chunk"):
+        OffloadKV(ARGS, 0, 100, "cpu", torch.float32, chunk=0)
     with pytest.raises(ValueError, match="channels"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, channels=ARGS.head_dim + 1)
 
@@ -72,11 +117,12 @@ def test_approx_scores_reference_is_exact_with_all_channels():
     q, k = torch.randn(1, 4, 1, 32, generator=g), torch.randn(1, 2, 50, 32, generator=g)
     chan = torch.arange(32).expand(1, 2, 32)
     exact = (q.reshape(1, 2, 2, 32) @ k.transpose(-1, -2)).amax(2)
-    torch.testing.assert_close(approx_scores_ref(q, k, chan), exact)
+    torch.testing.assert_close(approx_scores_ref(q, k, k, chan), exact)
 
 
 TRITON_CHECK = r"""
 import torch
+from engine.kv.offload import chunk_sketch
 from kernels.sparse_attn import approx_scores_ref, approx_scores_triton
 bad = 0
 for B, H, H_kv, D, M, C in [(1, 4, 4, 64, 37, 8), (2, 9, 3, 64, 300, 8), (1, 32, 8, 128, 129, 16), (1, 8, 2, 128, 5, 4)]:
@@ -84,11 +130,12 @@ for B, H, H_kv, D, M, C in [(1, 4, 4, 64, 37, 8), (2, 9, 3, 64, 300, 8), (1, 32,
     q = torch.randn(B, H, 1, D, generator=g)
     k = torch.randn(B, H_kv, M, D, generator=g)
     chan = torch.rand(B, H_kv, D, generator=g).topk(C, -1).indices.sort(-1).values
-    sketch = k.gather(-1, chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
-    ref, tri = approx_scores_ref(q, sketch, chan), approx_scores_triton(q, sketch, chan)
-    if not torch.allclose(ref, tri, rtol=1e-5, atol=1e-5):
-        bad += 1
-        print("MISMATCH", B, H, H_kv, D, M, C, (ref - tri).abs().max().item())
+    for c in (1, 4):  # token sketch (mn is mx), then chunks of 4 (min/max bounds)
+        mn, mx = chunk_sketch(k[:, :, :M - M % c], chan, c)
+        ref, tri = approx_scores_ref(q, mn, mx, chan), approx_scores_triton(q, mn, mx, chan)
+        if not torch.allclose(ref, tri, rtol=1e-5, atol=1e-5):
+            bad += 1
+            print("MISMATCH", B, H, H_kv, D, M, C, c, (ref - tri).abs().max().item())
 print("cases failed:", bad)
 """
 

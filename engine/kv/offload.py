@@ -2,14 +2,20 @@
 current query needs (TailorKV's "sparsity-friendly" layers).
 
 On the device stay: the first `sink` tokens, the prompt's last `recent` tokens, every generated
-token, the `budget - sink - recent` prompt tokens selected at the last step, and a key *sketch*: the
-`channels` most important key channels of every middle-of-prompt token (about C/D of the keys,
-e.g. 8/64). Each step:
-  1. approximate scores q[C] . K[C] over the middle of the prompt from the sketch (no host traffic);
-  2. top-k of those per KV head (the max over the query heads that share it);
-  3. a slot whose token is still selected keeps it; only the newly selected tokens' rows cross the
+token, the `budget - sink - recent` prompt tokens selected at the last step, and a key *sketch* of
+the middle of the prompt. The middle is cut into chunks of `chunk` consecutive tokens, selected
+whole (ShadowKV, Quest): chunk x fewer candidates to score and rank, and each selected chunk is one
+contiguous run of rows to copy. The sketch keeps, per chunk, the min and max of the `channels`
+most important key channels (kernels/sparse_attn.py: with chunk 1 these are the keys' channels
+themselves, about C/D of the keys, e.g. 8/64). Each step:
+  1. approximate scores over the middle's chunks from the sketch (no host traffic);
+  2. top-k chunks per KV head (the max over the query heads that share it);
+  3. a slot whose chunk is still selected keeps it; only the newly selected chunks' rows cross the
      bus from the host store, into the freed slots;
   4. exact attention over [sink | selected slots | recent | generated].
+Worked example, budget 2048, sink 16, recent 64, chunk 16, a 131072-token prompt: the middle is
+130992 tokens = 8187 chunks; 1968 // 16 = 123 chunks (1968 rows) are selected per KV head and step.
+(A middle that does not divide into chunks hands its last `M % chunk` tokens to the recent part.)
 When the budget covers the prompt nothing is offloaded and the buffer is FullKV's, bit for bit.
 With reuse off (the baseline that refetches every selected row each step) the slots are assigned
 the same way, so reuse changes what is copied, never a result.
@@ -51,6 +57,19 @@ def rank_channels(mid_k: torch.Tensor, q_window: torch.Tensor | None, channels: 
     return weight.topk(channels, dim=-1).indices.sort(dim=-1).values
 
 
+def chunk_sketch(mid_k: torch.Tensor, chan: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mid_k (B, H_kv, M, D) with M a multiple of chunk, chan (B, H_kv, C) -> (mn, mx), each
+    (B, H_kv, M // chunk, C): per chunk, the min and max of the keys at the chosen channels.
+    With chunk 1 both are the same tensor (the keys' channels), stored once."""
+    B, H_kv, M, _ = mid_k.shape
+    kc = mid_k.gather(-1, chan[:, :, None, :].expand(-1, -1, M, -1))  # (B, H_kv, M, C)
+    if chunk == 1:
+        kc = kc.contiguous()
+        return kc, kc
+    kc = kc.view(B, H_kv, M // chunk, chunk, -1)
+    return kc.amin(dim=3).contiguous(), kc.amax(dim=3).contiguous()
+
+
 LOOKAHEAD = ("none", "layer", "step")
 
 
@@ -59,11 +78,13 @@ class OffloadKV(KVPolicy):
     q_window = 32  # prompt queries used to rank channels
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
-                 recent: int = 64, channels: int = 8, reuse: bool = True, lookahead: str = "none",
-                 overlap: bool = True):
+                 recent: int = 64, channels: int = 8, chunk: int = 1, reuse: bool = True,
+                 lookahead: str = "none", overlap: bool = True):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
             raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
+        if chunk < 1:
+            raise ValueError(f"OffloadKV chunk must be >= 1, got {chunk}")
         if budget < sink + recent:
             raise ValueError(f"OffloadKV budget {budget} < sink {sink} + recent {recent}")
         if not 1 <= channels <= args.head_dim:
@@ -71,19 +92,31 @@ class OffloadKV(KVPolicy):
         if lookahead not in LOOKAHEAD:
             raise ValueError(f"OffloadKV lookahead must be one of {', '.join(LOOKAHEAD)}, got {lookahead!r}")
         self.budget, self.sink, self.recent, self.channels, self.reuse = budget, sink, recent, channels, reuse
+        self.chunk = chunk
         self.lookahead, self.overlap = lookahead, overlap
         self.prepared = False           # "layer": this step's rows were selected one layer early
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
-        self.sketch = self.chan = None  # (B, H_kv, M, C) sketch of the middle keys, (B, H_kv, C) channel ids
+        self.mn = self.mx = None        # (B, H_kv, N, C) sketch: per chunk, min and max of each channel
+        self.chan = None                # (B, H_kv, C) the sketch's channel ids
         self.fetcher: RowFetcher | None = None
-        self.slots = None               # (B, H_kv, k) the middle token held in each device slot
+        self.slots = None               # (B, H_kv, k) the middle chunk held in each device slot
+
+    @staticmethod
+    def layout(T: int, budget: int, sink: int, recent: int, chunk: int) -> tuple[int, int, int, int]:
+        """A T-token prompt -> (S, M, W, top): S sink tokens, a middle of M, W recent, and `top`
+        middle tokens held on the device (top == M: nothing offloaded; else whole chunks)."""
+        S = min(sink, T)
+        W = min(recent, T - S)
+        M = T - S - W  # middle of the prompt: the offloadable part
+        top = budget - sink - recent
+        if top >= M:
+            return S, M, W, M
+        W, M = W + M % chunk, M - M % chunk  # the middle in whole chunks
+        return S, M, W, min(top // chunk, M // chunk) * chunk
 
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
-        S = min(self.sink, T)
-        W = min(self.recent, T - S)
-        M = T - S - W                                   # middle of the prompt: the offloadable part
-        self.top = min(self.budget - self.sink - self.recent, M)
+        S, M, W, self.top = self.layout(T, self.budget, self.sink, self.recent, self.chunk)
         self.offloaded = self.top < M
         n_prompt = S + self.top + W
         n_max = n_prompt + (self.capacity - T)          # + room for every token yet to be generated
@@ -99,7 +132,7 @@ class OffloadKV(KVPolicy):
             mid_k, mid_v = k[:, :, S:T - W], v[:, :, S:T - W]  # (B, H_kv, M, D)
             self.fetcher = RowFetcher(mid_k, mid_v, self.device)
             self.chan = rank_channels(mid_k, q_window, self.channels)
-            self.sketch = mid_k.gather(-1, self.chan[:, :, None, :].expand(-1, -1, M, -1)).contiguous()
+            self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
             self.slots = None  # filled by the first decode step's query
         self.row_offset = n_prompt - T  # buffer row of decode position p is p + row_offset
         self.length = T
@@ -107,9 +140,9 @@ class OffloadKV(KVPolicy):
     def _select(self, q: torch.Tensor, overlap: bool) -> None:
         """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots
         (with overlap on CUDA the copy is only started: `self.fetcher.wait()` before reading)."""
-        scores = approx_scores(q, self.sketch, self.chan)  # (B, H_kv, M)
-        new = select_topk(scores, self.top)  # (B, H_kv, k) sorted token ids
-        k = self.top
+        scores = approx_scores(q, self.mn, self.mx, self.chan)  # (B, H_kv, N) one per chunk
+        k = self.top // self.chunk
+        new = select_topk(scores, k)  # (B, H_kv, k) sorted chunk ids
         if self.slots is None:  # first step: every slot is free; fill them in token order
             self.slots = new.clone()
             slot_idx, tokens = torch.arange(k, device=new.device).expand_as(new), new
@@ -134,6 +167,11 @@ class OffloadKV(KVPolicy):
             if not self.reuse:  # the baseline: copy every selected row again, into the same slots
                 slot_idx = torch.arange(k, device=new.device).expand_as(new)
                 tokens, wanted = self.slots, torch.ones_like(wanted)
+        if self.chunk > 1:  # chunk j is tokens j*c .. j*c+c-1, slot i is rows i*c .. i*c+c-1
+            c, step = self.chunk, torch.arange(self.chunk, device=new.device)
+            tokens = (tokens[..., None] * c + step).flatten(-2)  # (B, H_kv, k * c)
+            slot_idx = (slot_idx[..., None] * c + step).flatten(-2)
+            wanted = wanted[..., None].expand(-1, -1, -1, c).flatten(-2)
         self.fetcher.fetch(tokens, wanted, slot_idx, self.k, self.v, self.S, overlap=overlap and self.overlap)
 
     def wants_lookahead(self) -> bool:
@@ -172,22 +210,21 @@ class OffloadKV(KVPolicy):
             self.fetcher.wait()
 
     def nbytes(self):
-        device = tensor_bytes(self.k, self.v, self.sketch, self.chan, self.slots)
+        device = tensor_bytes(self.k, self.v, self.mx, self.chan, self.slots)
+        if self.mn is not self.mx:
+            device += tensor_bytes(self.mn)
         host = self.fetcher.nbytes() if self.fetcher is not None else 0
         return {"device": device, "host": host}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, budget=512, sink=16, recent=64, channels=8, **_):
+    def cost(cls, args, prompt, new, elem, budget=512, sink=16, recent=64, channels=8, chunk=1, **_):
         H, D = args.n_kv_heads, args.head_dim
-        S = min(sink, prompt)
-        W = min(recent, prompt - S)
-        M = prompt - S - W
-        top = min(budget - sink - recent, M)
+        S, M, W, top = cls.layout(prompt, budget, sink, recent, chunk)
         device = (S + top + W + new) * 2 * H * D * elem
         if top == M:  # nothing offloaded
             return {"device": device, "host": 0}
-        # + the sketch (M x C), the channel ids and the selected-token ids (int64)
-        device += H * M * channels * elem + H * channels * 8 + H * top * 8
+        # + the sketch (one or two rows of C per chunk), the channel ids and the slots' chunk ids (int64)
+        device += H * (M // chunk) * channels * elem * (1 if chunk == 1 else 2) + H * channels * 8 + H * (top // chunk) * 8
         return {"device": device, "host": 2 * H * M * D * elem}
 
     def transfer_bytes(self):
@@ -195,4 +232,4 @@ class OffloadKV(KVPolicy):
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,
-                "channels": self.channels, "lookahead": self.lookahead}
+                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead}
