@@ -141,3 +141,19 @@ def test_plan_json_round_trip_and_refusals(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match="not a KV plan"):
             Plan.load(str(bad))
+
+
+def test_shipped_tailorkv_shaped_plan():
+    """docs/plans/tailorkv_shape_random8b.json: layer 0 quantized, 31 offload layers at budget 2048,
+    for random:llama-3.1-8b at 128k; its bytes are the policies' own cost and under 10% of FullKV."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plans",
+                        "tailorkv_shape_random8b.json")
+    plan = Plan.load(path)
+    args = preset("llama-3.1-8b")
+    plan.check("random:llama-3.1-8b", args.n_layers, path)
+    assert [s["policy"] for s in plan.specs] == ["quant"] + ["offload"] * 31
+    T, new = plan.header["context"], plan.header["new_tokens"]
+    assert all(spec_cost(args, o.spec, T, new, 2)["device"] == o.device_bytes for o in plan.layers)
+    assert plan.device_bytes <= 0.10 * args.kv_bytes_per_token(2) * (T + new)
+    build_policies(args, plan.specs, T + new, "cpu", torch.bfloat16)  # every spec valid (nothing allocated yet)

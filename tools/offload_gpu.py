@@ -1,9 +1,10 @@
-"""OffloadKV on a CUDA GPU: decode ms/token for each lookahead mode, CUDA graphs on and off, the
-side-stream overlap on and off, and the time the copy kernels take, next to FullKV and
-BudgetedEvictKV at the same budget. What bench.py's matrix does not separate; the README's
-"OffloadKV on the H100" table comes from this script.
+"""OffloadKV on a CUDA GPU: decode ms/token per chunk size and lookahead mode, CUDA graphs on and
+off, the time the copy and selection kernels take, the bytes moved and the reuse rate (the share of
+selected rows already on the device), next to FullKV and BudgetedEvictKV at the same budget. What
+bench.py's matrix does not separate; the README's "OffloadKV on the H100" table comes from this script.
 
-    python tools/offload_gpu.py --ctx 32k,128k --budget 2048
+    python tools/offload_gpu.py --ctx 32k,128k --budget 2048 --chunks 1,8,16
+    python tools/offload_gpu.py --ctx 128k --lookahead none,layer,step --overlap-off
 """
 from __future__ import annotations
 
@@ -24,15 +25,26 @@ from engine.runner import GenerationResult, stream_tokens  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 
-def configs(budget: int) -> list[tuple[str, dict, bool]]:
-    off = {"policy": "offload", "budget": budget}
+def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: bool) -> list[tuple[str, dict, bool]]:
     rows = [("full eager", {"policy": "full"}, False), ("full graph", {"policy": "full"}, True),
-            ("evict graph", {"policy": "evict", "budget": budget}, True),
-            ("offload/none eager", {**off, "lookahead": "none"}, False)]
-    rows += [(f"offload/{la} graph", {**off, "lookahead": la}, True) for la in ("none", "layer", "step")]
-    rows += [(f"offload/{la} graph no-overlap", {**off, "lookahead": la, "overlap": False}, True)
-             for la in ("layer", "step")]
+            ("evict graph", {"policy": "evict", "budget": budget}, True)]
+    for c in chunks:
+        off = {"policy": "offload", "budget": budget, "chunk": c}
+        rows.append((f"offload/chunk{c} eager", {**off, "lookahead": "none"}, False))  # profiled: kernel times
+        rows += [(f"offload/chunk{c}/{la} graph", {**off, "lookahead": la}, True) for la in lookaheads]
+        if overlap_off:
+            rows += [(f"offload/chunk{c}/{la} graph no-overlap", {**off, "lookahead": la, "overlap": False}, True)
+                     for la in lookaheads if la != "none"]
     return rows
+
+
+def kernel_ms(prof, steps: int) -> str:
+    """Device time per token of the copy kernel and of the selection (scores + top-k + sorts)."""
+    def ms(*names: str) -> float:
+        return sum(e.self_device_time_total for e in prof.key_averages()
+                   if any(n in e.key.lower() for n in names)) / (1e3 * steps)
+    return (f" | copy kernels {ms('gather_rows'):.2f} ms, scores {ms('approx_scores'):.2f} ms, "
+            f"top-k/sort {ms('topk', 'sort', 'radix'):.2f} ms per token")
 
 
 def main() -> None:
@@ -41,6 +53,9 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048, help="tokens per layer for offload and evict (default 2048)")
     p.add_argument("--preset", default="llama-3.1-8b", help="random-weight model shapes (default llama-3.1-8b)")
     p.add_argument("--steps", type=int, default=41, help="decode steps; the first 8 are not timed (default 41)")
+    p.add_argument("--chunks", default="1,16", help="OffloadKV chunk sizes to run, comma-separated (default 1,16)")
+    p.add_argument("--lookahead", default="none", help="lookahead modes to run, comma-separated (default none)")
+    p.add_argument("--overlap-off", action="store_true", help="also run the lookahead modes with the side stream off")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("offload_gpu.py: error: needs a CUDA GPU")
@@ -48,11 +63,12 @@ def main() -> None:
     m = Llama.random(args, "cuda", torch.bfloat16)
     for T in (parse_tokens(c) for c in a.ctx.split(",")):
         ids = torch.randint(100, args.vocab_size, (T,), generator=torch.Generator().manual_seed(0)).tolist()
-        for name, spec, graphs in configs(a.budget):
+        rows = configs(a.budget, [int(c) for c in a.chunks.split(",")], a.lookahead.split(","), a.overlap_off)
+        for name, spec, graphs in rows:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             # Copy-kernel time is read from a profile of 4 eager steps (graph replays hide kernels).
-            prof = profile(activities=[ProfilerActivity.CUDA]) if name == "offload/none eager" else None
+            prof = profile(activities=[ProfilerActivity.CUDA]) if name.endswith(" eager") and "offload" in name else None
             r = GenerationResult(len(ids))
             for done, _ in enumerate(stream_tokens(m, ids, a.steps, SamplingParams(), spec, r, cuda_graphs=graphs), 1):
                 if prof is not None and done == 20:
@@ -61,13 +77,16 @@ def main() -> None:
                     torch.cuda.synchronize()
                     prof.stop()
             ms = 1e3 * statistics.median(r.decode_times_s[8:])
-            copy = "" if prof is None else " copy kernels %.2f ms/token" % (sum(
-                e.self_device_time_total for e in prof.key_averages() if "gather_rows" in e.key) / 4e3)
+            kernels = "" if prof is None else kernel_ms(prof, 4)
             kv = r.kv_bytes()
-            moved = sum(p.transfer_bytes() for p in r.policies) / (len(r.decode_times_s) + 1)
+            steps = len(r.decode_times_s) + 1  # the first generated token's step selects too
+            moved = sum(p.transfer_bytes() for p in r.policies) / steps
+            row = 2 * args.n_kv_heads * args.head_dim * 2  # bytes of one token's K and V rows, all heads
+            selected = sum(getattr(p, "top", 0) for p in r.policies if getattr(p, "offloaded", False)) * row
+            reuse = f" reuse {1 - moved / selected:5.1%}" if selected else ""
             print(f"ctx {T} {name:30s} graph={r.cuda_graphs!s:5} prefill {r.prefill_s:6.2f} s decode {ms:6.2f} "
-                  f"ms/token moved {moved / 2**20:6.1f} MiB/token KV device {kv['device'] / 2**30:.2f} GiB host "
-                  f"{kv['host'] / 2**30:.2f} GiB peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB{copy}",
+                  f"ms/token moved {moved / 2**20:6.1f} MiB/token{reuse} KV device {kv['device'] / 2**30:.2f} GiB host "
+                  f"{kv['host'] / 2**30:.2f} GiB peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB{kernels}",
                   flush=True)
             del r
 
