@@ -25,7 +25,7 @@ POLICY_FLAGS = {"kv_bits": (("quant",), "bits"), "kv_group": (("quant",), "group
                 "kv_residual": (("quant",), "residual"), "budget": (("evict", "offload"), "budget"),
                 "evict_during_decode": (("evict",), "evict_during_decode"), "sink": (("offload",), "sink"),
                 "recent": (("offload",), "recent"), "channels": (("offload",), "channels"),
-                "lookahead": (("offload",), "lookahead")}
+                "chunk": (("offload",), "chunk"), "lookahead": (("offload",), "lookahead")}
 
 
 def _default(policy: str, key: str) -> str:
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent", type=int, help=f"offload: last prompt tokens always kept ({_default('offload', 'recent')})")
     p.add_argument("--channels", type=int, help="offload: key channels per KV head in the on-device sketch that "
                    f"ranks tokens ({_default('offload', 'channels')})")
+    p.add_argument("--chunk", type=int, help="offload: rank and fetch the prompt in chunks of this many tokens "
+                   f"({_default('offload', 'chunk')})")
     p.add_argument("--lookahead", choices=["none", "layer", "step"],
                    help="offload: pick each step's tokens with this step's query (none: exact), an approximate "
                         "query one layer early (layer), or the previous step's query (step); the last two let "
