@@ -15,24 +15,38 @@ from stepping import attend_next, decode_logits
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128)  # head_dim 32
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_residual_covering_context_equals_fullkv(bits):
+@pytest.mark.parametrize("bits, rotate", [(1, "none"), (2, "none"), (4, "none"), (2, "v"), (2, "kv")])
+def test_residual_covering_context_equals_fullkv(bits, rotate):
     model = Llama.random(ARGS, "cpu", torch.float32, seed=5)
     tokens = torch.randint(0, 300, (1, 70), generator=torch.Generator().manual_seed(0))
     full, _ = decode_logits(model, tokens, {"policy": "full"}, 40)
-    quant, _ = decode_logits(model, tokens, {"policy": "quant", "bits": bits, "group": 32, "residual": 96}, 40)
-    assert torch.equal(full, quant)
+    quant, _ = decode_logits(model, tokens, {"policy": "quant", "bits": bits, "group": 32, "residual": 96,
+                                             "rotate": rotate}, 40)
+    if rotate == "none":
+        assert torch.equal(full, quant)
+    else:  # the rotation is exact up to float rounding: q.k = (qR).(kR), (sum p vR) R^T = sum p v
+        assert (full - quant).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("prompt_len", [1, 31, 32, 33, 100])
-def test_bookkeeping_across_block_boundaries(prompt_len):
+def test_hadamard_is_orthonormal_and_spreads_an_outlier():
+    from engine.kv.quant import hadamard
+    r = hadamard(64)
+    torch.testing.assert_close(r @ r.T, torch.eye(64), atol=1e-6, rtol=0)
+    x = torch.zeros(64)
+    x[5] = 8.0
+    assert torch.allclose((x @ r).abs(), torch.full((64,), 1.0))  # 8 / sqrt(64) in every channel
+
+
+@pytest.mark.parametrize("prompt_len, rotate", [(1, "none"), (31, "none"), (32, "none"), (33, "none"),
+                                                (100, "none"), (33, "v"), (100, "kv")])
+def test_bookkeeping_across_block_boundaries(prompt_len, rotate):
     """Prefill then 75 decode steps with residual 32 / group 16: every token must come back from
     the packed store (within half a quantization step) or from the residual (exactly)."""
     g = torch.Generator().manual_seed(prompt_len)
     T = prompt_len + 75
     k = torch.randn(1, 2, T, 32, generator=g)
     v = torch.randn(1, 2, T, 32, generator=g)
-    p = QuantKV(ARGS, 0, T, "cpu", torch.float32, bits=4, group=16, residual=32)
+    p = QuantKV(ARGS, 0, T, "cpu", torch.float32, bits=4, group=16, residual=32, rotate=rotate)
     p.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len])
     q = torch.randn(1, 4, 1, 32, generator=g)
     for t in range(prompt_len, T):
@@ -43,15 +57,16 @@ def test_bookkeeping_across_block_boundaries(prompt_len):
     kh, vh = p.dequantized()
     n_vq = T - 32  # the last 32 values are in the ring
     assert p.n_kq > 0
-    torch.testing.assert_close(kh[:, :, p.n_kq:], k[:, :, p.n_kq:], rtol=0, atol=0)
-    torch.testing.assert_close(vh[:, :, n_vq:], v[:, :, n_vq:], rtol=0, atol=0)
+    exact = 0 if rotate == "none" else 1e-5  # a rotation there and back rounds
+    torch.testing.assert_close(kh[:, :, p.n_kq:], k[:, :, p.n_kq:], rtol=0, atol=exact)
+    torch.testing.assert_close(vh[:, :, n_vq:], v[:, :, n_vq:], rtol=0, atol=exact)
     # 4 bits over a group's range: the error is at most half a step, (max - min) / 15 / 2 < 0.35 here
     assert (kh - k).abs().max() < 0.35 and (vh - v).abs().max() < 0.35
 
 
 def test_invalid_parameters_fail_at_construction():
     for kw, msg in [(dict(bits=3), "bits"), (dict(group=24), "divide"), (dict(residual=-1), "multiple"),
-                    (dict(residual=48), "multiple")]:
+                    (dict(residual=48), "multiple"), (dict(rotate="yes"), "rotate")]:
         with pytest.raises(ValueError, match=msg):
             QuantKV(ARGS, 0, 100, "cpu", torch.float32, **{"group": 32, **kw})
 

@@ -6,6 +6,15 @@ in fixed channels), values per token (groups of `group` along head_dim). The new
 full precision: keys in a residual block that is quantized all at once when it holds `residual`
 tokens, values in a ring of the last `residual` tokens, each quantized as it leaves the ring.
 
+Rotation (`rotate`, QuaRot/RotateKV): a group's min/max is set by its largest element, so one outlier
+channel costs every other channel of a value row its resolution. Multiplying each head's vectors
+by an orthonormal Hadamard matrix R (D x D, entries +-1/sqrt(D)) spreads every channel over all of
+them before quantizing. Nothing else changes: q.k = (qR).(kR) since R R^T = I, so the step rotates
+its query and attends over the rotated keys; the attention output over rotated values is out R,
+rotated back by R^T. Worked example, D = 2: R = [[1, 1], [1, -1]] / sqrt(2) turns the value
+(4, 0) into (2.83, 2.83): an outlier channel becomes two ordinary ones. "v" rotates values only
+(keys are quantized per channel, where an outlier channel already has its own scale); "kv" both.
+
 All storage is preallocated for the run and written in place: a decode step writes one key row,
 one value row of codes, and once per `residual` steps a block of key codes. Nothing of size
 O(context) is concatenated, copied or re-transposed per step (KIVI's code does that).
@@ -29,13 +38,31 @@ from kernels.pack import quantize_pack, unpack_dequant
 from kernels.quant_attn import quant_decode_attention
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """The n x n Sylvester-Hadamard matrix scaled to be orthonormal (n a power of two), float32."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+ROTATE = ("none", "v", "kv")
+
+
 class QuantKV(KVPolicy):
     name = "quant"
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
-                 residual: int = 128):
+                 residual: int = 128, rotate: str = "none"):
         super().__init__(args, layer, capacity, device, dtype)
         self.bits, self.group, self.residual = self._check(args.head_dim, bits, group, residual)
+        D = args.head_dim
+        if rotate not in ROTATE:
+            raise ValueError(f"QuantKV rotate must be one of {', '.join(ROTATE)}, got {rotate!r}")
+        if rotate != "none" and D & (D - 1):
+            raise ValueError(f"QuantKV rotate needs a power-of-two head_dim, got {D}")
+        self.rotate = rotate
+        self.rot = None  # (D, D) the rotation, made at prefill with the rest
         self.k_codes = self.k_scale = self.k_mn = None  # allocated at prefill (B from the prompt)
         self.v_codes = self.v_scale = self.v_mn = self.k_res = self.v_res = None
         self.n_kq = 0  # keys packed so far (host counter: the flush is scheduled on the host)
@@ -64,6 +91,9 @@ class QuantKV(KVPolicy):
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
         R, G = self.residual, self.group
+        if self.rotate != "none":
+            self.rot = hadamard(D).to(self.device, self.dtype)
+        k, v = self._rotate(k, v)
         if T > self.capacity:
             raise RuntimeError(f"QuantKV layer {self.layer}: {T} tokens exceed capacity {self.capacity}")
         max_kq, max_vq, window = self._rows(self.capacity, R)
@@ -88,6 +118,14 @@ class QuantKV(KVPolicy):
         self.v_res[:, :, torch.arange(n_vq, T, device=self.device) % R] = v[:, :, n_vq:]
         self.length = T
 
+    def _rotate(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as stored: rotated by R where `rotate` says so."""
+        if self.rotate == "kv":
+            k = k @ self.rot
+        if self.rotate != "none":
+            v = v @ self.rot
+        return k, v
+
     def _pack_keys(self, k: torch.Tensor) -> None:
         """Append a block of keys (B, H_kv, n, D), n a multiple of group, to the packed store."""
         n, G = k.shape[2], self.group
@@ -106,6 +144,9 @@ class QuantKV(KVPolicy):
 
     def attend(self, q, k_new, v_new, pos):
         R = self.residual
+        k_new, v_new = self._rotate(k_new, v_new)
+        if self.rotate == "kv":
+            q = q @ self.rot  # (qR).(kR) = q.k
         slot = pos % R  # (1,) the row of both windows that token pos takes
         if self.v_codes.shape[2]:
             # The ring slot still holds token pos - R (when pos >= R): it leaves the ring, packed into
@@ -119,8 +160,9 @@ class QuantKV(KVPolicy):
             self.v_mn.index_copy_(2, row, mn)
         self.k_res.index_copy_(2, slot, k_new)
         self.v_res.index_copy_(2, slot, v_new)
-        return quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
-                                      self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group)
+        out = quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
+                                     self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group)
+        return out if self.rotate == "none" else out @ self.rot.T  # sum p (vR) = (sum p v) R
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values held, dequantized, in token order: (B, H_kv, length, D) each.
@@ -132,21 +174,28 @@ class QuantKV(KVPolicy):
         vq = unpack_dequant(self.v_codes[:, :, :n_vq], self.v_scale[:, :, :n_vq],
                             self.v_mn[:, :, :n_vq], self.bits, G, per_channel=False)
         ring = torch.arange(n_vq, self.length, device=self.device) % R
-        return (torch.cat([kq, self.k_res[:, :, :self.length - self.n_kq]], 2),
-                torch.cat([vq, self.v_res[:, :, ring]], 2))
+        k = torch.cat([kq, self.k_res[:, :, :self.length - self.n_kq]], 2)
+        v = torch.cat([vq, self.v_res[:, :, ring]], 2)
+        if self.rotate == "kv":
+            k = k @ self.rot.T
+        if self.rotate != "none":
+            v = v @ self.rot.T
+        return k, v
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale,
-                                       self.v_mn, self.k_res, self.v_res), "host": 0}
+                                       self.v_mn, self.k_res, self.v_res, self.rot), "host": 0}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, **_):
+    def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, rotate="none", **_):
         H, D = args.n_kv_heads, args.head_dim
         bits, G, R = cls._check(D, bits, group, residual)
         max_kq, max_vq, window = cls._rows(prompt + new, R)
         codes = H * (max_kq + max_vq) * D * bits // 8
         scales = 2 * H * (max_kq // G * D + max_vq * (D // G)) * elem  # scale and min
-        return {"device": codes + scales + 2 * H * window * D * elem, "host": 0}
+        rot = D * D * elem if rotate != "none" else 0
+        return {"device": codes + scales + 2 * H * window * D * elem + rot, "host": 0}
 
     def describe(self):
-        return {"policy": self.name, "bits": self.bits, "group": self.group, "residual": self.residual}
+        return {"policy": self.name, "bits": self.bits, "group": self.group, "residual": self.residual,
+                "rotate": self.rotate}
