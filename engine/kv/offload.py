@@ -100,6 +100,7 @@ class OffloadKV(KVPolicy):
         self.chan = None                # (B, H_kv, C) the sketch's channel ids
         self.fetcher: RowFetcher | None = None
         self.slots = None               # (B, H_kv, k) the middle chunk held in each device slot
+        self.chunk_rows = None          # (chunk,) 0..chunk-1: expands chunk ids to row ids
 
     @staticmethod
     def layout(T: int, budget: int, sink: int, recent: int, chunk: int) -> tuple[int, int, int, int]:
@@ -133,6 +134,7 @@ class OffloadKV(KVPolicy):
             self.fetcher = RowFetcher(mid_k, mid_v, self.device)
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
+            self.chunk_rows = torch.arange(self.chunk, device=self.device)  # a chunk's rows, from its first
             self.slots = None  # filled by the first decode step's query
         self.row_offset = n_prompt - T  # buffer row of decode position p is p + row_offset
         self.length = T
@@ -168,7 +170,7 @@ class OffloadKV(KVPolicy):
                 slot_idx = torch.arange(k, device=new.device).expand_as(new)
                 tokens, wanted = self.slots, torch.ones_like(wanted)
         if self.chunk > 1:  # chunk j is tokens j*c .. j*c+c-1, slot i is rows i*c .. i*c+c-1
-            c, step = self.chunk, torch.arange(self.chunk, device=new.device)
+            c, step = self.chunk, self.chunk_rows
             tokens = (tokens[..., None] * c + step).flatten(-2)  # (B, H_kv, k * c)
             slot_idx = (slot_idx[..., None] * c + step).flatten(-2)
             wanted = wanted[..., None].expand(-1, -1, -1, c).flatten(-2)

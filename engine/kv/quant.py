@@ -118,13 +118,12 @@ class QuantKV(KVPolicy):
         self.v_res[:, :, torch.arange(n_vq, T, device=self.device) % R] = v[:, :, n_vq:]
         self.length = T
 
-    def _rotate(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V as stored: rotated by R where `rotate` says so."""
-        if self.rotate == "kv":
-            k = k @ self.rot
-        if self.rotate != "none":
-            v = v @ self.rot
-        return k, v
+    def _rotate(self, k: torch.Tensor, v: torch.Tensor, back: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as stored: rotated by R where `rotate` says so (back: by R^T, as they came in)."""
+        if self.rotate == "none":
+            return k, v
+        rot = self.rot.T if back else self.rot
+        return (k @ rot if self.rotate == "kv" else k), v @ rot
 
     def _pack_keys(self, k: torch.Tensor) -> None:
         """Append a block of keys (B, H_kv, n, D), n a multiple of group, to the packed store."""
@@ -174,13 +173,8 @@ class QuantKV(KVPolicy):
         vq = unpack_dequant(self.v_codes[:, :, :n_vq], self.v_scale[:, :, :n_vq],
                             self.v_mn[:, :, :n_vq], self.bits, G, per_channel=False)
         ring = torch.arange(n_vq, self.length, device=self.device) % R
-        k = torch.cat([kq, self.k_res[:, :, :self.length - self.n_kq]], 2)
-        v = torch.cat([vq, self.v_res[:, :, ring]], 2)
-        if self.rotate == "kv":
-            k = k @ self.rot.T
-        if self.rotate != "none":
-            v = v @ self.rot.T
-        return k, v
+        return self._rotate(torch.cat([kq, self.k_res[:, :, :self.length - self.n_kq]], 2),
+                            torch.cat([vq, self.v_res[:, :, ring]], 2), back=True)
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale,
