@@ -17,6 +17,11 @@ last R values). E.g. R = 128, pos = 300: keys 0..255 packed, 256..300 in k_res r
 0..172 packed, 173..300 in the ring. So the kernel takes `pos` as a (1,) device tensor and reads
 it on the device: the same launch serves every step, which is what a CUDA graph replays.
 
+Sink tokens (optional k_sink, v_sink (B, H_kv, S, D)): tokens [0, S) are read from these full-precision
+rows instead of the packed store or the windows, which still hold them (the cache replaces their
+keys before packing so that a sink's outlier does not stretch its key group's min/max; what the
+store holds for them is never read). Every path treats the sinks as one more slice of the softmax.
+
 quant_decode_attention_ref is the specification: dequantize everything, then dense attention.
 quant_decode_attention_torch is the CPU path: it never builds dequantized keys; codes are unpacked
 with a 256-entry lookup table and the scale/min are folded into the query (keys) and into the
@@ -42,11 +47,13 @@ MIN_SPLIT_TOKENS = 512
 
 
 def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                           bits, group, sm_scale=None) -> torch.Tensor:
+                           bits, group, sm_scale=None, k_sink=None, v_sink=None) -> torch.Tensor:
     """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the pos + 1
-    cached tokens (sm_scale default 1/sqrt(D)). Triton on CUDA tensors, the torch path elsewhere."""
+    cached tokens (sm_scale default 1/sqrt(D)), the first k_sink.shape[2] of them from the sink rows.
+    Triton on CUDA tensors, the torch path elsewhere."""
     fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
-    return fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale)
+    return fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale,
+              k_sink=k_sink, v_sink=v_sink)
 
 
 def token_ranges(pos: torch.Tensor | int, R: int) -> tuple[int, int, int]:
@@ -66,9 +73,9 @@ def _unpack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                                 bits, group, sm_scale=None) -> torch.Tensor:
+                                 bits, group, sm_scale=None, k_sink=None, v_sink=None) -> torch.Tensor:
     length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])  # on the host: this path is for CPU tensors
-    _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
+    S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group, k_sink, v_sink)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
     n_rep = H // H_kv
@@ -82,7 +89,11 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     s_q = s_q + torch.matmul(k_mn[:, :, :ng, None].float(), qg.transpose(-1, -2)[:, :, None])  # + q.m per group
     s_q = s_q.reshape(B, H_kv, n_kq, n_rep).transpose(-1, -2)  # (B, H_kv, n_rep, n_kq)
     s_r = torch.matmul(qg, k_res[:, :, :length - n_kq].float().transpose(-1, -2))  # (B, H_kv, n_rep, r)
-    p = torch.softmax(torch.cat([s_q, s_r], dim=-1) * sm_scale, dim=-1)  # (B, H_kv, n_rep, length)
+    s = torch.cat([s_q, s_r], dim=-1)  # (B, H_kv, n_rep, length)
+    if S:  # the sinks' exact scores replace what the store holds for them
+        s[..., :S] = torch.matmul(qg, k_sink.float().transpose(-1, -2))
+    p = torch.softmax(s * sm_scale, dim=-1)  # (B, H_kv, n_rep, length)
+    p_sink, p = p[..., :S], torch.cat([torch.zeros_like(p[..., :S]), p[..., S:]], dim=-1)
     # Values: sum_t p_t (c * s + m) = sum_t (p_t s_t) c_t + sum_t p_t m_t, per group of G channels.
     gv = D // G
     vc = _unpack_lut(v_codes[:, :, :n_vq], bits).view(B, H_kv, n_vq, gv, G).transpose(2, 3)  # (B,H_kv,gv,n_vq,G)
@@ -92,11 +103,15 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     out = out + torch.matmul(p[..., :n_vq], v_mn[:, :, :n_vq].float()).repeat_interleave(G, dim=-1)
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots, oldest first
     out = out + torch.matmul(p[..., n_vq:], v_res[:, :, slots].float())
+    if S:
+        out = out + torch.matmul(p_sink, v_sink.float())
     return out.reshape(B, H, 1, D).to(q.dtype)
 
 
 # -- reference ----------------------------------------------------------------------------------------
-def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group):
+def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
+           k_sink=None, v_sink=None) -> int:
+    """Assert the cache is consistent with the format; return the number of sink tokens."""
     B, H, Tq, D = q.shape
     H_kv, R = k_res.shape[1], v_res.shape[2]
     per = 8 // bits
@@ -106,6 +121,11 @@ def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, leng
     assert n_kq % group == 0 and 0 <= n_kq <= length and 0 <= n_vq <= length
     assert length - n_kq <= k_res.shape[2] and length - n_vq <= R and length >= 1
     assert n_kq <= k_codes.shape[2] and n_vq <= v_codes.shape[2]
+    if k_sink is None:
+        assert v_sink is None
+        return 0
+    assert k_sink.shape == v_sink.shape == (B, H_kv, k_sink.shape[2], D) and k_sink.shape[2] <= length
+    return k_sink.shape[2]
 
 
 def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -117,9 +137,9 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                               bits, group, sm_scale=None) -> torch.Tensor:
+                               bits, group, sm_scale=None, k_sink=None, v_sink=None) -> torch.Tensor:
     length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])
-    _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group)
+    S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group, k_sink, v_sink)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
@@ -134,6 +154,8 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scal
         + v_mn[:, :, :n_vq].float().repeat_interleave(G, dim=3)
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots of the recent tokens, oldest first
     v = torch.cat([v_q.to(v_res.dtype), v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
+    if S:  # the sink tokens come from their full-precision rows
+        k, v = torch.cat([k_sink, k[:, :, S:]], dim=2), torch.cat([v_sink, v[:, :, S:]], dim=2)
     # Dense grouped-query attention (as kernels.dense_attn.decode_attention, with sm_scale).
     qg = q.reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, n_rep, D)
     scores = torch.matmul(qg, k.to(q.dtype).transpose(-1, -2)).float() * sm_scale  # (B, H_kv, n_rep, length)
@@ -146,7 +168,7 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scal
 @triton.jit
 def _quant_decode_kernel(
     Q, KC, KS, KM, KR, VC, VS, VM, VR, M_out, L_out, Acc_out,
-    sm_scale, POS, n_rep, H_kv, R, split_len,
+    sm_scale, POS, n_rep, H_kv, R, split_len, n_sink,
     sq_b, sq_h, sq_d,
     skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skm_b, skm_h, skm_t, skm_d,
     skr_b, skr_h, skr_t, skr_d,
@@ -184,7 +206,7 @@ def _quant_decode_kernel(
     # live length load nothing (masked) and add nothing, so no launch depends on the length.
     for start in range(0, split_len, BLOCK_T):
         t = (lo + start + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BLOCK_T,)
-        live = t < length
+        live = (t >= n_sink) & (t < length)  # tokens before n_sink: the sink slice, merged after
 
         # K^T tile (D, BLOCK_T): packed codes for t < n_kq, the residual block after. Both loads are
         # masked, so each token's bytes are read from exactly one of the two sources.
@@ -229,7 +251,8 @@ def _quant_decode_kernel(
 
 
 def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                                  bits, group, sm_scale=None, *, n_splits=None, block_t=None):
+                                  bits, group, sm_scale=None, k_sink=None, v_sink=None, *, n_splits=None,
+                                  block_t=None):
     """Fused dequantize + flash-decoding. Every launch parameter depends only on the shapes (the grid
     covers the capacity), so the call can be captured in a CUDA graph. n_splits / block_t override
     the defaults (tests use them to exercise several splits on short sequences)."""
@@ -255,13 +278,21 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     grid = (B * H_kv, n_splits)
     _quant_decode_kernel[grid](
         q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, m, l, acc,
-        sm_scale, pos, n_rep, H_kv, R, split_len,
+        sm_scale, pos, n_rep, H_kv, R, split_len, 0 if k_sink is None else k_sink.shape[2],
         q.stride(0), q.stride(1), q.stride(3),
         *k_codes.stride(), *k_scale.stride(), *k_mn.stride(), *k_res.stride(),
         *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(),
         BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
         num_warps=4,
     )
+    if k_sink is not None:  # the sinks are one more split, attended densely here
+        S = k_sink.shape[2]
+        qg = q.reshape(B * H_kv, n_rep, D).float()
+        s = torch.matmul(qg, k_sink.reshape(B * H_kv, S, D).float().transpose(-1, -2)) * sm_scale  # (BH, n_rep, S)
+        m_s = s.amax(dim=-1)  # (B * H_kv, n_rep)
+        p = torch.exp(s - m_s[..., None])
+        m, l = torch.cat([m, m_s[:, None]], dim=1), torch.cat([l, p.sum(dim=-1)[:, None]], dim=1)  # noqa: E741
+        acc = torch.cat([acc, torch.matmul(p, v_sink.reshape(B * H_kv, S, D).float())[:, None]], dim=1)
     # Merge the splits: rescale each one's sums to the global max, then normalise once.
     w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
     out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]  # (B * H_kv, n_rep, D)

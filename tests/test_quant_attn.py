@@ -34,11 +34,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False):
+def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False, sink=0):
     """Random cache contents in the layout the kernel reads after the token at `pos`, plus the dense
     K/V (B, H_kv, pos + 1, D) they stand for. wide=True stores residuals/scales as slices of wider
     buffers and q transposed, so only .stride() describes them. Unused code rows and residual slots
-    hold random codes and huge values: reading one by mistake wrecks the result."""
+    hold random codes and huge values: reading one by mistake wrecks the result. sink = S adds
+    full-precision rows for tokens [0, S), large (as real sinks are), which the dense K/V take."""
     g = torch.Generator().manual_seed(seed)
     length, n_kq, n_vq = pos + 1, pos - pos % R, max(0, pos + 1 - R)
     T_cap = (max(n_kq, n_vq) // G + 2) * G if T_cap is None else T_cap  # a multiple of G, with unused rows
@@ -75,13 +76,19 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
     args = dict(q=q, k_codes=pack_codes(k_int, bits), k_scale=strided(k_scale), k_mn=k_mn, k_res=strided(k_res),
                 v_codes=pack_codes(v_int, bits), v_scale=v_scale, v_mn=strided(v_mn), v_res=strided(v_res),
                 pos=torch.tensor([pos]), bits=bits, group=G)
+    if sink:
+        args["k_sink"] = rand(B, H_kv, sink, D, lo=-3, hi=3)
+        args["v_sink"] = strided(rand(B, H_kv, sink, D, lo=-5, hi=5))
+        k = torch.cat([args["k_sink"], k[:, :, sink:]], dim=2)
+        v = torch.cat([args["v_sink"], v[:, :, sink:]], dim=2)
     return args, k, v
 
 
 # -- reference ---------------------------------------------------------------------------------------------
 def test_ref_matches_dense_on_dequantized():
     for bits in (1, 2, 4):
-        for kw in (dict(), dict(pos=199, R=128), dict(H=6, H_kv=2, pos=36, R=32), dict(wide=True, pos=149)):
+        for kw in (dict(), dict(pos=199, R=128), dict(H=6, H_kv=2, pos=36, R=32), dict(wide=True, pos=149),
+                   dict(sink=1), dict(sink=4, pos=149, wide=True), dict(sink=3, pos=2)):
             args, k, v = make_case(bits=bits, seed=bits, **kw)
             torch.testing.assert_close(quant_decode_attention_ref(**args), decode_attention(args["q"], k, v),
                                        rtol=1e-5, atol=1e-6, msg=f"bits={bits} {kw}")
@@ -155,6 +162,9 @@ TRITON_CASES = [
     dict(pos=199, H=2, H_kv=2, bits=4, R=64, block_t=32, n_splits=4),  # several splits, partial last block
     dict(pos=127, H=3, H_kv=1, bits=2, R=64, block_t=16, n_splits=5),  # both residuals full, ring at slot 0
     dict(pos=128, H=4, H_kv=2, D=128, bits=1, R=128),  # the first key block just packed: 1 residual key
+    dict(pos=0, R=64, sink=1),  # the only token is the sink: every split is empty
+    dict(pos=199, H=8, H_kv=2, bits=2, R=64, sink=4, wide=True),  # sinks in the packed store
+    dict(pos=40, H=6, H_kv=2, bits=4, R=64, sink=2, block_t=16, n_splits=3),  # sinks still in the windows
 ]
 
 
@@ -163,7 +173,7 @@ def run_triton_cases() -> int:
     from kernels.quant_attn import quant_decode_attention_triton
     failures = 0
     for i, case in enumerate(TRITON_CASES):
-        kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}
+        kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}  # launch options, not the cache's
         args, _, _ = make_case(**{k: val for k, val in case.items() if k not in kw})
         sm_scale = (None, 0.3)[i % 2]  # the default 1/sqrt(D) and a given scale, on alternate cases
         out = quant_decode_attention_triton(**args, sm_scale=sm_scale, **kw)
@@ -191,10 +201,12 @@ def test_torch_path_matches_reference():
     """The CPU path (lookup-table unpack, scale folded into q and the weights) equals the spec."""
     from kernels.quant_attn import quant_decode_attention_ref, quant_decode_attention_torch
     g = torch.Generator().manual_seed(0)
-    for bits, G, H, H_kv, D, R, pos in [(2, 64, 9, 3, 64, 128, 299),  # 256 keys, 172 values packed
-                                        (1, 32, 8, 2, 128, 64, 256),  # a key block just packed
-                                        (4, 16, 4, 4, 32, 32, 39),  # 32 keys, 8 values packed
-                                        (4, 32, 6, 2, 64, 64, 19)]:  # nothing packed
+    for bits, G, H, H_kv, D, R, pos, S in [(2, 64, 9, 3, 64, 128, 299, 0),  # 256 keys, 172 values packed
+                                           (1, 32, 8, 2, 128, 64, 256, 0),  # a key block just packed
+                                           (4, 16, 4, 4, 32, 32, 39, 0),  # 32 keys, 8 values packed
+                                           (4, 32, 6, 2, 64, 64, 19, 0),  # nothing packed
+                                           (2, 64, 9, 3, 64, 128, 299, 4),  # 4 sinks, in the store
+                                           (4, 32, 6, 2, 64, 64, 19, 2)]:  # 2 sinks, in the windows
         per, cap = 8 // bits, 320
         args = dict(
             k_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
@@ -203,6 +215,8 @@ def test_torch_path_matches_reference():
             v_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
             v_scale=torch.rand(1, H_kv, cap, D // G, generator=g), v_mn=torch.randn(1, H_kv, cap, D // G, generator=g),
             v_res=torch.randn(1, H_kv, R, D, generator=g), pos=torch.tensor([pos]), bits=bits, group=G)
+        if S:
+            args.update(k_sink=4 * torch.randn(1, H_kv, S, D, generator=g), v_sink=torch.randn(1, H_kv, S, D, generator=g))
         q = torch.randn(1, H, 1, D, generator=g)
         ref, fast = quant_decode_attention_ref(q, **args), quant_decode_attention_torch(q, **args)
         assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, G, (fast - ref).abs().max())
