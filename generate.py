@@ -22,7 +22,8 @@ from engine.sampling import SamplingParams
 # Flags that set one policy parameter: flag -> (policies it applies to, parameter). Unset flags (None)
 # leave the policy's own default, so defaults live only in the policy constructors.
 POLICY_FLAGS = {"kv_bits": (("quant",), "bits"), "kv_group": (("quant",), "group"),
-                "kv_residual": (("quant",), "residual"), "budget": (("evict", "offload"), "budget"),
+                "kv_residual": (("quant",), "residual"), "kv_rotate": (("quant",), "rotate"),
+                "kv_sink": (("quant",), "sink"), "budget": (("evict", "offload"), "budget"),
                 "evict_during_decode": (("evict",), "evict_during_decode"), "sink": (("offload",), "sink"),
                 "recent": (("offload",), "recent"), "channels": (("offload",), "channels"),
                 "chunk": (("offload",), "chunk"), "lookahead": (("offload",), "lookahead")}
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 64, or the largest divisor of head_dim below it)")
     p.add_argument("--kv-residual", type=int, help="quant: recent tokens kept in full precision, a multiple of "
                    f"--kv-group ({_default('quant', 'residual')})")
+    p.add_argument("--kv-rotate", choices=["auto", "none", "v", "kv"],
+                   help="quant: Hadamard rotation of values (v) or keys and values (kv) before quantizing; auto = kv "
+                        f"for a power-of-two head_dim ({_default('quant', 'rotate')})")
+    p.add_argument("--kv-sink", type=int, help="quant: first tokens kept in full precision (attention sinks) "
+                   f"({_default('quant', 'sink')})")
     p.add_argument("--budget", type=int,
                    help="offload: prompt tokens attended per step, sink + recent + retrieved; evict: prompt "
                         f"tokens kept per layer ({_default('evict', 'budget')})")

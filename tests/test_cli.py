@@ -157,3 +157,13 @@ def test_bad_policy_parameters_are_one_line_errors(gen):
     assert_clean_error(gen("--model", "random:tiny", "--policy", "quant", "--kv-bits", "3", "--prompt", "hi"), "bits")
     assert_clean_error(gen("--model", "random:tiny", "--policy", "offload", "--budget", "10", "--prompt", "hi"),
                        "budget")
+    assert_clean_error(gen("--model", "random:tiny", "--policy", "quant", "--kv-sink", "-1", "--prompt", "hi"), "sink")
+    assert_clean_error(gen("--model", "random:tiny", "--policy", "offload", "--kv-rotate", "kv", "--prompt", "hi"),
+                       "applies to quant")
+
+
+def test_quant_flags_reach_the_policy():
+    import generate
+    a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",
+                                            "--kv-sink", "4"])
+    assert generate.policy_arg(a) == "quant:bits=2,rotate=none,sink=4"
