@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", default="0.2",
                    help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB) or a fraction of FullKV "
                         "(0.2, 20%%) (default 0.2)")
-    p.add_argument("--profile-tokens", type=parse_tokens, default=4096,
-                   help="hybrid without --plan: profile at most this many prompt tokens (middle cut; default 4k)")
+    p.add_argument("--profile-tokens", type=lambda t: t if t == "auto" else parse_tokens(t), default="auto",
+                   help="hybrid without --plan: profile at most this many prompt tokens (middle cut); auto = the whole "
+                        "prompt when its full cache fits in half the free memory (default auto)")
     p.add_argument("--kv-bits", type=int, help=f"quant: bits per key/value element, 1, 2 or 4 ({_default('quant', 'bits')})")
     p.add_argument("--kv-group", type=int,
                    help="quant: quantization group, tokens per key group and elements per value group "

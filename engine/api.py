@@ -57,6 +57,18 @@ class Stream:
         return self._pieces
 
 
+def _available_host_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), else 8 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 class LLM:
     def __init__(self, model: str | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, log: Callable[[str], None] | None = None):
@@ -133,10 +145,26 @@ class LLM:
         build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
         return specs
 
-    def profile(self, prompts: list[str | list[int]], profile_tokens: int | None = 4096,
+    def profile_limit(self) -> int:
+        """The longest prompt a profiling pass profiles whole: its cache is a FullKV of every layer,
+        so the prompt's FullKV must fit in half the free device memory (the rest for the prefill's
+        activations); at least 4096 tokens. E.g. Llama-3.1-8B bf16 (128 KiB per token) on a 24 GB
+        card with ~8 GiB free: 32k tokens; on an 80 GB H100: a whole 128k prompt. Longer prompts lose
+        their middle (runner.fit_prompt), and with it whatever the middle held: at 8k on the default
+        model a 4096-token profile dropped the pass key and the plan then lost it (1/3 -> 3/3 whole)."""
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = _available_host_memory()
+        return max(4096, free // 2 // self.full_kv_bytes(1))
+
+    def profile(self, prompts: list[str | list[int]], profile_tokens: int | str | None = "auto",
                 cfg: ProfileConfig | None = None) -> list[LayerStats]:
-        """Per-layer attention statistics, averaged over the prompts (each cut to profile_tokens)."""
+        """Per-layer attention statistics, averaged over the prompts (each cut to profile_tokens:
+        "auto" = profile_limit(), None = never cut)."""
         stats = []
+        if profile_tokens == "auto":
+            profile_tokens = self.profile_limit()
         for p in prompts:
             ids = self.encode(p)
             if profile_tokens:
@@ -148,7 +176,7 @@ class LLM:
 
     def plan(self, prompt: str | list[int] | list[str] | None = None, kv_budget=0.2, new_tokens: int = 32,
              context: int | None = None, mode: str = "hybrid", kinds: str | tuple[str, ...] = "auto",
-             floor: int = 64, tau: float | None = None, profile_tokens: int | None = 4096,
+             floor: int = 64, tau: float | None = None, profile_tokens: int | str | None = "auto",
              stats: list[LayerStats] | None = None) -> Plan:
         """Profile the prompt(s) (or use `stats`) and plan every layer's policy for a `context`-token
         prompt (default: the prompt's length) plus `new_tokens`, under `kv_budget` device bytes: an

@@ -158,3 +158,25 @@ def test_shipped_tailorkv_shaped_plan():
     assert all(spec_cost(args, o.spec, T, new, 2)["device"] == o.device_bytes for o in plan.layers)
     assert plan.device_bytes <= 0.10 * args.kv_bytes_per_token(2) * (T + new)
     build_policies(args, plan.specs, T + new, "cpu", torch.bfloat16)  # every spec valid (nothing allocated yet)
+
+
+def test_profile_takes_the_whole_prompt_when_it_fits(monkeypatch):
+    """The profile's cache is a FullKV: the whole prompt is profiled when that fits in half the free
+    memory (a middle cut once dropped the pass key at 8k and the plan lost it), else the middle is
+    cut to what fits, never below 4096 tokens."""
+    import engine.api
+    from engine import LLM
+    llm = LLM("random:tiny", "cpu", "float32")
+    per_token = llm.full_kv_bytes(1)
+    monkeypatch.setattr(engine.api, "_available_host_memory", lambda: 2 * 6000 * per_token)
+    assert llm.profile_limit() == 6000
+    monkeypatch.setattr(engine.api, "_available_host_memory", lambda: 1000)
+    assert llm.profile_limit() == 4096
+    seen = []
+    monkeypatch.setattr(engine.api, "profile_prompt", lambda model, ids, cfg: seen.append(len(ids)) or [])
+    monkeypatch.setattr(engine.api, "average", lambda stats: stats)
+    llm.profile([list(range(5000))])  # "auto": 4096 with so little memory
+    monkeypatch.setattr(engine.api, "_available_host_memory", lambda: 2 * 6000 * per_token)
+    llm.profile([list(range(5000))])  # fits: whole
+    llm.profile([list(range(5000))], profile_tokens=1000)  # an explicit cut
+    assert seen == [4096, 5000, 1000]

@@ -21,8 +21,10 @@ from engine.eval.haystack import make_haystack
 from engine.eval.quality import compare
 
 PRESSES = {"snapkv": "SnapKVPress", "pyramidkv": "PyramidKVPress", "adakv": "AdaKVPress",
-           "streamingllm": "StreamingLLMPress"}
-PEER_GROUPS = {"transformers": ["hf-dynamic", "hf-quanto4"], "kvpress": [f"kvpress-{p}" for p in PRESSES]}
+           "streamingllm": "StreamingLLMPress", "tova": "TOVAPress", "knorm": "KnormPress"}
+# kvpress's DecodingPress is left out: it compresses only while decoding, so on these prompt-heavy
+# measurements (at most 64 new tokens) it would hold the whole prompt, i.e. be FullKV.
+PEER_GROUPS = {"transformers": ["hf-dynamic", "hf-quanto4", "hf-quanto2"], "kvpress": [f"kvpress-{p}" for p in PRESSES]}
 
 
 def expand_peers(names: list[str]) -> list[str]:
@@ -45,7 +47,7 @@ def skip_reason(peer: str) -> str | None:
     """Why `peer` cannot run in this environment, or None."""
     if importlib.util.find_spec("transformers") is None:
         return "transformers not installed"
-    if peer == "hf-quanto4" and importlib.util.find_spec("optimum") is None:
+    if peer.startswith("hf-quanto") and importlib.util.find_spec("optimum") is None:
         return "optimum-quanto not installed (make peers, then run with .venv-peers/bin/python)"
     if peer.startswith("kvpress-"):
         if importlib.util.find_spec("kvpress") is None:
@@ -70,8 +72,8 @@ def make_press(peer: str, fraction: float):
 
 def make_cache(peer: str, hf):
     import transformers
-    if peer == "hf-quanto4":  # transformers >= 4.56 API; residual (recent) 128 tokens unquantized
-        return transformers.QuantizedCache(backend="quanto", config=hf.config, nbits=4)
+    if peer.startswith("hf-quanto"):  # transformers >= 4.56 API; residual (recent) 128 tokens unquantized
+        return transformers.QuantizedCache(backend="quanto", config=hf.config, nbits=int(peer[-1]))
     return transformers.DynamicCache()
 
 
@@ -147,25 +149,43 @@ def latency_cell(hf, peer: str, ids: list[int], fraction: float, cfg) -> dict:
     return out
 
 
+@torch.inference_mode()
+def greedy(hf, peer: str, prompt: list[int], fraction: float, max_new_tokens: int, eos_ids) -> tuple[list[int], int]:
+    """Greedy tokens after `prompt` under `peer` at `fraction`, as engine/eval/quality.greedy does for
+    our policies -> (tokens, bytes the cache held after the prefill)."""
+    cache = make_cache(peer, hf)
+    ids = [int(prefill(hf, prompt, cache, make_press(peer, fraction)).argmax(-1))]
+    held = cache_bytes(cache)
+    while ids[-1] not in eos_ids and len(ids) < max_new_tokens:
+        ids.append(int(forward(hf, ids[-1:], cache, len(prompt) + len(ids) - 1)[-1].argmax(-1)))
+    return ids, held
+
+
+@torch.inference_mode()
+def teacher_forced(hf, peer: str, prompt: list[int], cont: list[int], fraction: float):
+    """-> (logits (len(cont), vocab) predicting each continuation token, the cache). The continuation
+    is fed one token per forward call, as our engine and kvpress's own pipeline decode: a press that
+    keeps a different number of tokens per layer (PyramidKV once its pyramid is active, e.g. 8k
+    tokens at 20%: layer 0 keeps 3170, layer 1 3063) breaks a multi-token forward in transformers,
+    whose attention mask is sized by layer 0's cache ("size of tensor a (3126) must match ... (3233)")."""
+    cache = make_cache(peer, hf)
+    first = prefill(hf, prompt, cache, make_press(peer, fraction))
+    steps = [forward(hf, [t], cache, len(prompt) + i) for i, t in enumerate(cont[:-1])]
+    return torch.cat([first, *steps]).float(), cache
+
+
 def quality_cell(hf, peer: str, tok, ref: dict, fraction: float, cfg) -> dict:
     """Teacher-forced KL/top-1/ppl against our FullKV logits (ref) and the same pass-key grid."""
     prompt, cont = ref["prompt"], ref["continuation"]
-    cache = make_cache(peer, hf)
-    first = prefill(hf, prompt, cache, make_press(peer, fraction))
-    logits = torch.cat([first, forward(hf, cont[:-1], cache, len(prompt))]).float()  # (N, vocab)
+    logits, _ = teacher_forced(hf, peer, prompt, cont, fraction)
     f = compare(ref["full_logits"], logits, cont)
-    del cache, logits
+    del logits
     found, answers = [], []
     for seed in range(cfg.seeds):
         for depth in cfg.depths:
             h = make_haystack(tok, len(prompt), depth=depth, seed=seed)
-            cache = make_cache(peer, hf)
-            ids = [int(prefill(hf, h.ids, cache, make_press(peer, fraction)).argmax(-1))]
-            while ids[-1] not in tok.eos_ids and len(ids) < 8:  # greedy, as engine/eval/quality.passkey_grid
-                ids.append(int(forward(hf, ids[-1:], cache, len(h.ids) + len(ids) - 1)[-1].argmax(-1)))
-            answers.append(tok.decode(ids))
+            answers.append(tok.decode(greedy(hf, peer, h.ids, fraction, 8, tok.eos_ids)[0]))
             found.append(h.found(answers[-1]))
-            del cache
     out = passkey_fields(found, answers)
     out.update(kl=f.kl, top1=f.top1, ppl=f.ppl, ppl_full=f.ppl_full, h2d_bytes_per_token=0.0)
     return out
