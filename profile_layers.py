@@ -115,6 +115,10 @@ def run(a: argparse.Namespace) -> int:
     # Everything the flags can get wrong is checked before the model loads.
     if a.new_tokens < 0:
         raise ValueError(f"--new-tokens must be >= 0, got {a.new_tokens}")
+    if a.floor < 1:
+        raise ValueError(f"--floor must be >= 1 token, got {a.floor}")
+    if not 0.0 < a.tau <= 1.0:
+        raise ValueError(f"--tau is a mean retention in (0, 1], got {a.tau}")
     parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model
     for path, flag in ((a.out, "--out"), (a.png, "--png"), (a.stats, "--stats")):
         if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
@@ -124,11 +128,15 @@ def run(a: argparse.Namespace) -> int:
     from engine import LLM
     llm = LLM(a.model, a.device, a.dtype, log=log)
     if a.stats and os.path.exists(a.stats):
-        with open(a.stats) as f:
-            saved = json.load(f)
-        if saved.get("model") != llm.name or len(saved.get("layers", [])) != llm.args.n_layers:
+        try:
+            with open(a.stats) as f:
+                saved = json.load(f)
+            same = saved.get("model") == llm.name and len(saved.get("layers", [])) == llm.args.n_layers
+            stats, profiled = stats_from_json(saved["layers"]), saved["profiled"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{a.stats}: not a --stats file of profile_layers.py ({type(e).__name__})") from None
+        if not same:
             raise ValueError(f"{a.stats}: statistics of another model ({saved.get('model')!r})")
-        stats, profiled = stats_from_json(saved["layers"]), saved["profiled"]
         log(f"loaded statistics from {a.stats}")
     else:
         named = prompts(a, llm.tokenizer)

@@ -167,3 +167,55 @@ def test_quant_flags_reach_the_policy():
     a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",
                                             "--kv-sink", "4"])
     assert generate.policy_arg(a) == "quant:bits=2,rotate=none,sink=4"
+
+
+@pytest.mark.parametrize("device, fragment", [("meta", "not supported"), ("mps", "not supported"),
+                                              ("potato", "unknown device")])
+def test_unsupported_devices(gen, device, fragment):
+    assert_clean_error(gen("--model", "random:tiny", "--prompt", "hi", "--device", device), fragment)
+
+
+def test_float16_on_cpu_warns_once(gen):
+    ran = gen("--model", "random:tiny", "--prompt", "hi", "--dtype", "float16", "--device", "cpu",
+              "--max-new-tokens", "2")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.count("warning: float16 on CPU is very slow") == 1, ran.stderr
+
+
+def test_closed_stdout_ends_quietly():
+    """`generate.py | head -c 1`: the reader leaves early; no traceback, no 'Broken pipe', exit 0."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "generate.py", "--model", "random:tiny", "--prompt", "hi",
+                             "--max-new-tokens", "400"], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader is gone
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
+@pytest.fixture
+def prof(capsys):
+    import profile_layers
+    return lambda *argv: call(profile_layers.main, list(argv), capsys)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--floor", "-5"], "--floor must be >= 1"),
+    (["--tau", "5"], "--tau is a mean retention"),
+    (["--tau", "0"], "--tau is a mean retention"),
+])
+def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
+    ran = prof("--model", "random:tiny", *argv)
+    assert_clean_error(ran, fragment)
+    assert "loaded" not in ran.stderr  # refused before the model loads
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "garbage", '{"model": "random:tiny", "layers": [{"x": 1}, {}]}', "\xff"])
+def test_profile_layers_bad_stats_file_names_the_file(prof, tmp_path, content):
+    path = tmp_path / "stats.json"
+    path.write_bytes(content.encode("latin-1"))
+    assert_clean_error(prof("--model", "random:tiny", "--stats", str(path), "--out", str(tmp_path / "p.json")),
+                       f"{path}: not a --stats file")
