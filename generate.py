@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (default: a pass-key haystack of --ctx tokens)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--allow-special", action="store_true",
+                   help="parse special-token text such as <|im_end|> in a raw prompt as control tokens (default: it "
+                        "stays text; with --chat only the template writes control tokens)")
     p.add_argument("--ctx", type=parse_tokens, default=4096,
                    help="context length in tokens (4096, 4k, 128k): the haystack size, and the cap on a "
                         "given prompt, whose middle is cut if longer (default 4k)")
@@ -183,7 +186,7 @@ def run(a: argparse.Namespace) -> int:
     bar = tqdm(total=llm.args.n_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False, disable=None)
     stream = llm.stream(haystack.ids if haystack else text, a.max_new_tokens, policy, a.kv_budget,
                         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
-                        ctx=a.ctx, cuda_graphs=not a.no_cuda_graphs, prefill_chunk=a.prefill_chunk,
+                        allow_special=a.allow_special, ctx=a.ctx, cuda_graphs=not a.no_cuda_graphs, prefill_chunk=a.prefill_chunk,
                         on_layer=bar.update, kinds=a.plan_policies, profile_tokens=a.profile_tokens)
     for piece in stream:
         print(piece, end="", flush=True)

@@ -57,7 +57,7 @@ def prompts(a, tok) -> list[tuple[str, list[int]]]:
     for path in a.prompt_file:
         try:
             with open(path, encoding="utf-8") as f:
-                out.append((os.path.basename(path), tok.encode(f.read())))
+                out.append((os.path.basename(path), tok.encode(f.read(), allow_special=False)))
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
     if not a.prompt_file:

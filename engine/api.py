@@ -89,15 +89,16 @@ class LLM:
                  f"in {time.perf_counter() - t:.1f} s")
 
     # ---- prompts ---------------------------------------------------------------------------------------
-    def encode(self, prompt: str | list[int], chat: bool = False) -> list[int]:
-        """Text (wrapped in the chat template if chat) or token ids -> token ids, checked."""
+    def encode(self, prompt: str | list[int], chat: bool = False, allow_special: bool = False) -> list[int]:
+        """Text (wrapped in the chat template if chat) or token ids -> token ids, checked. Text a user
+        wrote stays text: "<|im_end|>" in it is not a control token unless allow_special (raw prompts
+        only; in a chat the template alone writes control tokens)."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("empty prompt")
             if chat:  # the template writes its own special tokens, BOS included
-                return self.tokenizer.encode(self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]),
-                                             bos=False)
-            return self.tokenizer.encode(prompt)
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt, allow_special=allow_special)
         ids = list(prompt)
         if not ids:
             raise ValueError("empty prompt")
@@ -216,8 +217,8 @@ class LLM:
     # ---- generation ---------------------------------------------------------------------------------------
     def stream(self, prompt: str | list[int], max_new_tokens: int = 32, policy="full", kv_budget=0.2, *,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               chat: bool = False, ctx: int | None = None, cuda_graphs: bool = True, prefill_chunk: int = 2048,
-               on_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
+               chat: bool = False, allow_special: bool = False, ctx: int | None = None, cuda_graphs: bool = True,
+               prefill_chunk: int = 2048, on_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
         """Like generate(), but returns a Stream: iterate it for text pieces as tokens come; its
         `.output` is filled when the iteration ends. Everything is checked before this returns."""
         if max_new_tokens < 0:
@@ -225,7 +226,7 @@ class LLM:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
-        ids, cut = self.fit(self.encode(prompt, chat), max_new_tokens, ctx)
+        ids, cut = self.fit(self.encode(prompt, chat, allow_special), max_new_tokens, ctx)
         if cut:
             self.log(f"warning: prompt is {len(ids) + cut} tokens, over the limit of {len(ids)}; "
                      f"cut {cut} tokens from its middle")
@@ -240,7 +241,8 @@ class LLM:
     def generate(self, prompt: str | list[int], max_new_tokens: int = 32, policy="full", kv_budget=0.2,
                  **options) -> Output:
         """Generate after `prompt` (text or token ids): greedy unless temperature > 0 (then top_p,
-        top_k, seed apply); chat wraps text in the model's chat template; ctx caps the prompt (its
+        top_k, seed apply); chat wraps text in the model's chat template; allow_special lets a raw
+        prompt's "<|...|>" text be control tokens (off: user text is text); ctx caps the prompt (its
         middle is cut). See the module docstring for `policy`; kv_budget is hybrid's device budget."""
         s = self.stream(prompt, max_new_tokens, policy, kv_budget, **options)
         for _ in s:

@@ -219,3 +219,15 @@ def test_profile_layers_bad_stats_file_names_the_file(prof, tmp_path, content):
     path.write_bytes(content.encode("latin-1"))
     assert_clean_error(prof("--model", "random:tiny", "--stats", str(path), "--out", str(tmp_path / "p.json")),
                        f"{path}: not a --stats file")
+
+
+def test_special_token_text_in_a_prompt_stays_text(gen, tmp_path):
+    """'<|im_end|>' typed in a prompt is several text tokens; --allow-special makes it the control token."""
+    counts = {}
+    for extra in ((), ("--allow-special",)):
+        stats = tmp_path / "s.json"
+        ran = gen("--model", "random:tiny", "--prompt", "<|im_end|>", "--max-new-tokens", "1",
+                  "--stats-json", str(stats), *extra)
+        assert ran.returncode == 0, ran.stderr
+        counts[extra] = json.loads(stats.read_text())["prompt_tokens"]
+    assert counts[()] > counts[("--allow-special",)]

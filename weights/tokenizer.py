@@ -3,6 +3,11 @@
 Every backend behaves the same for the engine: special tokens written in the text are parsed as
 their ids (like HF), decode renders them as text, and `encode` never prepends a second BOS when the
 text (e.g. a rendered chat template) already starts with one.
+
+User text is another matter: "<|im_end|><|im_start|>system" typed into a prompt must not become
+control tokens (role injection). `encode(text, allow_special=False)` keeps such text as ordinary
+tokens, and `encode_chat` encodes every message's content that way, so control tokens come only
+from the chat template itself.
 """
 
 import base64
@@ -48,18 +53,57 @@ class Tokenizer:
         # Longest first, so at any position the longest special wins (HF matches leftmost-longest).
         alts = sorted(specials, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
+        self._literal_re = self._special_re  # the same, for every backend (HF's parses specials itself)
 
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        parts = self._special_re.split(text) if self._special_re else [text]
-        ids = []
-        for i, part in enumerate(parts):  # re.split with a group alternates plain text / special
-            if i % 2:
-                ids.append(self.specials[part])
-            elif part:
-                ids.extend(self._encode_plain(part))
+    def encode(self, text: str, bos: bool | None = None, allow_special: bool = True) -> list[int]:
+        """Text -> ids; BOS first when `bos` (default: the model's add_bos) unless already there.
+        allow_special=False: special-token text stays text (for what users type)."""
+        if not allow_special:
+            ids = self._encode_literal(text)
+        else:
+            parts = self._special_re.split(text) if self._special_re else [text]
+            ids = []
+            for i, part in enumerate(parts):  # re.split with a group alternates plain text / special
+                if i % 2:
+                    ids.append(self.specials[part])
+                elif part:
+                    ids.extend(self._encode_plain(part))
         if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
         return ids
+
+    def _encode_literal(self, text: str) -> list[int]:
+        """Ids of `text` with no special token: each occurrence of a special's text is encoded in
+        two pieces ("<" and "|im_end|>"), which no backend matches as the special; should a piece
+        still map to a special id (HF tokenizers and sentencepiece match added tokens inside plain
+        text), it is encoded one character at a time."""
+        parts = self._literal_re.split(text) if self._literal_re else [text]
+        special_ids, ids = set(self.specials.values()), []
+        for i, part in enumerate(parts):
+            pieces = [part[:1], part[1:]] if i % 2 else [part]
+            for piece in filter(None, pieces):
+                got = self._encode_plain(piece)
+                if special_ids.intersection(got):
+                    got = [t for ch in piece for t in self._encode_plain(ch)]
+                ids.extend(got)
+        return ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat template's ids, every message's content encoded as plain text (allow_special=False):
+        the template is rendered with a marker per message, its own text parsed with specials, and the
+        contents spliced in. A template that trims contents (Llama-3's `| trim`) eats the spaces around
+        the marker; the content is then stripped the same way. No BOS is added: the template writes it.
+        E.g. SmolLM2, content "hi": "<|im_start|>user\n" + "hi" + "<|im_end|>\n<|im_start|>assistant\n"."""
+        marked = [{**m, "content": f" \x00{i}\x00 "} for i, m in enumerate(messages)]
+        text = self.apply_chat_template(marked, add_generation_prompt)
+        ids, pos = [], 0
+        for m in re.finditer(r"( ?)\x00(\d+)\x00( ?)", text):
+            ids += self.encode(text[pos:m.start()], bos=False)
+            content = messages[int(m.group(2))]["content"]
+            trimmed = not (m.group(1) and m.group(3))
+            ids += self._encode_literal(content.strip() if trimmed else content)
+            pos = m.end()
+        return ids + self.encode(text[pos:], bos=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         if not self.chat_template:
