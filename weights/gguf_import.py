@@ -2,15 +2,21 @@
 
 The file is dequantized once with the `gguf` package and written as config.json + model.safetensors
 into the cache directory; later runs load the cached copy like any HF checkpoint. The import is
-atomic: it writes into a temporary directory and renames it into place, so a failure (corrupt
-file, disk full, Ctrl-C) never leaves a half-written cache entry behind.
+atomic: it writes into a temporary directory, syncs it to disk and renames it into place, so a
+failure (corrupt file, disk full, Ctrl-C) never leaves a half-written cache entry behind. What other
+mishaps leave (a disk that lost the data anyway, an entry copied in by hand and cut short, the
+temporary directory of a process that was killed) is repaired on the next open: an entry is checked
+before use (config.json parses; model.safetensors is as long as its header says) and imported again
+with a one-line note if not, and temporary directories of dead processes are removed.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -103,6 +109,70 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
     save_file(tensors, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}, f, indent=1)
+    _sync(out_dir)
+
+
+def _sync(directory: str) -> None:
+    """fsync every file of `directory` and the directory itself: the rename that publishes it must
+    not reach the disk before the data does."""
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def entry_problem(entry: str) -> str | None:
+    """Why a cache entry cannot be used, or None. A safetensors file is an 8-byte little-endian
+    header length n, an n-byte JSON header giving each tensor's [begin, end) in the data after it,
+    then the data: the file must be exactly 8 + n + max(end) bytes long."""
+    try:
+        with open(os.path.join(entry, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"config.json unreadable ({type(e).__name__})"
+    path = os.path.join(entry, "model.safetensors")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, struct.error, ValueError) as e:
+        return f"model.safetensors unreadable ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return "model.safetensors has no valid header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"model.safetensors is {size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def _remove_stale_imports(root: str, log) -> None:
+    """Delete `.importing-<pid>-*` directories whose process is gone (killed mid-import), and
+    unnamed ones older than a day."""
+    for name in os.listdir(root):
+        if not name.startswith(".importing-"):
+            continue
+        path = os.path.join(root, name)
+        pid = name.split("-")[1]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # that import is still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, someone else's
+        elif time.time() - os.path.getmtime(path) < 86400:
+            continue
+        log(f"removing {path}, left by an import that did not finish")
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def import_gguf(gguf_path: str, log=print) -> str:
@@ -115,17 +185,22 @@ def import_gguf(gguf_path: str, log=print) -> str:
     key = f"{stem}-{st.st_size:x}-{int(st.st_mtime):x}-v{CACHE_VERSION}"
     root = os.path.join(cache_root(), "gguf")
     final = os.path.join(root, key)
-    if os.path.isfile(os.path.join(final, "config.json")):
-        return final
+    if os.path.isdir(final):
+        problem = entry_problem(final)
+        if problem is None:
+            return final
+        log(f"cache entry {final} is damaged ({problem}); importing again")
+        shutil.rmtree(final, ignore_errors=True)
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".importing-", dir=root)
+    _remove_stale_imports(root, log)
+    tmp = tempfile.mkdtemp(prefix=f".importing-{os.getpid()}-", dir=root)
     try:
         log(f"importing {os.path.basename(gguf_path)} (dequantizing once, cached in {final})")
         _write_import(gguf_path, tmp, stem)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same import first: use theirs
-            if not os.path.isfile(os.path.join(final, "config.json")):
+            if entry_problem(final) is not None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
