@@ -165,11 +165,11 @@ def run(a: argparse.Namespace) -> int:
     check_writable(a.stats_json, "--stats-json")
     device, _ = resolve_device(a.device, a.dtype)
     cap_gpu_memory(a.gpu_memory, device)
-
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
+    plan = Plan.load(a.plan) if policy == "hybrid" and a.plan else None  # its layers checked here
+
     llm = LLM(a.model, a.device, a.dtype, log=log)
-    if policy == "hybrid" and a.plan:
-        plan = Plan.load(a.plan)
+    if plan is not None:
         plan.check(llm.name, llm.args.n_layers, a.plan)
         log(f"plan {a.plan}: made for {plan.header.get('context')} tokens, {plan.header.get('mode', 'hybrid')} mode")
         policy = plan

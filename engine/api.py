@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from engine.cli import fmt_bytes, resolve_device
-from engine.kv import build_policies, parse_policy
+from engine.cli import fmt_bytes, free_memory, resolve_device
+from engine.kv import build_policies, parse_policy, spec_cost
 from engine.planner import Plan, make_plan, parse_kv_budget
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.runner import GenerationResult, fit_prompt, stream_tokens
@@ -55,18 +55,6 @@ class Stream:
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
-
-
-def _available_host_memory() -> int:
-    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), else 8 GiB."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 class LLM:
@@ -146,6 +134,17 @@ class LLM:
         build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
         return specs
 
+    def check_kv_fits(self, specs: list[dict], prompt: int, new: int) -> None:
+        """Refuse, in one line and before any work, a cache that cannot fit: its device bytes (all
+        bytes on a CPU, where host memory is the device) against the free memory."""
+        elem = self.model.head.element_size()
+        costs = [spec_cost(self.args, s, prompt, new, elem) for s in specs]
+        on_device = sum(c["device"] for c in costs) + (sum(c["host"] for c in costs) if self.device.type == "cpu" else 0)
+        free = free_memory(self.device)
+        if on_device > free:
+            raise ValueError(f"the KV cache for {prompt} + {new} tokens needs {fmt_bytes(on_device)} on {self.device}; "
+                             f"{fmt_bytes(free)} is free (a smaller --ctx or budget, or another policy, would fit)")
+
     def profile_limit(self) -> int:
         """The longest prompt a profiling pass profiles whole: its cache is a FullKV of every layer,
         so the prompt's FullKV must fit in half the free device memory (the rest for the prefill's
@@ -153,11 +152,7 @@ class LLM:
         card with ~8 GiB free: 32k tokens; on an 80 GB H100: a whole 128k prompt. Longer prompts lose
         their middle (runner.fit_prompt), and with it whatever the middle held: at 8k on the default
         model a 4096-token profile dropped the pass key and the plan then lost it (1/3 -> 3/3 whole)."""
-        if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0]
-        else:
-            free = _available_host_memory()
-        return max(4096, free // 2 // self.full_kv_bytes(1))
+        return max(4096, free_memory(self.device) // 2 // self.full_kv_bytes(1))
 
     def profile(self, prompts: list[str | list[int]], profile_tokens: int | str | None = "auto",
                 cfg: ProfileConfig | None = None) -> list[LayerStats]:
@@ -235,6 +230,7 @@ class LLM:
             plan = self.plan(ids, kv_budget=kv_budget, new_tokens=max_new_tokens, context=len(ids), **plan_options)
             policy = plan
         specs = self.policy_specs(policy, ids, max_new_tokens, kv_budget)
+        self.check_kv_fits(specs, len(ids), max_new_tokens)
         run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
         return Stream(lambda s: self._pieces(s, ids, cut, max_new_tokens, sampling, specs, plan, run))
 

@@ -38,6 +38,9 @@ def cli(parser: argparse.ArgumentParser, run_fn, argv: list[str] | None) -> int:
     except (ValueError, OSError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError as e:  # what the up-front checks could not foresee (activations)
+        print(f"{parser.prog}: error: out of GPU memory: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -103,6 +106,21 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
         raise ValueError(f"--gpu-memory {text}: more than the GPU's {fmt_bytes(total)}")
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
     return cap
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: CUDA's free memory, or on the CPU what Linux
+    says can be allocated without swapping (MemAvailable; 8 GiB if it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
 
 
 def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:

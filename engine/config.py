@@ -31,6 +31,12 @@ class ModelArgs:
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
+    def n_params(self) -> int:
+        """Weights: embeddings (and an untied head), per layer Wq/Wk/Wv/Wo, the 3 MLP matrices, 2 norms."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        layer = self.dim * (2 * q + 2 * kv) + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        return self.vocab_size * self.dim * (1 if self.tie_embeddings else 2) + self.n_layers * layer + self.dim
+
     def kv_bytes_per_token(self, elem_size: int) -> int:
         """Bytes a full (uncompressed) cache spends per token across all layers: K and V."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_size

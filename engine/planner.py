@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelArgs
-from engine.kv import spec_cost
+from engine.kv import check_spec, spec_cost
 from engine.profile import FRACTIONS, LayerStats, ProfileConfig
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
@@ -283,8 +283,14 @@ class Plan:
                              int(row.get("host_bytes", 0)), float(row.get("quality", 0.0))) for row in raw["layers"]]
             if not all(isinstance(o.spec.get("policy"), str) for o in layers):
                 raise KeyError("policy")
+            for i, o in enumerate(layers):
+                check_spec(o.spec, f"{path}: layer {i}")
         except OSError as e:
             raise ValueError(f"cannot read plan {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        except ValueError as e:
+            if str(e).startswith(f"{path}: layer"):
+                raise  # check_spec's own sentence
+            raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
         return cls(layers, {k: v for k, v in raw.items() if k != "layers"})

@@ -231,3 +231,31 @@ def test_special_token_text_in_a_prompt_stays_text(gen, tmp_path):
         assert ran.returncode == 0, ran.stderr
         counts[extra] = json.loads(stats.read_text())["prompt_tokens"]
     assert counts[()] > counts[("--allow-special",)]
+
+
+def test_weights_and_caches_that_do_not_fit_are_refused_up_front(gen, monkeypatch):
+    """Sizes are compared with the free memory before allocating: a one-line error naming both."""
+    import engine.api
+    import weights.hf
+    monkeypatch.setattr(weights.hf, "free_memory", lambda device: 10_000)
+    ran = gen("--model", "random:tiny", "--prompt", "hi")
+    assert_clean_error(ran, "needs 24.3 MiB for its weights as float32; cpu has 9.8 KiB free")
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.api, "free_memory", lambda device: 8_000)  # FullKV of 1 + 32 tokens: 8.2 KiB
+    assert_clean_error(gen("--model", "random:tiny", "--prompt", "hi"), "the KV cache for 1 + 32 tokens needs 8.2 KiB")
+    assert gen("--model", "random:tiny", "--prompt", "hi", "--max-new-tokens", "8").returncode == 0  # 2.2 KiB fits
+
+
+@pytest.mark.parametrize("layer0, fragment", [
+    ({"policy": "evict", "budget": "lots"}, "layer 0: evict budget='lots' is not a whole number"),
+    ({"policy": "evict", "budget": True}, "is not a whole number"),
+    ({"policy": "full", "frob": 1}, "layer 0: full has no parameter 'frob'"),
+    ({"policy": "quant", "rotate": 1}, "quant rotate=1 is not a word"),
+    ({"policy": "magic"}, "unknown KV policy 'magic'"),
+])
+def test_bad_plan_layers_are_refused_before_loading(gen, tmp_path, layer0, fragment):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model": "random:tiny", "layers": [layer0, {"policy": "full"}]}))
+    ran = gen("--model", "random:tiny", "--prompt", "hi", "--policy", "hybrid", "--plan", str(plan))
+    assert_clean_error(ran, fragment)
+    assert "loaded" not in ran.stderr

@@ -168,15 +168,15 @@ def test_profile_takes_the_whole_prompt_when_it_fits(monkeypatch):
     from engine import LLM
     llm = LLM("random:tiny", "cpu", "float32")
     per_token = llm.full_kv_bytes(1)
-    monkeypatch.setattr(engine.api, "_available_host_memory", lambda: 2 * 6000 * per_token)
+    monkeypatch.setattr(engine.api, "free_memory", lambda device: 2 * 6000 * per_token)
     assert llm.profile_limit() == 6000
-    monkeypatch.setattr(engine.api, "_available_host_memory", lambda: 1000)
+    monkeypatch.setattr(engine.api, "free_memory", lambda device: 1000)
     assert llm.profile_limit() == 4096
     seen = []
     monkeypatch.setattr(engine.api, "profile_prompt", lambda model, ids, cfg: seen.append(len(ids)) or [])
     monkeypatch.setattr(engine.api, "average", lambda stats: stats)
     llm.profile([list(range(5000))])  # "auto": 4096 with so little memory
-    monkeypatch.setattr(engine.api, "_available_host_memory", lambda: 2 * 6000 * per_token)
+    monkeypatch.setattr(engine.api, "free_memory", lambda device: 2 * 6000 * per_token)
     llm.profile([list(range(5000))])  # fits: whole
     llm.profile([list(range(5000))], profile_tokens=1000)  # an explicit cut
     assert seen == [4096, 5000, 1000]

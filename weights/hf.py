@@ -13,8 +13,20 @@ from contextlib import ExitStack
 import torch
 from safetensors import SafetensorError, safe_open
 
+from engine.cli import fmt_bytes, free_memory
 from engine.config import ModelArgs
 from engine.model import Llama
+
+
+def check_fits(args: ModelArgs, device: torch.device | str, dtype: torch.dtype, what: str) -> None:
+    """Refuse, in one line, weights that cannot fit on the device, before allocating any of them
+    (the allocator would fail half way with its own message, or the kernel kill the process)."""
+    device = torch.device(device)
+    need = args.n_params() * torch.empty((), dtype=dtype).element_size()
+    free = free_memory(device)
+    if need > free:
+        raise ValueError(f"{what} needs {fmt_bytes(need)} for its weights as {str(dtype).removeprefix('torch.')}; "
+                         f"{device} has {fmt_bytes(free)} free")
 
 
 def read_config(model_dir: str) -> ModelArgs:
@@ -56,6 +68,7 @@ def weight_files(model_dir: str) -> dict[str, str]:
 def load_hf(model_dir: str, device: torch.device | str, dtype: torch.dtype) -> tuple[ModelArgs, Llama]:
     """Build the model from an HF directory; every problem with the files is a one-line ValueError."""
     args = read_config(model_dir)
+    check_fits(args, device, dtype, model_dir)
     where = weight_files(model_dir)
     with ExitStack() as stack:
         handles: dict[str, object] = {}

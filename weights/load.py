@@ -11,7 +11,7 @@ import torch
 from engine.config import ModelArgs, preset
 from engine.model import Llama
 from weights.gguf_import import import_gguf
-from weights.hf import load_hf
+from weights.hf import check_fits, load_hf
 from weights.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -64,6 +64,7 @@ def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype,
             tok = ByteTokenizer()
         if tok.vocab_size > args.vocab_size:
             raise ValueError(f"{spec}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
+        check_fits(args, device, dtype, spec)
         return Loaded(spec, args, Llama.random(args, device, dtype), tok)
     if not os.path.exists(spec):
         raise ValueError(f"{spec}: no such model (give an HF directory, a .gguf file, "

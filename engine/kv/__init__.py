@@ -32,12 +32,34 @@ def build_policies(args: ModelArgs, specs: list[dict] | dict, capacity: int,
         raise ValueError(f"{len(specs)} layer specs for a {args.n_layers}-layer model")
     policies = []
     for layer, spec in enumerate(specs):
+        check_spec(spec, f"layer {layer}")
         params = {k: v for k, v in spec.items() if k != "policy"}
-        try:
-            policies.append(policy_class(spec)(args, layer, capacity, device, dtype, **params))
-        except TypeError as e:  # an unknown parameter name, e.g. from a hand-edited plan
-            raise ValueError(f"layer {layer}: bad parameters for {spec['policy']}: {e}") from None
+        policies.append(policy_class(spec)(args, layer, capacity, device, dtype, **params))
     return policies
+
+
+def check_spec(spec: dict, where: str) -> None:
+    """A spec dict (from a plan file or the API): a known policy, known parameters, and values of
+    the types its constructor's defaults have; ValueError naming `where` otherwise. Ranges are the
+    constructor's to check (they may depend on the model)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: a policy spec must be a dict, got {type(spec).__name__}")
+    name = spec.get("policy")
+    if name not in POLICIES:
+        raise ValueError(f"{where}: unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
+    defaults = POLICIES[name].defaults()
+    for key, value in spec.items():
+        if key == "policy":
+            continue
+        if key not in defaults:
+            raise ValueError(f"{where}: {name} has no parameter {key!r} ({', '.join(defaults) or 'none'})")
+        default = defaults[key]
+        if default is None and value is None:  # "choose for me", e.g. QuantKV's group
+            continue
+        kind = bool if isinstance(default, bool) else str if isinstance(default, str) else int
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            want = {bool: "true or false", str: "a word", int: "a whole number"}[kind]
+            raise ValueError(f"{where}: {name} {key}={value!r} is not {want}")
 
 
 def spec_cost(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int) -> dict[str, int]:
