@@ -127,6 +127,8 @@ def run(a: argparse.Namespace) -> int:
 
     from engine import LLM
     llm = LLM(a.model, a.device, a.dtype, log=log)
+    ctx = llm.room(a.new_tokens, a.ctx)
+    llm.check_budget(a.kv_budget, ctx, a.new_tokens, a.mode, a.plan_policies, a.floor)  # before profiling
     if a.stats and os.path.exists(a.stats):
         try:
             with open(a.stats) as f:
@@ -145,7 +147,6 @@ def run(a: argparse.Namespace) -> int:
         if a.stats:
             with open(a.stats, "w") as f:
                 json.dump({"model": llm.name, "profiled": profiled, "layers": stats_to_json(stats)}, f)
-    ctx = llm.room(a.new_tokens, a.ctx)
     plan = llm.plan(stats=stats, kv_budget=a.kv_budget, new_tokens=a.new_tokens, context=ctx, mode=a.mode,
                     kinds=a.plan_policies, floor=a.floor, tau=a.tau)
     plan.header["profiled"] = profiled

@@ -22,7 +22,7 @@ import torch
 
 from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import build_policies, parse_policy, spec_cost
-from engine.planner import Plan, make_plan, parse_kv_budget
+from engine.planner import Plan, budget_floor, make_plan, parse_kv_budget
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.runner import GenerationResult, fit_prompt, stream_tokens
 from engine.sampling import SamplingParams
@@ -170,6 +170,27 @@ class LLM:
             self.log(f"profiled {len(ids)} prompt tokens in {time.perf_counter() - t:.1f} s")
         return average(stats)
 
+    def _kinds(self, kinds: str | tuple[str, ...]) -> tuple[str, ...]:
+        if kinds == "auto":
+            return ("quant", "evict", "offload") if self.device.type == "cuda" else ("evict", "offload")
+        return tuple(filter(None, kinds.split(","))) if isinstance(kinds, str) else tuple(kinds)
+
+    def check_budget(self, kv_budget, context: int, new_tokens: int = 32, mode: str = "hybrid",
+                     kinds: str | tuple[str, ...] = "auto", floor: int = 64) -> int:
+        """kv_budget in bytes for a plan of `context` + new_tokens tokens; a ValueError when no
+        hybrid plan can meet it. Needs no profile: run it before profiling."""
+        if new_tokens < 0:
+            raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+        budget = parse_kv_budget(str(kv_budget), self.full_kv_bytes(context + new_tokens))
+        if mode == "hybrid":
+            least = budget_floor(self.args, context, new_tokens, self.model.head.element_size(), ProfileConfig(),
+                                 floor, self._kinds(kinds) + ("full",))
+            if budget < least:
+                raise ValueError(f"KV budget {fmt_bytes(budget)} is below the least a plan for {context} tokens can "
+                                 f"take, {fmt_bytes(least)} (every layer at its cheapest option, at least --floor "
+                                 f"{floor} tokens)")
+        return budget
+
     def plan(self, prompt: str | list[int] | list[str] | None = None, kv_budget=0.2, new_tokens: int = 32,
              context: int | None = None, mode: str = "hybrid", kinds: str | tuple[str, ...] = "auto",
              floor: int = 64, tau: float | None = None, profile_tokens: int | str | None = "auto",
@@ -180,24 +201,20 @@ class LLM:
         greedy per byte), xkv (eviction, XKV's allocation), xkv-tau (fewest tokens reaching mean
         retention tau), uniform. kinds: the policies a hybrid plan may use besides full ("auto":
         quant, evict, offload on CUDA; evict, offload on CPU, where unpacking codes costs time)."""
-        if kinds == "auto":
-            kinds = ("quant", "evict", "offload") if self.device.type == "cuda" else ("evict", "offload")
-        elif isinstance(kinds, str):
-            kinds = tuple(filter(None, kinds.split(",")))
+        kinds = self._kinds(kinds)
+        prompts = None
         if stats is None:
             if prompt is None:
                 raise ValueError("plan() needs a prompt or stats")
             prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
-            ids_len = len(self.encode(prompts[0]))
-            stats = self.profile(prompts, profile_tokens)
-            context = context or ids_len
+            context = context or len(self.encode(prompts[0]))
         if not context:
             raise ValueError("plan() needs the context it plans for")
-        if new_tokens < 0:
-            raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
         full = self.full_kv_bytes(context + new_tokens)
-        budget = parse_kv_budget(str(kv_budget), full)
+        budget = self.check_budget(kv_budget, context, new_tokens, mode, kinds, floor)
         elem = self.model.head.element_size()
+        if prompts is not None:
+            stats = self.profile(prompts, profile_tokens)
         layers = make_plan(self.args, stats, context, new_tokens, elem, budget, mode, ProfileConfig(), floor,
                            tau, tuple(kinds))
         used = sum(o.device_bytes for o in layers)

@@ -28,7 +28,7 @@ import torch
 
 from engine.config import ModelArgs
 from engine.kv import check_spec, spec_cost
-from engine.profile import FRACTIONS, LayerStats, ProfileConfig
+from engine.profile import FRACTIONS, QUANT_BITS, LayerStats, ProfileConfig
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
 
@@ -63,6 +63,16 @@ def layer_options(args: ModelArgs, stats: LayerStats, prompt: int, new: int, ele
             spec = {"policy": "quant", "bits": bits, **cfg.quant}
             opts.append(make_option(args, spec, prompt, new, elem, max(0.0, 1.0 - err)))
     return opts
+
+
+def budget_floor(args: ModelArgs, prompt: int, new: int, elem: int, cfg: ProfileConfig, floor: int,
+                 kinds: tuple[str, ...]) -> int:
+    """The fewest device bytes a hybrid plan can take: every layer at its cheapest option. Costs do
+    not depend on the profile, so this is known before profiling (a budget below it is refused
+    then, not after a long profiling pass)."""
+    blank = LayerStats(0.0, [0.0] * len(FRACTIONS), [0.0] * len(FRACTIONS), {b: 0.0 for b in QUANT_BITS})
+    cheapest = min(o.device_bytes for o in layer_options(args, blank, prompt, new, elem, cfg, floor, kinds))
+    return args.n_layers * cheapest
 
 
 def upper_hull(opts: list[Option]) -> list[Option]:
