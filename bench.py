@@ -9,6 +9,12 @@ QuantizedCache) and kvpress presses at the same kept fraction (`make peers` buil
     .venv-peers/bin/python bench.py --ctx 2k,4k --plots figs --markdown bench.md
     python bench.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 --ctx 32k,64k,128k \\
         --policies full,quant,offload,evict --peers transformers
+    .venv-peers/bin/python bench.py --suite --ctx 4k --plots figs   # RULER-style tasks vs kept fraction
+
+--suite measures quality only: RULER-style tasks (needles of numbers, words and UUIDs, multi-key
+with distractors, multi-value, multi-query, variable tracking, common-words extraction), greedy
+answers scored by task accuracy and by agreement with FullKV's answer, at every --kv-fraction
+(default for the suite 0.05,0.1,0.2,0.35,0.5), for our policies and the peers.
 
 Progress goes to stderr; the markdown table to stdout.
 """
@@ -83,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kept-KV fraction(s), e.g. 0.2 or 0.1,0.2,0.4: the first sets the latency matrix; quality is "
                         "measured at each (accuracy-vs-fraction plot) (default 0.2)")
     p.add_argument("--peers", type=parse_list(str), default=["all"],
-                   help="transformers, kvpress, all, none, or single ones: hf-dynamic, hf-quanto4, kvpress-snapkv, "
-                        "kvpress-pyramidkv, kvpress-adakv, kvpress-streamingllm (default all; missing ones are "
+                   help="transformers, kvpress, all, none, or single ones: hf-dynamic, hf-quanto4, hf-quanto2, "
+                        "kvpress-snapkv, kvpress-pyramidkv, kvpress-adakv, kvpress-streamingllm, kvpress-tova, "
+                        "kvpress-knorm (default all; missing ones are "
                         "reported as skipped)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per cell, >= 16 (default 16; --quick 16)")
     p.add_argument("--warmup", type=int, default=2, help="decode steps before timing (default 2)")
@@ -94,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=int, default=None,
                    help="teacher-forced tokens for KL / top-1 / ppl (default 64; --quick 16)")
     p.add_argument("--no-quality", action="store_true", help="latency and memory only")
+    p.add_argument("--suite", action="store_true",
+                   help="run the RULER-style task suite instead of the latency/quality matrix (see above)")
+    p.add_argument("--tasks", type=parse_list(str), default=None,
+                   help="suite tasks, comma-separated (default all: niah-number, niah-word, niah-uuid, niah-multikey, "
+                        "niah-multivalue, niah-multiquery, vt, cwe; --quick: niah-number,vt)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the unreported warm-up pass over every policy and peer (JIT compiles, cuBLAS "
                         "heuristics); the first cell then pays for them")
@@ -124,7 +136,8 @@ def meta(a: argparse.Namespace, m, device, dtype, cfg) -> dict:
             "transformers": version("transformers"), "kvpress": version("kvpress"),
             "optimum_quanto": version("optimum-quanto"), "fractions": cfg.fractions, "steps": cfg.steps,
             "warmup": cfg.warmup, "ctxs": cfg.ctxs, "policies": cfg.policies, "depths": cfg.depths,
-            "seeds": cfg.seeds, "continuation": cfg.continuation, "quality": cfg.quality}
+            "seeds": cfg.seeds, "continuation": cfg.continuation, "quality": cfg.quality,
+            "suite": a.suite, "tasks": a.tasks}
 
 
 def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
@@ -138,16 +151,40 @@ def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
         log("plots: " + ", ".join(plots(results, a.plots)))
 
 
+def run_suite_all(m, cfg, tasks: list[str], peers: list[str], results: dict, save, log) -> None:
+    """The suite at every context; peers that cannot run here are noted in the results and skipped."""
+    from engine.eval.peers import skip_reason
+    from engine.eval.suite import run_suite
+    skips = {p: skip_reason(p) for p in peers}
+    results["meta"]["skipped_peers"] = {p: r for p, r in skips.items() if r}
+    for p, r in results["meta"]["skipped_peers"].items():
+        log(f"  {p}: skipped ({r})")
+    runnable = [p for p in peers if not skips[p]]
+    hf = None
+    if runnable:
+        from engine.eval.hf_view import hf_view
+        hf = hf_view(m.model)
+    for ctx in cfg.ctxs:
+        n = min(ctx, m.args.max_seq_len - 64)  # room for the longest answer
+        log(f"suite at {n} tokens: {len(tasks)} tasks x {cfg.seeds} seed(s), fractions {cfg.fractions}")
+        run_suite(m, hf, n, tasks, cfg.seeds, cfg.policies, runnable, cfg.fractions, results, save, log)
+
+
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if a.render:
+        for path, flag in ((a.markdown, "--markdown"),):
+            check_writable(path, flag)
         try:
             with open(a.render) as f:
                 results = json.load(f)
             if "command" not in results["meta"] or "cells" not in results:
                 raise KeyError("meta.command")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{a.render}: not a bench.py --json file ({type(e).__name__})") from None
+            from engine.eval.report import markdown
+            markdown(results)  # every field the table needs is there and of the right kind
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError,
+                ValueError) as e:
+            raise ValueError(f"{a.render}: not a bench.py --json file ({type(e).__name__}: {e})") from None
         write_outputs(a, results, log)
         return 0
     if a.steps < 16:
@@ -159,6 +196,16 @@ def run(a: argparse.Namespace) -> int:
     from engine.eval.cells import OUR_POLICIES, BenchConfig
     from engine.eval.peers import expand_peers
     peers = expand_peers(a.peers)
+    if a.suite:
+        from engine.eval.tasks import TASKS
+        a.tasks = a.tasks or (["niah-number", "vt"] if a.quick else list(TASKS))
+        bad = [t for t in a.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r}; choose from {', '.join(TASKS)}")
+        if a.model and a.model.startswith("random:"):
+            raise ValueError("--suite measures answers: random: weights have none; use a real model")
+    elif a.tasks:
+        raise ValueError("--tasks goes with --suite")
     policies = a.policies or list(OUR_POLICIES)
     for name in policies:  # every piece checked before the model loads; values once it is known
         if name.startswith("plan:"):
@@ -169,8 +216,11 @@ def run(a: argparse.Namespace) -> int:
             raise ValueError(f"unknown policy {name!r}; choose from {', '.join(OUR_POLICIES)}, name:key=value or plan:PATH")
     for path, flag in ((a.json, "--json"), (a.markdown, "--markdown")):
         check_writable(path, flag)
+    fractions = a.kv_fraction
+    if a.suite and fractions == [0.2]:  # the default: the suite draws curves
+        fractions = [0.2] if a.quick else [0.05, 0.1, 0.2, 0.35, 0.5]
     cfg = BenchConfig(ctxs=a.ctx or ([1024] if a.quick else [2048, 4096, 8192]), policies=policies,
-                      fractions=a.kv_fraction, steps=a.steps, warmup=a.warmup,
+                      fractions=fractions, steps=a.steps, warmup=a.warmup,
                       depths=a.depths or ([0.5] if a.quick else [0.25, 0.5, 0.75]), seeds=a.seeds,
                       continuation=a.continuation or (16 if a.quick else 64), quality=not a.no_quality,
                       warm_up=not a.no_warmup)
@@ -184,14 +234,18 @@ def run(a: argparse.Namespace) -> int:
         if ":" in name:
             m.policy_specs(name)  # plan for this model? parameter values in range?
     device, dtype = m.device, m.dtype
-    results = {"meta": {**meta(a, m, device, dtype, cfg), "gpu_memory_cap": gpu_cap}, "cells": [], "sweep": []}
+    results = {"meta": {**meta(a, m, device, dtype, cfg), "gpu_memory_cap": gpu_cap},
+               "cells": [], "sweep": [], "suite": []}
 
     def save() -> None:  # after every cell: a long run that dies still leaves its numbers
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=1)
 
-    run_matrix(m, cfg, peers, results, save, log)
+    if a.suite:
+        run_suite_all(m, cfg, a.tasks, peers, results, save, log)
+    else:
+        run_matrix(m, cfg, peers, results, save, log)
     save()
     write_outputs(a, results, log)
     bad = [c for c in results["cells"] if c["status"] == "error"]

@@ -11,7 +11,7 @@ from functools import partial
 from engine.eval import cells
 from engine.eval import peers as peer_mod
 
-FRACTION_FREE = ("full", "quant", "hf-dynamic", "hf-quanto4")  # what a kept fraction does not change
+FRACTION_FREE = ("full", "quant", "hf-dynamic", "hf-quanto4", "hf-quanto2")  # what a kept fraction does not change
 
 
 @dataclass

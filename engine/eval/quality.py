@@ -108,6 +108,20 @@ def fidelity(model: Llama, prompt: list[int], continuation: list[int], specs: li
 
 
 @torch.inference_mode()
+def greedy(model: Llama, policies: list[KVPolicy], first: torch.Tensor, pos: int, max_new_tokens: int,
+           eos_ids) -> list[int]:
+    """Greedy tokens after a prefill whose last logits are `first` (1, vocab) and whose prompt has
+    `pos` tokens: up to max_new_tokens, stopping after an end-of-sequence token."""
+    logits, ids, decoder = first, [], Decoder(model, policies)
+    while True:
+        token = logits.argmax(-1)
+        ids.append(int(token))
+        if ids[-1] in eos_ids or len(ids) == max_new_tokens:
+            return ids
+        logits = decoder.step(token, pos + len(ids) - 1)
+
+
+@torch.inference_mode()
 def passkey_grid(model: Llama, tok, n_tokens: int, depths: list[float], seeds: list[int], specs: list,
                  max_new_tokens: int = 8) -> list[list[dict]]:
     """Greedy pass-key retrieval for every (depth, seed) pair and every spec: one list of trial
@@ -118,13 +132,7 @@ def passkey_grid(model: Llama, tok, n_tokens: int, depths: list[float], seeds: l
             h = make_haystack(tok, n_tokens, depth=depth, seed=seed)
             first, per_spec = shared_prefill(model, h.ids, specs, max_new_tokens)
             for i, policies in enumerate(per_spec):
-                logits, ids, decoder = first, [], Decoder(model, policies)
-                while True:
-                    token = logits.argmax(-1)
-                    ids.append(int(token))
-                    if ids[-1] in tok.eos_ids or len(ids) == max_new_tokens:
-                        break
-                    logits = decoder.step(token, len(h.ids) + len(ids) - 1)
+                ids = greedy(model, policies, first, len(h.ids), max_new_tokens, tok.eos_ids)
                 kv = {"device": sum(p.nbytes()["device"] for p in policies),
                       "host": sum(p.nbytes()["host"] for p in policies)}
                 text = tok.decode(ids)

@@ -45,6 +45,15 @@ def describe(results: dict) -> str:
     mem = {"cuda_max_allocated": "peak = torch.cuda.max_memory_allocated during the cell (weights included)",
            "rss": "peak = the process's peak resident memory during the cell (weights included; reset per "
                   "cell through /proc/self/clear_refs)"}["cuda_max_allocated" if m["device"].startswith("cuda") else "rss"]
+    if m.get("suite"):
+        return "\n".join([f"`{m['command']}`", "", (
+            f"{m['date']}; {m['model']} ({m['dtype']}) on {m['device_name']}; torch {m['torch']}, "
+            f"transformers {m.get('transformers') or 'not installed'}, kvpress {m.get('kvpress') or 'not installed'}. "
+            f"Tasks: {', '.join(m['tasks'])}; {m['seeds']} prompt(s) each. Greedy answers; agreement = the same "
+            "answer as FullKV's (first line, whitespace-normalised); accuracy = share of the expected answers "
+            "found. At a kept fraction f: evict/offload keep f of the prompt's tokens per layer, hybrid plans "
+            "for f of FullKV's bytes (profiled per prompt), kvpress presses use compression_ratio 1 - f.")]
+            + ([f"Skipped peers: {m['skipped_peers']}"] if m.get("skipped_peers") else []))
     lines = [f"`{m['command']}`", "",
              (f"{m['date']}; {m['model']} ({m['dtype']}) on {m['device_name']}; torch {m['torch']}, "
              f"transformers {m.get('transformers') or 'not installed'}, kvpress {m.get('kvpress') or 'not installed'}. "
@@ -60,8 +69,81 @@ def describe(results: dict) -> str:
     return "\n".join(lines)
 
 
+def suite_tables(results: dict) -> str:
+    """bench.py --suite: per context, agreement with FullKV's answer / task accuracy per method and
+    kept fraction (methods whose memory does not follow the fraction in the 'fixed' column, with the
+    share of FullKV they held), then accuracy per task."""
+    from engine.eval.suite import summary
+    rows = summary(results.get("suite", []))
+    out = []
+    for ctx in dict.fromkeys(r["ctx"] for r in rows):
+        rs = [r for r in rows if r["ctx"] == ctx]
+        fracs = sorted({r["fraction"] for r in rs if r["fraction"] is not None})
+        n = max(r["n"] for r in rs)
+        out += [f"**{_ctx_label(ctx)}** ({n} prompts per cell): agreement with FullKV's greedy answer / task accuracy, %",
+                "", "| method | fixed (KV vs FullKV) |" + "".join(f" {f:.0%} |" for f in fracs),
+                "|---|---|" + "---|" * len(fracs)]
+        for method in dict.fromkeys((r["engine"], r["policy"]) for r in rs):
+            cells = {r["fraction"]: r for r in rs if (r["engine"], r["policy"]) == method}
+            pct = lambda r: f"{r['agreement']:.0%} / {r['accuracy']:.0%}".replace("%", "")  # noqa: E731
+            fixed = f"{pct(cells[None])} ({cells[None]['kv_ratio']:.2f})" if None in cells else ""
+            name = method[1] if method[0] == "layerkv" else f"{method[0]} {method[1]}"
+            out.append(f"| {name} | {fixed} |" + "".join(f" {pct(cells[f]) if f in cells else ''} |" for f in fracs))
+        tasks = list(dict.fromkeys(t for r in rs for t in r["by_task"]))
+        out += ["", f"Accuracy per task at {_ctx_label(ctx)}, %:", "",
+                "| method | fraction | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for r in rs:
+            name = r["policy"] if r["engine"] == "layerkv" else f"{r['engine']} {r['policy']}"
+            frac = "fixed" if r["fraction"] is None else f"{r['fraction']:.0%}"
+            out.append(f"| {name} | {frac} | " + " | ".join(f"{r['by_task'].get(t, 0):.0%}"[:-1] for t in tasks) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def markdown(results: dict) -> str:
-    return describe(results) + "\n\n" + table(results) + "\n"
+    parts = [describe(results)]
+    if results["cells"]:
+        parts.append(table(results))
+    if results.get("suite"):
+        parts.append(suite_tables(results))
+    return "\n\n".join(parts) + "\n"
+
+
+def suite_plot(results: dict, out_dir: str) -> list[str]:
+    """suite_<ctx>.png: agreement and accuracy vs the KV kept (a fraction method at its nominal
+    fraction, a fixed one at the share of FullKV it held)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from engine.eval.suite import summary
+
+    rows, written = summary(results.get("suite", [])), []
+    style = {"layerkv": "-", "transformers": "--", "kvpress": ":"}
+    colours = plt.get_cmap("tab20").colors
+    for ctx in dict.fromkeys(r["ctx"] for r in rows):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        methods = list(dict.fromkeys((r["engine"], r["policy"]) for r in rows if r["ctx"] == ctx))
+        for i, method in enumerate(methods):
+            rs = sorted((r for r in rows if r["ctx"] == ctx and (r["engine"], r["policy"]) == method),
+                        key=lambda r: r["kv_ratio"] if r["fraction"] is None else r["fraction"])
+            xs = [r["kv_ratio"] if r["fraction"] is None else r["fraction"] for r in rs]
+            label = method[1] if method[0] == "layerkv" else f"{method[0]} {method[1]}"
+            for ax, key in zip(axes, ("agreement", "accuracy")):
+                ax.plot(xs, [r[key] for r in rs], style.get(method[0], "-"), marker="o" if len(rs) > 1 else "*",
+                        markersize=5 if len(rs) > 1 else 11, color=colours[i % 20], label=label)
+        for ax, label in zip(axes, ("agreement with FullKV's answer", "task accuracy")):
+            ax.set_xlabel("KV kept (fraction of FullKV)")
+            ax.set_ylabel(label)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"RULER-style suite, {_ctx_label(ctx)} tokens, {results['meta']['model']}")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"suite_{_ctx_label(ctx)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def plots(results: dict, out_dir: str) -> list[str]:
@@ -72,6 +154,8 @@ def plots(results: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
+    if not results["cells"]:  # a --suite run
+        return suite_plot(results, out_dir)
     ok = [c for c in results["cells"] if c["status"] == "ok"]
     series: dict[tuple[str, str], list[dict]] = {}
     for c in ok:

@@ -1,0 +1,66 @@
+"""RULER-style tasks (engine/eval/tasks.py): exact lengths, seeded, answers present and intact in the
+prompt, scoring with partial credit, and clear errors; no model runs here."""
+import pytest
+
+from engine.eval.tasks import TASKS, answer_text, make_task
+
+
+@pytest.fixture(scope="module")
+def tok(default_model):
+    return default_model.tokenizer
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_exact_length_seeded_answers_in_prompt(tok, name):
+    for n in (700, 2048, 4096):
+        task = make_task(name, tok, n, seed=0)
+        assert task.name == name and len(task.ids) == n and task.max_new_tokens >= 16
+        start = 1 if tok.add_bos else 0  # BOS first exactly when the tokenizer adds one
+        assert (task.ids[0] == tok.bos_id) == bool(start)
+        text = tok.decode(task.ids)
+        assert all(a in text for a in task.answers), (name, n, task.answers)
+        assert not set(tok.specials.values()).intersection(task.ids[start:])  # plain text after it
+    assert make_task(name, tok, 2048, seed=3).ids == make_task(name, tok, 2048, seed=3).ids
+    assert make_task(name, tok, 2048, seed=3).ids != make_task(name, tok, 2048, seed=4).ids
+
+
+def test_what_each_task_asks(tok):
+    t = make_task("niah-multivalue", tok, 2048, 1)
+    assert len(t.answers) == 4 and len(set(t.answers)) == 4
+    key = tok.decode(t.ids).rsplit("magic numbers for ", 1)[1].split(" ")[0]
+    assert tok.decode(t.ids).count(f"for {key} is:") == 4  # one key, four values
+    t = make_task("niah-multikey", tok, 2048, 1)
+    needles = [ln for ln in tok.decode(t.ids).splitlines() if ln.startswith("The special magic number for ")
+               and " is: " in ln]
+    assert len(needles) == 4 and len({ln.split(" is: ")[0] for ln in needles}) == 4  # 4 keys: 1 asked, 3 decoys
+    t = make_task("vt", tok, 2048, 1)
+    text = tok.decode(t.ids)
+    assert len(t.answers) == 5 and text.count("VAR ") == 2 * 5 + 2 * 4  # two chains of 5 (4 hops each)
+    t = make_task("cwe", tok, 2048, 1)
+    items = [ln.split(". ", 1)[1] for ln in tok.decode(t.ids).splitlines() if ". " in ln and ln[:1].isdigit()]
+    counts = {w: items.count(w) for w in set(items)}
+    assert set(sorted(counts, key=counts.get, reverse=True)[:5]) == set(t.answers)
+    assert min(counts[w] for w in t.answers) > max(c for w, c in counts.items() if w not in t.answers)
+
+
+def test_scoring(tok):
+    t = make_task("niah-multiquery", tok, 1024, 0)
+    assert t.score(" " + ", ".join(t.answers) + ".") == 1.0
+    assert t.score(f" {t.answers[0]} and 123.") == 0.5
+    assert t.score("I do not know.") == 0.0
+    w = make_task("niah-word", tok, 1024, 0)
+    assert w.score(w.answers[0].upper()) == 1.0  # words case-insensitively
+
+
+def test_answer_text():
+    assert answer_text(" 4711093.\nThe special") == "4711093."
+    assert answer_text("\n\n  a   b \n c") == "a b"
+    assert answer_text("   ") == ""
+
+
+def test_bad_requests(tok):
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        make_task("poetry", tok, 2048)
+    for name in TASKS:
+        with pytest.raises(ValueError, match="tokens"):
+            make_task(name, tok, 60)
