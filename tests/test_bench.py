@@ -174,3 +174,15 @@ def test_render_of_a_malformed_json_is_one_line(capsys, tmp_path, content):
     path = tmp_path / "run.json"
     path.write_text(content)
     assert_clean_error(call(bench.main, ["--render", str(path)], capsys), "not a bench.py --json file")
+
+
+def test_suite_skips_a_hybrid_fraction_below_the_floor(reuse_models):
+    """At 600 tokens with 16 new ones, 5% of FullKV is below every layer's cheapest option (64 tokens):
+    no plan, a note, and the other fractions still planned."""
+    from engine import LLM
+    from engine.eval.suite import our_specs
+    llm, notes = LLM(), []
+    ids = llm.encode("The grass is green. " * 120)[:600]
+    specs = our_specs(llm, ["hybrid"], [0.05, 0.5], ids, 16, notes.append)
+    assert [(name, f) for name, f, _ in specs] == [("hybrid", 0.5)]
+    assert len(notes) == 1 and "hybrid @ 0.05: no plan" in notes[0]

@@ -43,6 +43,11 @@ def our_specs(m, names: list[str], fractions: list[float], ids: list[int], new: 
             continue
         for f in fractions:
             if name == "hybrid":
+                try:  # a fraction below every layer's cheapest option (the floor) has no plan: no row
+                    m.check_budget(f, len(ids), new)
+                except ValueError as e:
+                    log(f"  hybrid @ {f}: no plan ({e})")
+                    continue
                 if stats is None:
                     stats = m.profile([ids], profile_tokens=None)
                 out.append((name, f, m.plan(stats=stats, kv_budget=f, context=len(ids), new_tokens=new).specs))
