@@ -53,7 +53,8 @@ def describe(results: dict) -> str:
             "answer as FullKV's (first line, whitespace-normalised); accuracy = share of the expected answers "
             "found. At a kept fraction f: evict/offload keep f of the prompt's tokens per layer, hybrid plans "
             "for f of FullKV's bytes (profiled per prompt), kvpress presses use compression_ratio 1 - f.")]
-            + ([f"Skipped peers: {m['skipped_peers']}"] if m.get("skipped_peers") else []))
+            + ([f"Skipped peers: {m['skipped_peers']}"] if m.get("skipped_peers") else [])
+            + ([m["note"]] if m.get("note") else []))
     lines = [f"`{m['command']}`", "",
              (f"{m['date']}; {m['model']} ({m['dtype']}) on {m['device_name']}; torch {m['torch']}, "
              f"transformers {m.get('transformers') or 'not installed'}, kvpress {m.get('kvpress') or 'not installed'}. "
