@@ -263,7 +263,7 @@ class LLM:
         return s.output
 
     def _pieces(self, stream: Stream, ids, cut, max_new_tokens, sampling, specs, plan, run_options):
-        from weights.tokenizer import StreamDecoder
+        from weights.stream_decoder import StreamDecoder
         eos = self.tokenizer.eos_ids
         result = GenerationResult(len(ids))
         text = StreamDecoder(self.tokenizer)

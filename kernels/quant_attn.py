@@ -93,7 +93,8 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     if S:  # the sinks' exact scores replace what the store holds for them
         s[..., :S] = torch.matmul(qg, k_sink.float().transpose(-1, -2))
     p = torch.softmax(s * sm_scale, dim=-1)  # (B, H_kv, n_rep, length)
-    p_sink, p = p[..., :S], torch.cat([torch.zeros_like(p[..., :S]), p[..., S:]], dim=-1)
+    p_sink = p[..., :S].clone()
+    p[..., :S] = 0  # the sinks' values come from their rows, not from the store
     # Values: sum_t p_t (c * s + m) = sum_t (p_t s_t) c_t + sum_t p_t m_t, per group of G channels.
     gv = D // G
     vc = _unpack_lut(v_codes[:, :, :n_vq], bits).view(B, H_kv, n_vq, gv, G).transpose(2, 3)  # (B,H_kv,gv,n_vq,G)

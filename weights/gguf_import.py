@@ -115,17 +115,12 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
 def _sync(directory: str) -> None:
     """fsync every file of `directory` and the directory itself: the rename that publishes it must
     not reach the disk before the data does."""
-    for name in os.listdir(directory):
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+    for path in [os.path.join(directory, name) for name in os.listdir(directory)] + [directory]:
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def entry_problem(entry: str) -> str | None:
