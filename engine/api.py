@@ -24,7 +24,7 @@ from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import build_policies, parse_policy, spec_cost
 from engine.planner import Plan, budget_floor, make_plan, parse_kv_budget
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
-from engine.runner import GenerationResult, fit_prompt, stream_tokens
+from engine.runner import GenerationResult, fit_prompt, stream_batch
 from engine.sampling import SamplingParams
 
 
@@ -47,14 +47,21 @@ class Output:
 
 
 class Stream:
-    """What LLM.stream returns: iterate for text pieces; afterwards `.output` holds the Output."""
+    """What LLM.stream returns: iterate for text pieces as tokens come (for a batch of prompts:
+    (index, piece) pairs); afterwards `.output` holds the Output (a batch: `.outputs`, in prompt order)."""
 
-    def __init__(self, make_pieces: Callable[["Stream"], Iterator[str]]):
+    def __init__(self, make_pieces: Callable[["Stream"], Iterator]):
         self.output: Output | None = None
+        self.outputs: list[Output] = []
         self._pieces = make_pieces(self)  # a generator: nothing runs until the first piece is asked for
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator:
         return self._pieces
+
+
+def is_batch(prompt) -> bool:
+    """A list of prompts (texts or token-id lists), as opposed to one prompt (a text or one id list)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], int)
 
 
 class LLM:
@@ -134,16 +141,21 @@ class LLM:
         build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
         return specs
 
-    def check_kv_fits(self, specs: list[dict], prompt: int, new: int) -> None:
-        """Refuse, in one line and before any work, a cache that cannot fit: its device bytes (all
-        bytes on a CPU, where host memory is the device) against the free memory."""
-        elem = self.model.head.element_size()
-        costs = [spec_cost(self.args, s, prompt, new, elem) for s in specs]
-        on_device = sum(c["device"] for c in costs) + (sum(c["host"] for c in costs) if self.device.type == "cpu" else 0)
+    def check_kv_fits(self, runs: list[tuple[list[dict], int, int]]) -> None:
+        """Refuse, in one line and before any work, caches that cannot fit together: runs are
+        (specs, prompt tokens, new tokens), one per sequence; their device bytes (all bytes on a
+        CPU, where host memory is the device) against the free memory."""
+        elem, on_device = self.model.head.element_size(), 0
+        for specs, prompt, new in runs:
+            costs = [spec_cost(self.args, s, prompt, new, elem) for s in specs]
+            on_device += sum(c["device"] + (c["host"] if self.device.type == "cpu" else 0) for c in costs)
         free = free_memory(self.device)
         if on_device > free:
-            raise ValueError(f"the KV cache for {prompt} + {new} tokens needs {fmt_bytes(on_device)} on {self.device}; "
-                             f"{fmt_bytes(free)} is free (a smaller --ctx or budget, or another policy, would fit)")
+            what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
+                    f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
+            raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device}; "
+                             f"{fmt_bytes(free)} is free (a smaller --ctx or budget, fewer prompts, or another "
+                             f"policy would fit)")
 
     def profile_limit(self) -> int:
         """The longest prompt a profiling pass profiles whole: its cache is a FullKV of every layer,
@@ -227,59 +239,77 @@ class LLM:
         return plan
 
     # ---- generation ---------------------------------------------------------------------------------------
-    def stream(self, prompt: str | list[int], max_new_tokens: int = 32, policy="full", kv_budget=0.2, *,
+    def stream(self, prompt, max_new_tokens: int | list[int] = 32, policy="full", kv_budget=0.2, *,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                chat: bool = False, allow_special: bool = False, ctx: int | None = None, cuda_graphs: bool = True,
                prefill_chunk: int = 2048, on_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
-        """Like generate(), but returns a Stream: iterate it for text pieces as tokens come; its
-        `.output` is filled when the iteration ends. Everything is checked before this returns."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        """Like generate(), but returns a Stream: iterate it for text pieces as tokens come (a batch:
+        (index, piece) pairs); `.output` (`.outputs`) is filled when the iteration ends. Everything
+        is checked before this returns."""
+        batch = is_batch(prompt)
+        prompts = list(prompt) if batch else [prompt]
+        news = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        if len(news) != len(prompts):
+            raise ValueError(f"{len(news)} max_new_tokens values for {len(prompts)} prompts")
+        if any(not isinstance(n, int) or n < 0 for n in news):
+            raise ValueError(f"max_new_tokens must be ints >= 0, got {max_new_tokens}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
-        ids, cut = self.fit(self.encode(prompt, chat, allow_special), max_new_tokens, ctx)
-        if cut:
-            self.log(f"warning: prompt is {len(ids) + cut} tokens, over the limit of {len(ids)}; "
-                     f"cut {cut} tokens from its middle")
-        plan = None
-        if isinstance(policy, str) and policy.strip() == "hybrid":
-            plan = self.plan(ids, kv_budget=kv_budget, new_tokens=max_new_tokens, context=len(ids), **plan_options)
-            policy = plan
-        specs = self.policy_specs(policy, ids, max_new_tokens, kv_budget)
-        self.check_kv_fits(specs, len(ids), max_new_tokens)
+        seqs = []  # (ids, tokens cut, max_new_tokens, specs, plan), one per prompt
+        for i, (p, new) in enumerate(zip(prompts, news)):
+            try:
+                ids, cut = self.fit(self.encode(p, chat, allow_special), new, ctx)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}" if batch else str(e)) from None
+            if cut:
+                self.log(f"warning: prompt{f' {i}' if batch else ''} is {len(ids) + cut} tokens, over the limit "
+                         f"of {len(ids)}; cut {cut} tokens from its middle")
+            seqs.append([ids, cut, new, policy, None])
+        for seq in seqs:  # hybrid profiles and plans each prompt (after all prompts are checked)
+            ids, _, new, _, _ = seq
+            if isinstance(policy, str) and policy.strip() == "hybrid":
+                seq[4] = self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), **plan_options)
+            seq[3] = self.policy_specs(seq[4] or policy, ids, new, kv_budget)
+        self.check_kv_fits([(specs, len(ids), new) for ids, _, new, specs, _ in seqs])
         run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
-        return Stream(lambda s: self._pieces(s, ids, cut, max_new_tokens, sampling, specs, plan, run))
+        return Stream(lambda s: self._pieces(s, seqs, batch, sampling, run))
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 32, policy="full", kv_budget=0.2,
-                 **options) -> Output:
-        """Generate after `prompt` (text or token ids): greedy unless temperature > 0 (then top_p,
-        top_k, seed apply); chat wraps text in the model's chat template; allow_special lets a raw
-        prompt's "<|...|>" text be control tokens (off: user text is text); ctx caps the prompt (its
-        middle is cut). See the module docstring for `policy`; kv_budget is hybrid's device budget."""
+    def generate(self, prompt, max_new_tokens: int | list[int] = 32, policy="full", kv_budget=0.2,
+                 **options) -> Output | list[Output]:
+        """Generate after `prompt` (text or token ids), or after each prompt of a list (a batch: one
+        Output per prompt; max_new_tokens may be one value per prompt). Greedy unless temperature >
+        0 (then top_p, top_k, seed apply; a batch draws from one generator, so its samples differ
+        from the same prompts run alone); chat wraps text in the model's chat template;
+        allow_special lets a raw prompt's "<|...|>" text be control tokens (off: user text is text);
+        ctx caps the prompt (its middle is cut). See the module docstring for `policy`; kv_budget
+        is hybrid's device budget (per sequence)."""
         s = self.stream(prompt, max_new_tokens, policy, kv_budget, **options)
         for _ in s:
             pass
-        return s.output
+        return s.outputs if is_batch(prompt) else s.output
 
-    def _pieces(self, stream: Stream, ids, cut, max_new_tokens, sampling, specs, plan, run_options):
+    def _pieces(self, stream: Stream, seqs, batch: bool, sampling, run_options):
         from weights.stream_decoder import StreamDecoder
         eos = self.tokenizer.eos_ids
-        result = GenerationResult(len(ids))
-        text = StreamDecoder(self.tokenizer)
-        for tid in stream_tokens(self.model, ids, max_new_tokens, sampling, specs, result, eos, **run_options):
-            if tid not in eos:  # the end-of-turn token itself is not shown
-                piece = text.push(tid)
-                if piece:
-                    yield piece
-        tail = text.flush()
-        if tail:
-            yield tail
-        stream.output = Output(
-            text=self.tokenizer.decode([t for t in result.generated_ids if t not in eos]),
-            token_ids=result.generated_ids, prompt_tokens=len(ids), prefill_s=result.prefill_s,
-            decode_ms_per_token=result.decode_ms_per_token, kv_bytes=result.kv_bytes(),
-            full_kv_bytes=self.full_kv_bytes(len(ids) + len(result.generated_ids)),
-            layers=[p.describe() for p in result.policies], stop_reason=result.stop_reason,
-            cuda_graphs=result.cuda_graphs, decode_steps=len(result.decode_times_s),
-            h2d_bytes=sum(p.transfer_bytes() for p in result.policies), prompt_cut=cut, plan=plan)
+        results = [GenerationResult(len(ids)) for ids, *_ in seqs]
+        texts = [StreamDecoder(self.tokenizer) for _ in seqs]
+        for b, tid in stream_batch(self.model, [s[0] for s in seqs], [s[2] for s in seqs], sampling,
+                                   [s[3] for s in seqs], results, eos, **run_options):
+            piece = texts[b].push(tid) if tid not in eos else ""  # the end-of-turn token itself is not shown
+            if piece:
+                yield (b, piece) if batch else piece
+        for b, text in enumerate(texts):
+            tail = text.flush()
+            if tail:
+                yield (b, tail) if batch else tail
+        for (ids, cut, _, _, plan), r in zip(seqs, results):
+            stream.outputs.append(Output(
+                text=self.tokenizer.decode([t for t in r.generated_ids if t not in eos]),
+                token_ids=r.generated_ids, prompt_tokens=len(ids), prefill_s=r.prefill_s,
+                decode_ms_per_token=r.decode_ms_per_token, kv_bytes=r.kv_bytes(),
+                full_kv_bytes=self.full_kv_bytes(len(ids) + len(r.generated_ids)),
+                layers=[p.describe() for p in r.policies], stop_reason=r.stop_reason,
+                cuda_graphs=r.cuda_graphs, decode_steps=len(r.decode_times_s),
+                h2d_bytes=sum(p.transfer_bytes() for p in r.policies), prompt_cut=cut, plan=plan))
+        stream.output = stream.outputs[0]

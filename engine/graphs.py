@@ -25,37 +25,44 @@ from engine.model import Llama
 
 
 class Decoder:
-    def __init__(self, model: Llama, policies: list[KVPolicy], cuda_graphs: bool = True):
+    """Steps one sequence (`policies`: its per-layer policies) or a batch (`policies`: one such list
+    per sequence). A graph is captured for one batch: when the batch changes (a sequence finished),
+    the runner builds a new Decoder for the sequences left."""
+
+    def __init__(self, model: Llama, policies: list[KVPolicy] | list[list[KVPolicy]], cuda_graphs: bool = True):
         device = model.head.device
-        self.model, self.policies = model, policies
-        self.graphed = cuda_graphs and device.type == "cuda" and all(p.graphable for p in policies)
-        self.token = torch.zeros(1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.seqs = [policies] if policies and isinstance(policies[0], KVPolicy) else policies
+        self.model = model
+        self.graphed = cuda_graphs and device.type == "cuda" and all(p.graphable for s in self.seqs for p in s)
+        self.token = torch.zeros(len(self.seqs), dtype=torch.long, device=device)  # (B,)
+        self.pos = torch.zeros(len(self.seqs), dtype=torch.long, device=device)  # (B,)
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """token (1,) at position pos -> logits (1, vocab). Returns the graph's output buffer when
-        graphed: read it (or clone it) before the next step."""
-        for p in self.policies:
-            p.before_step()
-        self.token.copy_(token.reshape(1))
-        self.pos.fill_(pos)
+    def step(self, token: torch.Tensor, pos: int | list[int]) -> torch.Tensor:
+        """token (B,) at positions pos (one int per sequence; an int for one sequence) -> logits
+        (B, vocab). Returns the graph's output buffer when graphed: read it (or clone it) before
+        the next step."""
+        for seq in self.seqs:
+            for p in seq:
+                p.before_step()
+        self.token.copy_(token.reshape(-1))
+        self.pos.copy_(torch.tensor([pos] if isinstance(pos, int) else pos))
         self.steps += 1
         if not self.graphed:
-            return self.model.decode_step(self.token, self.pos, self.policies)
+            return self.model.decode_step(self.token, self.pos, self.seqs)
         if self.steps == 1:  # warm-up, eager, on a side stream as capture requires
             side, main = torch.cuda.Stream(), torch.cuda.current_stream()
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                logits = self.model.decode_step(self.token, self.pos, self.policies)
+                logits = self.model.decode_step(self.token, self.pos, self.seqs)
             main.wait_stream(side)
             return logits
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records only: nothing runs until replay()
-                self.logits = self.model.decode_step(self.token, self.pos, self.policies)
+                self.logits = self.model.decode_step(self.token, self.pos, self.seqs)
         self.graph.replay()
         return self.logits

@@ -4,8 +4,8 @@ Two entry points, because their costs differ:
   prefill()      the prompt, *layer-major*: one layer at a time over every prompt token, so only one
                  layer's full K/V exists at once before its KV policy compresses or offloads it;
                  projections, attention and MLP run over chunks of query tokens to bound memory.
-  decode_step()  one new token through every layer: small, fixed-shape work, kept free of Python
-                 branching so it can be compiled or CUDA-graphed later.
+  decode_step()  one new token through every layer, for a batch of sequences: small, fixed-shape
+                 work, kept free of host decisions so it can be replayed from a CUDA graph.
 The KV policies (one per layer) are passed in explicitly; the model owns no cache state.
 """
 from __future__ import annotations
@@ -132,25 +132,36 @@ class Llama(nn.Module):
         return self.logits(x if all_logits else x[:, -1])
 
     @torch.inference_mode()
-    def decode_step(self, token: torch.Tensor, pos: torch.Tensor, policies: list[KVPolicy]) -> torch.Tensor:
-        """token (B,) at position pos, a (1,) int64 tensor on the device -> logits (B, vocab). Each
-        policy stores the token's k/v and attends. Nothing here reads a host-side counter, so the
-        same code runs eagerly and inside a CUDA graph (engine/graphs.py); the policies' host-side
-        work happens before the step, in before_step()."""
-        B = token.shape[0]
-        cos, sin = rope_cos_sin(self.inv_freq, pos, self.head.dtype)
-        x = self.embed_tokens(token[:, None])  # (B, 1, dim)
-        for i, (layer, policy) in enumerate(zip(self.layers, policies)):
-            if i + 1 < len(policies) and policies[i + 1].wants_lookahead():
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, seqs: list[list[KVPolicy]]) -> torch.Tensor:
+        """One new token for each of B sequences: tokens (B,) at positions pos ((B,) int64 on the
+        device) -> logits (B, vocab). seqs[b][i] is sequence b's policy of layer i: sequences of
+        different lengths each keep their own cache, so nothing is padded. The dense matmuls run
+        over the whole batch (a step reads the weights once however many sequences decode), and
+        attention runs per sequence, through its own policy.
+
+        Each policy stores its token's k/v and attends. Nothing here reads a host-side counter, so
+        the same code runs eagerly and inside a CUDA graph (engine/graphs.py); the policies'
+        host-side work happens before the step, in before_step()."""
+        B = tokens.shape[0]
+        cos, sin = rope_cos_sin(self.inv_freq, pos, self.head.dtype)  # (B, D): one position per sequence
+        cos, sin = cos[:, None, None], sin[:, None, None]  # (B, 1, 1, D), broadcast over (B, H, 1, D)
+        x = self.embed_tokens(tokens[:, None])  # (B, 1, dim)
+        for i, layer in enumerate(self.layers):
+            if i + 1 < len(self.layers) and any(seq[i + 1].wants_lookahead() for seq in seqs):
                 # The next layer's query, approximated from this layer's input, so the next
                 # layer's KV fetch can run while this layer computes.
-                policies[i + 1].prepare(self.layers[i + 1].query(x, cos, sin))
+                q_hat = self.layers[i + 1].query(x, cos, sin)  # (B, H, 1, D)
+                for b, seq in enumerate(seqs):
+                    if seq[i + 1].wants_lookahead():
+                        seq[i + 1].prepare(q_hat[b:b + 1])
             q, k, v = layer.qkv(x, cos, sin)
-            o = policy.attend(q, k, v, pos)  # (B, H, 1, D)
+            outs = [seq[i].attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], pos[b:b + 1]) for b, seq in enumerate(seqs)]
+            o = outs[0] if B == 1 else torch.cat(outs)  # (B, H, 1, D)
             x = x + o.transpose(1, 2).reshape(B, 1, -1) @ layer.wo
             x = x + layer.mlp(x)
-        for policy in policies:
-            policy.finish_step()
+        for seq in seqs:
+            for policy in seq:
+                policy.finish_step()
         return self.logits(x[:, 0])
 
     # ---- weights -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The generation loop: build the per-layer KV policies, prefill, then decode token by token,
-yielding each token as it is chosen (streaming) and timing both phases honestly."""
+yielding each token as it is chosen (streaming) and timing both phases honestly. One loop serves a
+single prompt and a batch of prompts of different lengths (a single prompt is a batch of one)."""
 from __future__ import annotations
 
 import statistics
@@ -55,47 +56,85 @@ def fit_prompt(ids: list[int], limit: int) -> tuple[list[int], int]:
 
 def stream_tokens(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
                   policy_specs: list[dict] | dict, result: GenerationResult, eos_ids: set[int] = frozenset(),
-                  on_layer: Callable[[int], None] | None = None, prefill_chunk: int = 2048,
-                  cuda_graphs: bool = True) -> Iterator[int]:
-    """Yield up to `max_new_tokens` token ids after `prompt_ids` (batch of one), filling `result`
-    (times, stop reason, the policies) as it goes. `on_layer` reports prefill progress, one call
-    per layer. On CUDA, decode steps replay a CUDA graph (engine.graphs) unless cuda_graphs=False."""
-    if not prompt_ids:
+                  **options) -> Iterator[int]:
+    """Yield up to `max_new_tokens` token ids after `prompt_ids`, filling `result` (times, stop
+    reason, the policies) as it goes: stream_batch for a batch of one."""
+    for _, tid in stream_batch(model, [prompt_ids], [max_new_tokens], sampling, [policy_specs], [result],
+                               eos_ids, **options):
+        yield tid
+
+
+def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[int], sampling: SamplingParams,
+                 specs: list[list[dict] | dict], results: list[GenerationResult], eos_ids: set[int] = frozenset(),
+                 on_layer: Callable[[int], None] | None = None, prefill_chunk: int = 2048,
+                 cuda_graphs: bool = True, step_log: list[tuple[int, float]] | None = None) -> Iterator[tuple[int, int]]:
+    """Generate for several prompts together; yield (index, token id) as tokens are chosen.
+
+    Each sequence gets its own per-layer policies (specs[b], its own plan if hybrid), sized for its
+    own prompt + max_new_tokens[b]: ragged lengths need no padding anywhere. Prefill runs one
+    sequence at a time, layer-major (model.prefill), so only one layer's full K/V of one sequence
+    exists at once; decode steps run all unfinished sequences together (model.decode_step), reading
+    the weights once per step for the whole batch. A sequence that ends (EOS or its own limit)
+    leaves the batch and the rest go on: the batch shrinks rather than carrying an idle slot (an
+    idle slot would still attend and still need cache room past its limit). On CUDA a shrunken
+    batch gets a new Decoder, i.e. one more graph capture; there are at most B of them.
+
+    `on_layer` reports prefill progress (one call per layer per sequence); `step_log` receives
+    (batch size, seconds) for each decode step, for throughput."""
+    if not prompts or any(not p for p in prompts):
         raise ValueError("empty prompt")
     device, dtype = model.head.device, model.head.dtype
-    policies = build_policies(model.args, policy_specs, len(prompt_ids) + max_new_tokens, device, dtype)
-    result.policies = policies
+    seqs = [build_policies(model.args, s, len(p) + n, device, dtype) for p, n, s in zip(prompts, max_new_tokens, specs)]
     gen = make_generator(sampling, device)
-    tokens = torch.tensor([prompt_ids], device=device)
+    last: dict[int, torch.Tensor] = {}  # each running sequence's newest token, (1,) on the device
+    for b, (ids, result) in enumerate(zip(prompts, results)):
+        result.policies = seqs[b]
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = model.prefill(torch.tensor([ids], device=device), seqs[b], chunk=prefill_chunk, progress=on_layer)
+        _sync(device)
+        result.prefill_s = time.perf_counter() - t0
+        if max_new_tokens[b] > 0:
+            last[b] = sample(logits, sampling, gen)  # (1,)
 
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = model.prefill(tokens, policies, chunk=prefill_chunk, progress=on_layer)
-    _sync(device)
-    result.prefill_s = time.perf_counter() - t0
-    if max_new_tokens == 0:
-        return
-
-    decoder = Decoder(model, policies, cuda_graphs)
-    result.cuda_graphs = decoder.graphed
-    pos = len(prompt_ids)
-    token = sample(logits, sampling, gen)  # (1,)
-    tid = int(token.item())
-    while True:
-        result.generated_ids.append(tid)
-        yield tid
+    def emit(b: int, tid: int) -> bool:
+        """Record sequence b's new token; True if b goes on."""
+        results[b].generated_ids.append(tid)
         if tid in eos_ids:
-            result.stop_reason = "eos"
-            return
-        if len(result.generated_ids) >= max_new_tokens:
-            return
-        # A decode step's time covers the forward pass and sampling up to the id on the host
-        # (.item() waits for the device), i.e. what a user waits per token minus printing.
+            results[b].stop_reason = "eos"
+            return False
+        return len(results[b].generated_ids) < max_new_tokens[b]
+
+    running = []
+    for b in sorted(last):
+        tid = int(last[b].item())
+        if emit(b, tid):
+            running.append(b)
+        yield b, tid
+    decoder, batch = None, None
+    while running:
+        if running != batch:  # the first step, or a sequence has left
+            batch = list(running)
+            decoder = Decoder(model, [seqs[b] for b in batch], cuda_graphs)
+            for b in batch:
+                results[b].cuda_graphs = decoder.graphed
+        # A decode step's time covers the forward pass and sampling up to the ids on the host
+        # (.tolist() waits for the device), i.e. what a user waits per token minus printing.
         t = time.perf_counter()
-        token = sample(decoder.step(token, pos), sampling, gen)
-        tid = int(token.item())
-        result.decode_times_s.append(time.perf_counter() - t)
-        pos += 1
+        token = torch.cat([last[b] for b in batch])  # (B,)
+        pos = [len(prompts[b]) + len(results[b].generated_ids) - 1 for b in batch]
+        out = sample(decoder.step(token, pos), sampling, gen)  # (B,)
+        tids = out.tolist()
+        dt = time.perf_counter() - t
+        if step_log is not None:
+            step_log.append((len(batch), dt))
+        running = []
+        for j, (b, tid) in enumerate(zip(batch, tids)):
+            results[b].decode_times_s.append(dt)
+            last[b] = out[j:j + 1]
+            if emit(b, tid):
+                running.append(b)
+            yield b, tid
 
 
 def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
