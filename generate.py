@@ -2,6 +2,8 @@
 
 With no prompt it runs the demo: a pass-key haystack of --ctx tokens, and says whether the model
 retrieved the key. Tokens stream to stdout as they come; progress and the summary go to stderr.
+With --prompts-file, the prompts of a JSONL file are generated together as one batch and the
+results come out as JSONL, one line per prompt, in the file's order.
 """
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import argparse
 import json
 import resource
 import sys
+import time
 
 import torch
 
 from engine.cli import (Parser, cap_gpu_memory, check_writable, cli, fmt_bytes, gpu_memory, parse_tokens,
-                        resolve_device)
+                        read_prompts_file, resolve_device)
 from engine.eval.haystack import make_haystack
 from engine.kv import POLICIES, parse_policy
 from engine.sampling import SamplingParams
@@ -40,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the shipped SmolLM2-135M-Instruct")
     p.add_argument("--prompt", help="prompt text (default: a pass-key haystack of --ctx tokens)")
     p.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--prompts-file", metavar="JSONL",
+                   help="a batch: one prompt per line, as a JSON string or {\"prompt\": ..., \"max_new_tokens\": N}; "
+                        "decoded together, results written as JSONL (to --out, default stdout)")
+    p.add_argument("--out", metavar="PATH", help="--prompts-file: write the results JSONL here instead of stdout")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--allow-special", action="store_true",
                    help="parse special-token text such as <|im_end|> in a raw prompt as control tokens (default: it "
@@ -148,6 +155,38 @@ def read_prompt(a: argparse.Namespace) -> str | None:
     return text
 
 
+def run_batch(llm, a: argparse.Namespace, prompts: list[str], news: list[int], policy, options: dict, log) -> int:
+    """Generate for every prompt together; write one JSONL line per prompt, in order."""
+    from tqdm import tqdm
+    stream = llm.stream(prompts, news, policy, a.kv_budget, **options)
+    bar = tqdm(total=sum(news), desc=f"batch of {len(prompts)}", unit="tok", file=sys.stderr, leave=False, disable=None)
+    t = time.perf_counter()
+    for _ in stream:  # pieces are per prompt; the JSONL is written once all have finished
+        bar.update()
+    wall = time.perf_counter() - t
+    bar.close()
+    outs = stream.outputs
+    lines = [json.dumps({"index": i, "text": o.text, "token_ids": o.token_ids, "prompt_tokens": o.prompt_tokens,
+                         "stop_reason": o.stop_reason, "kv_bytes": o.kv_bytes}) for i, o in enumerate(outs)]
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines), flush=True)
+    new = sum(len(o.token_ids) for o in outs)
+    decode_s = max(wall - sum(o.prefill_s for o in outs), 1e-9)
+    kv = {tier: sum(o.kv_bytes[tier] for o in outs) for tier in ("device", "host")}
+    log(f"{len(outs)} prompts, {sum(o.prompt_tokens for o in outs)} prompt tokens | prefill "
+        f"{sum(o.prefill_s for o in outs):.2f} s | {new} new tokens, decode {new / decode_s:.1f} tokens/s | KV device "
+        f"{fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(sum(o.full_kv_bytes for o in outs))})")
+    if a.stats_json:
+        with open(a.stats_json, "w") as f:
+            json.dump({"model": llm.name, "device": str(llm.device), "policy": a.policy, "prompts": len(outs),
+                       "new_tokens": new, "wall_s": wall, "decode_tokens_per_s": new / decode_s, "kv_bytes": kv,
+                       "outputs": [json.loads(line) for line in lines]}, f, indent=1)
+    return 0
+
+
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     # Everything the flags can get wrong is checked before the model loads.
@@ -155,6 +194,13 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
     SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     text = read_prompt(a)
+    batch = None
+    if a.prompts_file is not None:
+        if text is not None:
+            raise ValueError("give --prompts-file or --prompt/--prompt-file, not both")
+        batch = read_prompts_file(a.prompts_file, a.max_new_tokens)
+    elif a.out is not None:
+        raise ValueError("--out is for --prompts-file (a single prompt streams to stdout)")
     policy = policy_arg(a)
     if policy != "hybrid" and not policy.startswith("hybrid"):
         parse_policy(policy)  # names, keys and value types (the values are checked once the model is known)
@@ -163,6 +209,7 @@ def run(a: argparse.Namespace) -> int:
     if a.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     check_writable(a.stats_json, "--stats-json")
+    check_writable(a.out, "--out")
     device, _ = resolve_device(a.device, a.dtype)
     cap_gpu_memory(a.gpu_memory, device)
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
@@ -173,6 +220,11 @@ def run(a: argparse.Namespace) -> int:
         plan.check(llm.name, llm.args.n_layers, a.plan)
         log(f"plan {a.plan}: made for {plan.header.get('context')} tokens, {plan.header.get('mode', 'hybrid')} mode")
         policy = plan
+    options = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
+                   allow_special=a.allow_special, ctx=a.ctx, cuda_graphs=not a.no_cuda_graphs,
+                   prefill_chunk=a.prefill_chunk, kinds=a.plan_policies, profile_tokens=a.profile_tokens)
+    if batch is not None:
+        return run_batch(llm, a, *batch, policy, options, log)
     haystack = None
     if text is None:
         room = llm.room(a.max_new_tokens, a.ctx)
@@ -185,9 +237,7 @@ def run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
     bar = tqdm(total=llm.args.n_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False, disable=None)
     stream = llm.stream(haystack.ids if haystack else text, a.max_new_tokens, policy, a.kv_budget,
-                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,
-                        allow_special=a.allow_special, ctx=a.ctx, cuda_graphs=not a.no_cuda_graphs, prefill_chunk=a.prefill_chunk,
-                        on_layer=bar.update, kinds=a.plan_policies, profile_tokens=a.profile_tokens)
+                        on_layer=bar.update, **options)
     for piece in stream:
         print(piece, end="", flush=True)
     bar.close()

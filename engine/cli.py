@@ -4,6 +4,7 @@ No script imports another; each imports these from here."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -144,3 +145,34 @@ def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtyp
         warnings.warn("float16 on CPU is very slow (no native half-precision matmul); float32 or bfloat16 "
                       "run far faster", stacklevel=2)
     return device, getattr(torch, dtype_name)
+
+
+def read_prompts_file(path: str, max_new_tokens: int) -> tuple[list[str], list[int]]:
+    """A JSONL batch -> (prompts, max_new_tokens per prompt); blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompts-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    prompts, news = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or set(item) - {"prompt", "max_new_tokens"}:
+            raise ValueError(f"{path} line {n}: expected a string or {{\"prompt\": str, \"max_new_tokens\": int}}")
+        new = item.get("max_new_tokens", max_new_tokens)
+        if not isinstance(new, int) or isinstance(new, bool) or new < 0:
+            raise ValueError(f"{path} line {n}: max_new_tokens must be an int >= 0, got {new!r}")
+        if not item["prompt"].strip():
+            raise ValueError(f"{path} line {n}: empty prompt")
+        prompts.append(item["prompt"])
+        news.append(new)
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompts")
+    return prompts, news

@@ -265,3 +265,44 @@ def test_profile_layers_budget_below_the_floor_fails_before_profiling(prof):
     ran = prof("--model", "random:tiny", "--ctx", "256")  # 20% of 256 tokens is under the 64-token floor
     assert_clean_error(ran, "is below the least a plan for 256 tokens can take")
     assert "profiled" not in ran.stderr
+
+
+# -- batches: --prompts-file ----------------------------------------------------------------------------------------
+def test_prompts_file_writes_one_result_per_prompt_in_order(gen, tiny_model_dir, tmp_path):
+    """Three prompts of different lengths and limits, generated as one batch: the JSONL results come
+    back in the file's order, each equal to that prompt generated alone."""
+    batch, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    lines = ['"hello world hello"', "", json.dumps({"prompt": "world " * 30, "max_new_tokens": 2}),
+             json.dumps({"prompt": "hello"})]
+    batch.write_text("\n".join(lines) + "\n")
+    ran = gen("--model", tiny_model_dir, "--prompts-file", str(batch), "--max-new-tokens", "5", "--out", str(out),
+              "--policy", "evict:budget=8,window=4")
+    assert ran.returncode == 0, ran.stderr
+    assert "3 prompts" in ran.stderr and "tokens/s" in ran.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in results] == [0, 1, 2] and len(results[1]["token_ids"]) <= 2
+    for r, prompt, n in zip(results, ["hello world hello", "world " * 30, "hello"], [5, 2, 5]):
+        alone = tmp_path / "alone.json"
+        ran = gen("--model", tiny_model_dir, "--prompt", prompt, "--max-new-tokens", str(n),
+                  "--policy", "evict:budget=8,window=4", "--stats-json", str(alone))
+        assert ran.returncode == 0, ran.stderr
+        assert json.loads(alone.read_text())["generated_ids"] == r["token_ids"]
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "holds no prompts"), ("{not json\n", "line 1: not JSON"), ('"a"\n42\n', "line 2: expected a string"),
+    ('{"prompt": "a", "temperature": 1}\n', "line 1: expected"), ('{"prompt": "a", "max_new_tokens": -1}\n', "line 1: max_new_tokens"),
+    ('"ok"\n"  "\n', "line 2: empty prompt"), (b"\xff\xfe", "cannot read --prompts-file")])
+def test_bad_prompts_files_fail_before_loading(gen, tmp_path, content, fragment):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert_clean_error(gen("--model", str(tmp_path / "absent"), "--prompts-file", str(path)), fragment)
+
+
+def test_prompts_file_conflicts(gen, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('"a"\n')
+    assert_clean_error(gen("--prompts-file", str(path), "--prompt", "b"), "not both")
+    assert_clean_error(gen("--prompt", "b", "--out", str(tmp_path / "o.jsonl")), "--out is for --prompts-file")
+    assert_clean_error(gen("--prompts-file", str(tmp_path / "none.jsonl")), "cannot read --prompts-file")
+    assert_clean_error(gen("--prompts-file", str(path), "--out", str(tmp_path / "no" / "o.jsonl")), "no such directory")
