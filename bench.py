@@ -10,11 +10,15 @@ QuantizedCache) and kvpress presses at the same kept fraction (`make peers` buil
     python bench.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 --ctx 32k,64k,128k \\
         --policies full,quant,offload,evict --peers transformers
     .venv-peers/bin/python bench.py --suite --ctx 4k --plots figs   # RULER-style tasks vs kept fraction
+    python bench.py --throughput --ctx 2k --kv-memory 1GiB --plots figs # tokens/s vs batch at a memory cap
 
 --suite measures quality only: RULER-style tasks (needles of numbers, words and UUIDs, multi-key
 with distractors, multi-value, multi-query, variable tracking, common-words extraction), greedy
 answers scored by task accuracy and by agreement with FullKV's answer, at every --kv-fraction
 (default for the suite 0.05,0.1,0.2,0.35,0.5), for our policies and the peers.
+
+--throughput measures decode tokens/s at batch 1, 2, 4, ... up to the largest batch of --ctx-token
+prompts whose KV caches fit --kv-memory, per policy (ours; at the first --kv-fraction).
 
 Progress goes to stderr; the markdown table to stdout.
 """
@@ -106,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=parse_list(str), default=None,
                    help="suite tasks, comma-separated (default all: niah-number, niah-word, niah-uuid, niah-multikey, "
                         "niah-multivalue, niah-multiquery, vt, cwe; --quick: niah-number,vt)")
+    p.add_argument("--throughput", action="store_true",
+                   help="measure decode tokens/s vs batch size at a KV memory cap instead of the matrix (see above)")
+    p.add_argument("--kv-memory", metavar="SIZE",
+                   help="--throughput: the KV memory cap, e.g. 1GiB (device bytes; on a CPU host bytes too) "
+                        "(default: 90%% of the device memory free once the model is loaded)")
+    p.add_argument("--max-batch", type=int, default=64, help="--throughput: the largest batch tried (default 64)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the unreported warm-up pass over every policy and peer (JIT compiles, cuBLAS "
                         "heuristics); the first cell then pays for them")
@@ -206,6 +216,18 @@ def run(a: argparse.Namespace) -> int:
             raise ValueError("--suite measures answers: random: weights have none; use a real model")
     elif a.tasks:
         raise ValueError("--tasks goes with --suite")
+    if a.suite and a.throughput:
+        raise ValueError("give --suite or --throughput, not both")
+    if (a.kv_memory is not None or a.max_batch != 64) and not a.throughput:
+        raise ValueError("--kv-memory and --max-batch go with --throughput")
+    if a.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {a.max_batch}")
+    kv_cap = None
+    if a.kv_memory is not None:
+        from engine.planner import parse_bytes
+        kv_cap = parse_bytes(a.kv_memory)
+        if kv_cap is None:
+            raise ValueError(f"--kv-memory needs a unit: {a.kv_memory!r} (examples: 512MiB, 2GiB)")
     policies = a.policies or list(OUR_POLICIES)
     for name in policies:  # every piece checked before the model loads; values once it is known
         if name.startswith("plan:"):
@@ -235,7 +257,7 @@ def run(a: argparse.Namespace) -> int:
             m.policy_specs(name)  # plan for this model? parameter values in range?
     device, dtype = m.device, m.dtype
     results = {"meta": {**meta(a, m, device, dtype, cfg), "gpu_memory_cap": gpu_cap},
-               "cells": [], "sweep": [], "suite": []}
+               "cells": [], "sweep": [], "suite": [], "throughput": []}
 
     def save() -> None:  # after every cell: a long run that dies still leaves its numbers
         if a.json:
@@ -244,6 +266,10 @@ def run(a: argparse.Namespace) -> int:
 
     if a.suite:
         run_suite_all(m, cfg, a.tasks, peers, results, save, log)
+    elif a.throughput:
+        from engine.cli import free_memory
+        from engine.eval.throughput import run_throughput
+        run_throughput(m, cfg, kv_cap or int(0.9 * free_memory(device)), a.max_batch, results, save, log)
     else:
         run_matrix(m, cfg, peers, results, save, log)
     save()

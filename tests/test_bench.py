@@ -186,3 +186,38 @@ def test_suite_skips_a_hybrid_fraction_below_the_floor(reuse_models):
     specs = our_specs(llm, ["hybrid"], [0.05, 0.5], ids, 16, notes.append)
     assert [(name, f) for name, f, _ in specs] == [("hybrid", 0.5)]
     assert len(notes) == 1 and "hybrid @ 0.05: no plan" in notes[0]
+
+
+def test_throughput_batches_fill_the_memory_cap(reuse_models, capsys, tmp_path):
+    """--throughput on a random preset: each policy's largest batch is the cap over its bytes per
+    sequence (at most --max-batch), every batch size up to it decodes, the caches really hold what
+    was priced, and a policy keeping fewer tokens fits more sequences in the same memory."""
+    from engine.eval.throughput import batch_sizes
+    assert batch_sizes(1) == [1] and batch_sizes(13) == [1, 2, 4, 8, 13] and batch_sizes(8) == [1, 2, 4, 8]
+    out = tmp_path / "tp.json"
+    ran = call(bench.main, ["--throughput", "--model", "random:tiny", "--ctx", "200", "--kv-memory", "200KiB",
+                            "--policies", "full,evict:budget=40,offload:budget=40,sink=4,recent=8", "--max-batch", "6",
+                            "--no-warmup", "--json", str(out), "--plots", str(tmp_path)], capsys)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    res = json.loads(out.read_text())
+    cells = {c["policy"]: c for c in res["throughput"]}
+    cap = res["meta"]["kv_memory_cap"]
+    assert cap == 200 << 10
+    for c in cells.values():
+        assert c["status"] == "ok", c
+        assert c["b_max"] == min(6, cap // c["kv_bytes_per_seq"])
+        assert [r["batch"] for r in c["rows"]] == batch_sizes(c["b_max"])
+        assert all(r["tokens_per_s"] > 0 for r in c["rows"])
+        # held right after prefill: the prompt's tokens, less than the decoded room priced in
+        assert 0.5 * c["b_max"] * c["kv_bytes_per_seq"] <= c["kv_bytes_held"] <= c["b_max"] * c["kv_bytes_per_seq"] <= cap
+    assert cells["evict:budget=40"]["b_max"] > cells["full"]["b_max"] >= 1
+    assert "| full | 200 |" in ran.stdout and "vs FullKV" in ran.stdout
+    assert (tmp_path / "throughput_200.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--kv-memory", "1GiB"], "go with --throughput"), (["--throughput", "--kv-memory", "12"], "needs a unit"),
+    (["--throughput", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--throughput", "--suite"], "not both"), (["--throughput", "--kv-memory=-1GiB"], "positive")])
+def test_throughput_bad_input_is_one_line(argv, fragment, capsys):
+    assert_clean_error(call(bench.main, argv, capsys), fragment)

@@ -107,6 +107,9 @@ def markdown(results: dict) -> str:
         parts.append(table(results))
     if results.get("suite"):
         parts.append(suite_tables(results))
+    if results.get("throughput"):
+        from engine.eval.throughput import throughput_table
+        parts.append(throughput_table(results))
     return "\n\n".join(parts) + "\n"
 
 
@@ -155,6 +158,9 @@ def plots(results: dict, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
+    if results.get("throughput"):
+        from engine.eval.throughput import throughput_plot
+        return throughput_plot(results, out_dir)
     if not results["cells"]:  # a --suite run
         return suite_plot(results, out_dir)
     ok = [c for c in results["cells"] if c["status"] == "ok"]
