@@ -15,8 +15,7 @@ any expensive work: the CLIs print that line as it is.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -24,44 +23,9 @@ from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import build_policies, parse_policy, spec_cost
 from engine.planner import Plan, budget_floor, make_plan, parse_kv_budget
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
+from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, fit_prompt, stream_batch
 from engine.sampling import SamplingParams
-
-
-@dataclass
-class Output:
-    text: str
-    token_ids: list[int]              # generated ids (an end-of-turn token included when it ended the text)
-    prompt_tokens: int
-    prefill_s: float
-    decode_ms_per_token: float        # median decode step
-    kv_bytes: dict[str, int]          # {"device": ..., "host": ...}, summed from the policies' tensors
-    full_kv_bytes: int                # what FullKV would hold for the same tokens
-    layers: list[dict]                # each layer's policy, described
-    stop_reason: str                  # "eos" | "length"
-    cuda_graphs: bool = False         # decode replayed a CUDA graph
-    decode_steps: int = 0
-    h2d_bytes: int = 0                # host -> device copies (offloading layers)
-    prompt_cut: int = 0               # tokens cut from the middle of a prompt too long for the context
-    plan: Plan | None = field(default=None, repr=False)  # the plan "hybrid" made for this prompt
-
-
-class Stream:
-    """What LLM.stream returns: iterate for text pieces as tokens come (for a batch of prompts:
-    (index, piece) pairs); afterwards `.output` holds the Output (a batch: `.outputs`, in prompt order)."""
-
-    def __init__(self, make_pieces: Callable[["Stream"], Iterator]):
-        self.output: Output | None = None
-        self.outputs: list[Output] = []
-        self._pieces = make_pieces(self)  # a generator: nothing runs until the first piece is asked for
-
-    def __iter__(self) -> Iterator:
-        return self._pieces
-
-
-def is_batch(prompt) -> bool:
-    """A list of prompts (texts or token-id lists), as opposed to one prompt (a text or one id list)."""
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], int)
 
 
 class LLM:
