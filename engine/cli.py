@@ -110,10 +110,16 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device`: CUDA's free memory, or on the CPU what Linux
+    """Bytes that can still be allocated on `device`: CUDA's free memory (under --gpu-memory's cap
+    where torch can report the cap), or on the CPU what Linux
     says can be allocated without swapping (MemAvailable; 8 GiB if it cannot be read)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0]
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # --gpu-memory's cap, if any
+        if fraction is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            free = min(free, int(fraction(device) * total) - torch.cuda.memory_reserved(device))
+        return max(free, 0)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
