@@ -67,7 +67,7 @@ def stream_tokens(model: Llama, prompt_ids: list[int], max_new_tokens: int, samp
 def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[int], sampling: SamplingParams,
                  specs: list[list[dict] | dict], results: list[GenerationResult], eos_ids: set[int] = frozenset(),
                  on_layer: Callable[[int], None] | None = None, prefill_chunk: int = 2048,
-                 cuda_graphs: bool = True, step_log: list[tuple[int, float]] | None = None) -> Iterator[tuple[int, int]]:
+                 cuda_graphs: bool = True) -> Iterator[tuple[int, int]]:
     """Generate for several prompts together; yield (index, token id) as tokens are chosen.
 
     Each sequence gets its own per-layer policies (specs[b], its own plan if hybrid), sized for its
@@ -79,8 +79,8 @@ def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[in
     idle slot would still attend and still need cache room past its limit). On CUDA a shrunken
     batch gets a new Decoder, i.e. one more graph capture; there are at most B of them.
 
-    `on_layer` reports prefill progress (one call per layer per sequence); `step_log` receives
-    (batch size, seconds) for each decode step, for throughput."""
+    `on_layer` reports prefill progress (one call per layer per sequence). Each result's
+    decode_times_s holds the steps it took part in (a batched step's time is every member's latency)."""
     if not prompts or any(not p for p in prompts):
         raise ValueError("empty prompt")
     device, dtype = model.head.device, model.head.dtype
@@ -126,8 +126,6 @@ def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[in
         out = sample(decoder.step(token, pos), sampling, gen)  # (B,)
         tids = out.tolist()
         dt = time.perf_counter() - t
-        if step_log is not None:
-            step_log.append((len(batch), dt))
         running = []
         for j, (b, tid) in enumerate(zip(batch, tids)):
             results[b].decode_times_s.append(dt)
