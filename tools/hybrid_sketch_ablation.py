@@ -31,13 +31,14 @@ GPL = "/usr/share/common-licenses/GPL-3"
 
 
 def setting(text: str) -> dict:
-    """'chunk=8+channels=8' -> {'chunk': 8, 'channels': 8}."""
-    out = {}
+    """'chunk=8+channels=8' -> {'offload': {'chunk': 8, 'channels': 8}}; 'pool=15' sets BudgetedEvictKV's
+    score pooling kernel instead (how wide a span around a high-scoring token survives eviction)."""
+    out = {"offload": {}, "evict": {}}
     for piece in text.split("+"):
         key, _, value = piece.partition("=")
-        if key not in ("chunk", "channels") or not value.isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"not a sketch setting: {piece!r} (chunk=N, channels=N)")
-        out[key] = int(value)
+        if key not in ("chunk", "channels", "pool") or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"not a setting: {piece!r} (chunk=N, channels=N, pool=N)")
+        out["evict" if key == "pool" else "offload"][key] = int(value)
     return out
 
 
@@ -54,7 +55,7 @@ def run(a: argparse.Namespace) -> int:
     names, specs = ["full"], [[{"policy": "full"}] * llm.args.n_layers]
     for text, params in a.settings:
         cfg = ProfileConfig()
-        cfg.offload = {**cfg.offload, **params}
+        cfg.offload, cfg.evict = {**cfg.offload, **params["offload"]}, {**cfg.evict, **params["evict"]}
         t = time.perf_counter()
         stats = llm.profile(prompts, profile_tokens=None, cfg=cfg)
         print(f"{text}: profiled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
