@@ -65,13 +65,16 @@ def run(a: argparse.Namespace) -> int:
             names.append(f"{text} @ {f:.0%} ({sum(o.spec['policy'] == 'offload' for o in layers)} offload layers)")
             specs.append([o.spec for o in layers])
     rows = passkey_grid(llm.model, tok, a.ctx, [0.1, 0.3, 0.5, 0.7, 0.9], list(range(a.seeds)), specs)
-    print("| plan | pass key | device KV vs FullKV | some misses |\n|---|---|---|---|")
+    print("| plan | pass key | same answer as FullKV | device KV vs FullKV | some misses (depth) |\n|---|---|---|---|---|")
     out = {}
+    first_line = [r["answer"].strip().split("\n")[0] for r in rows[0]]  # FullKV's answers
     for name, rs in zip(names, rows):
         device = sum(r["kv_bytes"]["device"] for r in rs) / len(rs) / full
-        misses = [r["answer"].split("\n")[0] for r in rs if not r["found"]][:3]
-        out[name] = {"found": sum(r["found"] for r in rs), "trials": len(rs), "device_ratio": device, "misses": misses}
-        print(f"| {name} | {out[name]['found']}/{len(rs)} | {device:.3f} | {', '.join(map(repr, misses))} |")
+        agree = sum(r["answer"].strip().split("\n")[0] == ref for r, ref in zip(rs, first_line))
+        misses = [f"{r['answer'].split(chr(10))[0]!r} ({r['depth']})" for r in rs if not r["found"]][:3]
+        out[name] = {"found": sum(r["found"] for r in rs), "agree_with_full": agree, "trials": len(rs),
+                     "device_ratio": device, "misses": misses}
+        print(f"| {name} | {out[name]['found']}/{len(rs)} | {agree}/{len(rs)} | {device:.3f} | {', '.join(misses)} |")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"command": "python tools/hybrid_sketch_ablation.py " + " ".join(sys.argv[1:]), "plans": out}, fh,
