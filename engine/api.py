@@ -105,14 +105,17 @@ class LLM:
         build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
         return specs
 
+    def kv_footprint(self, specs: list[dict], prompt: int, new: int) -> int:
+        """Bytes one sequence's cache takes from the memory it must fit in, as its policies price
+        themselves: device bytes, plus host bytes on a CPU (host memory is the device there)."""
+        elem, cpu = self.model.head.element_size(), self.device.type == "cpu"
+        costs = [spec_cost(self.args, s, prompt, new, elem) for s in specs]
+        return sum(c["device"] + (c["host"] if cpu else 0) for c in costs)
+
     def check_kv_fits(self, runs: list[tuple[list[dict], int, int]]) -> None:
         """Refuse, in one line and before any work, caches that cannot fit together: runs are
-        (specs, prompt tokens, new tokens), one per sequence; their device bytes (all bytes on a
-        CPU, where host memory is the device) against the free memory."""
-        elem, on_device = self.model.head.element_size(), 0
-        for specs, prompt, new in runs:
-            costs = [spec_cost(self.args, s, prompt, new, elem) for s in specs]
-            on_device += sum(c["device"] + (c["host"] if self.device.type == "cpu" else 0) for c in costs)
+        (specs, prompt tokens, new tokens), one per sequence, against the free memory."""
+        on_device = sum(self.kv_footprint(*run) for run in runs)
         free = free_memory(self.device)
         if on_device > free:
             what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
@@ -220,7 +223,7 @@ class LLM:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
-        seqs = []  # (ids, tokens cut, max_new_tokens, specs, plan), one per prompt
+        fitted = []  # (ids, tokens cut, max_new_tokens) per prompt: all checked before any profiling
         for i, (p, new) in enumerate(zip(prompts, news)):
             try:
                 ids, cut = self.fit(self.encode(p, chat, allow_special), new, ctx)
@@ -229,15 +232,14 @@ class LLM:
             if cut:
                 self.log(f"warning: prompt{f' {i}' if batch else ''} is {len(ids) + cut} tokens, over the limit "
                          f"of {len(ids)}; cut {cut} tokens from its middle")
-            seqs.append([ids, cut, new, policy, None])
-        for seq in seqs:  # hybrid profiles and plans each prompt (after all prompts are checked)
-            ids, _, new, _, _ = seq
-            if isinstance(policy, str) and policy.strip() == "hybrid":
-                seq[4] = self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), **plan_options)
-            seq[3] = self.policy_specs(seq[4] or policy, ids, new, kv_budget)
-        self.check_kv_fits([(specs, len(ids), new) for ids, _, new, specs, _ in seqs])
+            fitted.append((ids, cut, new))
+        hybrid = isinstance(policy, str) and policy.strip() == "hybrid"  # profile and plan each prompt
+        plans = [self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), **plan_options) if hybrid
+                 else None for ids, _, new in fitted]
+        specs = [self.policy_specs(plan or policy, ids, new, kv_budget) for (ids, _, new), plan in zip(fitted, plans)]
+        self.check_kv_fits([(s, len(ids), new) for s, (ids, _, new) in zip(specs, fitted)])
         run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
-        return Stream(lambda s: self._pieces(s, seqs, batch, sampling, run))
+        return Stream(lambda s: self._pieces(s, fitted, specs, plans, batch, sampling, run))
 
     def generate(self, prompt, max_new_tokens: int | list[int] = 32, policy="full", kv_budget=0.2,
                  **options) -> Output | list[Output]:
@@ -253,13 +255,13 @@ class LLM:
             pass
         return s.outputs if is_batch(prompt) else s.output
 
-    def _pieces(self, stream: Stream, seqs, batch: bool, sampling, run_options):
+    def _pieces(self, stream: Stream, fitted, specs, plans, batch: bool, sampling, run_options):
         from weights.stream_decoder import StreamDecoder
         eos = self.tokenizer.eos_ids
-        results = [GenerationResult(len(ids)) for ids, *_ in seqs]
-        texts = [StreamDecoder(self.tokenizer) for _ in seqs]
-        for b, tid in stream_batch(self.model, [s[0] for s in seqs], [s[2] for s in seqs], sampling,
-                                   [s[3] for s in seqs], results, eos, **run_options):
+        results = [GenerationResult(len(ids)) for ids, _, _ in fitted]
+        texts = [StreamDecoder(self.tokenizer) for _ in fitted]
+        for b, tid in stream_batch(self.model, [f[0] for f in fitted], [f[2] for f in fitted], sampling, specs,
+                                   results, eos, **run_options):
             piece = texts[b].push(tid) if tid not in eos else ""  # the end-of-turn token itself is not shown
             if piece:
                 yield (b, piece) if batch else piece
@@ -267,7 +269,7 @@ class LLM:
             tail = text.flush()
             if tail:
                 yield (b, tail) if batch else tail
-        for (ids, cut, _, _, plan), r in zip(seqs, results):
+        for (ids, cut, _), plan, r in zip(fitted, plans, results):
             stream.outputs.append(Output(
                 text=self.tokenizer.decode([t for t in r.generated_ids if t not in eos]),
                 token_ids=r.generated_ids, prompt_tokens=len(ids), prefill_s=r.prefill_s,

@@ -40,7 +40,7 @@ class GenerationResult:
         return total
 
 
-def _sync(device: torch.device) -> None:  # GPU work is asynchronous: wait before reading a clock
+def sync(device: torch.device) -> None:  # GPU work is asynchronous: wait before reading a clock
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -86,16 +86,16 @@ def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[in
     device, dtype = model.head.device, model.head.dtype
     seqs = [build_policies(model.args, s, len(p) + n, device, dtype) for p, n, s in zip(prompts, max_new_tokens, specs)]
     gen = make_generator(sampling, device)
-    last: dict[int, torch.Tensor] = {}  # each running sequence's newest token, (1,) on the device
+    first: dict[int, torch.Tensor] = {}  # each sequence's first new token, (1,) on the device
     for b, (ids, result) in enumerate(zip(prompts, results)):
         result.policies = seqs[b]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         logits = model.prefill(torch.tensor([ids], device=device), seqs[b], chunk=prefill_chunk, progress=on_layer)
-        _sync(device)
+        sync(device)
         result.prefill_s = time.perf_counter() - t0
         if max_new_tokens[b] > 0:
-            last[b] = sample(logits, sampling, gen)  # (1,)
+            first[b] = sample(logits, sampling, gen)  # (1,)
 
     def emit(b: int, tid: int) -> bool:
         """Record sequence b's new token; True if b goes on."""
@@ -105,34 +105,34 @@ def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[in
             return False
         return len(results[b].generated_ids) < max_new_tokens[b]
 
-    running = []
-    for b in sorted(last):
-        tid = int(last[b].item())
+    running = []  # the sequences still decoding, in batch order
+    for b in sorted(first):
+        tid = int(first[b].item())
         if emit(b, tid):
             running.append(b)
         yield b, tid
-    decoder, batch = None, None
+    token = torch.cat([first[b] for b in running]) if running else None  # (B,) each running sequence's newest token
+    decoder = None
     while running:
-        if running != batch:  # the first step, or a sequence has left
-            batch = list(running)
-            decoder = Decoder(model, [seqs[b] for b in batch], cuda_graphs)
-            for b in batch:
+        if decoder is None or len(decoder.seqs) != len(running):  # the first step, or a sequence has left
+            decoder = Decoder(model, [seqs[b] for b in running], cuda_graphs)
+            for b in running:
                 results[b].cuda_graphs = decoder.graphed
         # A decode step's time covers the forward pass and sampling up to the ids on the host
         # (.tolist() waits for the device), i.e. what a user waits per token minus printing.
         t = time.perf_counter()
-        token = torch.cat([last[b] for b in batch])  # (B,)
-        pos = [len(prompts[b]) + len(results[b].generated_ids) - 1 for b in batch]
+        pos = [len(prompts[b]) + len(results[b].generated_ids) - 1 for b in running]
         out = sample(decoder.step(token, pos), sampling, gen)  # (B,)
         tids = out.tolist()
         dt = time.perf_counter() - t
-        running = []
-        for j, (b, tid) in enumerate(zip(batch, tids)):
+        keep = []  # batch rows whose sequence goes on
+        for j, (b, tid) in enumerate(zip(running, tids)):
             results[b].decode_times_s.append(dt)
-            last[b] = out[j:j + 1]
             if emit(b, tid):
-                running.append(b)
+                keep.append(j)
             yield b, tid
+        token = out if len(keep) == len(running) else out[keep]
+        running = [running[j] for j in keep]
 
 
 def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,

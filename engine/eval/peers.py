@@ -19,6 +19,7 @@ import torch
 from engine.eval.cells import latency_fields, passkey_fields, peak_memory
 from engine.eval.haystack import make_haystack
 from engine.eval.quality import compare
+from engine.runner import sync
 
 PRESSES = {"snapkv": "SnapKVPress", "pyramidkv": "PyramidKVPress", "adakv": "AdaKVPress",
            "streamingllm": "StreamingLLMPress", "tova": "TOVAPress", "knorm": "KnormPress"}
@@ -104,11 +105,6 @@ def cache_bytes(cache) -> int:
     return sum(walk(v) for layer in cache.layers for v in vars(layer).values())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def prefill(hf, ids: list[int], cache, press) -> torch.Tensor:
     """-> last-position logits (1, vocab); only that position goes through the head (128k prompts)."""
@@ -129,10 +125,10 @@ def forward(hf, tokens: list[int] | torch.Tensor, cache, pos: int) -> torch.Tens
 def latency_cell(hf, peer: str, ids: list[int], fraction: float, cfg) -> dict:
     device = hf.device
     cache, press = make_cache(peer, hf), make_press(peer, fraction)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     logits = prefill(hf, ids, cache, press)
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - t
     token, times = logits.argmax(-1), []
     for i in range(cfg.new_tokens - 1):

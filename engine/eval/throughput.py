@@ -20,25 +20,14 @@ import torch
 from engine.cli import fmt_bytes
 from engine.eval.cells import guarded, policy_specs, prompt_len, release, text_ids
 from engine.graphs import Decoder
-from engine.kv import build_policies, spec_cost
+from engine.kv import build_policies
+from engine.runner import sync
 
 
 def batch_sizes(b_max: int) -> list[int]:
     """1, 2, 4, ... below b_max, then b_max itself: 1, 2, 4, 8, 13 for b_max 13."""
     sizes = [1 << i for i in range(b_max.bit_length()) if 1 << i < b_max]
     return sizes + [b_max]
-
-
-def seq_bytes(m, specs: list[dict], prompt: int, new: int) -> int:
-    """KV bytes one sequence holds against the cap: device bytes, plus host bytes on a CPU."""
-    elem = m.model.head.element_size()
-    costs = [spec_cost(m.args, s, prompt, new, elem) for s in specs]
-    return sum(c["device"] + (c["host"] if m.device.type == "cpu" else 0) for c in costs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(m, specs: list[dict], ids: list[int], batches: list[int], steps: int, warmup: int, new: int,
@@ -61,10 +50,10 @@ def measure(m, specs: list[dict], ids: list[int], batches: list[int], steps: int
     for b in batches:
         decoder, times = Decoder(m.model, seqs[:b]), []
         for s in range(run):
-            _sync(device)
+            sync(device)
             t = time.perf_counter()
             tokens[:b] = decoder.step(tokens[:b], pos[:b]).argmax(-1)
-            _sync(device)
+            sync(device)
             if s >= warmup:
                 times.append(time.perf_counter() - t)
             pos[:b] = [p + 1 for p in pos[:b]]
@@ -87,7 +76,7 @@ def run_throughput(m, cfg, cap: int, max_batch: int, results: dict, save, log) -
             def work():
                 specs = policy_specs(name, m, ids, fraction, new)
                 specs = specs if isinstance(specs, list) else [specs] * m.args.n_layers
-                per_seq = seq_bytes(m, specs, len(ids), new)
+                per_seq = m.kv_footprint(specs, len(ids), new)
                 b_max = min(max_batch, cap // per_seq)
                 log(f"  {name} at {len(ids)} tokens: {fmt_bytes(per_seq)} KV per sequence, "
                     f"{b_max} fit in {fmt_bytes(cap)}")
