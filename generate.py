@@ -26,7 +26,8 @@ from engine.sampling import SamplingParams
 # leave the policy's own default, so defaults live only in the policy constructors.
 POLICY_FLAGS = {"kv_bits": (("quant",), "bits"), "kv_group": (("quant",), "group"),
                 "kv_residual": (("quant",), "residual"), "kv_rotate": (("quant",), "rotate"),
-                "kv_sink": (("quant",), "sink"), "budget": (("evict", "offload"), "budget"),
+                "kv_sink": (("quant",), "sink"), "kv_clip": (("quant",), "clip"),
+                "budget": (("evict", "offload"), "budget"),
                 "evict_during_decode": (("evict",), "evict_during_decode"), "sink": (("offload",), "sink"),
                 "recent": (("offload",), "recent"), "channels": (("offload",), "channels"),
                 "chunk": (("offload",), "chunk"), "lookahead": (("offload",), "lookahead")}
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"for a power-of-two head_dim ({_default('quant', 'rotate')})")
     p.add_argument("--kv-sink", type=int, help="quant: first tokens kept in full precision (attention sinks) "
                    f"({_default('quant', 'sink')})")
+    p.add_argument("--kv-clip", choices=["auto", "none", "v", "kv"],
+                   help="quant: each group's range chosen by squared error instead of min/max, for values (v) or "
+                        f"keys and values (kv); auto = kv at 1 bit, else v ({_default('quant', 'clip')})")
     p.add_argument("--budget", type=int,
                    help="offload: prompt tokens attended per step, sink + recent + retrieved; evict: prompt "
                         f"tokens kept per layer ({_default('evict', 'budget')})")

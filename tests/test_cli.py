@@ -165,8 +165,8 @@ def test_bad_policy_parameters_are_one_line_errors(gen):
 def test_quant_flags_reach_the_policy():
     import generate
     a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",
-                                            "--kv-sink", "4"])
-    assert generate.policy_arg(a) == "quant:bits=2,rotate=none,sink=4"
+                                            "--kv-sink", "4", "--kv-clip", "kv"])
+    assert generate.policy_arg(a) == "quant:bits=2,rotate=none,sink=4,clip=kv"
 
 
 @pytest.mark.parametrize("device, fragment", [("meta", "not supported"), ("mps", "not supported"),

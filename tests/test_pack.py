@@ -59,6 +59,42 @@ for bits in (1, 2, 4):
     xt = data((2, 32), 3, 64, torch.float32, 200 + bits).transpose(1, 2)
     n += check("channel-strided", xt, bits, 32, True)
 
+def group_sse(x, q, bits, group, pc):
+    # squared error of the dequantized q = (codes, scale, mn), per group, float64
+    d = (unpack_dequant_ref(*q, bits, group, pc, torch.float32).double() - x.double()) ** 2
+    return d.unflatten(-2, (-1, group)).sum(-2) if pc else d.unflatten(-1, (-1, group)).sum(-1)
+
+def check_clip(name, x, bits, group, pc):
+    # clip=True: scale/mn and codes bit for bit, except on near-ties, where the two sides may keep
+    # different candidates (error sums reduced in another order) whose errors agree to 1e-5
+    a = quantize_pack_ref(x, bits, group, pc, clip=True)
+    b = quantize_pack_triton(x, bits, group, pc, clip=True)
+    same = (a[1] == b[1]) & (a[2] == b[2])  # per group
+    ea, eb = group_sse(x, a, bits, group, pc), group_sse(x, b, bits, group, pc)
+    tie = (ea - eb).abs() <= 1e-5 * torch.maximum(ea, eb) + 1e-12
+    deq_same = group_sse(x, a, bits, group, pc) == group_sse(x, b, bits, group, pc)
+    bad = []
+    if not (same | tie).all() or not deq_same[same].all():
+        bad.append("choice")
+    if (~same).float().mean() > 0.01:
+        bad.append(f"{int((~same).sum())} of {same.numel()} groups differ")
+    # clipping must beat or equal min/max in every group, and change something on Gaussian data
+    e0 = group_sse(x, quantize_pack_ref(x, bits, group, pc), bits, group, pc)
+    if not (ea <= e0 * (1 + 1e-6)).all() or not (ea.sum() < e0.sum()):
+        bad.append("not better than min/max")
+    if bad:
+        print(f"FAIL clip {name} bits={bits} group={group} per_channel={pc} {x.dtype}: {bad}")
+    failed.append(bool(bad))
+    return 1
+
+for bits in (1, 2, 4):
+    n += check_clip("token", data((2,), 33, 64, torch.float32, 300 + bits), bits, 32, False)
+    n += check_clip("channel", data((2,), 64, 64, torch.float32, 310 + bits), bits, 32, True)
+    n += check_clip("token-fp16", data((2,), 5, 128, torch.float16, 320 + bits), bits, 64, False)
+    n += check_clip("channel-fp16", data((1,), 128, 128, torch.float16, 330 + bits), bits, 64, True)
+    n += check_clip("token-odd", data((), 3, 96, torch.float32, 340 + bits), bits, 48, False)
+    n += check_clip("channel-odd", data((1,), 48, 40, torch.float32, 350 + bits), bits, 24, True)
+
 # dispatch: LAYERKV_KERNELS=triton (read at each call) routes CPU tensors to the kernel
 os.environ["LAYERKV_KERNELS"] = "triton"
 x = data((1, 2), 64, 64, torch.float32, 7)
@@ -66,7 +102,7 @@ c = quantize_pack(x, 2, 32, True)
 if not all(torch.equal(u, v) for u, v in zip(c, quantize_pack_ref(x, 2, 32, True))):
     print("FAIL dispatch")
     failed.append(True)
-assert n == 66, f"{n} cases ran, not 66"
+assert n == 84, f"{n} cases ran, not 84"
 print(f"{n} cases, cases failed: {sum(failed)}")
 """
 
