@@ -48,9 +48,9 @@ def parse_setting(text: str) -> dict:
             out[piece] = True
             continue
         key, _, val = piece.partition("=")
-        if key not in ("rotate", "sink", "group", "residual", "kbits"):
+        if key not in ("rotate", "sink", "group", "residual", "kbits", "clip"):
             raise SystemExit(f"error: unknown setting piece {piece!r} in {text!r}")
-        out[key] = val if key == "rotate" else int(val)
+        out[key] = val if key in ("rotate", "clip") else int(val)
     return out
 
 
