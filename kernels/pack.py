@@ -1,11 +1,12 @@
-"""KIVI-style asymmetric min/max quantization + bit packing for the quantized KV cache.
+"""KIVI-style asymmetric quantization (min/max or clipped ranges) + bit packing for the quantized KV cache.
 
 Format (the decode-attention kernel and the cache depend on it exactly):
   bits b in {1, 2, 4}, per = 8 // b codes per uint8, always packed along the last dim D:
     packed[..., j] = sum_i code[..., j*per + i] << (i*b)    (element d: byte d // per, bit (d % per) * b)
   per-token  (values): groups of `group` consecutive elements along D -> scale, mn (..., T, D // group)
   per-channel (keys):  groups of `group` consecutive tokens along T   -> scale, mn (..., T // group, D)
-  mn = group min, scale = (max - min) / (2**b - 1), both computed in float32 and stored in x.dtype;
+  mn = group min, scale = (max - min) / (2**b - 1) (with clip: the chosen range's low end and step),
+  both computed in float32 and stored in x.dtype;
   codes are computed from the *stored* (cast) values so dequantization matches what is kept:
     code  = clamp(floor((x - mn) / scale + 0.5), 0, 2**b - 1), and 0 where scale == 0
     x_hat = code * scale + mn   (float32 math)
