@@ -19,6 +19,7 @@ from engine.cli import (Parser, cap_gpu_memory, check_writable, cli, fmt_bytes, 
                         read_prompts_file, resolve_device)
 from engine.eval.haystack import make_haystack
 from engine.kv import POLICIES, parse_policy
+from engine.kv.quant import CLIP, ROTATE
 from engine.sampling import SamplingParams
 
 
@@ -87,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 64, or the largest divisor of head_dim below it)")
     p.add_argument("--kv-residual", type=int, help="quant: recent tokens kept in full precision, a multiple of "
                    f"--kv-group ({_default('quant', 'residual')})")
-    p.add_argument("--kv-rotate", choices=["auto", "none", "v", "kv"],
+    p.add_argument("--kv-rotate", choices=ROTATE,
                    help="quant: Hadamard rotation of values (v) or keys and values (kv) before quantizing; auto = kv "
                         f"for a power-of-two head_dim ({_default('quant', 'rotate')})")
     p.add_argument("--kv-sink", type=int, help="quant: first tokens kept in full precision (attention sinks) "
                    f"({_default('quant', 'sink')})")
-    p.add_argument("--kv-clip", choices=["auto", "none", "v", "kv"],
+    p.add_argument("--kv-clip", choices=CLIP,
                    help="quant: each group's range chosen by squared error instead of min/max, for values (v) or "
                         f"keys and values (kv); auto = kv at 1 bit, else v ({_default('quant', 'clip')})")
     p.add_argument("--budget", type=int,

@@ -172,6 +172,20 @@ def _codes(x, mn, scale, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _clip_candidate(mn, mx, I: tl.constexpr, LEVELS: tl.constexpr):
+    """float32 (low end, step) of clip candidate I for a group's min/max, as in _clip_range (before
+    the cast to the stored dtype)."""
+    return mn + (I / 32) * (mx - mn), tl.math.div_rn((mx - mn) * (1 - I / 16), tl.zeros_like(mx) + LEVELS)
+
+
+@triton.jit
+def _sq_err(x, lo, sc, LEVELS: tl.constexpr):
+    """Per-element squared error of float32 x quantized with float32 low end lo and step sc."""
+    d = _codes(x, lo, sc, LEVELS).to(tl.float32) * sc + lo - x
+    return d * d
+
+
+@triton.jit
 def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, R,
                         D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                         LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr,
@@ -197,11 +211,10 @@ def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, R,
             best = tl.full((BLOCK_T,), float("inf"), tl.float32)
             b_sc, b_mn = g_sc, g_mn.to(out_ty)
             for i in tl.static_range(N_CLIP):
-                lo = (g_mn + (i / 32) * (g_mx - g_mn)).to(out_ty)
-                sc = tl.math.div_rn((g_mx - g_mn) * (1 - i / 16), tl.zeros_like(g_mx) + LEVELS).to(out_ty)
-                lo3, sc3 = lo.to(tl.float32)[:, None, None], sc.to(tl.float32)[:, None, None]
-                d = _codes(x, lo3, sc3, LEVELS).to(tl.float32) * sc3 + lo3 - x  # (BT, BB, PER)
-                sse = tl.sum(tl.sum(tl.where(sel, d * d, 0.0), axis=2), axis=1)  # (BT,)
+                lo, sc = _clip_candidate(g_mn, g_mx, i, LEVELS)
+                lo, sc = lo.to(out_ty), sc.to(out_ty)  # (BT,) scored as stored
+                err = _sq_err(x, lo.to(tl.float32)[:, None, None], sc.to(tl.float32)[:, None, None], LEVELS)
+                sse = tl.sum(tl.sum(tl.where(sel, err, 0.0), axis=2), axis=1)  # (BT,)
                 better = sse < best
                 best = tl.where(better, sse, best)
                 b_sc, b_mn = tl.where(better, sc, b_sc), tl.where(better, lo, b_mn)
@@ -243,11 +256,10 @@ def _quant_channel_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr,
         best = tl.full((BLOCK_B, PER), float("inf"), tl.float32)
         b_sc, b_mn = sc, mn.to(out_ty)
         for i in tl.static_range(N_CLIP):
-            lo = (mn + (i / 32) * (mx - mn)).to(out_ty)
-            c_sc = tl.math.div_rn((mx - mn) * (1 - i / 16), tl.zeros_like(mx) + LEVELS).to(out_ty)
-            lo3, sc3 = lo.to(tl.float32)[None, :, :], c_sc.to(tl.float32)[None, :, :]
-            d = _codes(x, lo3, sc3, LEVELS).to(tl.float32) * sc3 + lo3 - x  # (BG, BB, PER)
-            sse = tl.sum(tl.where(t3 < GROUP, d * d, 0.0), axis=0)  # (BB, PER)
+            lo, c_sc = _clip_candidate(mn, mx, i, LEVELS)
+            lo, c_sc = lo.to(out_ty), c_sc.to(out_ty)  # (BB, PER) scored as stored
+            err = _sq_err(x, lo.to(tl.float32)[None, :, :], c_sc.to(tl.float32)[None, :, :], LEVELS)
+            sse = tl.sum(tl.where(t3 < GROUP, err, 0.0), axis=0)  # (BB, PER)
             better = sse < best
             best = tl.where(better, sse, best)
             b_sc, b_mn = tl.where(better, c_sc, b_sc), tl.where(better, lo, b_mn)
