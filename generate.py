@@ -27,7 +27,7 @@ from engine.sampling import SamplingParams
 # leave the policy's own default, so defaults live only in the policy constructors.
 POLICY_FLAGS = {"kv_bits": (("quant",), "bits"), "kv_group": (("quant",), "group"),
                 "kv_residual": (("quant",), "residual"), "kv_rotate": (("quant",), "rotate"),
-                "kv_sink": (("quant",), "sink"), "kv_clip": (("quant",), "clip"),
+                "kv_sink": (("quant",), "sink"), "kv_clip": (("quant",), "clip"), "kv_heavy": (("quant",), "heavy"),
                 "budget": (("evict", "offload"), "budget"),
                 "evict_during_decode": (("evict",), "evict_during_decode"), "sink": (("offload",), "sink"),
                 "recent": (("offload",), "recent"), "channels": (("offload",), "channels"),
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-clip", choices=CLIP,
                    help="quant: each group's range chosen by squared error instead of min/max, for values (v) or "
                         f"keys and values (kv); auto = kv at 1 bit, else v ({_default('quant', 'clip')})")
+    p.add_argument("--kv-heavy", type=float,
+                   help="quant: fraction of the prompt kept in full precision per KV head, the tokens its last "
+                        f"queries attend to most, e.g. 0.02 ({_default('quant', 'heavy')})")
     p.add_argument("--budget", type=int,
                    help="offload: prompt tokens attended per step, sink + recent + retrieved; evict: prompt "
                         f"tokens kept per layer ({_default('evict', 'budget')})")

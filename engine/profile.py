@@ -54,7 +54,7 @@ class ProfileConfig:
     offload: dict = field(default_factory=lambda: _pick(OffloadKV.defaults(), "sink", "recent", "channels",
                                                                        "chunk"))
     quant: dict = field(default_factory=lambda: _pick(QuantKV.defaults(), "group", "residual", "rotate", "sink",
-                                                      "clip"))
+                                                      "clip", "heavy"))
 
     @property
     def window(self) -> int:
@@ -141,7 +141,7 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     quant_err = {}
     for bits in QUANT_BITS:
         qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, **cfg.quant)
-        qkv.prefill(k[:, :, :T], v[:, :, :T])
+        qkv.prefill(k[:, :, :T], v[:, :, :T], q_prompt[:, :, -qkv.q_window:] if qkv.q_window else None)
         kh, vh = qkv.dequantized()
         kh, vh = torch.cat([kh, k[:, :, T:]], 2), torch.cat([vh, v[:, :, T:]], 2)
         approx_out = _attend(_causal_probs(q_dec, kh), vh)

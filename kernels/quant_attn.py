@@ -17,10 +17,13 @@ last R values). E.g. R = 128, pos = 300: keys 0..255 packed, 256..300 in k_res r
 0..172 packed, 173..300 in the ring. So the kernel takes `pos` as a (1,) device tensor and reads
 it on the device: the same launch serves every step, which is what a CUDA graph replays.
 
-Sink tokens (optional k_sink, v_sink (B, H_kv, S, D)): tokens [0, S) are read from these full-precision
-rows instead of the packed store or the windows, which still hold them (the cache replaces their
-keys before packing so that a sink's outlier does not stretch its key group's min/max; what the
-store holds for them is never read). Every path treats the sinks as one more slice of the softmax.
+Held tokens (optional k_held, v_held (B, H_kv, S, D) and held_mask (B, H_kv, >= ceil(length / 8))
+uint8): S tokens per KV head kept in full precision beside the store (the attention sinks and the
+heavy hitters, engine/kv/quant.py). Bit t % 8 of byte t // 8 of a head's mask is set when token t is
+held: the store and the windows still have an entry for it, which is never read. Every path treats
+the held rows as one more slice of the softmax; attention does not depend on the order of its
+tokens, so the rows need no positions. E.g. S = 2 held tokens 0 and 9, length 12: mask bytes
+[0b00000001, 0b00000010]; tokens 1..8, 10, 11 come from the store and windows, 0 and 9 from the rows.
 
 quant_decode_attention_ref is the specification: dequantize everything, then dense attention.
 quant_decode_attention_torch is the CPU path: it never builds dequantized keys; codes are unpacked
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -47,13 +51,26 @@ MIN_SPLIT_TOKENS = 512
 
 
 def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                           bits, group, sm_scale=None, k_sink=None, v_sink=None) -> torch.Tensor:
+                           bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None) -> torch.Tensor:
     """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the pos + 1
-    cached tokens (sm_scale default 1/sqrt(D)), the first k_sink.shape[2] of them from the sink rows.
+    cached tokens (sm_scale default 1/sqrt(D)), those marked in held_mask from the held rows.
     Triton on CUDA tensors, the torch path elsewhere."""
     fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
     return fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale,
-              k_sink=k_sink, v_sink=v_sink)
+              k_held=k_held, v_held=v_held, held_mask=held_mask)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool (..., T) -> uint8 (..., ceil(T / 8)): bit t % 8 of byte t // 8 is mask[..., t]."""
+    T = mask.shape[-1]
+    bits = F.pad(mask.to(torch.uint8), (0, -T % 8)).unflatten(-1, (-1, 8))  # (..., ceil(T/8), 8)
+    return (bits << torch.arange(8, device=mask.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """uint8 (..., >= ceil(length / 8)) -> bool (..., length), the inverse of pack_mask."""
+    t = torch.arange(length, device=packed.device)
+    return (packed[..., t // 8] >> (t % 8).to(torch.uint8)) & 1 == 1
 
 
 def token_ranges(pos: torch.Tensor | int, R: int) -> tuple[int, int, int]:
@@ -73,9 +90,10 @@ def _unpack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                                 bits, group, sm_scale=None, k_sink=None, v_sink=None) -> torch.Tensor:
+                                 bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None) -> torch.Tensor:
     length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])  # on the host: this path is for CPU tensors
-    S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group, k_sink, v_sink)
+    S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
+               k_held, v_held, held_mask)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
     n_rep = H // H_kv
@@ -90,11 +108,11 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     s_q = s_q.reshape(B, H_kv, n_kq, n_rep).transpose(-1, -2)  # (B, H_kv, n_rep, n_kq)
     s_r = torch.matmul(qg, k_res[:, :, :length - n_kq].float().transpose(-1, -2))  # (B, H_kv, n_rep, r)
     s = torch.cat([s_q, s_r], dim=-1)  # (B, H_kv, n_rep, length)
-    if S:  # the sinks' exact scores replace what the store holds for them
-        s[..., :S] = torch.matmul(qg, k_sink.float().transpose(-1, -2))
-    p = torch.softmax(s * sm_scale, dim=-1)  # (B, H_kv, n_rep, length)
-    p_sink = p[..., :S].clone()
-    p[..., :S] = 0  # the sinks' values come from their rows, not from the store
+    if S:  # held tokens: their store entries drop out, their exact rows join as S more scores
+        s = s.masked_fill(unpack_mask(held_mask, length)[:, :, None], float("-inf"))
+        s = torch.cat([s, torch.matmul(qg, k_held.float().transpose(-1, -2))], dim=-1)
+    p = torch.softmax(s * sm_scale, dim=-1)  # (B, H_kv, n_rep, length + S)
+    p, p_held = p[..., :length], p[..., length:]
     # Values: sum_t p_t (c * s + m) = sum_t (p_t s_t) c_t + sum_t p_t m_t, per group of G channels.
     gv = D // G
     vc = _unpack_lut(v_codes[:, :, :n_vq], bits).view(B, H_kv, n_vq, gv, G).transpose(2, 3)  # (B,H_kv,gv,n_vq,G)
@@ -105,14 +123,14 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots, oldest first
     out = out + torch.matmul(p[..., n_vq:], v_res[:, :, slots].float())
     if S:
-        out = out + torch.matmul(p_sink, v_sink.float())
+        out = out + torch.matmul(p_held, v_held.float())
     return out.reshape(B, H, 1, D).to(q.dtype)
 
 
 # -- reference ----------------------------------------------------------------------------------------
 def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
-           k_sink=None, v_sink=None) -> int:
-    """Assert the cache is consistent with the format; return the number of sink tokens."""
+           k_held=None, v_held=None, held_mask=None) -> int:
+    """Assert the cache is consistent with the format; return the number of held tokens per head."""
     B, H, Tq, D = q.shape
     H_kv, R = k_res.shape[1], v_res.shape[2]
     per = 8 // bits
@@ -122,11 +140,13 @@ def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, leng
     assert n_kq % group == 0 and 0 <= n_kq <= length and 0 <= n_vq <= length
     assert length - n_kq <= k_res.shape[2] and length - n_vq <= R and length >= 1
     assert n_kq <= k_codes.shape[2] and n_vq <= v_codes.shape[2]
-    if k_sink is None:
-        assert v_sink is None
+    if k_held is None:
+        assert v_held is None and held_mask is None
         return 0
-    assert k_sink.shape == v_sink.shape == (B, H_kv, k_sink.shape[2], D) and k_sink.shape[2] <= length
-    return k_sink.shape[2]
+    S = k_held.shape[2]
+    assert k_held.shape == v_held.shape == (B, H_kv, S, D) and S <= length
+    assert held_mask.dtype == torch.uint8 and held_mask.shape[:2] == (B, H_kv) and held_mask.shape[2] * 8 >= length
+    return S
 
 
 def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -138,9 +158,10 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                               bits, group, sm_scale=None, k_sink=None, v_sink=None) -> torch.Tensor:
+                               bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None) -> torch.Tensor:
     length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])
-    S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group, k_sink, v_sink)
+    S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
+               k_held, v_held, held_mask)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
@@ -155,11 +176,13 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scal
         + v_mn[:, :, :n_vq].float().repeat_interleave(G, dim=3)
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots of the recent tokens, oldest first
     v = torch.cat([v_q.to(v_res.dtype), v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
-    if S:  # the sink tokens come from their full-precision rows
-        k, v = torch.cat([k_sink, k[:, :, S:]], dim=2), torch.cat([v_sink, v[:, :, S:]], dim=2)
     # Dense grouped-query attention (as kernels.dense_attn.decode_attention, with sm_scale).
     qg = q.reshape(B, H_kv, H // H_kv, D)  # (B, H_kv, n_rep, D)
     scores = torch.matmul(qg, k.to(q.dtype).transpose(-1, -2)).float() * sm_scale  # (B, H_kv, n_rep, length)
+    if S:  # held tokens: out of the store, in from their full-precision rows
+        scores = scores.masked_fill(unpack_mask(held_mask, length)[:, :, None], float("-inf"))
+        scores = torch.cat([scores, torch.matmul(qg, k_held.to(q.dtype).transpose(-1, -2)).float() * sm_scale], -1)
+        v = torch.cat([v, v_held], dim=2)  # (B, H_kv, length + S, D)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # (B, H_kv, n_rep, D)
     return out.reshape(B, H, 1, D).to(q.dtype)
@@ -168,14 +191,14 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scal
 # -- Triton ----------------------------------------------------------------------------------------------
 @triton.jit
 def _quant_decode_kernel(
-    Q, KC, KS, KM, KR, VC, VS, VM, VR, M_out, L_out, Acc_out,
-    sm_scale, POS, n_rep, H_kv, R, split_len, n_sink,
+    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, M_out, L_out, Acc_out,
+    sm_scale, POS, n_rep, H_kv, R, split_len,
     sq_b, sq_h, sq_d,
     skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skm_b, skm_h, skm_t, skm_d,
     skr_b, skr_h, skr_t, skr_d,
     svc_b, svc_h, svc_t, svc_d, svs_b, svs_h, svs_t, svs_d, svm_b, svm_h, svm_t, svm_d,
-    svr_b, svr_h, svr_t, svr_d,
-    BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    svr_b, svr_h, svr_t, svr_d, shm_b, shm_h,
+    HAS_HELD: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
     the group: every K/V tile is read and dequantized once and used by the whole group."""
@@ -196,6 +219,7 @@ def _quant_decode_kernel(
     vc = VC + b * svc_b + hk * svc_h
     vs, vm = VS + b * svs_b + hk * svs_h, VM + b * svm_b + hk * svm_h
     vr = VR + b * svr_b + hk * svr_h
+    hm = HM + b * shm_b + hk * shm_h
 
     pos = tl.load(POS)  # the newest token; the ranges follow from it (module docstring)
     length, n_kq, n_vq = pos + 1, pos - pos % R, tl.maximum(pos + 1 - R, 0)
@@ -207,7 +231,10 @@ def _quant_decode_kernel(
     # live length load nothing (masked) and add nothing, so no launch depends on the length.
     for start in range(0, split_len, BLOCK_T):
         t = (lo + start + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BLOCK_T,)
-        live = (t >= n_sink) & (t < length)  # tokens before n_sink: the sink slice, merged after
+        live = t < length
+        if HAS_HELD:  # held tokens are attended from their rows, merged after: skip their store entries
+            held = tl.load(hm + t // 8, mask=live, other=0).to(tl.int32) >> (t % 8).to(tl.int32) & 1
+            live = live & (held == 0)
 
         # K^T tile (D, BLOCK_T): packed codes for t < n_kq, the residual block after. Both loads are
         # masked, so each token's bytes are read from exactly one of the two sources.
@@ -252,8 +279,8 @@ def _quant_decode_kernel(
 
 
 def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                                  bits, group, sm_scale=None, k_sink=None, v_sink=None, *, n_splits=None,
-                                  block_t=None):
+                                  bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None, *,
+                                  n_splits=None, block_t=None):
     """Fused dequantize + flash-decoding. Every launch parameter depends only on the shapes (the grid
     covers the capacity), so the call can be captured in a CUDA graph. n_splits / block_t override
     the defaults (tests use them to exercise several splits on short sequences)."""
@@ -277,23 +304,26 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     l = torch.empty(B * H_kv, n_splits, n_rep, **part)  # noqa: E741
     acc = torch.empty(B * H_kv, n_splits, n_rep, D, **part)
     grid = (B * H_kv, n_splits)
+    has_held = k_held is not None
+    hm = held_mask if has_held else v_codes  # any uint8 tensor: not read without held tokens
     _quant_decode_kernel[grid](
-        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, m, l, acc,
-        sm_scale, pos, n_rep, H_kv, R, split_len, 0 if k_sink is None else k_sink.shape[2],
+        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, m, l, acc,
+        sm_scale, pos, n_rep, H_kv, R, split_len,
         q.stride(0), q.stride(1), q.stride(3),
         *k_codes.stride(), *k_scale.stride(), *k_mn.stride(), *k_res.stride(),
-        *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(),
-        BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
+        *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(), hm.stride(0), hm.stride(1),
+        HAS_HELD=has_held, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
         num_warps=4,
     )
-    if k_sink is not None:  # the sinks are one more split, attended densely here
-        S = k_sink.shape[2]
+    if has_held:  # the held rows are one more split, attended densely here
+        S = k_held.shape[2]
+        assert held_mask.stride(-1) == 1, "the kernel reads the mask's bytes contiguously"
         qg = q.reshape(B * H_kv, n_rep, D).float()
-        s = torch.matmul(qg, k_sink.reshape(B * H_kv, S, D).float().transpose(-1, -2)) * sm_scale  # (BH, n_rep, S)
+        s = torch.matmul(qg, k_held.reshape(B * H_kv, S, D).float().transpose(-1, -2)) * sm_scale  # (BH, n_rep, S)
         m_s = s.amax(dim=-1)  # (B * H_kv, n_rep)
         p = torch.exp(s - m_s[..., None])
         m, l = torch.cat([m, m_s[:, None]], dim=1), torch.cat([l, p.sum(dim=-1)[:, None]], dim=1)  # noqa: E741
-        acc = torch.cat([acc, torch.matmul(p, v_sink.reshape(B * H_kv, S, D).float())[:, None]], dim=1)
+        acc = torch.cat([acc, torch.matmul(p, v_held.reshape(B * H_kv, S, D).float())[:, None]], dim=1)
     # Merge the splits: rescale each one's sums to the global max, then normalise once.
     w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
     out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]  # (B * H_kv, n_rep, D)

@@ -18,6 +18,7 @@ SPECS = [
     {"policy": "full"},
     {"policy": "evict", "budget": 24, "window": 4, "evict_during_decode": True},
     {"policy": "quant", "bits": 2, "group": 16, "residual": 16},
+    {"policy": "quant", "bits": 2, "group": 16, "residual": 16, "heavy": 0.1},  # 3 held tokens beside the sink
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "none"},
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "layer"},
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "step"},
@@ -26,7 +27,7 @@ PROMPT, TOTAL = 30, 50
 
 
 def spec_id(spec):
-    return "-".join(str(v) for k, v in spec.items() if k in ("policy", "lookahead", "evict_during_decode"))
+    return "-".join(str(v) for k, v in spec.items() if k in ("policy", "lookahead", "evict_during_decode", "heavy"))
 
 
 DEVICE_FORM_CHECK = r"""

@@ -21,7 +21,8 @@ if ROOT not in sys.path:
 
 from interpreted import check_interpreted  # noqa: E402
 from kernels.dense_attn import decode_attention  # noqa: E402
-from kernels.quant_attn import quant_decode_attention, quant_decode_attention_ref  # noqa: E402
+from kernels.quant_attn import (pack_mask, quant_decode_attention, quant_decode_attention_ref,  # noqa: E402
+                                unpack_mask)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -34,12 +35,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False, sink=0):
+def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False, held=0):
     """Random cache contents in the layout the kernel reads after the token at `pos`, plus the dense
     K/V (B, H_kv, pos + 1, D) they stand for. wide=True stores residuals/scales as slices of wider
     buffers and q transposed, so only .stride() describes them. Unused code rows and residual slots
-    hold random codes and huge values: reading one by mistake wrecks the result. sink = S adds
-    full-precision rows for tokens [0, S), large (as real sinks are), which the dense K/V take."""
+    hold random codes and huge values: reading one by mistake wrecks the result. held = S adds
+    full-precision rows for S tokens per KV head (token 0 and S - 1 others at random, different in
+    every head), large (as real sinks are), which the dense K/V take at those positions."""
     g = torch.Generator().manual_seed(seed)
     length, n_kq, n_vq = pos + 1, pos - pos % R, max(0, pos + 1 - R)
     T_cap = (max(n_kq, n_vq) // G + 2) * G if T_cap is None else T_cap  # a multiple of G, with unused rows
@@ -76,11 +78,15 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
     args = dict(q=q, k_codes=pack_codes(k_int, bits), k_scale=strided(k_scale), k_mn=k_mn, k_res=strided(k_res),
                 v_codes=pack_codes(v_int, bits), v_scale=v_scale, v_mn=strided(v_mn), v_res=strided(v_res),
                 pos=torch.tensor([pos]), bits=bits, group=G)
-    if sink:
-        args["k_sink"] = rand(B, H_kv, sink, D, lo=-3, hi=3)
-        args["v_sink"] = strided(rand(B, H_kv, sink, D, lo=-5, hi=5))
-        k = torch.cat([args["k_sink"], k[:, :, sink:]], dim=2)
-        v = torch.cat([args["v_sink"], v[:, :, sink:]], dim=2)
+    if held:
+        order = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(length - 1, generator=g)])
+                             for _ in range(B * H_kv)]).view(B, H_kv, length)
+        at = order[..., :held].sort(-1).values  # (B, H_kv, S) held positions, token 0 among them
+        mask = torch.zeros(B, H_kv, T_cap + R, dtype=torch.bool).scatter_(2, at, True)
+        args.update(k_held=rand(B, H_kv, held, D, lo=-3, hi=3), v_held=strided(rand(B, H_kv, held, D, lo=-5, hi=5)),
+                    held_mask=pack_mask(mask))
+        rows = at[..., None].expand(-1, -1, -1, D)
+        k, v = k.scatter(2, rows, args["k_held"]), v.scatter(2, rows, args["v_held"])
     return args, k, v
 
 
@@ -88,7 +94,7 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
 def test_ref_matches_dense_on_dequantized():
     for bits in (1, 2, 4):
         for kw in (dict(), dict(pos=199, R=128), dict(H=6, H_kv=2, pos=36, R=32), dict(wide=True, pos=149),
-                   dict(sink=1), dict(sink=4, pos=149, wide=True), dict(sink=3, pos=2)):
+                   dict(held=1), dict(held=4, pos=149, wide=True), dict(held=3, pos=2), dict(held=40, pos=199)):
             args, k, v = make_case(bits=bits, seed=bits, **kw)
             torch.testing.assert_close(quant_decode_attention_ref(**args), decode_attention(args["q"], k, v),
                                        rtol=1e-5, atol=1e-6, msg=f"bits={bits} {kw}")
@@ -142,6 +148,33 @@ def test_ref_ring_order_matters():
     assert not torch.allclose(out, decode_attention(args["q"], k, v_wrong), atol=1e-3)
 
 
+def test_pack_mask_round_trip():
+    """Bit t % 8 of byte t // 8; unpack_mask inverts pack_mask at any length, odd ones included."""
+    mask = torch.zeros(2, 3, 21, dtype=torch.bool)
+    mask[0, 0, [0, 9]] = True  # the docstring's example
+    mask[1, 2, 20] = True
+    packed = pack_mask(mask)
+    assert packed.shape == (2, 3, 3) and packed.dtype == torch.uint8
+    assert packed[0, 0].tolist() == [0b00000001, 0b00000010, 0] and packed[1, 2, 2] == 0b00010000
+    assert torch.equal(unpack_mask(packed, 21), mask) and torch.equal(unpack_mask(packed, 10), mask[..., :10])
+    rand = torch.rand(1, 2, 37, generator=torch.Generator().manual_seed(0)) < 0.3
+    assert torch.equal(unpack_mask(pack_mask(rand), 37), rand)
+
+
+def test_held_tokens_replace_store_entries():
+    """A held token's store entry is never read: changing it changes nothing; changing its row does."""
+    args, k, v = make_case(pos=199, R=64, held=6, seed=5)
+    want = decode_attention(args["q"], k, v)
+    torch.testing.assert_close(quant_decode_attention_ref(**args), want, rtol=1e-5, atol=1e-6)
+    at = unpack_mask(args["held_mask"], 200)[0, 0].nonzero()[:, 0]
+    stored = [t for t in at.tolist() if t < 128]  # packed keys: 0..127 (n_kq = 128)
+    assert stored, "the case must hold a token in the packed store"
+    args["k_codes"][:, 0, stored] ^= 0xFF  # every code of the held tokens' store entries flipped
+    torch.testing.assert_close(quant_decode_attention_ref(**args), want, rtol=1e-5, atol=1e-6)
+    args["k_held"] = args["k_held"] + 1
+    assert not torch.allclose(quant_decode_attention_ref(**args), want, atol=1e-3)
+
+
 def test_sm_scale_and_cpu_dispatch(monkeypatch):
     monkeypatch.delenv("LAYERKV_KERNELS", raising=False)
     args, k, v = make_case(pos=69)
@@ -162,9 +195,10 @@ TRITON_CASES = [
     dict(pos=199, H=2, H_kv=2, bits=4, R=64, block_t=32, n_splits=4),  # several splits, partial last block
     dict(pos=127, H=3, H_kv=1, bits=2, R=64, block_t=16, n_splits=5),  # both residuals full, ring at slot 0
     dict(pos=128, H=4, H_kv=2, D=128, bits=1, R=128),  # the first key block just packed: 1 residual key
-    dict(pos=0, R=64, sink=1),  # the only token is the sink: every split is empty
-    dict(pos=199, H=8, H_kv=2, bits=2, R=64, sink=4, wide=True),  # sinks in the packed store
-    dict(pos=40, H=6, H_kv=2, bits=4, R=64, sink=2, block_t=16, n_splits=3),  # sinks still in the windows
+    dict(pos=0, R=64, held=1),  # the only token is held: every split is empty
+    dict(pos=199, H=8, H_kv=2, bits=2, R=64, held=4, wide=True),  # held tokens in the store and windows
+    dict(pos=40, H=6, H_kv=2, bits=4, R=64, held=2, block_t=16, n_splits=3),  # held tokens in the windows
+    dict(pos=299, B=2, H=8, H_kv=2, bits=2, R=64, held=60, block_t=16, n_splits=4),  # a fifth held
 ]
 
 
@@ -205,8 +239,8 @@ def test_torch_path_matches_reference():
                                            (1, 32, 8, 2, 128, 64, 256, 0),  # a key block just packed
                                            (4, 16, 4, 4, 32, 32, 39, 0),  # 32 keys, 8 values packed
                                            (4, 32, 6, 2, 64, 64, 19, 0),  # nothing packed
-                                           (2, 64, 9, 3, 64, 128, 299, 4),  # 4 sinks, in the store
-                                           (4, 32, 6, 2, 64, 64, 19, 2)]:  # 2 sinks, in the windows
+                                           (2, 64, 9, 3, 64, 128, 299, 4),  # 4 held, in the store or windows
+                                           (4, 32, 6, 2, 64, 64, 19, 2)]:  # 2 held, in the windows
         per, cap = 8 // bits, 320
         args = dict(
             k_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
@@ -215,8 +249,10 @@ def test_torch_path_matches_reference():
             v_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
             v_scale=torch.rand(1, H_kv, cap, D // G, generator=g), v_mn=torch.randn(1, H_kv, cap, D // G, generator=g),
             v_res=torch.randn(1, H_kv, R, D, generator=g), pos=torch.tensor([pos]), bits=bits, group=G)
-        if S:
-            args.update(k_sink=4 * torch.randn(1, H_kv, S, D, generator=g), v_sink=torch.randn(1, H_kv, S, D, generator=g))
+        if S:  # S held tokens per head at random positions
+            at = torch.rand(1, H_kv, pos + 1, generator=g).topk(S, dim=-1).indices
+            args.update(k_held=4 * torch.randn(1, H_kv, S, D, generator=g), v_held=torch.randn(1, H_kv, S, D, generator=g),
+                        held_mask=pack_mask(torch.zeros(1, H_kv, cap, dtype=torch.bool).scatter_(2, at, True)))
         q = torch.randn(1, H, 1, D, generator=g)
         ref, fast = quant_decode_attention_ref(q, **args), quant_decode_attention_torch(q, **args)
         assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, G, (fast - ref).abs().max())

@@ -1,5 +1,5 @@
-"""Screen QuantKV's levers on real activations, one at a time: rotation, group size, sink tokens and
-keys quantized before RoPE (KVQuant), at 1, 2 and 4 bits.
+"""Screen QuantKV's levers on real activations, one at a time: rotation, group size, sink tokens, heavy
+hitters held in full precision, clipping and keys quantized before RoPE (KVQuant), at 1, 2 and 4 bits.
 
 For each pass-key prompt the model is prefilled and decodes `--probe` greedy tokens with a full
 cache (engine/profile.py's ProfileKV records the decode queries). Then, per layer and per setting,
@@ -48,9 +48,9 @@ def parse_setting(text: str) -> dict:
             out[piece] = True
             continue
         key, _, val = piece.partition("=")
-        if key not in ("rotate", "sink", "group", "residual", "kbits", "clip"):
+        if key not in ("rotate", "sink", "group", "residual", "kbits", "clip", "heavy"):
             raise SystemExit(f"error: unknown setting piece {piece!r} in {text!r}")
-        out[key] = val if key in ("rotate", "clip") else int(val)
+        out[key] = val if key in ("rotate", "clip") else float(val) if key == "heavy" else int(val)
     return out
 
 
@@ -77,14 +77,16 @@ def layer_error(p: ProfileKV, args, bits: int, setting: dict, rope) -> float:
         kq = apply_rope(kq, cos[:T], -sin[:T])  # RoPE by -angle: the keys before RoPE
     params = {key: val for key, val in setting.items() if key not in ("prerope", "kbits", "ktok")}
     qkv = QuantKV(args, 0, T, "cpu", k.dtype, bits=bits, **params)
-    qkv.prefill(kq, v[:, :, :T])
+    # the prompt's last queries pick the heavy hitters (their scores need post-RoPE keys: none with prerope)
+    q_window = None if setting.get("prerope") else p.q_prompt
+    qkv.prefill(kq, v[:, :, :T], q_window)
     kh, vh = qkv.dequantized()
     if "kbits" in setting:  # keys at other bits (0: exact), values at `bits`
         kq_only = QuantKV(args, 0, T, "cpu", k.dtype, bits=setting["kbits"] or 4, **params)
-        kq_only.prefill(kq, v[:, :, :T])
+        kq_only.prefill(kq, v[:, :, :T], q_window)
         kh = kq_only.dequantized()[0] if setting["kbits"] else kq
     if setting.get("ktok"):  # keys per token (groups along head_dim, as values), rotated as QuantKV does
-        G, S, R = qkv.group, qkv.n_sink, qkv.residual
+        G, S, R = qkv.group, min(qkv.sink, T), qkv.residual
         n = max(S, (T - 1) // R * R)
         kr = kq @ qkv.rot if qkv.rotate == "kv" else kq
         deq = unpack_dequant(*quantize_pack(kr[:, :, S:n], bits, G, per_channel=False), bits, G, per_channel=False)

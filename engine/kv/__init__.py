@@ -56,9 +56,10 @@ def check_spec(spec: dict, where: str) -> None:
         default = defaults[key]
         if default is None and value is None:  # "choose for me", e.g. QuantKV's group
             continue
-        kind = bool if isinstance(default, bool) else str if isinstance(default, str) else int
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            want = {bool: "true or false", str: "a word", int: "a whole number"}[kind]
+        kind = type(default) if isinstance(default, (bool, str, float)) else int
+        ok = isinstance(value, (int, float) if kind is float else kind)  # a fraction may be written 0
+        if not ok or (kind in (int, float) and isinstance(value, bool)):
+            want = {bool: "true or false", str: "a word", int: "a whole number", float: "a number"}[kind]
             raise ValueError(f"{where}: {name} {key}={value!r} is not {want}")
 
 
@@ -89,6 +90,11 @@ def parse_policy(text: str) -> dict:
             spec[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, str):  # a word, e.g. offload's lookahead=layer
             spec[key] = value
+        elif isinstance(default, float):  # a fraction, e.g. quant's heavy=0.02
+            try:
+                spec[key] = float(value)
+            except ValueError:
+                raise ValueError(f"policy {text!r}: {key}={value!r} is not a number") from None
         else:
             try:
                 spec[key] = int(value)
