@@ -104,7 +104,7 @@ def test_nbytes_counts_everything_and_shrinks_with_bits():
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(1, 2, 4000, 32, generator=g), torch.randn(1, 2, 4000, 32, generator=g)
     for bits in (1, 2, 4):
-        plain = dict(bits=bits, group=32, residual=128, rotate="none", sink=0)
+        plain = dict(bits=bits, group=32, residual=128, rotate="none", sink=0, heavy=0.0)
         p = QuantKV(ARGS, 0, 4096, "cpu", torch.float32, **plain)
         p.prefill(k, v)
         sizes[bits] = p.nbytes()["device"]
@@ -119,9 +119,9 @@ def test_nbytes_counts_everything_and_shrinks_with_bits():
     assert sizes[1] < sizes[2] < sizes[4] < full
     rot, row, mask = 32 * 32 * 4, 2 * ARGS.n_kv_heads * 32 * 4, ARGS.n_kv_heads * 4096 // 8
     q_window = torch.randn(1, 4, 32, 32, generator=g)
-    for extra_params, extra in [(dict(rotate="kv", sink=4), rot + 4 * row + mask),
-                                (dict(), rot + 1 * row + mask),  # defaults: rotate auto, sink 1
-                                (dict(heavy=0.01), rot + (1 + 40) * row + mask)]:  # 1% of 4000 prompt tokens
+    for extra_params, extra in [(dict(rotate="kv", sink=4, heavy=0.0), rot + 4 * row + mask),
+                                (dict(), rot + (1 + 40) * row + mask),  # defaults: rotate auto, sink 1, 1% of 4000
+                                (dict(heavy=0.02, sink=0), rot + 80 * row + mask)]:
         p = QuantKV(ARGS, 0, 4096, "cpu", torch.float32, bits=2, group=32, residual=128, **extra_params)
         p.prefill(k, v, q_window)
         assert p.nbytes()["device"] == sizes[2] + extra  # the rotation, the held keys, values and mask
@@ -157,10 +157,10 @@ def test_attention_error_shrinks_with_bits_on_real_activations():
     probes = [Probe(p) for p in full]
     Decoder(m.model, probes).step(torch.tensor([ids[T]]), T)
     errors = {}
-    plain = dict(rotate="none", sink=0, clip="none")  # KIVI as published: min/max groups, no rotation
+    plain = dict(rotate="none", sink=0, clip="none", heavy=0.0)  # KIVI as published: min/max, no rotation
     for name, bits, extra in ((1, 1, {}), (2, 2, {}), (4, 4, {}), ("plain", 2, plain),
                               ("1, no clip", 1, dict(clip="none")), ("2, no clip", 2, dict(clip="none")),
-                              ("2, heavy", 2, dict(heavy=0.02))):
+                              ("2, no heavy", 2, dict(heavy=0.0))):
         rel = []
         for (k, v), pr, pf in zip(keys, probes, full):
             exact = decode_attention(pr.q, torch.cat([k, pr.k_new], 2), torch.cat([v, pr.v_new], 2))
@@ -170,14 +170,15 @@ def test_attention_error_shrinks_with_bits_on_real_activations():
             rel.append(((out - exact).norm() / exact.norm()).item())
         errors[name] = sum(rel) / len(rel)
     assert errors[1] > errors[2] > errors[4], errors
-    # The defaults (Hadamard rotation of K and V, token 0 kept exact, clipped value ranges) against
-    # plain KIVI at 2 bits: measured 0.19 vs 0.44 here (without clipping 0.23; 4 bits: 0.027).
+    # The defaults (Hadamard rotation of K and V, token 0 and 1% heavy hitters kept exact, clipped value
+    # ranges) against plain KIVI at 2 bits: measured 0.15 vs 0.44 here (without clipping 0.19; 4 bits: 0.023).
     assert errors[2] < 0.6 * errors["plain"], errors
     assert errors[2] < errors["2, no clip"], errors
-    # 2% of the prompt held in full precision, picked by the prompt's last queries: 0.14 vs 0.19 here.
-    assert errors["2, heavy"] < 0.85 * errors[2], errors
+    # The heavy hitters (1% of the prompt, picked by its last queries) held in full precision:
+    # measured 0.150 vs 0.187 without them here.
+    assert errors[2] < 0.9 * errors["2, no heavy"], errors
     # 1 bit: min/max puts the two levels at the extremes; clipped keys and values (auto at 1 bit)
-    # measured 0.33 vs 3.7 here.
+    # measured 0.25 vs 3.7 here.
     assert errors[1] < 0.3 * errors["1, no clip"], errors
     # The stated 4-bit tolerance: mean relative error of a layer's attention output under 10%
     # (plain KIVI measured 0.06-0.08 on this model for 400-1024-token prompts; 2 bits ~0.45, 1 bit ~2).

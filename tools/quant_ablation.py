@@ -15,6 +15,7 @@ is exact), quantized, dequantized, and RoPE applied again. QuantKV itself stores
 this setting only tells whether building the pre-RoPE path into the kernels would pay.
 
     python tools/quant_ablation.py --ctx 2048 --bits 2 --settings base,rotate=kv,rotate=kv+sink=1
+    python tools/quant_ablation.py --text --ctx 4096 --probe 64 --settings heavy=0,base,heavy=0.02
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from engine.graphs import Decoder  # noqa: E402
 from engine.kv.quant import QuantKV  # noqa: E402
 from engine.profile import ProfileConfig, ProfileKV, _attend, _causal_probs  # noqa: E402
 from engine.rope import apply_rope, rope_cos_sin  # noqa: E402
+from engine.eval.cells import text_ids  # noqa: E402
 from engine.eval.haystack import make_haystack  # noqa: E402
 from kernels.pack import quantize_pack, unpack_dequant  # noqa: E402
 from weights.load import DEFAULT_MODEL, load_model  # noqa: E402
@@ -54,15 +56,16 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def capture(model, ids: list[int], probe: int) -> list[ProfileKV]:
-    """Prefill under ProfileKV and decode `probe` greedy tokens: each layer's K/V and decode queries."""
+def capture(model, ids: list[int], probe: int, forced: list[int] | None = None) -> list[ProfileKV]:
+    """Prefill under ProfileKV and decode `probe` tokens, greedy or the `forced` ones (teacher
+    forcing): each layer's K/V, the prompt's last queries and the decode queries."""
     cfg = ProfileConfig(probe=probe)
     pols = [ProfileKV(model.args, i, len(ids) + probe, "cpu", model.head.dtype, cfg)
             for i in range(model.args.n_layers)]
     logits = model.prefill(torch.tensor([ids]), pols)
     dec = Decoder(model, pols)
     for i in range(probe):
-        logits = dec.step(logits.argmax(-1), len(ids) + i)
+        logits = dec.step(torch.tensor([forced[i]]) if forced else logits.argmax(-1), len(ids) + i)
     return pols
 
 
@@ -109,6 +112,9 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=8, help="greedy decode queries per prompt (default 8)")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated settings, pieces joined by +")
     ap.add_argument("--per-layer", action="store_true", help="also print every layer's error")
+    ap.add_argument("--text", action="store_true",
+                    help="instead of pass-key prompts: --ctx tokens of GPL-3 (bench.py's KL text) and --probe "
+                         "teacher-forced continuation tokens after them")
     a = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in a.settings.split(",")]
     bits_list = [int(b) for b in a.bits.split(",")]
@@ -116,16 +122,21 @@ def main() -> None:
     args = m.args
     rope = rope_cos_sin(m.model.inv_freq, torch.arange(a.ctx), torch.float32)
     errors = {}  # (setting, bits) -> per-layer errors summed over prompts
-    depths = [float(d) for d in a.depths.split(",")]
+    depths = [None] if a.text else [float(d) for d in a.depths.split(",")]
     for depth in depths:
-        pols = capture(m.model, make_haystack(m.tokenizer, a.ctx, depth).ids, a.probe)
+        if a.text:
+            ids = text_ids(m, a.ctx + a.probe)
+            pols = capture(m.model, ids[:a.ctx], a.probe, forced=ids[a.ctx:])
+        else:
+            pols = capture(m.model, make_haystack(m.tokenizer, a.ctx, depth).ids, a.probe)
         for name, setting in settings:
             for bits in bits_list:
                 errs = [layer_error(p, args, bits, setting, rope) for p in pols]
                 prev = errors.get((name, bits), [0.0] * len(errs))
                 errors[(name, bits)] = [x + e / len(depths) for x, e in zip(prev, errs)]
-        print(f"  prompt at depth {depth} done", file=sys.stderr, flush=True)
-    print(f"relative attention-output error, {a.ctx} tokens, depths {a.depths}, {a.probe} decode queries each")
+        print(f"  prompt {'of text' if a.text else f'at depth {depth}'} done", file=sys.stderr, flush=True)
+    source = "GPL-3, teacher-forced" if a.text else f"pass-key prompts at depths {a.depths}, greedy"
+    print(f"relative attention-output error, {a.ctx} tokens, {source}, {a.probe} decode queries each")
     print(f"{'setting':44s}" + "".join(f"  {b}-bit mean (worst layer)" for b in bits_list))
     for name, _ in settings:
         cells = []

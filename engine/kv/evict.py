@@ -31,12 +31,13 @@ def window_scores(k: torch.Tensor, q_window: torch.Tensor, pool: int) -> torch.T
     B, H_kv, T, D = k.shape
     H, w = q_window.shape[1], q_window.shape[2]
     qg = q_window.reshape(B, H_kv, (H // H_kv) * w, D).float()  # (B, H_kv, n_rep*w, D), rows (head, query)
-    logits = torch.matmul(qg, k.float().transpose(-1, -2)) / math.sqrt(D)  # (B, H_kv, n_rep*w, T)
     # window query i sits at position T - w + i and must not see keys after it
     q_pos = torch.arange(T - w, T, device=k.device).repeat(H // H_kv)  # (n_rep*w,)
     future = torch.arange(T, device=k.device)[None, :] > q_pos[:, None]  # (n_rep*w, T)
-    probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
-    mass = probs.sum(dim=2)  # (B, H_kv, T)
+    mass = torch.empty(B, H_kv, T, device=k.device, dtype=torch.float32)
+    for h in range(H_kv):  # one KV head at a time: at 128k tokens, 128 rows of logits are 64 MB a head
+        logits = torch.matmul(qg[:, h], k[:, h].float().transpose(-1, -2)) / math.sqrt(D)  # (B, n_rep*w, T)
+        mass[:, h] = logits.masked_fill(future, float("-inf")).softmax(dim=-1).sum(dim=1)
     if pool > 1:
         mass = F.avg_pool1d(mass.reshape(B * H_kv, 1, T), pool, stride=1, padding=pool // 2,
                             count_include_pad=False).reshape(B, H_kv, T)

@@ -29,10 +29,14 @@ window scores, summed over the group's query heads), i.e. the heavy hitters the 
 such as the question and what it asks about. Their rows cost 2 D elements each; a bit mask over the
 positions tells the kernels which store entries to skip (kernels/quant_attn.py), and before packing
 a held key is replaced by the mean of its group's other keys, so it widens no range. Measured on
-the default model (2k tokens, 8 decode queries, 2 bits, rotate kv + clip v): relative attention-output
-error 0.147 with the sink only -> 0.101 / 0.095 / 0.088 holding 1% / 2% / 4% of the prompt; held by
-largest key instead of by attention: 0.144 at 2%. Without the prompt's queries (direct calls) only
-the sinks are held.
+the default model (relative attention-output error, rotate kv + clip v; pass-key prompts of 2k
+tokens with 8 answer queries / 4k tokens of GPL-3 with 64 teacher-forced queries): at 2 bits 0.147 /
+0.128 with the sink only -> 0.101 / 0.097 holding 1% of the prompt -> 0.095 / 0.086 holding 2%; at
+1 bit 0.295 / 0.210 -> 0.145 / 0.100 (2%); at 4 bits 0.029 / 0.014 -> 0.015 / 0.010 (1%). Held by
+largest key instead of by attention: 0.144 / 0.123 at 2%. End to end (bench.py, 4k, KL over 256
+tokens of GPL-3): 1% costs 5% more bytes at 4 bits for KL 0.0040 -> 0.0024, 8% more at 2 bits for
+0.127 -> 0.112, so it is the default (`heavy=0.01`). Without the prompt's queries (direct calls)
+only the sinks are held.
 
 Clipping (`clip`, kernels/pack.py): each group's range is the candidate between its min/max and a
 quarter of it that minimizes the squared error, instead of min/max itself. Measured on the default
@@ -85,7 +89,7 @@ class QuantKV(KVPolicy):
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
                  residual: int = 128, rotate: str = "auto", sink: int = 1, clip: str = "auto",
-                 heavy: float = 0.0):
+                 heavy: float = 0.01):
         super().__init__(args, layer, capacity, device, dtype)
         self.bits, self.group, self.residual = self._check(args.head_dim, bits, group, residual)
         D = args.head_dim
@@ -269,7 +273,7 @@ class QuantKV(KVPolicy):
                 "host": 0}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, rotate="auto", sink=1, heavy=0.0,
+    def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, rotate="auto", sink=1, heavy=0.01,
              **_):
         # clip changes which ranges are stored, not how many bytes
         H, D = args.n_kv_heads, args.head_dim
