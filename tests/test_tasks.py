@@ -2,7 +2,7 @@
 prompt, scoring with partial credit, and clear errors; no model runs here."""
 import pytest
 
-from engine.eval.tasks import TASKS, answer_text, make_task
+from engine.eval.tasks import TASKS, answer_items, make_task
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,23 @@ def test_scoring(tok):
     assert w.score(w.answers[0].upper()) == 1.0  # words case-insensitively
 
 
-def test_answer_text():
-    assert answer_text(" 4711093.\nThe special") == "4711093."
-    assert answer_text("\n\n  a   b \n c") == "a b"
-    assert answer_text("   ") == ""
+def test_answer_items():
+    assert answer_items(" 4711093.\nThe special", 1) == "4711093"
+    assert answer_items("\n\n  a   b \n c", 2) == "a b"
+    assert answer_items("   ", 3) == ""
+    # A list answer: every item counts, its formatting does not (the first line alone would agree
+    # on "gumufo" and miss the rest).
+    full = "\nA) 1. gumufo\nB) 2. kenimi\nC) 3. selilo\nD) 4. selilo"
+    assert answer_items(full, 3) == "gumufo kenimi selilo" == answer_items("Gumufo, kenimi, selilo.", 3)
+    assert answer_items(full, 3) != answer_items("\nA) 1. gumufo\nB) 2. keni\nC) 3. kadu", 3)
+    assert answer_items(": 1360457, 1174890, 1174890, 99", 3) == "1360457 1174890 1174890"
+    assert answer_items(" 47aa2c46-7622-1446-8ac2-c17d23d5cc40.\nThe", 1) == "47aa2c46-7622-1446-8ac2-c17d23d5cc40"
+
+
+def test_answer_key_asks_for_every_answer(tok):
+    task = make_task("cwe", tok, 600)
+    assert len(task.answers) == 5
+    assert task.answer_key("A) 1. a\nB) 2. b\nC) 3. c\nD) 4. d\nE) 5. e\nF) 6. f") == "a b c d e"
 
 
 def test_bad_requests(tok):

@@ -1,8 +1,8 @@
 """bench.py --suite: RULER-style long-context tasks (engine/eval/tasks.py) for every KV method at
 several kept fractions, scored two ways:
   accuracy   the share of the task's expected answers in the greedy output;
-  agreement  whether the greedy answer equals FullKV's on the same prompt (tasks.answer_text of
-             both). The default 135M model misses multi-key retrieval even with the full cache;
+  agreement  whether the greedy answer equals FullKV's on the same prompt (Task.answer_key of
+             both: as many items as the task asks for, formatting aside). The default 135M model misses multi-key retrieval even with the full cache;
              what a KV method must preserve is FullKV's answer, right or wrong.
 
 Our policies at all fractions share one prefill per prompt (quality.shared_prefill: the prompt's
@@ -23,7 +23,7 @@ import torch
 from engine.eval import peers as peer_mod
 from engine.eval.cells import policy_specs
 from engine.eval.quality import greedy, shared_prefill
-from engine.eval.tasks import make_task, answer_text
+from engine.eval.tasks import make_task
 
 FIXED = ("full", "quant", "hf-dynamic", "hf-quanto4", "hf-quanto2")  # memory independent of the fraction
 
@@ -108,13 +108,13 @@ def run_suite(m, hf, ctx: int, tasks: list[str], seeds: int, names: list[str], p
             rows = ours(m, task, names, fractions, log)
             for p in peers:
                 rows += peer(hf, p, m.tokenizer, task, fractions)
-            ref = answer_text(next(r["answer"] for r in rows if r["engine"] == "layerkv" and r["policy"] == "full"))
+            ref = task.answer_key(next(r["answer"] for r in rows if r["engine"] == "layerkv" and r["policy"] == "full"))
             for r in rows:
-                r.update(ctx=ctx, seed=seed, agree=answer_text(r["answer"]) == ref)
+                r.update(ctx=ctx, seed=seed, agree=task.answer_key(r["answer"]) == ref)
             results["suite"] += rows
             save()
             full = next(r for r in rows if r["policy"] == "full")
-            log(f"  suite {name} seed {seed} @ {ctx}: FullKV {full['score']:.2f} ({answer_text(full['answer'])!r}), "
+            log(f"  suite {name} seed {seed} @ {ctx}: FullKV {full['score']:.2f} ({task.answer_key(full['answer'])!r}), "
                 f"{len(rows)} answers in {time.perf_counter() - t:.0f} s")
 
 

@@ -20,6 +20,7 @@ the default model misses some of these tasks even with the full cache.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from engine.eval.haystack import FILLER
@@ -54,14 +55,31 @@ class Task:
         low = text.lower()
         return sum(a.lower() in low for a in self.answers) / len(self.answers)
 
+    def answer_key(self, text: str) -> str:
+        """What two greedy answers must share to count as the same answer: answer_items(text, n)
+        with n = len(self.answers), as many items as the task asks for."""
+        return answer_items(text, len(self.answers))
 
-def answer_text(text: str) -> str:
-    """The comparable part of a greedy answer: its first non-empty line, whitespace collapsed.
-    E.g. ' 4711093.\\nThe special' -> '4711093.'"""
-    for line in text.strip().splitlines():
-        if line.strip():
-            return " ".join(line.split())
-    return ""
+
+_MARKER = re.compile(r"^(\d{1,3}|[A-Za-z])[.)]$")  # list numbering: "A)", "1.", "12)"
+_PUNCT = ".,;:!?()[]{}\"'`"
+
+
+def answer_items(text: str, n: int) -> str:
+    """The comparable part of a greedy answer: its first n items (words or numbers, list markers and
+    surrounding punctuation dropped, lower case), joined by spaces. Formatting may differ, content
+    may not. E.g. n = 1: ' 4711093.\nThe special' -> '4711093'; n = 3: '\nA) 1. gumufo\nB) 2. kenimi\n
+    C) 3. selilo' and 'gumufo, kenimi, selilo.' -> 'gumufo kenimi selilo'."""
+    items = []
+    for word in text.replace(",", " ").split():
+        if _MARKER.match(word):
+            continue
+        word = word.strip(_PUNCT).lower()
+        if word:
+            items.append(word)
+        if len(items) == n:
+            break
+    return " ".join(items)
 
 
 def make_task(name: str, tok, n_tokens: int, seed: int = 0) -> Task:
