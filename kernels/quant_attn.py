@@ -61,7 +61,8 @@ def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """bool (..., T) -> uint8 (..., ceil(T / 8)): bit t % 8 of byte t // 8 is mask[..., t]."""
+    """bool (..., T) -> uint8 (..., ceil(T / 8)): bit t % 8 of byte t // 8 is mask[..., t], the layout
+    of 1-bit codes (unpack_codes(packed, 1) reads it back)."""
     T = mask.shape[-1]
     bits = F.pad(mask.to(torch.uint8), (0, -T % 8)).unflatten(-1, (-1, 8))  # (..., ceil(T/8), 8)
     return (bits << torch.arange(8, device=mask.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
@@ -69,8 +70,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, length: int) -> torch.Tensor:
     """uint8 (..., >= ceil(length / 8)) -> bool (..., length), the inverse of pack_mask."""
-    t = torch.arange(length, device=packed.device)
-    return (packed[..., t // 8] >> (t % 8).to(torch.uint8)) & 1 == 1
+    return unpack_codes(packed[..., :-(-length // 8)], 1)[..., :length] == 1
 
 
 def token_ranges(pos: torch.Tensor | int, R: int) -> tuple[int, int, int]:
@@ -198,7 +198,8 @@ def _quant_decode_kernel(
     skr_b, skr_h, skr_t, skr_d,
     svc_b, svc_h, svc_t, svc_d, svs_b, svs_h, svs_t, svs_d, svm_b, svm_h, svm_t, svm_d,
     svr_b, svr_h, svr_t, svr_d, shm_b, shm_h,
-    HAS_HELD: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_HELD: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
     the group: every K/V tile is read and dequantized once and used by the whole group."""

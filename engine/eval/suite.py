@@ -2,8 +2,9 @@
 several kept fractions, scored two ways:
   accuracy   the share of the task's expected answers in the greedy output;
   agreement  whether the greedy answer equals FullKV's on the same prompt (Task.answer_key of
-             both: as many items as the task asks for, formatting aside). The default 135M model misses multi-key retrieval even with the full cache;
-             what a KV method must preserve is FullKV's answer, right or wrong.
+             both: as many items as the task asks for, formatting aside). The default 135M model
+             misses multi-key retrieval even with the full cache; what a KV method must preserve
+             is FullKV's answer, right or wrong.
 
 Our policies at all fractions share one prefill per prompt (quality.shared_prefill: the prompt's
 forward pass does not depend on the policy), then decode one by one. The hybrid is planned per
@@ -114,8 +115,8 @@ def run_suite(m, hf, ctx: int, tasks: list[str], seeds: int, names: list[str], p
             results["suite"] += rows
             save()
             full = next(r for r in rows if r["policy"] == "full")
-            log(f"  suite {name} seed {seed} @ {ctx}: FullKV {full['score']:.2f} ({task.answer_key(full['answer'])!r}), "
-                f"{len(rows)} answers in {time.perf_counter() - t:.0f} s")
+            log(f"  suite {name} seed {seed} @ {ctx}: FullKV {full['score']:.2f} "
+                f"({task.answer_key(full['answer'])!r}), {len(rows)} answers in {time.perf_counter() - t:.0f} s")
 
 
 def summary(rows: list[dict]) -> list[dict]:

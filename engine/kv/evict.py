@@ -10,9 +10,10 @@ average-pooled along the sequence (kernel `pool`) so neighbours of an important 
 3), a 15-token kernel keeps the whole number (20/20) with the same KL on natural text (0.088 vs
 0.086 at 5%, 0.063 vs 0.064 at 10%); 31 keeps the keys but costs KL (0.095, 0.069).
 
-Each KV head keeps its own top `budget - window` tokens plus the window itself, stored in token order. Decode appends. With `evict_during_decode` the cache
-stays at `budget` tokens during long generations: each new token replaces the kept token with the
-least attention mass accumulated over decode steps (H2O-style), never one of the `window` newest.
+Each KV head keeps its own top `budget - window` tokens plus the window itself, stored in token
+order. Decode appends. With `evict_during_decode` the cache stays at `budget` tokens during long
+generations: each new token replaces the kept token with the least attention mass accumulated
+over decode steps (H2O-style), never one of the `window` newest.
 """
 from __future__ import annotations
 
