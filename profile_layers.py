@@ -14,7 +14,7 @@ import sys
 
 from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
 from engine.eval.haystack import make_haystack
-from engine.planner import parse_kv_budget
+from engine.planner import harm_weights, parse_kv_budget
 from engine.profile import FRACTIONS, stats_from_json, stats_to_json
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
@@ -90,9 +90,11 @@ def draw(path: str, stats, plan, title: str) -> None:
     axes[0].legend(loc="upper right")
     for f, style in zip(SHOW, (":", "--", "-")):
         i = min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f))
-        axes[1].plot(x, [s.evict[i] for s in stats], "tab:blue", ls=style, label=f"evict {f:.0%}")
-        axes[1].plot(x, [s.offload[i] for s in stats], "tab:green", ls=style, label=f"offload {f:.0%}")
-    axes[1].set_ylabel("decode attention kept")
+        axes[1].plot(x, [s.evict_err[i] for s in stats], "tab:blue", ls=style, label=f"evict {f:.0%}")
+        axes[1].plot(x, [s.offload_err[i] for s in stats], "tab:green", ls=style, label=f"offload {f:.0%}")
+    for bits, style in zip(sorted(stats[0].quant_err), (":", "--", "-")):
+        axes[1].plot(x, [s.quant_err[bits] for s in stats], "tab:orange", ls=style, label=f"{bits}-bit")
+    axes[1].set_ylabel("attention output error")
     axes[1].legend(loc="lower right", ncol=3, fontsize=8)
     colors = {"full": "black", "quant": "tab:orange", "evict": "tab:blue", "offload": "tab:green"}
     axes[2].bar(x, [o.device_bytes / 2**20 for o in plan], color=[colors[o.spec["policy"]] for o in plan])
@@ -143,7 +145,7 @@ def run(a: argparse.Namespace) -> int:
     else:
         named = prompts(a, llm.tokenizer)
         profiled = [f"{name} ({len(ids)} tokens)" for name, ids in named]
-        stats = llm.profile([ids for _, ids in named], profile_tokens=None)
+        stats = llm.profile([ids for _, ids in named], profile_tokens=None, kinds=a.plan_policies)
         if a.stats:
             with open(a.stats, "w") as f:
                 json.dump({"model": llm.name, "profiled": profiled, "layers": stats_to_json(stats)}, f)
@@ -154,16 +156,20 @@ def run(a: argparse.Namespace) -> int:
 
     idx = [min(range(len(FRACTIONS)), key=lambda j: abs(FRACTIONS[j] - f)) for f in SHOW]
     pct = "/".join(f"{f:.0%}" for f in SHOW)
-    print(f"| layer | dense | evict kept @{pct} | offload kept @{pct} | quant err 1/2/4 bit | plan | device |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| layer | dense | evict kept @{pct} | evict err @{pct} | offload err @{pct} | quant err 1/2/4 bit "
+          f"| plan | device |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, (s, o) in enumerate(zip(stats, plan.layers)):
-        ev = "/".join(f"{s.evict[j]:.2f}" for j in idx)
-        off = "/".join(f"{s.offload[j]:.2f}" for j in idx)
+        ev = "/".join(f"{s.evict[j]:.2f}" for j in idx) + " | " + "/".join(f"{s.evict_err[j]:.2f}" for j in idx)
+        off = "/".join(f"{s.offload_err[j]:.2f}" for j in idx)
         qe = "/".join(f"{s.quant_err[b]:.2f}" for b in sorted(s.quant_err))
         mark = " **dense**" if s.dense > 0.2 else ""
         print(f"| {i} | {s.dense:.3f}{mark} | {ev} | {off} | {qe} | {o.spec['policy']} {params(o.spec)} "
               f"| {fmt_bytes(o.device_bytes)} |")
     used = plan.device_bytes
+    w = harm_weights(stats[0])
+    print("\nKL per unit of attention-output error, relative to evict and offload's (the planner's weights): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in w.items()) + ("" if stats[0].harm else " (not calibrated)"))
     print(f"\nplan ({a.mode}): {fmt_bytes(used)} of a {fmt_bytes(budget)} budget ({used / full:.1%} of FullKV "
           f"{fmt_bytes(full)}), mean quality {plan.header['mean_quality']:.3f}; "
           f"host {fmt_bytes(sum(o.host_bytes for o in plan.layers))}")

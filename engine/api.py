@@ -134,9 +134,13 @@ class LLM:
         return max(4096, free_memory(self.device) // 2 // self.full_kv_bytes(1))
 
     def profile(self, prompts: list[str | list[int]], profile_tokens: int | str | None = "auto",
-                cfg: ProfileConfig | None = None) -> list[LayerStats]:
+                cfg: ProfileConfig | None = None, kinds: str | tuple[str, ...] = "auto") -> list[LayerStats]:
         """Per-layer attention statistics, averaged over the prompts (each cut to profile_tokens:
-        "auto" = profile_limit(), None = never cut)."""
+        "auto" = profile_limit(), None = never cut). When the policies a plan may use (`kinds`, as in
+        plan()) include quant, the profile also calibrates QuantKV's errors against the token-selecting
+        policies' (one batched rerun of the probe's decode steps; engine/calibrate.py)."""
+        kinds = self._kinds(kinds)
+        cfg = cfg or ProfileConfig(calibrate=tuple(kinds) if "quant" in kinds else ())
         stats = []
         if profile_tokens == "auto":
             profile_tokens = self.profile_limit()
@@ -193,7 +197,7 @@ class LLM:
         budget = self.check_budget(kv_budget, context, new_tokens, mode, kinds, floor)
         elem = self.model.head.element_size()
         if prompts is not None:
-            stats = self.profile(prompts, profile_tokens)
+            stats = self.profile(prompts, profile_tokens, kinds=kinds)
         layers = make_plan(self.args, stats, context, new_tokens, elem, budget, mode, ProfileConfig(), floor,
                            tau, tuple(kinds))
         used = sum(o.device_bytes for o in layers)

@@ -1,11 +1,14 @@
 """Choose every layer's KV policy under one device-memory budget, from the profiler's statistics.
 
 Each layer has options, each with a device byte cost (computed exactly as the policy allocates)
-and a quality measured by the profile (engine/profile.py):
+and a quality measured by the profile (engine/profile.py): 1 - the relative error of the layer's
+attention output under it, weighted by what that kind of error costs at the model's output
+(engine/calibrate.py: per unit of error 1-bit quantization costs many times what eviction does):
     Full           quality 1
-    Quant(b)       1 - relative error of the attention output at b bits
-    Evict(k)       retention R(k) of static eviction to k prompt tokens (XKV)
-    Offload(k, C)  attention mass on the tokens OffloadKV would fetch with budget k
+    Quant(b)       1 - w_quant(b) x error at b bits
+    Evict(k)       1 - error of static eviction to k prompt tokens          (w_evict = 1)
+    Offload(k, C)  1 - w_offload x error of fetching k tokens per step, chunks of C
+XKV's modes (below) keep XKV's own measure, the retention R(k) of static eviction.
 The hybrid planner starts every layer at its cheapest option (the floor: no layer gets zero
 tokens), then spends the budget on upgrades in order of quality gained per byte. Upgrades are the
 steps along each layer's upper convex hull of (bytes, quality), so a layer's steps come in
@@ -46,22 +49,52 @@ def make_option(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int, q
     return Option(spec, cost["device"], cost["host"], quality)
 
 
+def harm_weights(stats: LayerStats) -> dict[str, float]:
+    """Each kind's cost of a unit of attention-output error, relative to the token-selecting kinds'
+    (engine/calibrate.py): evict and offload 1 (both keep real tokens: measured alike within the
+    noise of one probe), each bit width its KL per unit over theirs, e.g. {"evict": 1, "offload": 1,
+    "quant1": 14, "quant2": 4, "quant4": 0.5}. 1 where uncalibrated (statistics saved before the
+    calibration, a prompt too short to run it, or no KL from the selecting kinds)."""
+    harm = stats.harm or {}
+    sel = [harm[k] for k in ("evict", "offload") if harm.get(k) is not None]
+    ref = sum(sel) / len(sel) if sel else 0.0
+    out = {"evict": 1.0, "offload": 1.0}
+    for b in QUANT_BITS:
+        h = harm.get(f"quant{b}")
+        out[f"quant{b}"] = h / ref if h is not None and ref > 1e-12 else 1.0
+    return out
+
+
+def check_calibrated(stats: list[LayerStats], kinds: tuple[str, ...]) -> None:
+    """Refuse to plan QuantKV from statistics whose profile did not calibrate it (profiled for evict
+    and offload only, as on a CPU): its errors would be priced like eviction's, which they are not."""
+    harm = stats[0].harm if stats else None
+    if harm is None or "quant" not in kinds:
+        return  # statistics saved before the calibration are priced alike, as they were then
+    if not all(f"quant{b}" in harm for b in QUANT_BITS):
+        raise ValueError("the profile did not calibrate quant (it was made for "
+                         f"{', '.join(sorted(harm)) or 'evict/offload only'}); profile again with quant allowed")
+
+
 def layer_options(args: ModelArgs, stats: LayerStats, prompt: int, new: int, elem: int,
                   cfg: ProfileConfig, floor: int, kinds: tuple[str, ...]) -> list[Option]:
-    """Every option the profile measured for one layer, with its bytes and quality."""
+    """Every option the profile measured for one layer, with its bytes and quality: 1 - its
+    attention-output error, weighted by what that kind of error costs at the output (so a quality
+    is 1 - an eviction-equivalent error, and may be negative)."""
+    w = harm_weights(stats)
     opts = [make_option(args, {"policy": "full"}, prompt, new, elem, 1.0)]
     for i, f in enumerate(FRACTIONS[1:-1], start=1):
         k = round(f * prompt)
         if "evict" in kinds and k >= max(floor, cfg.evict["window"]):
             opts.append(make_option(args, {"policy": "evict", "budget": k, **cfg.evict}, prompt, new, elem,
-                                    stats.evict[i]))
+                                    1 - w["evict"] * stats.evict_err[i]))
         if "offload" in kinds and k > max(floor, cfg.offload["sink"] + cfg.offload["recent"]):
             opts.append(make_option(args, {"policy": "offload", "budget": k, **cfg.offload}, prompt, new, elem,
-                                    stats.offload[i]))
+                                    1 - w["offload"] * stats.offload_err[i]))
     if "quant" in kinds:
         for bits, err in stats.quant_err.items():
             spec = {"policy": "quant", "bits": bits, **cfg.quant}
-            opts.append(make_option(args, spec, prompt, new, elem, max(0.0, 1.0 - err)))
+            opts.append(make_option(args, spec, prompt, new, elem, 1.0 - w[f"quant{bits}"] * err))
     return opts
 
 
@@ -70,7 +103,8 @@ def budget_floor(args: ModelArgs, prompt: int, new: int, elem: int, cfg: Profile
     """The fewest device bytes a hybrid plan can take: every layer at its cheapest option. Costs do
     not depend on the profile, so this is known before profiling (a budget below it is refused
     then, not after a long profiling pass)."""
-    blank = LayerStats(0.0, [0.0] * len(FRACTIONS), [0.0] * len(FRACTIONS), {b: 0.0 for b in QUANT_BITS})
+    zeros = [0.0] * len(FRACTIONS)
+    blank = LayerStats(0.0, zeros, zeros, zeros, {b: 0.0 for b in QUANT_BITS})
     cheapest = min(o.device_bytes for o in layer_options(args, blank, prompt, new, elem, cfg, floor, kinds))
     return args.n_layers * cheapest
 
@@ -119,6 +153,7 @@ def plan_hybrid(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int,
                 cfg: ProfileConfig | None = None, floor: int = 64,
                 kinds: tuple[str, ...] = KINDS) -> list[Option]:
     cfg = cfg or ProfileConfig()
+    check_calibrated(stats, kinds)
     hulls = [upper_hull(layer_options(args, s, prompt, new, elem, cfg, floor, kinds)) for s in stats]
     return [h[j] for h, j in zip(hulls, greedy_choose(hulls, budget))]
 

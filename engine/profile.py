@@ -5,15 +5,22 @@ No hooks in the model are needed.
 
 What a policy keeps is chosen from the prompt (as the real policies choose at prefill) and judged on
 the *decode* queries (the ones that will need the tokens), per layer:
-  dense        TailorKV's density: attention mass outside each prompt query's top 5% keys (mean
-               over the window and heads). High = dense = quantize; low = sparse = retrieve/evict.
-  evict[i]     importance retention R(k) (XKV) for k = FRACTIONS[i] of the prompt: the decode
-               queries' attention mass on what BudgetedEvictKV keeps at that budget.
-  offload[i]   the same for OffloadKV: each decode query's mass on the tokens it would fetch
-               (sink + recent + the top chunks by the C-channel sketch's approximate scores).
-  quant_err[b] relative error of the decode queries' attention output with K/V at b bits.
+  dense          TailorKV's density: attention mass outside each prompt query's top 5% keys (mean
+                 over the window and heads). High = dense = quantize; low = sparse = retrieve/evict.
+  evict[i]       importance retention R(k) (XKV) for k = FRACTIONS[i] of the prompt: the decode
+                 queries' attention mass on what BudgetedEvictKV keeps at that budget (XKV's modes).
+  evict_err[i]   relative error of the decode queries' attention output under that eviction.
+  offload_err[i] the same for OffloadKV at that budget: each decode query attends to the tokens it
+                 would fetch (sink + recent + the top chunks by the C-channel sketch's scores).
+  quant_err[b]   the same with K/V at b bits.
+  harm           per kind, what a unit of that error costs in KL at the output (engine/calibrate.py).
 Judging static eviction on the prompt queries that chose its tokens would flatter it: on pass-key
 prompts those queries keep the needle, the answer's queries then miss a digit.
+
+Why errors, not retention, price the hybrid: kept mass is not what a layer passes on. In layer 0 of
+the default model (4k of GPL-3) eviction to 10% keeps 0.44 of the decode queries' mass, yet its
+output is off by 0.15 (diffuse attention over similar values: a sample averages like the whole);
+priced by mass, a 10% plan spent its bytes on such layers (KL 0.218); priced by error, 0.185.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from engine.calibrate import calibrate
 from engine.graphs import Decoder
 from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.kv.full import FullKV
@@ -37,8 +45,10 @@ QUANT_BITS = (1, 2, 4)
 class LayerStats:
     dense: float
     evict: list[float]
-    offload: list[float]
+    evict_err: list[float]
+    offload_err: list[float]
     quant_err: dict[int, float]
+    harm: dict[str, float | None] | None = None  # KL per unit of error, per kind (calibrate()), same in every layer
 
 
 def _pick(defaults: dict, *keys: str) -> dict:
@@ -55,6 +65,7 @@ class ProfileConfig:
                                                                        "chunk"))
     quant: dict = field(default_factory=lambda: _pick(QuantKV.defaults(), "group", "residual", "rotate", "sink",
                                                       "clip", "heavy"))
+    calibrate: tuple[str, ...] = ("evict", "offload", "quant")  # the kinds calibrate() measures
 
     @property
     def window(self) -> int:
@@ -78,15 +89,27 @@ def _attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.matmul(probs, v.float()[:, :, None])
 
 
-def _mass_in_order(probs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """probs (B, H_kv, n_rep, n, M) over M candidates, order (B, H_kv, [n,] M) best first
-    -> (..., M + 1): the mass on the best j candidates, j = 0..M."""
-    if order.dim() == 3:
-        order = order[:, :, None, None]
-    else:
-        order = order[:, :, None]
-    got = probs.gather(-1, order.expand(probs.shape)).cumsum(-1)
-    return torch.cat([got.new_zeros(got.shape[:-1] + (1,)), got], -1)
+def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """Mean relative error of attention outputs (..., D): the one currency every option is priced in."""
+    return ((approx - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-9)).mean().item()
+
+
+def _outputs_in_order(num, den, probs, vals, cuts):
+    """Attention outputs as the best candidates join, one output per cut.
+
+    num (..., n, D), den (..., n, 1): the sum of p_t v_t and of p_t over what is always kept;
+    probs (..., n, M) the candidates' probabilities and vals (..., M, D) their values, both sorted
+    best first; cuts: candidate counts, non-decreasing. Yields the renormalised output
+    (num + sum_{j < cut} p_j v_j) / (den + sum_{j < cut} p_j) for each cut: the attention output
+    of a policy that keeps those candidates. One pass over the candidates (segment by segment),
+    never a (cuts x M) matrix: at 128k that would not fit."""
+    a = 0
+    for b in cuts:
+        if b > a:
+            num = num + torch.matmul(probs[..., a:b], vals[..., a:b, :])
+            den = den + probs[..., a:b].sum(-1, keepdim=True)
+            a = b
+        yield num / den
 
 
 def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor, q_dec: torch.Tensor,
@@ -96,57 +119,69 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     B, H_kv, _, D = k.shape
     n = q_dec.shape[2]
     dec = _causal_probs(q_dec, k)  # (B, H_kv, n_rep, n, T + n)
-    generated = dec[..., T:].sum(-1)  # every policy keeps the decoded tokens
+    vf = v.float()[:, :, None]  # (B, H_kv, 1, T + n, D)
+    exact = _attend(dec, v)  # (B, H_kv, n_rep, n, D)
 
     top5 = max(1, math.ceil(0.05 * T))
     dense = (1 - _causal_probs(q_prompt, k[:, :, :T]).topk(top5, dim=-1).values.sum(-1)).mean().item()
 
-    # BudgetedEvictKV: top tokens before the window by the prompt's pooled scores, plus the window
+    # BudgetedEvictKV: the window and the decoded tokens, plus the best candidates before the
+    # window by the prompt's pooled scores. At a budget of k = round(f * T) prompt tokens it keeps
+    # the W window tokens and the best k - W candidates, clamped to [0, T - W]. E.g. T = 1000,
+    # W = 32, f = 0.25: k = 250, the window + 218 candidates.
     W = min(cfg.evict["window"], T)
     mass = window_scores(k[:, :, :T], q_prompt[:, :, -cfg.evict["window"]:], cfg.evict["pool"])  # (B, H_kv, T)
-    order = mass[:, :, :T - W].argsort(dim=-1, descending=True)
-    got = _mass_in_order(dec[..., :T - W], order)
-    base = generated + dec[..., T - W:T].sum(-1)
-    # At a budget of k = round(f * T) prompt tokens BudgetedEvictKV keeps the W window tokens plus
-    # the best k - W candidates, and got[..., j] is the mass on the best j: so the index is k - W,
-    # clamped to [0, T - W]. E.g. T = 1000, W = 32, f = 0.25: k = 250, the window + 218 candidates.
-    evict = [(base + got[..., min(T - W, max(0, round(f * T) - W))]).mean().item() for f in FRACTIONS]
+    order = mass[:, :, :T - W].argsort(dim=-1, descending=True)  # (B, H_kv, T - W)
+    cand = dec[..., :T - W].gather(-1, order[:, :, None, None].expand(dec[..., :T - W].shape))
+    cand_v = vf[:, :, :, :T - W].gather(3, order[:, :, None, :, None].expand(-1, -1, -1, -1, D))
+    cuts = [min(T - W, max(0, round(f * T) - W)) for f in FRACTIONS]
+    always = dec[..., T - W:]
+    got = torch.cat([cand.new_zeros(cand.shape[:-1] + (1,)), cand.cumsum(-1)], -1)  # mass on the best j
+    evict = [(always.sum(-1) + got[..., j]).mean().item() for j in cuts]
+    evict_err = [_rel_err(out, exact) for out in _outputs_in_order(
+        torch.matmul(always, vf[..., T - W:, :]), always.sum(-1, keepdim=True), cand, cand_v, cuts)]
 
-    # OffloadKV: sink + recent, and per decode query the top chunks of the middle by the sketch
+    # OffloadKV: sink + recent + decoded, and per decode query the top chunks of the middle by the
+    # sketch's approximate scores (one ranking per KV head and query: a loop over the n queries)
     sink, recent, c = cfg.offload["sink"], cfg.offload["recent"], cfg.offload["chunk"]
     S, M, R, _ = OffloadKV.layout(T, 0, sink, recent, c)  # budget 0: the middle in whole chunks
-    if M > 0:
+    tops = []  # middle tokens fetched per fraction; None: not offloaded (1.0) or an invalid budget (0.0)
+    for f in FRACTIONS:
+        k_f = round(f * T)
+        top = OffloadKV.layout(T, k_f, sink, recent, c)[3]
+        tops.append(None if M <= 0 or top >= M else (top if k_f >= sink + recent else -1))
+    err = torch.zeros(len(FRACTIONS))
+    if any(t is not None and t >= 0 for t in tops):
         mid_k = k[:, :, S:S + M].float()
         chan = rank_channels(mid_k, q_prompt[:, :, -OffloadKV.q_window:], cfg.offload["channels"])  # (B, H_kv, C)
         mn, mx = chunk_sketch(mid_k, chan, c)  # (B, H_kv, N, C), N = M // c chunks
         qg = q_dec.reshape(B, H_kv, -1, D)  # (B, H_kv, n_rep * n, D), rows (head, query)
         qc = qg.gather(-1, chan[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
         approx = sketch_scores(qc, mn, mx).view(B, H_kv, -1, n, M // c).amax(dim=2)  # (B, H_kv, n, N)
-        chunk_mass = dec[..., S:S + M].unflatten(-1, (M // c, c)).sum(-1)  # (B, H_kv, n_rep, n, N)
-        taken = _mass_in_order(chunk_mass, approx.argsort(dim=-1, descending=True))  # best j chunks
-        fixed = generated + dec[..., :S].sum(-1) + dec[..., S + M:T].sum(-1)
-    offload = []
-    for f in FRACTIONS:
-        k_f = round(f * T)
-        _, _, _, top = OffloadKV.layout(T, k_f, sink, recent, c)
-        if M <= 0 or top >= M:
-            offload.append(1.0)
-        elif k_f < sink + recent:
-            offload.append(0.0)  # below sink + recent: not a valid OffloadKV budget
-        else:
-            offload.append(min(1.0, (fixed + taken[..., top // c]).mean().item()))
+        fixed = torch.cat([torch.arange(S), torch.arange(S + M, T + n)]).to(k.device)
+        valid = [j for j, t in enumerate(tops) if t is not None and t >= 0]
+        for i in range(n):
+            o = approx[:, :, i].argsort(dim=-1, descending=True)  # (B, H_kv, N) chunks, best first
+            p_mid = dec[..., i:i + 1, S:S + M].unflatten(-1, (M // c, c))  # (B, H_kv, n_rep, 1, N, c)
+            p_mid = p_mid.gather(-2, o[:, :, None, None, :, None].expand(p_mid.shape)).flatten(-2)
+            v_mid = vf[:, :, :, S:S + M].unflatten(3, (M // c, c))  # (B, H_kv, 1, N, c, D)
+            v_mid = v_mid.gather(3, o[:, :, None, :, None, None].expand(v_mid.shape)).flatten(3, 4)
+            p_fix = dec[..., i:i + 1, fixed]
+            outs = _outputs_in_order(torch.matmul(p_fix, vf[..., fixed, :]), p_fix.sum(-1, keepdim=True),
+                                     p_mid, v_mid, [tops[j] for j in valid])
+            for j, out in zip(valid, outs):
+                err[j] += _rel_err(out, exact[..., i:i + 1, :]) / n
+    offload_err = [0.0 if t is None else 1.0 if t < 0 else err[j].item() for j, t in enumerate(tops)]
 
     # QuantKV over the prompt (decoded tokens stay in its full-precision residual here)
-    exact = _attend(dec, v)
     quant_err = {}
     for bits in QUANT_BITS:
         qkv = QuantKV(args, 0, T, k.device, k.dtype, bits=bits, **cfg.quant)
         qkv.prefill(k[:, :, :T], v[:, :, :T], q_prompt[:, :, -qkv.q_window:] if qkv.q_window else None)
         kh, vh = qkv.dequantized()
         kh, vh = torch.cat([kh, k[:, :, T:]], 2), torch.cat([vh, v[:, :, T:]], 2)
-        approx_out = _attend(_causal_probs(q_dec, kh), vh)
-        quant_err[bits] = ((approx_out - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-9)).mean().item()
-    return LayerStats(dense, evict, offload, quant_err)
+        quant_err[bits] = _rel_err(_attend(_causal_probs(q_dec, kh), vh), exact)
+    return LayerStats(dense, evict, evict_err, offload_err, quant_err)
 
 
 class ProfileKV(FullKV):
@@ -174,18 +209,54 @@ class ProfileKV(FullKV):
                            self.q_prompt, torch.cat(self.q_dec, 2), self.args, self.cfg)
 
 
+CAL = 6  # the FRACTIONS index (6/64 = 9.4% of the prompt) evict and offload are calibrated at, or above
+
+
+def calibration_specs(T: int, cfg: ProfileConfig) -> dict[str, tuple[dict | None, int | None]]:
+    """The whole-model runs calibrate() makes: kind -> (one spec for every layer, the FRACTIONS index
+    of its budget), at the first index from CAL whose budget the policy accepts; (None, None) for a
+    kind this prompt is too short to run (then the planner has no option of that kind either)."""
+    out = {}
+    valid = {"evict": lambda k: k >= cfg.evict["window"],
+             "offload": lambda k: k > cfg.offload["sink"] + cfg.offload["recent"]}
+    for kind in ("evict", "offload"):
+        if kind in cfg.calibrate:
+            i = next((i for i in range(CAL, len(FRACTIONS) - 1) if valid[kind](round(FRACTIONS[i] * T))), None)
+            params = cfg.evict if kind == "evict" else cfg.offload
+            out[kind] = (None, None) if i is None else \
+                ({"policy": kind, "budget": round(FRACTIONS[i] * T), **params}, i)
+    if "quant" in cfg.calibrate:
+        out.update({f"quant{b}": ({"policy": "quant", "bits": b, **cfg.quant}, None) for b in QUANT_BITS})
+    return out
+
+
 @torch.inference_mode()
 def profile_prompt(model, ids: list[int], cfg: ProfileConfig | None = None, progress=None) -> list[LayerStats]:
-    """Prefill `ids` under ProfileKV, decode cfg.probe greedy tokens, return per-layer statistics."""
+    """Prefill `ids` under ProfileKV, decode cfg.probe greedy tokens, return per-layer statistics
+    with the calibration of the kinds in cfg.calibrate (engine/calibrate.py), from the same probe."""
     cfg = cfg or ProfileConfig()
     device = model.head.device
     policies = [ProfileKV(model.args, i, len(ids) + cfg.probe, device, model.head.dtype, cfg)
                 for i in range(model.args.n_layers)]
     logits = model.prefill(torch.tensor([ids], device=device), policies, progress=progress)
     decoder = Decoder(model, policies)  # eager: ProfileKV is not graphable
+    tokens, outs = [], []
     for i in range(cfg.probe):
-        logits = decoder.step(logits.argmax(-1), len(ids) + i)
-    return [p.stats() for p in policies]
+        tokens.append(logits.argmax(-1))
+        logits = decoder.step(tokens[-1], len(ids) + i)
+        outs.append(logits.clone())
+    stats = [p.stats() for p in policies]
+    runs, harm = {}, {}  # kind -> (spec, each layer's error under it); None: prompt too short for it
+    for kind, (spec, at) in calibration_specs(len(ids), cfg).items():
+        if spec is None:
+            harm[kind] = None
+        else:
+            runs[kind] = (spec, [s.quant_err[spec["bits"]] if at is None else getattr(s, kind + "_err")[at]
+                                 for s in stats])
+    harm.update(calibrate(model, [(p.k, p.v, p.q_prompt) for p in policies], len(ids), tokens, outs, runs))
+    for s in stats:
+        s.harm = harm
+    return stats
 
 
 def average(profiles: list[list[LayerStats]]) -> list[LayerStats]:
@@ -196,8 +267,22 @@ def average(profiles: list[list[LayerStats]]) -> list[LayerStats]:
         out.append(LayerStats(
             dense=sum(s.dense for s in layer) / n,
             evict=[sum(vals) / n for vals in zip(*(s.evict for s in layer))],
-            offload=[sum(vals) / n for vals in zip(*(s.offload for s in layer))],
-            quant_err={b: sum(s.quant_err[b] for s in layer) / n for b in layer[0].quant_err}))
+            evict_err=[sum(vals) / n for vals in zip(*(s.evict_err for s in layer))],
+            offload_err=[sum(vals) / n for vals in zip(*(s.offload_err for s in layer))],
+            quant_err={b: sum(s.quant_err[b] for s in layer) / n for b in layer[0].quant_err},
+            harm=_mean_harm([s.harm for s in layer])))
+    return out
+
+
+def _mean_harm(harms: list[dict | None]) -> dict[str, float | None] | None:
+    """Each kind's calibration averaged over the profiles that measured it (None: none did; the
+    whole dict None when a profile has no calibration at all)."""
+    if not harms or any(h is None for h in harms):
+        return None
+    out = {}
+    for kind in sorted(set().union(*harms)):
+        vals = [h[kind] for h in harms if h.get(kind) is not None]
+        out[kind] = sum(vals) / len(vals) if vals else None
     return out
 
 
@@ -206,5 +291,8 @@ def stats_to_json(stats: list[LayerStats]) -> list[dict]:
 
 
 def stats_from_json(rows: list[dict]) -> list[LayerStats]:
-    return [LayerStats(r["dense"], r["evict"], r["offload"], {int(b): e for b, e in r["quant_err"].items()})
-            for r in rows]
+    """Also reads statistics saved before errors priced eviction and offload (kept mass then): their
+    errors are 1 - mass, as they were priced, and they carry no calibration."""
+    return [LayerStats(r["dense"], r["evict"], r.get("evict_err", [1 - x for x in r["evict"]]),
+                       r.get("offload_err", [1 - x for x in r.get("offload", [])]),
+                       {int(b): e for b, e in r["quant_err"].items()}, r.get("harm")) for r in rows]

@@ -1,39 +1,121 @@
-"""The profile's OffloadKV retention is what the policy really keeps: the decode query's attention
-mass on the tokens an OffloadKV of that budget holds, chunks and all."""
+"""The profile prices each option by what the policy really does: the attention-output error of the
+decode queries under the tokens BudgetedEvictKV keeps / OffloadKV fetches (chunks and all), and a
+calibration that is the KL of the model's own outputs with every layer on one option."""
 import math
 
 import pytest
 import torch
 
+from engine.calibrate import kl_divergence
 from engine.config import preset
+from engine.kv.evict import BudgetedEvictKV
 from engine.kv.offload import OffloadKV
-from engine.profile import FRACTIONS, ProfileConfig, layer_stats
-from stepping import attend_next
+from engine.planner import harm_weights, layer_options, plan_hybrid
+from engine.profile import CAL, FRACTIONS, LayerStats, ProfileConfig, calibration_specs, layer_stats, profile_prompt
+from engine.runner import generate
+from engine.sampling import SamplingParams
+from stepping import attend_next, decode_logits
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=1)  # head_dim 32
 
 
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_offload_retention_matches_the_policy(chunk):
-    T, D = 203, ARGS.head_dim
-    g = torch.Generator().manual_seed(chunk)
+def _case(seed, T, D):
+    g = torch.Generator().manual_seed(seed)
     k, v = torch.randn(1, 2, T + 1, D, generator=g), torch.randn(1, 2, T + 1, D, generator=g)
     k[:, :, 90:94] *= 3  # a few tokens that stand out, as a needle would
     q_prompt, q_dec = torch.randn(1, 4, 32, D, generator=g), torch.randn(1, 4, 1, D, generator=g)
+    exact = ((q_dec.reshape(1, 2, 2, D) @ k.transpose(-1, -2)) / math.sqrt(D)).softmax(-1) @ v
+    return k, v, q_prompt, q_dec, exact.reshape(1, 4, 1, D)  # heads in the queries' order
+
+
+def _err(out, exact):
+    return ((out - exact).norm(dim=-1) / exact.norm(dim=-1)).mean().item()
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_offload_error_is_the_policys(chunk):
+    T, D = 203, ARGS.head_dim
+    k, v, q_prompt, q_dec, exact = _case(chunk, T, D)
     params = {"sink": 4, "recent": 8, "channels": 8, "chunk": chunk}
     stats = layer_stats(k, v, T, q_prompt, q_dec, ARGS, ProfileConfig(offload=params))
-    probs = ((q_dec.reshape(1, 2, 2, D) @ k.transpose(-1, -2)) / math.sqrt(D)).softmax(-1)  # (1, 2, 2, T + 1)
     for i in (8, 16, 24):  # budgets of 1/8, 1/4, 3/8 of the prompt
-        budget = round(FRACTIONS[i] * T)
-        p = OffloadKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=budget, **params)
+        p = OffloadKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=round(FRACTIONS[i] * T), **params)
         p.prefill(k[:, :, :T], v[:, :, :T], q_prompt)
-        attend_next(p, q_dec, k[:, :, T:], v[:, :, T:])
-        kept = torch.zeros(1, 2, T + 1, dtype=torch.bool)
-        kept[:, :, :p.S] = True
-        kept[:, :, p.S + p.M:] = True  # recent (with the chunks' leftover) and the decoded token
-        for h in range(2):
-            for j in p.slots[0, h].tolist():
-                kept[0, h, p.S + j * chunk:p.S + (j + 1) * chunk] = True
-        assert kept[0, 0, p.S:p.S + p.M].sum() == p.top
-        mass = (probs * kept[:, :, None]).sum(-1).mean().item()
-        assert stats.offload[i] == pytest.approx(mass, abs=1e-5), (i, budget)
+        out = attend_next(p, q_dec, k[:, :, T:], v[:, :, T:])
+        assert 0 < p.top < p.M  # something offloaded, something fetched
+        assert stats.offload_err[i] == pytest.approx(_err(out, exact), abs=1e-5), i
+    assert stats.offload_err[-1] == 0.0 and stats.offload_err[1] == 1.0  # all kept / below sink + recent
+
+
+def test_evict_error_and_retention_are_the_policys():
+    T, D = 203, ARGS.head_dim
+    k, v, q_prompt, q_dec, exact = _case(5, T, D)
+    cfg = ProfileConfig(evict={"window": 16, "pool": 5})
+    stats = layer_stats(k, v, T, q_prompt, q_dec, ARGS, cfg)
+    probs = ((q_dec.reshape(1, 2, 2, D) @ k.transpose(-1, -2)) / math.sqrt(D)).softmax(-1)  # (1, 2, 2, T + 1)
+    for i in (8, 16, 40):
+        p = BudgetedEvictKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=round(FRACTIONS[i] * T), **cfg.evict)
+        p.prefill(k[:, :, :T], v[:, :, :T], q_prompt[:, :, -p.q_window:])
+        kept_k = p.k[:, :, :p.length].clone()
+        out = attend_next(p, q_dec, k[:, :, T:], v[:, :, T:])
+        assert stats.evict_err[i] == pytest.approx(_err(out, exact), abs=1e-5), i
+        kept = (k[:, :, :T, None] == kept_k[:, :, None]).all(-1).any(-1)  # (1, 2, T): prompt tokens kept
+        mass = (probs[..., :T] * kept[:, :, None]).sum(-1) + probs[..., T]
+        assert stats.evict[i] == pytest.approx(mass.mean().item(), abs=1e-5), i
+
+
+def test_calibration_is_the_kl_per_unit_of_error(default_model):
+    """harm[kind] = KL(FullKV || every layer on that option) over the probe's tokens, per unit of the
+    layers' summed error: recomputed here by teacher forcing the same tokens through real policies."""
+    m = default_model
+    text = open(__file__).read() * 4
+    ids = m.tokenizer.encode(text)[:1000]
+    cfg = ProfileConfig(probe=4)
+    stats = profile_prompt(m.model, ids, cfg)
+    harm = stats[0].harm
+    assert set(harm) == {"quant1", "quant2", "quant4", "evict", "offload"}
+    assert all(s.harm is harm for s in stats)
+    probe = generate(m.model, ids, cfg.probe, SamplingParams(), {"policy": "full"}).generated_ids  # as profiled
+    tokens = torch.tensor([ids + probe])
+    full, _ = decode_logits(m.model, tokens, {"policy": "full"}, len(ids))
+    for kind, (spec, at) in calibration_specs(len(ids), cfg).items():
+        got, _ = decode_logits(m.model, tokens, spec, len(ids))
+        kl = kl_divergence(full[1:, 0], got[1:, 0]).mean().item()
+        assert at == (None if kind.startswith("quant") else CAL)  # 1000 tokens: every budget valid at CAL
+        err = sum(s.quant_err[spec["bits"]] if at is None else getattr(s, kind + "_err")[at] for s in stats)
+        assert harm[kind] == pytest.approx(kl / err, rel=1e-3), kind
+        assert harm[kind] > 0
+
+
+def test_planner_weighs_errors_by_their_harm():
+    n = len(FRACTIONS)
+    s = LayerStats(0.1, [0.9] * n, [0.1] * n, [0.2] * n, {1: 0.1, 2: 0.05, 4: 0.01},
+                   harm={"evict": 0.01, "offload": 0.005, "quant1": 0.04, "quant2": 0.02, "quant4": 0.01})
+    ref = (0.01 + 0.005) / 2  # evict and offload together are the reference
+    w = harm_weights(s)
+    assert w == pytest.approx({"evict": 1, "offload": 1, "quant1": 0.04 / ref, "quant2": 0.02 / ref,
+                               "quant4": 0.01 / ref})
+    q = {(o.spec["policy"], o.spec.get("bits")): o.quality
+         for o in layer_options(ARGS, s, 1000, 0, 4, ProfileConfig(), 64, ("evict", "offload", "quant"))}
+    assert q[("quant", 1)] == pytest.approx(1 - 0.04 / ref * 0.1)
+    assert q[("quant", 2)] == pytest.approx(1 - 0.02 / ref * 0.05)
+    assert q[("evict", None)] == pytest.approx(0.9) and q[("offload", None)] == pytest.approx(0.8)
+    s.harm = None  # statistics without a calibration: errors priced alike
+    assert set(harm_weights(s).values()) == {1.0}
+
+
+def test_calibration_follows_the_kinds_and_short_prompts():
+    """Only the kinds asked for are calibrated; a kind too long for the prompt is None; a plan with
+    quant refuses statistics that did not calibrate it."""
+    cfg = ProfileConfig(calibrate=("evict", "offload"))
+    specs = calibration_specs(4096, cfg)
+    assert set(specs) == {"evict", "offload"} and specs["evict"][1] == CAL
+    short = calibration_specs(300, ProfileConfig())  # 9.4% = 28 tokens: below evict's window and offload's floor
+    assert short["evict"][1] > CAL and round(FRACTIONS[short["evict"][1]] * 300) >= 32
+    assert short["offload"] == (None, None) or round(FRACTIONS[short["offload"][1]] * 300) > 80
+    assert calibration_specs(60, ProfileConfig())["offload"] == (None, None)
+    n = len(FRACTIONS)
+    stats = [LayerStats(0.1, [0.9] * n, [0.1] * n, [0.2] * n, {1: 0.1, 2: 0.05, 4: 0.01}, harm={})]
+    with pytest.raises(ValueError, match="did not calibrate quant"):
+        plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("quant", "evict", "full"))
+    assert plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("evict", "offload", "full"))

@@ -54,7 +54,7 @@ def run(a: argparse.Namespace) -> int:
     full = llm.full_kv_bytes(a.ctx + new)
     names, specs = ["full"], [[{"policy": "full"}] * llm.args.n_layers]
     for text, params in a.settings:
-        cfg = ProfileConfig()
+        cfg = ProfileConfig(calibrate=())  # evict and offload only: priced alike, nothing to calibrate
         cfg.offload, cfg.evict = {**cfg.offload, **params["offload"]}, {**cfg.evict, **params["evict"]}
         t = time.perf_counter()
         stats = llm.profile(prompts, profile_tokens=None, cfg=cfg)

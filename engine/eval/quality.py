@@ -21,6 +21,7 @@ from engine.graphs import Decoder
 from engine.kv import build_policies
 from engine.kv.base import KVPolicy
 from engine.model import Llama
+from engine.calibrate import kl_divergence  # the profile calibrates with it too
 
 
 class FanOut(KVPolicy):
@@ -57,12 +58,6 @@ def teacher_forced(model: Llama, prompt: list[int], continuation: list[int], spe
             logits.append(decoder.step(torch.tensor([tok], device=device), len(prompt) + i)[0].clone())
         out.append((torch.stack(logits).float(), policies))
     return out
-
-
-def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row, in nats, from logits (N, V)."""
-    logp, logq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def top1_agreement(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:

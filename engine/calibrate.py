@@ -1,0 +1,62 @@
+"""What a unit of attention-output error costs at the model's output, per kind of KV policy: the
+calibration that lets the planner (engine/planner.py) compare eviction, offload and quantization.
+
+The profile (engine/profile.py) prices every option of a layer by the relative error it would make
+in that layer's attention output. That currency alone misleads: the same error harms the output
+very differently by kind. Measured on the default model (4k tokens of GPL-3, every layer on one
+option; KL over 256 teacher-forced tokens / the per-layer errors summed over the 30 layers):
+    evict 10%    0.106 / 3.48  = 0.031 per unit
+    offload 10%  0.040 / 2.69  = 0.015
+    2-bit        0.112 / 3.32  = 0.034
+    1-bit        0.396 / 3.52  = 0.113
+1 bit costs ~4x what eviction does per unit of error, offload half: quantization noise moves every
+output off the values the model has seen, eviction moves it towards an average of real ones.
+Priced alike, the planner filled a 10% plan with 1-bit layers (KL 0.354, vs 0.185 without quant).
+Within a plan the costs add up nearly linearly (a plan's quant layers alone: KL 0.154, its evict
+layers alone 0.141, both 0.282), so each kind gets one number: its KL per unit of summed error,
+measured on the profile's own probe (16 greedy tokens), by running the probe again with every layer
+on that kind. The kinds run as one batch, so the weights are read once per step.
+
+The planner (harm_weights) uses evict and offload together as the reference, weight 1 each: both
+keep real tokens, and their ratio is not stable from one probe (offload per eviction 0.77 on GPL-3,
+2.9 on profile_layers.py's haystacks; weighted by it, suite plans flipped between all-evict and
+all-offload from prompt to prompt). The bit widths are stable (1 bit 14x / 26x the reference on
+those, 2 bits 4.2x / 6.5x, 4 bits 0.5x / 0.3x), and only they are weighted.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.graphs import Decoder
+from engine.kv import build_policies
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, in nats, from logits (N, V)."""
+    logp, logq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@torch.inference_mode()
+def calibrate(model, prompt_kv: list[tuple], T: int, tokens: list[torch.Tensor], logits: list[torch.Tensor],
+              runs: dict[str, tuple[dict, list[float]]]) -> dict[str, float]:
+    """-> {kind: KL(FullKV || every layer on `spec`) / sum of the layers' errors}.
+
+    prompt_kv: per layer (k, v, q_window) with k, v (B, H_kv, >= T, D) holding the T-token prompt
+    and q_window (B, H, w, D) its last queries (what the policies choose by); tokens: the probe's
+    greedy tokens, fed at positions T, T + 1, ...; logits: FullKV's logits after each (1, vocab);
+    runs: kind -> (one spec for every layer, each layer's error under it, as the profile measured)."""
+    if not runs:
+        return {}
+    device, dtype = prompt_kv[0][0].device, model.head.dtype
+    seqs = []
+    for spec, _ in runs.values():
+        pols = build_policies(model.args, spec, T + len(tokens), device, dtype)
+        for p, (k, v, q_window) in zip(pols, prompt_kv):
+            p.prefill(k[:, :, :T], v[:, :, :T], q_window[:, :, -p.q_window:] if p.q_window else None)
+        seqs.append(pols)
+    decoder = Decoder(model, seqs, cuda_graphs=False)  # one sequence per kind
+    kl = torch.zeros(len(seqs), device=logits[0].device)
+    for i, (tok, ref) in enumerate(zip(tokens, logits)):
+        kl += kl_divergence(ref.expand(len(seqs), -1), decoder.step(tok.expand(len(seqs)), [T + i] * len(seqs)))
+    return {kind: k / max(sum(errs), 1e-9) for (kind, (_, errs)), k in zip(runs.items(), (kl / len(tokens)).tolist())}
