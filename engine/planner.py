@@ -5,9 +5,9 @@ and a quality measured by the profile (engine/profile.py): 1 - the relative erro
 attention output under it, weighted by what that kind of error costs at the model's output
 (engine/calibrate.py: per unit of error 1-bit quantization costs many times what eviction does):
     Full           quality 1
-    Quant(b)       1 - w_quant(b) x error at b bits
-    Evict(k)       1 - error of static eviction to k prompt tokens          (w_evict = 1)
-    Offload(k, C)  1 - w_offload x error of fetching k tokens per step, chunks of C
+    Evict(k)       1 - error of static eviction to k prompt tokens
+    Offload(k, C)  1 - error of fetching k tokens per step, chunks of C
+    Quant(b)       1 - w(b) x error at b bits, w(b) = its KL per unit of error over evict/offload's
 XKV's modes (below) keep XKV's own measure, the retention R(k) of static eviction.
 The hybrid planner starts every layer at its cheapest option (the floor: no layer gets zero
 tokens), then spends the budget on upgrades in order of quality gained per byte. Upgrades are the
