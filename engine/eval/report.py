@@ -50,7 +50,8 @@ def describe(results: dict) -> str:
             f"{m['date']}; {m['model']} ({m['dtype']}) on {m['device_name']}; torch {m['torch']}, "
             f"transformers {m.get('transformers') or 'not installed'}, kvpress {m.get('kvpress') or 'not installed'}. "
             f"Tasks: {', '.join(m['tasks'])}; {m['seeds']} prompt(s) each. Greedy answers; agreement = the same "
-            "answer as FullKV's (first line, whitespace-normalised); accuracy = share of the expected answers "
+            "answer as FullKV's (the first n answer items, n = what the task asks for; list markers, "
+            "punctuation and case aside); accuracy = share of the expected answers "
             "found. At a kept fraction f: evict/offload keep f of the prompt's tokens per layer, hybrid plans "
             "for f of FullKV's bytes (profiled per prompt), kvpress presses use compression_ratio 1 - f.")]
             + ([f"Skipped peers: {m['skipped_peers']}"] if m.get("skipped_peers") else [])
