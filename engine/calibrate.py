@@ -15,7 +15,7 @@ Priced alike, the planner filled a 10% plan with 1-bit layers (KL 0.354, vs 0.18
 Within a plan the costs add up nearly linearly (a plan's quant layers alone: KL 0.154, its evict
 layers alone 0.141, both 0.282), so each kind gets one number: its KL per unit of summed error,
 measured on the profile's own probe (16 greedy tokens), by running the probe again with every layer
-on that kind. The kinds run as one batch, so the weights are read once per step.
+on that kind (on a CPU all kinds as one batch, so the weights are read once per step).
 
 The planner (harm_weights) uses evict and offload together as the reference, weight 1 each: both
 keep real tokens, and their ratio is not stable from one probe (offload per eviction 0.77 on GPL-3,
@@ -37,26 +37,43 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def _kl_of_runs(model, specs: list[dict], prompt_kv: list[tuple], T: int, tokens: list[torch.Tensor],
+                logits: list[torch.Tensor]) -> list[float]:
+    """Mean KL over the probe for each spec (every layer on it), all specs stepped as one batch."""
+    device, dtype = prompt_kv[0][0].device, model.head.dtype
+    seqs = []
+    for spec in specs:
+        pols = build_policies(model.args, spec, T + len(tokens), device, dtype)
+        for p, (k, v, q_window) in zip(pols, prompt_kv):
+            p.prefill(k[:, :, :T], v[:, :, :T], q_window[:, :, -p.q_window:] if p.q_window else None)
+        seqs.append(pols)
+    decoder = Decoder(model, seqs, cuda_graphs=False)  # one sequence per spec
+    n = len(seqs)
+    kl = torch.zeros(n, device=logits[0].device)
+    for i, (tok, ref) in enumerate(zip(tokens, logits)):
+        kl += kl_divergence(ref.expand(n, -1), decoder.step(tok.expand(n), [T + i] * n))
+    return (kl / len(tokens)).tolist()
+
+
 @torch.inference_mode()
 def calibrate(model, prompt_kv: list[tuple], T: int, tokens: list[torch.Tensor], logits: list[torch.Tensor],
-              runs: dict[str, tuple[dict, list[float]]]) -> dict[str, float]:
+              runs: dict[str, tuple[dict, list[float]]], batch: bool | None = None) -> dict[str, float]:
     """-> {kind: KL(FullKV || every layer on `spec`) / sum of the layers' errors}.
 
     prompt_kv: per layer (k, v, q_window) with k, v (B, H_kv, >= T, D) holding the T-token prompt
     and q_window (B, H, w, D) its last queries (what the policies choose by); tokens: the probe's
     greedy tokens, fed at positions T, T + 1, ...; logits: FullKV's logits after each (1, vocab);
-    runs: kind -> (one spec for every layer, each layer's error under it, as the profile measured)."""
+    runs: kind -> (one spec for every layer, each layer's error under it, as the profile measured).
+    batch: step every kind as one batch (default on a CPU, where reading the weights once per step
+    is what costs) or one kind after the other (default on a GPU, where the kinds' caches beside the
+    profile's FullKV are what costs: at 128k the 4-, 2- and 1-bit caches alone are ~0.55 of it)."""
     if not runs:
         return {}
-    device, dtype = prompt_kv[0][0].device, model.head.dtype
-    seqs = []
-    for spec, _ in runs.values():
-        pols = build_policies(model.args, spec, T + len(tokens), device, dtype)
-        for p, (k, v, q_window) in zip(pols, prompt_kv):
-            p.prefill(k[:, :, :T], v[:, :, :T], q_window[:, :, -p.q_window:] if p.q_window else None)
-        seqs.append(pols)
-    decoder = Decoder(model, seqs, cuda_graphs=False)  # one sequence per kind
-    kl = torch.zeros(len(seqs), device=logits[0].device)
-    for i, (tok, ref) in enumerate(zip(tokens, logits)):
-        kl += kl_divergence(ref.expand(len(seqs), -1), decoder.step(tok.expand(len(seqs)), [T + i] * len(seqs)))
-    return {kind: k / max(sum(errs), 1e-9) for (kind, (_, errs)), k in zip(runs.items(), (kl / len(tokens)).tolist())}
+    device = prompt_kv[0][0].device
+    batch = device.type == "cpu" if batch is None else batch
+    specs = [spec for spec, _ in runs.values()]
+    if batch:
+        kls = _kl_of_runs(model, specs, prompt_kv, T, tokens, logits)
+    else:
+        kls = [_kl_of_runs(model, [spec], prompt_kv, T, tokens, logits)[0] for spec in specs]
+    return {kind: kl / max(sum(errs), 1e-9) for (kind, (_, errs)), kl in zip(runs.items(), kls)}

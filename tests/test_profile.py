@@ -64,14 +64,20 @@ def test_evict_error_and_retention_are_the_policys():
         assert stats.evict[i] == pytest.approx(mass.mean().item(), abs=1e-5), i
 
 
-def test_calibration_is_the_kl_per_unit_of_error(default_model):
+def test_calibration_is_the_kl_per_unit_of_error(default_model, monkeypatch):
     """harm[kind] = KL(FullKV || every layer on that option) over the probe's tokens, per unit of the
-    layers' summed error: recomputed here by teacher forcing the same tokens through real policies."""
+    layers' summed error: recomputed here by teacher forcing the same tokens through real policies.
+    On a CPU the kinds run as one batch; one after another (a GPU's default) gives the same."""
+    import engine.profile
+    from engine.calibrate import calibrate
     m = default_model
     text = open(__file__).read() * 4
     ids = m.tokenizer.encode(text)[:1000]
     cfg = ProfileConfig(probe=4)
+    seen = []
+    monkeypatch.setattr(engine.profile, "calibrate", lambda *a: seen.append(a) or calibrate(*a))
     stats = profile_prompt(m.model, ids, cfg)
+    assert calibrate(*seen[0], batch=False) == pytest.approx(stats[0].harm, rel=1e-3)
     harm = stats[0].harm
     assert set(harm) == {"quant1", "quant2", "quant4", "evict", "offload"}
     assert all(s.harm is harm for s in stats)
@@ -119,3 +125,4 @@ def test_calibration_follows_the_kinds_and_short_prompts():
     with pytest.raises(ValueError, match="did not calibrate quant"):
         plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("quant", "evict", "full"))
     assert plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("evict", "offload", "full"))
+
