@@ -145,7 +145,7 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     # sketch's approximate scores (one ranking per KV head and query: a loop over the n queries)
     sink, recent, c = cfg.offload["sink"], cfg.offload["recent"], cfg.offload["chunk"]
     S, M, R, _ = OffloadKV.layout(T, 0, sink, recent, c)  # budget 0: the middle in whole chunks
-    tops = []  # middle tokens fetched per fraction; None: not offloaded (1.0) or an invalid budget (0.0)
+    tops = []  # middle tokens fetched per fraction; None: nothing offloaded (error 0), -1: below sink + recent
     for f in FRACTIONS:
         k_f = round(f * T)
         top = OffloadKV.layout(T, k_f, sink, recent, c)[3]
