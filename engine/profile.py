@@ -135,11 +135,12 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     cand = dec[..., :T - W].gather(-1, order[:, :, None, None].expand(dec[..., :T - W].shape))
     cand_v = vf[:, :, :, :T - W].gather(3, order[:, :, None, :, None].expand(-1, -1, -1, -1, D))
     cuts = [min(T - W, max(0, round(f * T) - W)) for f in FRACTIONS]
-    always = dec[..., T - W:]
-    got = torch.cat([cand.new_zeros(cand.shape[:-1] + (1,)), cand.cumsum(-1)], -1)  # mass on the best j
-    evict = [(always.sum(-1) + got[..., j]).mean().item() for j in cuts]
+    always = dec[..., T - W:]  # the window and the decoded tokens
+    kept = always.sum(-1, keepdim=True)  # (B, H_kv, n_rep, n, 1)
+    got = torch.cat([torch.zeros_like(kept), cand.cumsum(-1)], -1)  # mass on the best j candidates
+    evict = [(kept[..., 0] + got[..., j]).mean().item() for j in cuts]
     evict_err = [_rel_err(out, exact) for out in _outputs_in_order(
-        torch.matmul(always, vf[..., T - W:, :]), always.sum(-1, keepdim=True), cand, cand_v, cuts)]
+        torch.matmul(always, vf[..., T - W:, :]), kept, cand, cand_v, cuts)]
 
     # OffloadKV: sink + recent + decoded, and per decode query the top chunks of the middle by the
     # sketch's approximate scores (one ranking per KV head and query: a loop over the n queries)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.calibrate import kl_divergence  # the profile calibrates with it too
 from engine.eval.haystack import make_haystack
 from engine.graphs import Decoder
 from engine.kv import build_policies
 from engine.kv.base import KVPolicy
 from engine.model import Llama
-from engine.calibrate import kl_divergence  # the profile calibrates with it too
 
 
 class FanOut(KVPolicy):
