@@ -15,7 +15,9 @@ QuantizedCache) and kvpress presses at the same kept fraction (`make peers` buil
 --suite measures quality only: RULER-style tasks (needles of numbers, words and UUIDs, multi-key
 with distractors, multi-value, multi-query, variable tracking, common-words extraction), greedy
 answers scored by task accuracy and by agreement with FullKV's answer, at every --kv-fraction
-(default for the suite 0.05,0.1,0.2,0.35,0.5), for our policies and the peers.
+(default for the suite 0.05,0.1,0.2,0.35,0.5), for our policies and the peers. On a float32 model,
+add full:store=bfloat16 to --policies for the noise floor: how often FullKV's own answer changes when
+its cache is merely rounded to bfloat16.
 
 --throughput measures decode tokens/s at batch 1, 2, 4, ... up to the largest batch of --ctx-token
 prompts whose KV caches fit --kv-memory, per policy (ours; at the first --kv-fraction).

@@ -42,3 +42,28 @@ def test_unknown_policy_and_wrong_layer_count():
         build_policies(args, {"policy": "nope"}, 8, "cpu", torch.float32)
     with pytest.raises(ValueError, match="layer specs"):
         build_policies(args, [{"policy": "full"}], 8, "cpu", torch.float32)
+
+
+def test_store_rounds_the_cache_and_reports_its_bytes():
+    """full:store=bfloat16 under a float32 model attends exactly as a float32 FullKV whose K/V were
+    rounded to bfloat16 (the suite's noise floor), and holds and prices half the bytes."""
+    from engine.kv import parse_policy, spec_cost
+    from engine.kv.full import FullKV
+    from kernels.dense_attn import decode_attention
+    args = preset("tiny", vocab_size=300)
+    g = torch.Generator().manual_seed(1)
+    B, T, D = 2, 40, args.head_dim
+    k, v = (torch.randn(B, args.n_kv_heads, T + 1, D, generator=g) * 3 for _ in range(2))
+    q = torch.randn(B, args.n_heads, 1, D, generator=g)
+    spec = parse_policy("full:store=bfloat16")
+    p = build_policies(args, spec, T + 1, "cpu", torch.float32)[0]
+    p.prefill(k[:, :, :T], v[:, :, :T])
+    out = p.attend(q, k[:, :, T:], v[:, :, T:], torch.tensor([T]))
+    r = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    torch.testing.assert_close(out, decode_attention(q, r(k), r(v)), atol=1e-6, rtol=0)
+    assert not torch.allclose(out, decode_attention(q, k, v), atol=1e-4)  # the rounding is seen
+    expected = 2 * args.n_kv_heads * (T + 1) * D * 2  # per sequence, bfloat16
+    assert p.nbytes()["device"] == B * expected == B * spec_cost(args, spec, T, 1, 4)["device"]
+    assert p.describe()["store"] == "bfloat16"
+    with pytest.raises(ValueError, match="store must be"):
+        FullKV(args, 0, 8, "cpu", torch.float32, store="int8")

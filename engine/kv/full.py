@@ -14,31 +14,46 @@ from kernels.dense_attn import dense_decode_attention
 class FullKV(KVPolicy):
     name = "full"
 
-    def __init__(self, args, layer, capacity, device, dtype):
+    def __init__(self, args, layer, capacity, device, dtype, store: str = "model"):
         super().__init__(args, layer, capacity, device, dtype)
-        self.k = self.v = None  # (B, H_kv, capacity, D), allocated at prefill (B from the prompt)
+        self.store = self.store_dtype(store, dtype)
+        self.k = self.v = None  # (B, H_kv, capacity, D) in self.store, allocated at prefill (B from the prompt)
+
+    @staticmethod
+    def store_dtype(store: str, dtype: torch.dtype) -> torch.dtype:
+        """'model' -> the model's dtype; 'bfloat16' / 'float16' / 'float32' -> that dtype."""
+        if store == "model":
+            return dtype
+        if store not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"FullKV store must be model, bfloat16, float16 or float32, got {store!r}")
+        return getattr(torch, store)
 
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
         if T > self.capacity:
             raise RuntimeError(f"FullKV layer {self.layer}: {T} tokens exceed capacity {self.capacity}")
-        self.k = torch.empty(B, H_kv, self.capacity, D, device=self.device, dtype=self.dtype)
+        self.k = torch.empty(B, H_kv, self.capacity, D, device=self.device, dtype=self.store)
         self.v = torch.empty_like(self.k)
         self.k[:, :, :T], self.v[:, :, :T] = k, v
         self.length = T
 
     def attend(self, q, k_new, v_new, pos):
         # FullKV keeps every token at its own position: row == position.
-        self.k.index_copy_(2, pos, k_new)
-        self.v.index_copy_(2, pos, v_new)
-        return dense_decode_attention(q, self.k, self.v, pos + 1)
+        self.k.index_copy_(2, pos, k_new.to(self.store))
+        self.v.index_copy_(2, pos, v_new.to(self.store))
+        if self.store == self.dtype:
+            return dense_decode_attention(q, self.k, self.v, pos + 1)
+        return dense_decode_attention(q, self.k.to(self.dtype), self.v.to(self.dtype), pos + 1)
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k, self.v), "host": 0}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, **params):
+    def cost(cls, args, prompt, new, elem, store="model"):
+        if store != "model":  # elem is the model dtype's size; a store of another dtype has its own
+            elem = torch.empty(0, dtype=cls.store_dtype(store, torch.float32)).element_size()
         return {"device": (prompt + new) * 2 * args.n_kv_heads * args.head_dim * elem, "host": 0}
 
     def describe(self):
-        return {"policy": self.name, "capacity": self.capacity}
+        out = {"policy": self.name, "capacity": self.capacity}
+        return out if self.store == self.dtype else {**out, "store": str(self.store).removeprefix("torch.")}
