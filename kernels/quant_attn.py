@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import use_triton
+from kernels import fp8, use_triton
+from kernels.fp8 import e4m3_to_f32
 
 # Split policy: aim for this many (batch, kv head, split) programs, enough to cover a GPU's SMs
 # about twice, but give each split at least MIN_SPLIT_TOKENS so the partial results stay small.
@@ -51,13 +52,15 @@ MIN_SPLIT_TOKENS = 512
 
 
 def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                           bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None) -> torch.Tensor:
+                           bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None,
+                           k_sup=None, v_sup=None) -> torch.Tensor:
     """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the pos + 1
     cached tokens (sm_scale default 1/sqrt(D)), those marked in held_mask from the held rows.
-    Triton on CUDA tensors, the torch path elsewhere."""
+    k_sup / v_sup (B, H_kv) float32: the scales and mins are 8-bit e4m3 bytes of these superscales
+    (kernels/fp8.py). Triton on CUDA tensors, the torch path elsewhere."""
     fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
     return fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale,
-              k_held=k_held, v_held=v_held, held_mask=held_mask)
+              k_held=k_held, v_held=v_held, held_mask=held_mask, k_sup=k_sup, v_sup=v_sup)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -89,11 +92,17 @@ def _unpack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return table[codes.long()].flatten(-2)
 
 
+def _widen(ranges: torch.Tensor, sup: torch.Tensor | None) -> torch.Tensor:
+    """Scales or mins as float32: stored floats as they are, 8-bit bytes through their superscale."""
+    return ranges.float() if sup is None else fp8.decode(ranges, sup)
+
+
 def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                                 bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None) -> torch.Tensor:
+                                 bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None,
+                                 k_sup=None, v_sup=None) -> torch.Tensor:
     length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])  # on the host: this path is for CPU tensors
     S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
-               k_held, v_held, held_mask)
+               k_held, v_held, held_mask, k_sup, v_sup)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
     n_rep = H // H_kv
@@ -102,9 +111,9 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     # Keys: q . (c * s + m) = c . (q * s) + q . m, with (s, m) shared by each group of G tokens.
     ng = n_kq // G
     kc = _unpack_lut(k_codes[:, :, :n_kq], bits).view(B, H_kv, ng, G, D)
-    qs = qg[:, :, None] * k_scale[:, :, :ng, None].float()  # (B, H_kv, ng, n_rep, D)
+    qs = qg[:, :, None] * _widen(k_scale[:, :, :ng], k_sup)[:, :, :, None]  # (B, H_kv, ng, n_rep, D)
     s_q = torch.matmul(kc, qs.transpose(-1, -2))  # (B, H_kv, ng, G, n_rep)
-    s_q = s_q + torch.matmul(k_mn[:, :, :ng, None].float(), qg.transpose(-1, -2)[:, :, None])  # + q.m per group
+    s_q = s_q + torch.matmul(_widen(k_mn[:, :, :ng], k_sup)[:, :, :, None], qg.transpose(-1, -2)[:, :, None])  # + q.m
     s_q = s_q.reshape(B, H_kv, n_kq, n_rep).transpose(-1, -2)  # (B, H_kv, n_rep, n_kq)
     s_r = torch.matmul(qg, k_res[:, :, :length - n_kq].float().transpose(-1, -2))  # (B, H_kv, n_rep, r)
     s = torch.cat([s_q, s_r], dim=-1)  # (B, H_kv, n_rep, length)
@@ -116,10 +125,10 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     # Values: sum_t p_t (c * s + m) = sum_t (p_t s_t) c_t + sum_t p_t m_t, per group of G channels.
     gv = D // G
     vc = _unpack_lut(v_codes[:, :, :n_vq], bits).view(B, H_kv, n_vq, gv, G).transpose(2, 3)  # (B,H_kv,gv,n_vq,G)
-    w = p[..., :n_vq, None] * v_scale[:, :, None, :n_vq].float()  # (B, H_kv, n_rep, n_vq, gv)
+    w = p[..., :n_vq, None] * _widen(v_scale[:, :, :n_vq], v_sup)[:, :, None]  # (B, H_kv, n_rep, n_vq, gv)
     out = torch.matmul(w.permute(0, 1, 4, 2, 3), vc)  # (B, H_kv, gv, n_rep, G)
     out = out.permute(0, 1, 3, 2, 4).reshape(B, H_kv, n_rep, D)
-    out = out + torch.matmul(p[..., :n_vq], v_mn[:, :, :n_vq].float()).repeat_interleave(G, dim=-1)
+    out = out + torch.matmul(p[..., :n_vq], _widen(v_mn[:, :, :n_vq], v_sup)).repeat_interleave(G, dim=-1)
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots, oldest first
     out = out + torch.matmul(p[..., n_vq:], v_res[:, :, slots].float())
     if S:
@@ -129,7 +138,7 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
 
 # -- reference ----------------------------------------------------------------------------------------
 def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
-           k_held=None, v_held=None, held_mask=None) -> int:
+           k_held=None, v_held=None, held_mask=None, k_sup=None, v_sup=None) -> int:
     """Assert the cache is consistent with the format; return the number of held tokens per head."""
     B, H, Tq, D = q.shape
     H_kv, R = k_res.shape[1], v_res.shape[2]
@@ -140,6 +149,9 @@ def _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, leng
     assert n_kq % group == 0 and 0 <= n_kq <= length and 0 <= n_vq <= length
     assert length - n_kq <= k_res.shape[2] and length - n_vq <= R and length >= 1
     assert n_kq <= k_codes.shape[2] and n_vq <= v_codes.shape[2]
+    for ranges, sup in ((k_scale, k_sup), (v_scale, v_sup)):  # 8-bit ranges come with their superscales
+        assert (ranges.dtype == torch.uint8) == (sup is not None), "uint8 ranges need a superscale"
+        assert sup is None or sup.shape == (B, H_kv), (None if sup is None else sup.shape)
     if k_held is None:
         assert v_held is None and held_mask is None
         return 0
@@ -158,22 +170,23 @@ def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                               bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None) -> torch.Tensor:
+                               bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None,
+                               k_sup=None, v_sup=None) -> torch.Tensor:
     length, n_kq, n_vq = token_ranges(pos, v_res.shape[2])
     S = _check(q, k_codes, k_scale, k_res, n_kq, v_codes, v_scale, v_res, n_vq, length, bits, group,
-               k_held, v_held, held_mask)
+               k_held, v_held, held_mask, k_sup, v_sup)
     B, H, _, D = q.shape
     H_kv, R, G = k_res.shape[1], v_res.shape[2], group
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     # Keys: one (scale, mn) row per G tokens, shared by every channel of that row.
     k_q = unpack_codes(k_codes[:, :, :n_kq], bits).float()  # (B, H_kv, n_kq, D)
-    k_q = k_q * k_scale[:, :, :n_kq // G].float().repeat_interleave(G, dim=2) \
-        + k_mn[:, :, :n_kq // G].float().repeat_interleave(G, dim=2)
+    k_q = k_q * _widen(k_scale[:, :, :n_kq // G], k_sup).repeat_interleave(G, dim=2) \
+        + _widen(k_mn[:, :, :n_kq // G], k_sup).repeat_interleave(G, dim=2)
     k = torch.cat([k_q.to(k_res.dtype), k_res[:, :, :length - n_kq]], dim=2)  # (B, H_kv, length, D)
     # Values: one (scale, mn) per G channels of each token.
     v_q = unpack_codes(v_codes[:, :, :n_vq], bits).float()  # (B, H_kv, n_vq, D)
-    v_q = v_q * v_scale[:, :, :n_vq].float().repeat_interleave(G, dim=3) \
-        + v_mn[:, :, :n_vq].float().repeat_interleave(G, dim=3)
+    v_q = v_q * _widen(v_scale[:, :, :n_vq], v_sup).repeat_interleave(G, dim=3) \
+        + _widen(v_mn[:, :, :n_vq], v_sup).repeat_interleave(G, dim=3)
     slots = torch.arange(n_vq, length, device=q.device) % R  # ring slots of the recent tokens, oldest first
     v = torch.cat([v_q.to(v_res.dtype), v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
     # Dense grouped-query attention (as kernels.dense_attn.decode_attention, with sm_scale).
@@ -191,14 +204,14 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scal
 # -- Triton ----------------------------------------------------------------------------------------------
 @triton.jit
 def _quant_decode_kernel(
-    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, M_out, L_out, Acc_out,
+    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, KSUP, VSUP, M_out, L_out, Acc_out,
     sm_scale, POS, n_rep, H_kv, R, split_len,
     sq_b, sq_h, sq_d,
     skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skm_b, skm_h, skm_t, skm_d,
     skr_b, skr_h, skr_t, skr_d,
     svc_b, svc_h, svc_t, svc_d, svs_b, svs_h, svs_t, svs_d, svm_b, svm_h, svm_t, svm_d,
     svr_b, svr_h, svr_t, svr_d, shm_b, shm_h,
-    HAS_HELD: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr,
+    HAS_HELD: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
@@ -221,6 +234,8 @@ def _quant_decode_kernel(
     vs, vm = VS + b * svs_b + hk * svs_h, VM + b * svm_b + hk * svm_h
     vr = VR + b * svr_b + hk * svr_h
     hm = HM + b * shm_b + hk * shm_h
+    if FP8:  # 8-bit ranges: e4m3 bytes times the head's superscale (kernels/fp8.py)
+        ksup, vsup = tl.load(KSUP + pid_bh), tl.load(VSUP + pid_bh)
 
     pos = tl.load(POS)  # the newest token; the ranges follow from it (module docstring)
     length, n_kq, n_vq = pos + 1, pos - pos % R, tl.maximum(pos + 1 - R, 0)
@@ -244,6 +259,8 @@ def _quant_decode_kernel(
         code = (byte.to(tl.int32) >> shift_d[:, None]) & CODE_MASK
         scale = tl.load(ks + (t[None, :] // G) * sks_t + d[:, None] * sks_d, mask=k_quant[None, :], other=0.0)
         mn = tl.load(km + (t[None, :] // G) * skm_t + d[:, None] * skm_d, mask=k_quant[None, :], other=0.0)
+        if FP8:
+            scale, mn = e4m3_to_f32(scale) * ksup, e4m3_to_f32(mn) * ksup
         k_res = tl.load(kr + (t[None, :] - n_kq) * skr_t + d[:, None] * skr_d, mask=k_full[None, :], other=0.0)
         k = tl.where(k_quant[None, :], code.to(tl.float32) * scale.to(tl.float32) + mn.to(tl.float32),
                      k_res.to(tl.float32))  # (D, BLOCK_T)
@@ -263,6 +280,8 @@ def _quant_decode_kernel(
         code = (byte.to(tl.int32) >> shift_d[None, :]) & CODE_MASK
         scale = tl.load(vs + t[:, None] * svs_t + vgrp_d[None, :] * svs_d, mask=v_quant[:, None], other=0.0)
         mn = tl.load(vm + t[:, None] * svm_t + vgrp_d[None, :] * svm_d, mask=v_quant[:, None], other=0.0)
+        if FP8:
+            scale, mn = e4m3_to_f32(scale) * vsup, e4m3_to_f32(mn) * vsup
         v_res = tl.load(vr + (t[:, None] % R) * svr_t + d[None, :] * svr_d, mask=v_full[:, None], other=0.0)
         v = tl.where(v_quant[:, None], code.to(tl.float32) * scale.to(tl.float32) + mn.to(tl.float32),
                      v_res.to(tl.float32))  # (BLOCK_T, D)
@@ -280,8 +299,8 @@ def _quant_decode_kernel(
 
 
 def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
-                                  bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None, *,
-                                  n_splits=None, block_t=None):
+                                  bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None,
+                                  k_sup=None, v_sup=None, *, n_splits=None, block_t=None):
     """Fused dequantize + flash-decoding. Every launch parameter depends only on the shapes (the grid
     covers the capacity), so the call can be captured in a CUDA graph. n_splits / block_t override
     the defaults (tests use them to exercise several splits on short sequences)."""
@@ -307,13 +326,16 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     grid = (B * H_kv, n_splits)
     has_held = k_held is not None
     hm = held_mask if has_held else v_codes  # any uint8 tensor: not read without held tokens
+    fp8_ranges = k_sup is not None
+    assert fp8_ranges == (v_sup is not None) == (k_scale.dtype == torch.uint8) == (v_scale.dtype == torch.uint8)
+    ksup, vsup = (k_sup.contiguous(), v_sup.contiguous()) if fp8_ranges else (m, m)  # (B, H_kv); m: unread
     _quant_decode_kernel[grid](
-        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, m, l, acc,
+        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, ksup, vsup, m, l, acc,
         sm_scale, pos, n_rep, H_kv, R, split_len,
         q.stride(0), q.stride(1), q.stride(3),
         *k_codes.stride(), *k_scale.stride(), *k_mn.stride(), *k_res.stride(),
         *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(), hm.stride(0), hm.stride(1),
-        HAS_HELD=has_held, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
+        HAS_HELD=has_held, FP8=fp8_ranges, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
         num_warps=4,
     )
     if has_held:  # the held rows are one more split, attended densely here

@@ -20,6 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from interpreted import check_interpreted  # noqa: E402
+from kernels import fp8 as e4m3  # noqa: E402
 from kernels.dense_attn import decode_attention  # noqa: E402
 from kernels.quant_attn import (pack_mask, quant_decode_attention, quant_decode_attention_ref,  # noqa: E402
                                 unpack_mask)
@@ -35,13 +36,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False, held=0):
+def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, seed=0, wide=False, held=0,
+              fp8=False):
     """Random cache contents in the layout the kernel reads after the token at `pos`, plus the dense
     K/V (B, H_kv, pos + 1, D) they stand for. wide=True stores residuals/scales as slices of wider
     buffers and q transposed, so only .stride() describes them. Unused code rows and residual slots
     hold random codes and huge values: reading one by mistake wrecks the result. held = S adds
     full-precision rows for S tokens per KV head (token 0 and S - 1 others at random, different in
-    every head), large (as real sinks are), which the dense K/V take at those positions."""
+    every head), large (as real sinks are), which the dense K/V take at those positions. fp8=True
+    stores the scales and mins as e4m3 bytes of random per-head superscales (kernels/fp8.py)."""
     g = torch.Generator().manual_seed(seed)
     length, n_kq, n_vq = pos + 1, pos - pos % R, max(0, pos + 1 - R)
     T_cap = (max(n_kq, n_vq) // G + 2) * G if T_cap is None else T_cap  # a multiple of G, with unused rows
@@ -54,7 +57,8 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
     def strided(x):  # same values, viewed out of a buffer twice as wide in the last dim
         if not wide:
             return x
-        buf = torch.full((*x.shape[:-1], 2 * x.shape[-1]), 1e4, dtype=x.dtype)
+        fill = 1e4 if x.is_floating_point() else 0x77  # 0x77: e4m3 240, a huge range
+        buf = torch.full((*x.shape[:-1], 2 * x.shape[-1]), fill, dtype=x.dtype)
         buf[..., :x.shape[-1]] = x
         return buf[..., :x.shape[-1]]
 
@@ -62,6 +66,13 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
     v_int = torch.randint(0, levels + 1, (B, H_kv, T_cap, D), generator=g)
     k_scale, k_mn = rand(B, H_kv, T_cap // G, D, lo=0.1, hi=2.0) / levels, rand(B, H_kv, T_cap // G, D)
     v_scale, v_mn = rand(B, H_kv, T_cap, D // G, lo=0.1, hi=2.0) / levels, rand(B, H_kv, T_cap, D // G)
+    sups = {}
+    if fp8:  # the ranges as stored: bytes; the dense K/V below use what they decode to
+        sups = dict(k_sup=rand(B, H_kv, lo=0.01, hi=0.1), v_sup=rand(B, H_kv, lo=0.01, hi=0.1))
+        k_scale, k_mn = (e4m3.encode(t, sups["k_sup"]) for t in (k_scale, k_mn))
+        v_scale, v_mn = (e4m3.encode(t, sups["v_sup"]) for t in (v_scale, v_mn))
+    widen = {"k": lambda t: e4m3.decode(t, sups["k_sup"]) if fp8 else t,
+             "v": lambda t: e4m3.decode(t, sups["v_sup"]) if fp8 else t}
     k_res = torch.full((B, H_kv, R, D), 1e4)
     k_res[:, :, :length - n_kq] = rand(B, H_kv, length - n_kq, D, lo=-2, hi=2)
     v_res = torch.full((B, H_kv, R, D), 1e4)
@@ -70,14 +81,14 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
     q = rand(B, 1, H, D, lo=-2, hi=2).transpose(1, 2) if wide else rand(B, H, 1, D, lo=-2, hi=2)
 
     # Dense K/V, dequantized directly from the integer codes (no unpacking involved).
-    k_deq = k_int * k_scale.repeat_interleave(G, dim=2) + k_mn.repeat_interleave(G, dim=2)
-    v_deq = v_int * v_scale.repeat_interleave(G, dim=3) + v_mn.repeat_interleave(G, dim=3)
+    k_deq = k_int * widen["k"](k_scale).repeat_interleave(G, dim=2) + widen["k"](k_mn).repeat_interleave(G, dim=2)
+    v_deq = v_int * widen["v"](v_scale).repeat_interleave(G, dim=3) + widen["v"](v_mn).repeat_interleave(G, dim=3)
     k = torch.cat([k_deq[:, :, :n_kq], k_res[:, :, :length - n_kq]], dim=2)  # (B, H_kv, length, D)
     v = torch.cat([v_deq[:, :, :n_vq], v_res[:, :, slots]], dim=2)  # (B, H_kv, length, D)
 
     args = dict(q=q, k_codes=pack_codes(k_int, bits), k_scale=strided(k_scale), k_mn=k_mn, k_res=strided(k_res),
                 v_codes=pack_codes(v_int, bits), v_scale=v_scale, v_mn=strided(v_mn), v_res=strided(v_res),
-                pos=torch.tensor([pos]), bits=bits, group=G)
+                pos=torch.tensor([pos]), bits=bits, group=G, **sups)
     if held:
         order = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(length - 1, generator=g)])
                              for _ in range(B * H_kv)]).view(B, H_kv, length)
@@ -94,7 +105,8 @@ def make_case(B=1, H=4, H_kv=2, D=64, bits=2, G=32, R=64, pos=99, T_cap=None, se
 def test_ref_matches_dense_on_dequantized():
     for bits in (1, 2, 4):
         for kw in (dict(), dict(pos=199, R=128), dict(H=6, H_kv=2, pos=36, R=32), dict(wide=True, pos=149),
-                   dict(held=1), dict(held=4, pos=149, wide=True), dict(held=3, pos=2), dict(held=40, pos=199)):
+                   dict(held=1), dict(held=4, pos=149, wide=True), dict(held=3, pos=2), dict(held=40, pos=199),
+                   dict(fp8=True, pos=199, R=64), dict(fp8=True, held=4, pos=149, wide=True)):
             args, k, v = make_case(bits=bits, seed=bits, **kw)
             torch.testing.assert_close(quant_decode_attention_ref(**args), decode_attention(args["q"], k, v),
                                        rtol=1e-5, atol=1e-6, msg=f"bits={bits} {kw}")
@@ -199,6 +211,8 @@ TRITON_CASES = [
     dict(pos=199, H=8, H_kv=2, bits=2, R=64, held=4, wide=True),  # held tokens in the store and windows
     dict(pos=40, H=6, H_kv=2, bits=4, R=64, held=2, block_t=16, n_splits=3),  # held tokens in the windows
     dict(pos=299, B=2, H=8, H_kv=2, bits=2, R=64, held=60, block_t=16, n_splits=4),  # a fifth held
+    dict(pos=199, B=2, H=8, H_kv=2, bits=2, R=64, fp8=True, block_t=16, n_splits=3),  # 8-bit ranges
+    dict(pos=149, H=4, H_kv=1, D=128, bits=4, G=64, R=64, fp8=True, held=3, wide=True),  # ... with held rows
 ]
 
 
@@ -240,7 +254,8 @@ def test_torch_path_matches_reference():
                                            (4, 16, 4, 4, 32, 32, 39, 0),  # 32 keys, 8 values packed
                                            (4, 32, 6, 2, 64, 64, 19, 0),  # nothing packed
                                            (2, 64, 9, 3, 64, 128, 299, 4),  # 4 held, in the store or windows
-                                           (4, 32, 6, 2, 64, 64, 19, 2)]:  # 2 held, in the windows
+                                           (4, 32, 6, 2, 64, 64, 19, 2),  # 2 held, in the windows
+                                           (2, 32, 9, 3, 64, 128, 299, -3)]:  # 8-bit ranges, 3 held
         per, cap = 8 // bits, 320
         args = dict(
             k_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
@@ -249,6 +264,12 @@ def test_torch_path_matches_reference():
             v_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
             v_scale=torch.rand(1, H_kv, cap, D // G, generator=g), v_mn=torch.randn(1, H_kv, cap, D // G, generator=g),
             v_res=torch.randn(1, H_kv, R, D, generator=g), pos=torch.tensor([pos]), bits=bits, group=G)
+        if S < 0:  # the ranges as e4m3 bytes of per-head superscales
+            S = -S
+            for side in "kv":
+                sup = torch.rand(1, H_kv, generator=g) + 0.01
+                args[f"{side}_sup"] = sup
+                args[f"{side}_scale"], args[f"{side}_mn"] = (e4m3.encode(args[f"{side}_{r}"], sup) for r in ("scale", "mn"))
         if S:  # S held tokens per head at random positions
             at = torch.rand(1, H_kv, pos + 1, generator=g).topk(S, dim=-1).indices
             args.update(k_held=4 * torch.randn(1, H_kv, S, D, generator=g), v_held=torch.randn(1, H_kv, S, D, generator=g),

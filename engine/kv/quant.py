@@ -47,6 +47,11 @@ the winners), but at 1 bit min/max keys are useless (two levels at the extremes:
 clipped values) and clipped keys bring the whole cache from 3.89 to 0.295. So "auto" (the default)
 clips values at 2 and 4 bits, keys and values at 1 bit.
 
+Ranges (`scales`): each group's scale and min are stored in the model's dtype ("model"), or as
+two 8-bit e4m3 bytes of a per-head superscale ("fp8", kernels/fp8.py), which makes group 32 cost
+what group 64 costs in bfloat16; the rounding (at most 1/16 of a range) is lost in the quantization
+noise (2-bit attention-output error 0.080 vs 0.080 at group 32).
+
 All storage is preallocated for the run and written in place: a decode step writes one key row,
 one value row of codes, and once per `residual` steps a block of key codes. Nothing of size
 O(context) is concatenated, copied or re-transposed per step (KIVI's code does that).
@@ -67,6 +72,7 @@ import torch
 
 from engine.kv.base import KVPolicy, tensor_bytes
 from engine.kv.evict import window_scores
+from kernels.fp8 import superscale
 from kernels.pack import quantize_pack, unpack_dequant
 from kernels.quant_attn import pack_mask, quant_decode_attention, unpack_mask
 
@@ -81,6 +87,7 @@ def hadamard(n: int) -> torch.Tensor:
 
 ROTATE = ("auto", "none", "v", "kv")
 CLIP = ("auto", "none", "v", "kv")
+SCALES = ("model", "fp8")
 HEAVY_WINDOW = 32  # prompt queries whose attention picks the heavy hitters
 
 
@@ -89,7 +96,7 @@ class QuantKV(KVPolicy):
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
                  residual: int = 128, rotate: str = "auto", sink: int = 1, clip: str = "auto",
-                 heavy: float = 0.01):
+                 heavy: float = 0.01, scales: str = "model"):
         super().__init__(args, layer, capacity, device, dtype)
         self.bits, self.group, self.residual = self._check(args.head_dim, bits, group, residual)
         D = args.head_dim
@@ -102,6 +109,10 @@ class QuantKV(KVPolicy):
         if not isinstance(heavy, (int, float)) or not 0 <= heavy < 1:
             raise ValueError(f"QuantKV heavy must be a fraction of the prompt in [0, 1), got {heavy!r}")
         self.sink, self.heavy = sink, heavy
+        if scales not in SCALES:
+            raise ValueError(f"QuantKV scales must be one of {', '.join(SCALES)}, got {scales!r}")
+        self.scales = scales
+        self.k_sup = self.v_sup = None  # (B, H_kv) float32 superscales of 8-bit ranges, set at prefill
         self.q_window = HEAVY_WINDOW if heavy else 0  # the prompt queries that pick the heavy hitters
         self.k_held = self.v_held = None  # (B, H_kv, S, D) full precision, S = n_held(prompt), at prefill
         self.held_mask = None  # (B, H_kv, ceil(capacity / 8)) uint8: bit t set = token t is held
@@ -169,11 +180,14 @@ class QuantKV(KVPolicy):
             raise RuntimeError(f"QuantKV layer {self.layer}: {T} tokens exceed capacity {self.capacity}")
         max_kq, max_vq, window = self._rows(self.capacity, R)
         packed, opts = D * self.bits // 8, dict(device=self.device)
+        ranges = torch.uint8 if self.scales == "fp8" else self.dtype
+        if self.scales == "fp8":  # fixed here: tokens decoded later are encoded against the same S
+            self.k_sup, self.v_sup = superscale(k), superscale(v)
         self.k_codes = torch.zeros(B, H_kv, max_kq, packed, dtype=torch.uint8, **opts)
-        self.k_scale = torch.zeros(B, H_kv, max_kq // G, D, dtype=self.dtype, **opts)
+        self.k_scale = torch.zeros(B, H_kv, max_kq // G, D, dtype=ranges, **opts)
         self.k_mn = torch.zeros_like(self.k_scale)
         self.v_codes = torch.zeros(B, H_kv, max_vq, packed, dtype=torch.uint8, **opts)
-        self.v_scale = torch.zeros(B, H_kv, max_vq, D // G, dtype=self.dtype, **opts)
+        self.v_scale = torch.zeros(B, H_kv, max_vq, D // G, dtype=ranges, **opts)
         self.v_mn = torch.zeros_like(self.v_scale)
         self.k_res = torch.zeros(B, H_kv, window, D, dtype=self.dtype, **opts)  # (B, H_kv, R, D)
         self.v_res = torch.zeros(B, H_kv, window, D, dtype=self.dtype, **opts)  # ring: token t at t % R
@@ -190,7 +204,7 @@ class QuantKV(KVPolicy):
         n_vq = max(0, T - R)  # keep the last R values in full precision
         if n_vq:
             codes, scale, mn = quantize_pack(v[:, :, :n_vq], self.bits, G, per_channel=False,
-                                             clip="v" in self.clip)
+                                             clip="v" in self.clip, sup=self.v_sup)
             self.v_codes[:, :, :n_vq], self.v_scale[:, :, :n_vq], self.v_mn[:, :, :n_vq] = codes, scale, mn
         self.v_res[:, :, torch.arange(n_vq, T, device=self.device) % R] = v[:, :, n_vq:]
         self.length = T
@@ -212,7 +226,7 @@ class QuantKV(KVPolicy):
             kg, hg = k.reshape(B, H_kv, n // G, G, D), held.reshape(B, H_kv, n // G, G, 1)
             mean = kg.masked_fill(hg, 0).sum(3, keepdim=True) / (~hg).sum(3, keepdim=True).clamp(min=1)
             k = torch.where(hg, mean.to(k.dtype), kg).reshape(B, H_kv, n, D)
-        codes, scale, mn = quantize_pack(k, self.bits, G, per_channel=True, clip="k" in self.clip)
+        codes, scale, mn = quantize_pack(k, self.bits, G, per_channel=True, clip="k" in self.clip, sup=self.k_sup)
         g0 = self.n_kq // G
         self.k_codes[:, :, self.n_kq:self.n_kq + n] = codes
         self.k_scale[:, :, g0:g0 + n // G] = scale
@@ -236,7 +250,7 @@ class QuantKV(KVPolicy):
             # row pos - R. Before that the slot is unused and row 0 gets a placeholder that the step
             # at pos = R overwrites (no host branch: the same kernels every step).
             codes, scale, mn = quantize_pack(self.v_res.index_select(2, slot), self.bits, self.group,
-                                             per_channel=False, clip="v" in self.clip)
+                                             per_channel=False, clip="v" in self.clip, sup=self.v_sup)
             row = (pos - R).clamp(min=0)
             self.v_codes.index_copy_(2, row, codes)
             self.v_scale.index_copy_(2, row, scale)
@@ -245,7 +259,8 @@ class QuantKV(KVPolicy):
         self.v_res.index_copy_(2, slot, v_new)
         out = quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
                                      self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group,
-                                     k_held=self.k_held, v_held=self.v_held, held_mask=self.held_mask)
+                                     k_held=self.k_held, v_held=self.v_held, held_mask=self.held_mask,
+                                     k_sup=self.k_sup, v_sup=self.v_sup)
         return out if self.rotate == "none" else out @ self.rot.T  # sum p (vR) = (sum p v) R
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,9 +269,11 @@ class QuantKV(KVPolicy):
         G, R = self.group, self.residual
         n_vq = max(0, self.length - R)
         kq = unpack_dequant(self.k_codes[:, :, :self.n_kq], self.k_scale[:, :, :self.n_kq // G],
-                            self.k_mn[:, :, :self.n_kq // G], self.bits, G, per_channel=True)
+                            self.k_mn[:, :, :self.n_kq // G], self.bits, G, per_channel=True,
+                            dtype=self.dtype, sup=self.k_sup)
         vq = unpack_dequant(self.v_codes[:, :, :n_vq], self.v_scale[:, :, :n_vq],
-                            self.v_mn[:, :, :n_vq], self.bits, G, per_channel=False)
+                            self.v_mn[:, :, :n_vq], self.bits, G, per_channel=False,
+                            dtype=self.dtype, sup=self.v_sup)
         ring = torch.arange(n_vq, self.length, device=self.device) % R
         k = torch.cat([kq, self.k_res[:, :, :self.length - self.n_kq]], 2)
         v = torch.cat([vq, self.v_res[:, :, ring]], 2)
@@ -269,24 +286,26 @@ class QuantKV(KVPolicy):
     def nbytes(self):
         return {"device": tensor_bytes(self.k_codes, self.k_scale, self.k_mn, self.v_codes, self.v_scale,
                                        self.v_mn, self.k_res, self.v_res, self.rot, self.k_held, self.v_held,
-                                       self.held_mask),
+                                       self.held_mask, self.k_sup, self.v_sup),
                 "host": 0}
 
     @classmethod
     def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, rotate="auto", sink=1, heavy=0.01,
-             **_):
+             scales="model", **_):
         # clip changes which ranges are stored, not how many bytes
         H, D = args.n_kv_heads, args.head_dim
         bits, G, R = cls._check(D, bits, group, residual)
         rotate = cls._rotation(rotate, D)
         max_kq, max_vq, window = cls._rows(prompt + new, R)
         codes = H * (max_kq + max_vq) * D * bits // 8
-        scales = 2 * H * (max_kq // G * D + max_vq * (D // G)) * elem  # scale and min
+        ranges = 2 * H * (max_kq // G * D + max_vq * (D // G)) * (1 if scales == "fp8" else elem)  # scale, min
+        ranges += 2 * H * 4 if scales == "fp8" else 0  # the float32 superscales of K and V
         rot = D * D * elem if rotate != "none" else 0
         S = cls.n_held(prompt, sink, heavy)
         held = 2 * H * S * D * elem + (H * -(-(prompt + new) // 8) if S else 0)  # rows + bit mask
-        return {"device": codes + scales + 2 * H * window * D * elem + rot + held, "host": 0}
+        return {"device": codes + ranges + 2 * H * window * D * elem + rot + held, "host": 0}
 
     def describe(self):
         return {"policy": self.name, "bits": self.bits, "group": self.group, "residual": self.residual,
-                "rotate": self.rotate, "sink": self.sink, "clip": self.clip, "heavy": self.heavy}
+                "rotate": self.rotate, "sink": self.sink, "clip": self.clip, "heavy": self.heavy,
+                "scales": self.scales}
