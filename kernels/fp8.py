@@ -1,9 +1,9 @@
 """8-bit quantization ranges: QuantKV's per-group scale and min stored as float8 e4m3 bytes.
 
 Why: at 2 bits a group of G values costs 2G bits of codes plus its scale and min. In bfloat16
-those are 32 bits, so group 64 costs 2.5 bits per value and group 32, which halves the attention
-error's excess over group 16's, costs 3. Stored as two e4m3 bytes (16 bits), group 32 costs what
-group 64 did. Measured on the default model (tools/quant_ablation.py, 2-bit, 2k pass-key prompts,
+those are 32 bits, so group 64 costs 2.5 bits per value and group 32 (2-bit attention error 0.080
+against group 64's 0.099 on the default model) costs 3. Stored as two e4m3 bytes (16 bits), group
+32 costs what group 64 did. Measured on the default model (tools/quant_ablation.py, 2-bit, 2k pass-key prompts,
 relative attention-output error): group 64 0.099 -> 0.100 with 8-bit ranges, group 32 0.080 ->
 0.080, group 16 0.063 -> 0.061: the rounding is lost in the quantization noise.
 
@@ -15,7 +15,7 @@ below 448 for tokens decoded later (beyond it a range saturates). E.g. a head wh
 reach 6.4 has S = 0.2; a group with min -1.3 and step 0.35 stores e4m3(-6.5) = -6.5 exactly and
 e4m3(1.75) = 1.75, i.e. -1.3 and 0.35; a step of 0.37 (1.85 units) is stored as 1.875 units, 0.375.
 
-Rounding (kernels/pack.py): each group keeps whichever of the 3 x 3 byte pairs around its float
+Rounding (`_round_ranges`): each group keeps whichever of the 3 x 3 byte pairs around its float
 range (scale and min each rounded down, to nearest, up) dequantizes it with the smallest squared
 error. Measured on Gaussian groups with uneven channels (group 32, MSE vs float ranges): rounding
 both to nearest costs 0-7% at 1-2 bits and 7-15% at 4 bits (a step 1/16 short leaves the top of a
@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pack import _expand, _pack, _quantize, quantize_pack, unpack_dequant
+
 E4M3_MAX = 448.0
 SUPER_DIV = 32.0  # S = largest |x| / SUPER_DIV (module docstring)
 
@@ -42,25 +44,64 @@ def superscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def encode(t: torch.Tensor, sup: torch.Tensor, direction: int = 0) -> torch.Tensor:
-    """Ranges t (B, H, ...) float -> uint8 e4m3 bytes of t / S, saturating at +-448: the nearest
+    """Ranges t (B, H, n, m) float -> uint8 e4m3 bytes of t / S, saturating at +-448: the nearest
     value (direction 0), or the nearest at or above (+1) / at or below (-1) it."""
-    s = sup.reshape(*sup.shape, *[1] * (t.dim() - sup.dim()))
-    y = (t.float() / s).clamp(-E4M3_MAX, E4M3_MAX)
+    return neighbours(t, sup)[(0, -1, 1).index(direction)]
+
+
+def neighbours(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
+    """(3, *t.shape) uint8: the bytes of t / S rounded to nearest, then down, then up (one rounding)."""
+    y = (t.float() / sup[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX)
     b = y.to(torch.float8_e4m3fn)  # round to nearest even
-    if direction == 0:
-        return b.view(torch.uint8)
-    wrong = b.float() < y if direction > 0 else b.float() > y
+    f, b = b.float(), b.view(torch.uint8).to(torch.int16)
     # One byte further: the bytes of each sign are ordered by magnitude, so "up" is +1 for a
     # positive value and -1 for a negative one (RNE never lands on the wrong side of zero).
-    positive = b.view(torch.uint8) < 128
-    step = torch.where(positive == (direction > 0), 1, -1).to(torch.int16)
-    return (b.view(torch.uint8).to(torch.int16) + wrong * step).to(torch.uint8)
+    up = torch.where(b < 128, 1, -1).to(torch.int16)
+    return torch.stack([b, b - (f > y) * up, b + (f < y) * up]).to(torch.uint8)
 
 
 def decode(b: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
-    """uint8 e4m3 bytes (B, H, ...) -> float32 ranges: e4m3(b) * S."""
-    s = sup.reshape(*sup.shape, *[1] * (b.dim() - sup.dim()))
-    return b.view(torch.float8_e4m3fn).float() * s
+    """uint8 e4m3 bytes (..., B, H, n, m) -> float32 ranges: e4m3(b) * S."""
+    return b.view(torch.float8_e4m3fn).float() * sup[..., None, None]
+
+
+def quantize_pack_fp8(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool, sup: torch.Tensor):
+    """kernels/pack.quantize_pack with 8-bit ranges: x (B, H, T, D), sup (B, H) float32 ->
+    (codes, scale bytes, mn bytes). The float ranges come from quantize_pack (Triton or reference),
+    are rounded by squared error (module docstring), and the codes recomputed from the rounded
+    ones, so dequantization matches what is kept (torch ops)."""
+    codes, scale, mn = quantize_pack(x, bits, group, per_channel, clip)
+    return _round_ranges(x, scale, mn, bits, group, per_channel, sup)
+
+
+def unpack_dequant_fp8(codes, scale, mn, bits: int, group: int, per_channel: bool, sup: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_pack_fp8: the ranges widened (exactly), then kernels/pack.unpack_dequant."""
+    return unpack_dequant(codes, decode(scale, sup), decode(mn, sup), bits, group, per_channel, dtype)
+
+
+def _round_ranges(x, scale, mn, bits: int, group: int, per_channel: bool, sup: torch.Tensor):
+    """(codes, scale bytes, mn bytes) for x (B, H, T, D) whose float ranges are (scale, mn): of the
+    3 x 3 byte pairs around them (each rounded to nearest, down, up: `neighbours`) each group keeps
+    the one that dequantizes it with the smallest squared error (the nearest pair on ties), and the
+    codes are computed from it. The 9 candidates are one batch of tensor ops (a decode step packs
+    a token with the same few kernels), in slices of T so a long prompt's candidates stay small."""
+    levels, T = (1 << bits) - 1, x.shape[-2]
+    rows = group * max(1, 2048 // group)  # a whole number of groups along T either way
+    out = []
+    for t in range(0, T, rows):
+        xc = x[..., t:t + rows, :].float()
+        g = slice(t // group, (t + rows) // group) if per_channel else slice(t, t + rows)
+        s8 = neighbours(scale[..., g, :], sup)[None].expand(3, 3, *scale[..., g, :].shape).flatten(0, 1)
+        m8 = neighbours(mn[..., g, :], sup)[:, None].expand(3, 3, *mn[..., g, :].shape).flatten(0, 1)
+        sf, mf = (_expand(decode(b, sup), group, per_channel) for b in (s8, m8))  # (9, B, H, rows, D)
+        q = _quantize(xc, sf, mf, levels)
+        e = (q * sf + mf - xc).square()
+        err = e.unflatten(-2, (-1, group)).sum(-2) if per_channel else e.unflatten(-1, (-1, group)).sum(-1)
+        best = err.argmin(0, keepdim=True)  # (1, B, H, n, m): the first minimum, candidate 0 = nearest
+        codes = q.gather(0, _expand(best, group, per_channel).long())[0]
+        out.append((_pack(codes, bits), s8.gather(0, best)[0], m8.gather(0, best)[0]))
+    return tuple(torch.cat(parts, dim=-2) for parts in zip(*out))
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import fp8, use_triton
+from kernels import use_triton
 
 _BITS = (1, 2, 4)
 _TILE = 4096  # elements per program tile: large enough to amortise launches, small enough for registers
@@ -361,55 +361,16 @@ def unpack_dequant_triton(codes, scale, mn, bits: int, group: int, per_channel: 
 
 # ----------------------------------------------------------------------------- dispatch
 
-def quantize_pack(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool = False,
-                  sup: torch.Tensor | None = None):
+def quantize_pack(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool = False):
     """x (..., T, D) float -> (codes uint8 (..., T, D*bits//8), scale, mn) — scale/mn
     (..., T, D//group) per-token or (..., T//group, D) per-channel, dtype x.dtype; clip: ranges
-    chosen by squared error (module docstring). sup (B, H) float32, x then (B, H, T, D): scale/mn
-    are returned as 8-bit e4m3 bytes of that superscale (kernels/fp8.py), rounded by squared error
-    and the codes recomputed from them, so dequantization matches what is kept (torch ops)."""
+    chosen by squared error (module docstring). 8-bit ranges: kernels/fp8.py."""
     fn = quantize_pack_triton if use_triton(x) else quantize_pack_ref
-    codes, scale, mn = fn(x, bits, group, per_channel, clip)
-    if sup is None:
-        return codes, scale, mn
-    return _fp8_ranges(x, scale, mn, bits, group, per_channel, sup)
-
-
-def _fp8_ranges(x, scale, mn, bits: int, group: int, per_channel: bool, sup: torch.Tensor):
-    """(codes, scale bytes, mn bytes) for x (B, H, T, D) whose float ranges are (scale, mn): of the
-    3 x 3 byte pairs around them (each rounded down, to nearest, up; kernels/fp8.py) each group keeps
-    the one that dequantizes it with the smallest squared error (the nearest pair on ties), and the
-    codes are computed from it. In slices of T so the candidates of a long prompt stay small."""
-    levels, T = (1 << bits) - 1, x.shape[-2]
-    rows = group * max(1, 4096 // group)  # a whole number of groups along T either way
-    out = []
-    for t in range(0, T, rows):
-        xc = x[..., t:t + rows, :].float()
-        g = slice(t // group, (t + rows) // group) if per_channel else slice(t, t + rows)
-        best = None  # [error per group, scale bytes, mn bytes, codes]
-        for dm in (0, -1, 1):
-            m8 = fp8.encode(mn[..., g, :], sup, dm)
-            m = _expand(fp8.decode(m8, sup), group, per_channel)
-            for ds in (0, -1, 1):
-                s8 = fp8.encode(scale[..., g, :], sup, ds)
-                s = _expand(fp8.decode(s8, sup), group, per_channel)
-                q = _quantize(xc, s, m, levels)
-                e = (q * s + m - xc).square()
-                err = e.unflatten(-2, (-1, group)).sum(-2) if per_channel else e.unflatten(-1, (-1, group)).sum(-1)
-                if best is None:
-                    best = [err, s8, m8, q]
-                    continue
-                win = err < best[0]
-                best[:3] = [torch.where(win, new, old) for new, old in zip((err, s8, m8), best[:3])]
-                best[3] = torch.where(_expand(win, group, per_channel) > 0, q, best[3])
-        out.append((_pack(best[3], bits), best[1], best[2]))
-    return tuple(torch.cat(parts, dim=-2) for parts in zip(*out))
+    return fn(x, bits, group, per_channel, clip)
 
 
 def unpack_dequant(codes, scale, mn, bits: int, group: int, per_channel: bool,
-                   dtype: torch.dtype | None = None, sup: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of quantize_pack: (..., T, D) in `dtype` (default scale.dtype; float32 with sup)."""
-    if sup is not None:  # 8-bit ranges: widen them first (exact), then the same unpacking
-        scale, mn = fp8.decode(scale, sup), fp8.decode(mn, sup)
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of quantize_pack: (..., T, D) in `dtype` (default scale.dtype)."""
     fn = unpack_dequant_triton if use_triton(codes) else unpack_dequant_ref
     return fn(codes, scale, mn, bits, group, per_channel, dtype)

@@ -50,9 +50,9 @@ def parse_setting(text: str) -> dict:
             out[piece] = True
             continue
         key, _, val = piece.partition("=")
-        if key not in ("rotate", "sink", "group", "residual", "kbits", "clip", "heavy"):
+        if key not in ("rotate", "sink", "group", "residual", "kbits", "clip", "heavy", "scales"):
             raise SystemExit(f"error: unknown setting piece {piece!r} in {text!r}")
-        out[key] = val if key in ("rotate", "clip") else float(val) if key == "heavy" else int(val)
+        out[key] = val if key in ("rotate", "clip", "scales") else float(val) if key == "heavy" else int(val)
     return out
 
 
