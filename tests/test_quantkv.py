@@ -176,20 +176,21 @@ def test_attention_error_shrinks_with_bits_on_real_activations():
         errors[name] = sum(rel) / len(rel)
     assert errors[1] > errors[2] > errors[4], errors
     # The defaults (Hadamard rotation of K and V, token 0 and 1% heavy hitters kept exact, clipped value
-    # ranges) against plain KIVI at 2 bits: measured 0.15 vs 0.44 here (without clipping 0.19; 4 bits: 0.023).
+    # ranges, 8-bit ranges; group 64 here) against plain KIVI at 2 bits: measured 0.136 vs 0.465 here
+    # (without clipping 0.163; 4 bits: 0.023).
     assert errors[2] < 0.6 * errors["plain"], errors
     assert errors[2] < errors["2, no clip"], errors
     # The heavy hitters (1% of the prompt, picked by its last queries) held in full precision:
-    # measured 0.150 vs 0.187 without them here.
+    # measured 0.136 vs 0.171 without them here.
     assert errors[2] < 0.9 * errors["2, no heavy"], errors
     # 1 bit: min/max puts the two levels at the extremes; clipped keys and values (auto at 1 bit)
-    # measured 0.25 vs 3.7 here.
+    # measured 0.25 vs 3.3 here.
     assert errors[1] < 0.3 * errors["1, no clip"], errors
     # The stated 4-bit tolerance: mean relative error of a layer's attention output under 10%
     # (plain KIVI measured 0.06-0.08 on this model for 400-1024-token prompts; 2 bits ~0.45, 1 bit ~2).
     assert errors[4] < 0.1, errors
     # 8-bit ranges (the default: e4m3 bytes of a per-head superscale) against float32 ones, both at
-    # group 64: no worse than 5% at 2 and 4 bits.
+    # group 64: no worse than 5% at 2 and 4 bits (measured 0.136 vs 0.150 and 0.0225 vs 0.0226).
     assert errors[2] < 1.05 * errors["2, float ranges"] and errors[4] < 1.05 * errors["4, float ranges"], errors
 
 
