@@ -48,13 +48,17 @@ clipped values) and clipped keys bring the whole cache from 3.89 to 0.295. So "a
 clips values at 2 and 4 bits, keys and values at 1 bit.
 
 Ranges (`scales`): each group's scale and min are stored as two 8-bit e4m3 bytes of a per-head
-superscale ("fp8", the default, kernels/fp8.py) or in the model's dtype ("model"). 8-bit ranges
+superscale ("fp8", kernels/fp8.py) or in the model's dtype ("model"); "auto" (the default) is
+"fp8" at 1 and 2 bits, "model" at 4. 8-bit ranges
 make group 32 (the default with them) cost what group 64 costs with bfloat16 ranges, and each
 group's byte pair is the best of the 9 around its float range by squared error, which acts as a
 small clip search of its own. Measured end to end on the default model (bench.py, 4k, KL over 256
 tokens of GPL-3, 20 pass keys; float32, so float ranges cost 4 bytes here): 2 bits, group 64,
 KL 0.112 -> 0.070 with 8-bit ranges at fewer bytes; group 32 0.059 -> 0.051 (20/20), at the bytes
-of group 64 with bfloat16 ranges; 4 bits 0.0024 (group 64, float) -> 0.0019 (group 32, 8-bit).
+of group 64 with bfloat16 ranges. At 4 bits they save 0.25 of 4.5 bits per value, a range off by
+1/16 moves the top level by a whole step, and on the suite's UUID prompt 8-bit ranges (group 32 or
+64) change one character where float ranges keep it (KL 0.0019 at group 32, 8-bit, vs 0.0024):
+so 4 bits keeps float ranges and group 64.
 
 All storage is preallocated for the run and written in place: a decode step writes one key row,
 one value row of codes, and once per `residual` steps a block of key codes. Nothing of size
@@ -91,7 +95,7 @@ def hadamard(n: int) -> torch.Tensor:
 
 ROTATE = ("auto", "none", "v", "kv")
 CLIP = ("auto", "none", "v", "kv")
-SCALES = ("model", "fp8")
+SCALES = ("auto", "model", "fp8")
 HEAVY_WINDOW = 32  # prompt queries whose attention picks the heavy hitters
 
 
@@ -100,11 +104,11 @@ class QuantKV(KVPolicy):
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
                  residual: int = 128, rotate: str = "auto", sink: int = 1, clip: str = "auto",
-                 heavy: float = 0.01, scales: str = "fp8"):
+                 heavy: float = 0.01, scales: str = "auto"):
         super().__init__(args, layer, capacity, device, dtype)
         if scales not in SCALES:
             raise ValueError(f"QuantKV scales must be one of {', '.join(SCALES)}, got {scales!r}")
-        self.scales = scales
+        self.scales = scales = self._ranges(scales, bits)
         self.bits, self.group, self.residual = self._check(args.head_dim, bits, group, residual, scales)
         D = args.head_dim
         self.rotate = self._rotation(rotate, D)
@@ -139,6 +143,11 @@ class QuantKV(KVPolicy):
             # keys are quantized in blocks of `residual` tokens, made of whole `group`-token groups
             raise ValueError(f"QuantKV residual {residual} must be a positive multiple of group {group}")
         return bits, group, residual
+
+    @staticmethod
+    def _ranges(scales: str, bits: int) -> str:
+        """"auto" resolved: 8-bit ranges at 1 and 2 bits, the model's dtype at 4 (module docstring)."""
+        return ("fp8" if bits <= 2 else "model") if scales == "auto" else scales
 
     @staticmethod
     def _rotation(rotate: str, D: int) -> str:
@@ -307,9 +316,10 @@ class QuantKV(KVPolicy):
 
     @classmethod
     def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, rotate="auto", sink=1, heavy=0.01,
-             scales="fp8", **_):
+             scales="auto", **_):
         # clip changes which ranges are stored, not how many bytes
         H, D = args.n_kv_heads, args.head_dim
+        scales = cls._ranges(scales, bits)
         bits, G, R = cls._check(D, bits, group, residual, scales)
         rotate = cls._rotation(rotate, D)
         max_kq, max_vq, window = cls._rows(prompt + new, R)
