@@ -45,15 +45,19 @@ def superscale(x: torch.Tensor) -> torch.Tensor:
     return (x.abs().amax(dim=(2, 3)).float() / SUPER_DIV).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def encode(t: torch.Tensor, sup: torch.Tensor, direction: int = 0) -> torch.Tensor:
-    """Ranges t (B, H, n, m) float -> uint8 e4m3 bytes of t / S, saturating at +-448: the nearest
-    value (direction 0), or the nearest at or above (+1) / at or below (-1) it."""
-    return neighbours(t, sup)[(0, -1, 1).index(direction)]
+def _units(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
+    """Ranges t (B, H, n, m) in e4m3 units of S, saturated at +-448 (float32)."""
+    return (t.float() / sup[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX)
+
+
+def encode(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
+    """Ranges t (B, H, n, m) float -> uint8 e4m3 bytes of t / S, rounded to nearest (even)."""
+    return _units(t, sup).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
 def neighbours(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
     """(3, *t.shape) uint8: the bytes of t / S rounded to nearest, then down, then up (one rounding)."""
-    y = (t.float() / sup[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    y = _units(t, sup)
     b = y.to(torch.float8_e4m3fn)  # round to nearest even
     f, b = b.float(), b.view(torch.uint8).to(torch.int16)
     # One byte further: the bytes of each sign are ordered by magnitude, so "up" is +1 for a
@@ -72,7 +76,7 @@ def quantize_pack_fp8(x: torch.Tensor, bits: int, group: int, per_channel: bool,
     (codes, scale bytes, mn bytes). The float ranges come from quantize_pack (Triton or reference),
     are rounded by squared error (module docstring), and the codes recomputed from the rounded
     ones, so dequantization matches what is kept (torch ops)."""
-    codes, scale, mn = quantize_pack(x, bits, group, per_channel, clip)
+    _, scale, mn = quantize_pack(x, bits, group, per_channel, clip)  # its codes are for the float ranges
     return _round_ranges(x, scale, mn, bits, group, per_channel, sup)
 
 

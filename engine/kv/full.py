@@ -51,7 +51,7 @@ class FullKV(KVPolicy):
     @classmethod
     def cost(cls, args, prompt, new, elem, store="model"):
         if store != "model":  # elem is the model dtype's size; a store of another dtype has its own
-            elem = torch.empty(0, dtype=cls.store_dtype(store, torch.float32)).element_size()
+            elem = cls.store_dtype(store, torch.float32).itemsize
         return {"device": (prompt + new) * 2 * args.n_kv_heads * args.head_dim * elem, "host": 0}
 
     def describe(self):

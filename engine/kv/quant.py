@@ -50,8 +50,8 @@ clips values at 2 and 4 bits, keys and values at 1 bit.
 Ranges (`scales`): each group's scale and min are stored as two 8-bit e4m3 bytes of a per-head
 superscale ("fp8", kernels/fp8.py) or in the model's dtype ("model"); "auto" (the default) is
 "fp8" at 1 and 2 bits, "model" at 4. 8-bit ranges make group 32 (the default with them) cost what
-group 64 costs with bfloat16 ranges, and each group's byte pair is the best of the 9 around its float range by squared error, which acts as a
-small clip search of its own. Measured end to end on the default model (bench.py, 4k, KL over 256
+group 64 costs with bfloat16 ranges, and each group's byte pair is the best of the 9 around its
+float range by squared error, which acts as a small clip search of its own. Measured end to end on the default model (bench.py, 4k, KL over 256
 tokens of GPL-3, 20 pass keys; float32, so float ranges cost 4 bytes here): 2 bits, group 64,
 KL 0.112 -> 0.070 with 8-bit ranges at fewer bytes; group 32 0.059 -> 0.051 (20/20), at the bytes
 of group 64 with bfloat16 ranges. At 4 bits they save 0.25 of 4.5 bits per value, a range off by
