@@ -24,19 +24,21 @@ both to nearest costs 0-7% at 1-2 bits and 7-15% at 4 bits (a step 1/16 short le
 16-level range a whole step short); rounding outward (covering min/max) 17-24%; the best of the 9
 pairs 0.83-0.97 (min/max ranges: a small free clip search) and 0.95-1.03 (clipped ranges).
 
-Decoding is exact in every path: the torch side reads the bytes as torch.float8_e4m3fn, the Triton
-side (`e4m3_to_f32`) builds the same value from the bits, and both then multiply by S once in
-float32, so kernels and references agree bit for bit on the ranges.
+Where: on CUDA the Triton quantize kernels (kernels/pack.py, FP8) compute a group's float range,
+round it and write the codes in one pass, so a decode step packs its value row with one kernel;
+`_round_ranges` here is their torch reference. Both encode and decode bytes as kernels/e4m3.py
+does, the same way bit for bit (torch's float8_e4m3fn and its Triton twin), and multiply by S once
+in float32, so kernels and references agree on every byte except where two candidate pairs' error
+sums tie to rounding (summed in another order: kernels/pack.py says the same of clipping).
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.pack import _expand, _pack, _quantize, quantize_pack, unpack_dequant
+from kernels import use_triton
+from kernels.e4m3 import decode, neighbours
+from kernels.pack import _expand, _pack, _quantize, quantize_pack_ref, quantize_pack_triton, unpack_dequant
 
-E4M3_MAX = 448.0
 SUPER_DIV = 32.0  # S = largest |x| / SUPER_DIV (module docstring)
 
 
@@ -45,38 +47,20 @@ def superscale(x: torch.Tensor) -> torch.Tensor:
     return (x.abs().amax(dim=(2, 3)).float() / SUPER_DIV).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _units(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
-    """Ranges t (B, H, n, m) in e4m3 units of S, saturated at +-448 (float32)."""
-    return (t.float() / sup[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX)
-
-
-def encode(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
-    """Ranges t (B, H, n, m) float -> uint8 e4m3 bytes of t / S, rounded to nearest (even)."""
-    return _units(t, sup).to(torch.float8_e4m3fn).view(torch.uint8)
-
-
-def neighbours(t: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
-    """(3, *t.shape) uint8: the bytes of t / S rounded to nearest, then down, then up (one rounding)."""
-    y = _units(t, sup)
-    b = y.to(torch.float8_e4m3fn)  # round to nearest even
-    f, b = b.float(), b.view(torch.uint8).to(torch.int16)
-    # One byte further: the bytes of each sign are ordered by magnitude, so "up" is +1 for a
-    # positive value and -1 for a negative one (RNE never lands on the wrong side of zero).
-    up = torch.where(b < 128, 1, -1).to(torch.int16)
-    return torch.stack([b, b - (f > y) * up, b + (f < y) * up]).to(torch.uint8)
-
-
-def decode(b: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
-    """uint8 e4m3 bytes (..., B, H, n, m) -> float32 ranges: e4m3(b) * S."""
-    return b.view(torch.float8_e4m3fn).float() * sup[..., None, None]
-
-
 def quantize_pack_fp8(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool, sup: torch.Tensor):
     """kernels/pack.quantize_pack with 8-bit ranges: x (B, H, T, D), sup (B, H) float32 ->
-    (codes, scale bytes, mn bytes). The float ranges come from quantize_pack (Triton or reference),
-    are rounded by squared error (module docstring), and the codes recomputed from the rounded
-    ones, so dequantization matches what is kept (torch ops)."""
-    _, scale, mn = quantize_pack(x, bits, group, per_channel, clip)  # its codes are for the float ranges
+    (codes, scale bytes, mn bytes). Triton on CUDA tensors (one kernel: ranges, their rounding and
+    the codes), the torch reference elsewhere (kernels/__init__.py)."""
+    if use_triton(x):
+        return quantize_pack_triton(x, bits, group, per_channel, clip, sup)
+    return quantize_pack_fp8_ref(x, bits, group, per_channel, clip, sup)
+
+
+def quantize_pack_fp8_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool,
+                          sup: torch.Tensor):
+    """The spec of quantize_pack_fp8: the float ranges of kernels/pack.quantize_pack_ref, rounded by
+    squared error (module docstring), the codes recomputed from the rounded ones."""
+    _, scale, mn = quantize_pack_ref(x, bits, group, per_channel, clip)  # its codes are for the float ranges
     return _round_ranges(x, scale, mn, bits, group, per_channel, sup)
 
 
@@ -108,15 +92,3 @@ def _round_ranges(x, scale, mn, bits: int, group: int, per_channel: bool, sup: t
         codes = q.gather(0, _expand(best, group, per_channel).long())[0]
         out.append((_pack(codes, bits), s8.gather(0, best)[0], m8.gather(0, best)[0]))
     return tuple(torch.cat(parts, dim=-2) for parts in zip(*out))
-
-
-@triton.jit
-def e4m3_to_f32(byte):
-    """uint8 e4m3 bytes -> float32, exact: sign, 4 exponent bits (bias 7), 3 mantissa bits;
-    exponent 0 is subnormal (m * 2^-9). 2^(e - 10) is built from its float32 bits, not exp2."""
-    b = byte.to(tl.int32)
-    e = (b >> 3) & 15
-    m = (b & 7).to(tl.float32)
-    pow2 = ((e + 117) << 23).to(tl.float32, bitcast=True)  # 2^(e - 10): biased exponent e - 10 + 127
-    mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * pow2)  # (1 + m/8) * 2^(e-7) = (8 + m) * 2^(e-10)
-    return tl.where((b & 128) != 0, -mag, mag)

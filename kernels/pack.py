@@ -24,6 +24,10 @@ one on ties; i = 0 is plain min/max, so a constant group is unchanged). Values o
 clamp to the end codes; the format and the dequantization are unchanged. The error sums are
 reduced in a different order by torch and Triton, so on a near-tie the two may pick different
 candidates whose errors agree to rounding; everything else matches bit for bit.
+
+8-bit ranges (kernels/fp8.py): given per-head superscales, the quantize kernels also round each
+group's range to the best of 9 e4m3 byte pairs and store bytes (`_ranges`, FP8), so on a GPU the
+whole of kernels/fp8.quantize_pack_fp8 is one kernel; its torch reference lives in fp8.py.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels import use_triton
+from kernels.e4m3 import e4m3_to_f32, e4m3_toward, f32_to_e4m3
 
 _BITS = (1, 2, 4)
 _TILE = 4096  # elements per program tile: large enough to amortise launches, small enough for registers
@@ -190,9 +195,59 @@ def _sq_err(x, lo, sc, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, R,
+def _group_sse(x, keep, lo, sc, LEVELS: tl.constexpr, TOKEN: tl.constexpr):
+    """Squared error of each group of float32 x quantized with its float32 (lo, sc). TOKEN: x is
+    (BT, BB, PER), keep selects one group along D, lo/sc/result are (BT,); else x is (BG, BB, PER)
+    with each channel's group along axis 0 (keep: its real tokens), lo/sc/result (BB, PER)."""
+    if TOKEN:
+        err = _sq_err(x, lo[:, None, None], sc[:, None, None], LEVELS)
+        return tl.sum(tl.sum(tl.where(keep, err, 0.0), axis=2), axis=1)
+    err = _sq_err(x, lo[None, :, :], sc[None, :, :], LEVELS)
+    return tl.sum(tl.where(keep, err, 0.0), axis=0)
+
+
+@triton.jit
+def _ranges(x, keep, mn, mx, sup, x_ptr, LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr,
+            FP8: tl.constexpr, TOKEN: tl.constexpr):
+    """The groups' ranges from their float32 min/max, as the references compute them: min/max, or
+    with CLIP the candidate of smallest squared error (scored as stored, in x's dtype); then with
+    FP8 the best of the 3 x 3 e4m3 byte pairs around that range (kernels/fp8.py; sup: the
+    superscale, shaped like mn). The first minimum wins ties, as torch's argmin. -> (scale, mn)
+    to store (x's dtype, or uint8 bytes with FP8) and the float32 (step, low end) the codes use."""
+    ty = x_ptr.dtype.element_ty
+    sc, lo = tl.math.div_rn(mx - mn, tl.zeros_like(mx) + LEVELS).to(ty), mn.to(ty)
+    if CLIP:
+        best = tl.zeros_like(mn) + float("inf")
+        for i in tl.static_range(N_CLIP):
+            c_lo, c_sc = _clip_candidate(mn, mx, i, LEVELS)
+            c_lo, c_sc = c_lo.to(ty), c_sc.to(ty)
+            sse = _group_sse(x, keep, c_lo.to(tl.float32), c_sc.to(tl.float32), LEVELS, TOKEN)
+            better = sse < best
+            best = tl.where(better, sse, best)
+            sc, lo = tl.where(better, c_sc, sc), tl.where(better, c_lo, lo)
+    if FP8:
+        # in e4m3 units of the superscale, saturated, as kernels/e4m3.neighbours
+        ys = tl.minimum(tl.maximum(tl.math.div_rn(sc.to(tl.float32), sup), -448.0), 448.0)
+        ym = tl.minimum(tl.maximum(tl.math.div_rn(lo.to(tl.float32), sup), -448.0), 448.0)
+        bs, bm = f32_to_e4m3(ys), f32_to_e4m3(ym)
+        best = tl.zeros_like(mn) + float("inf")
+        b_s, b_m = bs, bm
+        for i in tl.static_range(9):  # i = 3 * (mn direction) + (scale direction), as the reference
+            c_s, c_m = e4m3_toward(ys, bs, i % 3), e4m3_toward(ym, bm, i // 3)
+            sse = _group_sse(x, keep, e4m3_to_f32(c_m) * sup, e4m3_to_f32(c_s) * sup, LEVELS, TOKEN)
+            better = sse < best
+            best = tl.where(better, sse, best)
+            b_s, b_m = tl.where(better, c_s, b_s), tl.where(better, c_m, b_m)
+        st_sc, st_mn, sc32, lo32 = b_s.to(tl.uint8), b_m.to(tl.uint8), e4m3_to_f32(b_s) * sup, e4m3_to_f32(b_m) * sup
+    else:
+        st_sc, st_mn, sc32, lo32 = sc, lo, sc.to(tl.float32), lo.to(tl.float32)
+    return st_sc, st_mn, sc32, lo32
+
+
+@triton.jit
+def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, R, T,
                         D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                        LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr,
+                        LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr, FP8: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
     # one program: BLOCK_T rows (tokens) x the whole head_dim; groups run along D
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
@@ -202,33 +257,23 @@ def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, R,
     col = byte[None, :, None] * PER + lane[None, None, :]  # (1, BB, PER) element index d
     mask = (r3 < R) & (col < D)  # (BT, BB, PER)
     x = tl.load(x_ptr + r3 * D + col, mask=mask, other=0.0).to(tl.float32)  # (BT, BB, PER)
-    out_ty = scale_ptr.dtype.element_ty
+    if FP8:
+        sup = tl.load(sup_ptr + rows // T, mask=rows < R, other=1.0)  # (BT,) the row's head's superscale
+    else:
+        sup = tl.zeros((BLOCK_T,), tl.float32)  # unused
     gid = col // GROUP  # padded columns get gid >= D // GROUP and join no group
-    mn_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)  # per-element stored mn / scale
+    mn_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)  # per-element low end / step for the codes
     sc_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)
     for g in tl.static_range(D // GROUP):
         sel = gid == g  # (1, BB, PER)
         g_mn = tl.min(tl.min(tl.where(sel, x, float("inf")), axis=2), axis=1)  # (BT,)
         g_mx = tl.max(tl.max(tl.where(sel, x, float("-inf")), axis=2), axis=1)
-        g_sc = tl.math.div_rn(g_mx - g_mn, tl.zeros_like(g_mx) + LEVELS).to(out_ty)
-        if CLIP:  # the candidate range with the smallest squared error, as _clip_range
-            best = tl.full((BLOCK_T,), float("inf"), tl.float32)
-            b_sc, b_mn = g_sc, g_mn.to(out_ty)
-            for i in tl.static_range(N_CLIP):
-                lo, sc = _clip_candidate(g_mn, g_mx, i, LEVELS)
-                lo, sc = lo.to(out_ty), sc.to(out_ty)  # (BT,) scored as stored
-                err = _sq_err(x, lo.to(tl.float32)[:, None, None], sc.to(tl.float32)[:, None, None], LEVELS)
-                sse = tl.sum(tl.sum(tl.where(sel, err, 0.0), axis=2), axis=1)  # (BT,)
-                better = sse < best
-                best = tl.where(better, sse, best)
-                b_sc, b_mn = tl.where(better, sc, b_sc), tl.where(better, lo, b_mn)
-            g_sc, g_mn = b_sc, b_mn
-        g_mn = g_mn.to(out_ty)
-        tl.store(scale_ptr + rows * (D // GROUP) + g, g_sc, mask=rows < R)
-        tl.store(mn_ptr + rows * (D // GROUP) + g, g_mn, mask=rows < R)
-        # codes come from the stored (cast) values, like the reference
-        sc_e = tl.where(sel, g_sc.to(tl.float32)[:, None, None], sc_e)
-        mn_e = tl.where(sel, g_mn.to(tl.float32)[:, None, None], mn_e)
+        st_sc, st_mn, g_sc, g_lo = _ranges(x, sel, g_mn, g_mx, sup, x_ptr, LEVELS, CLIP,
+                                           N_CLIP, FP8, True)
+        tl.store(scale_ptr + rows * (D // GROUP) + g, st_sc, mask=rows < R)
+        tl.store(mn_ptr + rows * (D // GROUP) + g, st_mn, mask=rows < R)
+        sc_e = tl.where(sel, g_sc[:, None, None], sc_e)  # codes come from the stored ranges
+        mn_e = tl.where(sel, g_lo[:, None, None], mn_e)
     q = _codes(x, mn_e, sc_e, LEVELS)
     packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BT, BB)
     bmask = (rows[:, None] < R) & (byte[None, :] < D // PER)
@@ -236,9 +281,9 @@ def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, R,
 
 
 @triton.jit
-def _quant_channel_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr,
+def _quant_channel_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, T,
                           D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
-                          LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr,
+                          LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr, FP8: tl.constexpr,
                           BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr):
     # one program: one group of GROUP tokens x BLOCK_B bytes (BLOCK_B * PER channels);
     # min/max reduce over the token axis, one scale per channel
@@ -254,25 +299,16 @@ def _quant_channel_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr,
     # padded tokens must not join the min/max; padded channels are 0 and never stored
     mn = tl.min(tl.where(t3 < GROUP, x, float("inf")), axis=0)  # (BB, PER)
     mx = tl.max(tl.where(t3 < GROUP, x, float("-inf")), axis=0)
-    out_ty = scale_ptr.dtype.element_ty
-    sc = tl.math.div_rn(mx - mn, tl.zeros_like(mx) + LEVELS).to(out_ty)
-    if CLIP:  # the candidate range with the smallest squared error, as _clip_range
-        best = tl.full((BLOCK_B, PER), float("inf"), tl.float32)
-        b_sc, b_mn = sc, mn.to(out_ty)
-        for i in tl.static_range(N_CLIP):
-            lo, c_sc = _clip_candidate(mn, mx, i, LEVELS)
-            lo, c_sc = lo.to(out_ty), c_sc.to(out_ty)  # (BB, PER) scored as stored
-            err = _sq_err(x, lo.to(tl.float32)[None, :, :], c_sc.to(tl.float32)[None, :, :], LEVELS)
-            sse = tl.sum(tl.where(t3 < GROUP, err, 0.0), axis=0)  # (BB, PER)
-            better = sse < best
-            best = tl.where(better, sse, best)
-            b_sc, b_mn = tl.where(better, c_sc, b_sc), tl.where(better, lo, b_mn)
-        sc, mn = b_sc, b_mn
-    mn = mn.to(out_ty)
+    # the group's head's superscale (groups never straddle two heads: T % GROUP == 0)
+    sup = tl.zeros((BLOCK_B, PER), tl.float32)
+    if FP8:
+        sup += tl.load(sup_ptr + gi * GROUP // T)
+    st_sc, st_mn, sc, lo = _ranges(x, t3 < GROUP, mn, mx, sup, x_ptr, LEVELS, CLIP, N_CLIP,
+                                   FP8, False)
     col2 = byte[:, None] * PER + lane[None, :]  # (BB, PER)
-    tl.store(scale_ptr + gi * D + col2, sc, mask=col2 < D)
-    tl.store(mn_ptr + gi * D + col2, mn, mask=col2 < D)
-    q = _codes(x, mn.to(tl.float32)[None, :, :], sc.to(tl.float32)[None, :, :], LEVELS)
+    tl.store(scale_ptr + gi * D + col2, st_sc, mask=col2 < D)
+    tl.store(mn_ptr + gi * D + col2, st_mn, mask=col2 < D)
+    q = _codes(x, lo[None, :, :], sc[None, :, :], LEVELS)  # codes come from the stored ranges
     packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BG, BB)
     rows = gi * GROUP + tok[:, None]
     bmask = (tok[:, None] < GROUP) & (byte[None, :] < D // PER)
@@ -309,31 +345,40 @@ def _rows_block(R: int, block_b: int, per: int) -> int:
     return max(1, min(triton.next_power_of_2(max(R, 1)), _TILE // (block_b * per)))
 
 
-def quantize_pack_triton(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool = False):
-    """Same contract as quantize_pack_ref."""
+def quantize_pack_triton(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool = False,
+                         sup: torch.Tensor | None = None):
+    """Same contract as quantize_pack_ref; with `sup` (x's leading dims, float32 superscales) the
+    ranges are 8-bit, as kernels/fp8.quantize_pack_fp8_ref returns them, in the same kernel."""
     per = _check_quant(x, bits, group, per_channel)
     *lead, T, D = x.shape
     # Leading dims (B, H_kv) fold into rows; per-channel groups never straddle two sequences
     # because T % group == 0. .contiguous() copies only when x is a strided view.
     x2 = x.contiguous().view(-1, D)  # (R, D)
     R = x2.shape[0]
+    fp8 = sup is not None
+    if fp8 and (tuple(sup.shape) != tuple(lead) or sup.dtype != torch.float32):
+        raise ValueError(f"sup must be float32 of shape {tuple(lead)}, got {sup.dtype} {tuple(sup.shape)}")
+    sup = sup.contiguous() if fp8 else x2  # without FP8 the kernels never read this pointer
     codes = torch.empty(R, D // per, dtype=torch.uint8, device=x.device)
     s_shape = (R // group, D) if per_channel else (R, D // group)
-    scale = torch.empty(s_shape, dtype=x.dtype, device=x.device)
+    scale = torch.empty(s_shape, dtype=torch.uint8 if fp8 else x.dtype, device=x.device)
     mn = torch.empty_like(scale)
     block_b = triton.next_power_of_2(D // per)
     # enable_fp_fusion=False below: no FMA contraction, so the float32 math rounds like the reference
-    common = dict(D=D, GROUP=group, BITS=bits, PER=per, LEVELS=(1 << bits) - 1, CLIP=clip, N_CLIP=N_CLIP)
+    common = dict(D=D, GROUP=group, BITS=bits, PER=per, LEVELS=(1 << bits) - 1, CLIP=clip, N_CLIP=N_CLIP,
+                  FP8=fp8, enable_fp_fusion=False)
     if R > 0 and per_channel:
         block_g = triton.next_power_of_2(group)
         bb = max(1, min(block_b, _TILE // (block_g * per)))
         grid = (R // group, triton.cdiv(D // per, bb))
-        _quant_channel_kernel[grid](x2, codes, scale, mn, **common, BLOCK_G=block_g, BLOCK_B=bb,
-                                    enable_fp_fusion=False)
+        _quant_channel_kernel[grid](x2, codes, scale, mn, sup, T, **common, BLOCK_G=block_g, BLOCK_B=bb)
     elif R > 0:
         bt = _rows_block(R, block_b, per)
-        _quant_token_kernel[(triton.cdiv(R, bt),)](x2, codes, scale, mn, R, **common, BLOCK_T=bt,
-                                                   BLOCK_B=block_b, enable_fp_fusion=False)
+        if x.is_cuda and R <= 256:  # a decode step packs one row per (sequence, KV head), e.g. 8: one
+            bt = 1  # program (SM) each, as each row runs up to 22 candidate ranges per group (the
+            # interpreter keeps whole tiles: there launches are what is slow)
+        _quant_token_kernel[(triton.cdiv(R, bt),)](x2, codes, scale, mn, sup, R, T, **common, BLOCK_T=bt,
+                                                   BLOCK_B=block_b)
     s_out = (*lead, T // group, D) if per_channel else (*lead, T, D // group)
     return codes.view(*lead, T, D // per), scale.view(s_out), mn.view(s_out)
 

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import fp8, use_triton
-from kernels.fp8 import e4m3_to_f32
+from kernels import use_triton
+from kernels.e4m3 import decode, e4m3_to_f32
 
 # Split policy: aim for this many (batch, kv head, split) programs, enough to cover a GPU's SMs
 # about twice, but give each split at least MIN_SPLIT_TOKENS so the partial results stay small.
@@ -94,7 +94,7 @@ def _unpack_lut(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _widen(ranges: torch.Tensor, sup: torch.Tensor | None) -> torch.Tensor:
     """Scales or mins as float32: stored floats as they are, 8-bit bytes through their superscale."""
-    return ranges.float() if sup is None else fp8.decode(ranges, sup)
+    return ranges.float() if sup is None else decode(ranges, sup)
 
 
 def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,

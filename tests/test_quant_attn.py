@@ -20,7 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from interpreted import check_interpreted  # noqa: E402
-from kernels import fp8 as e4m3  # noqa: E402
+from kernels import e4m3  # noqa: E402
 from kernels.dense_attn import decode_attention  # noqa: E402
 from kernels.quant_attn import (pack_mask, quant_decode_attention, quant_decode_attention_ref,  # noqa: E402
                                 unpack_mask)
