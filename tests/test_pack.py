@@ -4,7 +4,7 @@ checked against the format's promises."""
 import pytest
 import torch
 
-from interpreted import check_interpreted
+from interpreted import check_compiled, check_interpreted
 from kernels.pack import quantize_pack, quantize_pack_ref, unpack_dequant, unpack_dequant_ref
 
 # One subprocess loops over every case and prints one line per mismatch.
@@ -13,13 +13,14 @@ import os
 import torch
 from kernels.pack import (quantize_pack, quantize_pack_ref, quantize_pack_triton,
                           unpack_dequant_ref, unpack_dequant_triton)
+DEV = os.environ["KERNEL_TEST_DEVICE"]
 
 def data(lead, T, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, T, D, generator=g) * 2 + 0.3
     x[..., :, :8] = 0.75           # constant channels: every per-channel group constant there
     x[..., :1, :] = -1.25          # a constant token: every per-token group constant there
-    return x.to(dtype)
+    return x.to(dtype).to(DEV)
 
 def check(name, x, bits, group, pc):
     a = quantize_pack_ref(x, bits, group, pc)
@@ -203,8 +204,9 @@ def test_invalid_arguments():
 
 # ---- 8-bit ranges (kernels/fp8.py) -------------------------------------------------------------------
 _E4M3 = r"""
-import torch, triton, triton.language as tl
+import os, torch, triton, triton.language as tl
 from kernels import e4m3
+DEV = os.environ["KERNEL_TEST_DEVICE"]
 
 @triton.jit
 def widen(B, OUT):
@@ -219,10 +221,11 @@ def narrow(Y, OUT, N, BLOCK: tl.constexpr):
     for d in tl.static_range(3):  # nearest, down, up: the rows of e4m3.neighbours
         tl.store(OUT + d * N + i, e4m3.e4m3_toward(y, b, d).to(tl.uint8), mask=i < N)
 
-b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-out = torch.empty(256)
+b = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEV)
+out = torch.empty(256, device=DEV)
 widen[(1,)](b, out)
-want = e4m3.decode(b.view(1, 1, 1, 256), torch.ones(1, 1)).view(256)
+want = e4m3.decode(b.view(1, 1, 1, 256), torch.ones(1, 1, device=DEV)).view(256).cpu()
+out = out.cpu()
 ok = [i for i in range(256) if i & 127 != 127]  # 0x7f / 0xff are NaN: never stored (encode saturates)
 bad = [i for i in ok if out[i].item() != want[i].item()]
 print(f"FAIL widen bytes {bad[:8]}" if bad else "")
@@ -234,10 +237,10 @@ mids = (vals[1:] + vals[:-1]) / 2  # exact in float32
 big, g = torch.full_like(mids, 1e9), torch.Generator().manual_seed(0)
 ys = torch.cat([vals, mids, mids.nextafter(big), mids.nextafter(-big),
                 torch.randn(2000, generator=g) * torch.logspace(-4, 2.6, 2000),
-                torch.tensor([0.0, -0.0, 1e-30, -1e-30, 448.0, -448.0])]).clamp(-448, 448)
-got = torch.empty(3, ys.numel(), dtype=torch.uint8)
+                torch.tensor([0.0, -0.0, 1e-30, -1e-30, 448.0, -448.0])]).clamp(-448, 448).to(DEV)
+got = torch.empty(3, ys.numel(), dtype=torch.uint8, device=DEV)
 narrow[(triton.cdiv(ys.numel(), 512),)](ys, got, ys.numel(), BLOCK=512)
-want = e4m3.neighbours(ys.view(1, 1, 1, -1), torch.ones(1, 1)).view(3, -1)
+want = e4m3.neighbours(ys.view(1, 1, 1, -1), torch.ones(1, 1, device=DEV)).view(3, -1)
 wrong = (got != want).any(0).nonzero()[:, 0]
 print(f"FAIL narrow {ys[wrong[:8]].tolist()}: {got[:, wrong[:8]].T.tolist()} != {want[:, wrong[:8]].T.tolist()}"
       if len(wrong) else "")
@@ -256,13 +259,14 @@ import os
 import torch
 from kernels.fp8 import quantize_pack_fp8, quantize_pack_fp8_ref, superscale, unpack_dequant_fp8
 from kernels.pack import quantize_pack_triton
+DEV = os.environ["KERNEL_TEST_DEVICE"]
 
 def data(lead, T, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, T, D, generator=g) * torch.rand(*lead[:-1], 1, 1, D, generator=g) * 3 + 0.3
     x[..., :, :8] = 0.75   # constant channels: every per-channel group constant there
     x[..., :1, :] = -1.25  # a constant token
-    return x.to(dtype)
+    return x.to(dtype).to(DEV)
 
 def group_sse(x, q, bits, group, pc, sup):
     d = (unpack_dequant_fp8(*q, bits, group, pc, sup).double() - x.double()) ** 2
@@ -315,6 +319,13 @@ def test_fp8_triton_matches_reference():
     """The quantize kernels with 8-bit ranges (range, byte rounding and codes in one kernel) write
     what the torch reference does."""
     check_interpreted(_FP8_COMPARE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+@pytest.mark.parametrize("script", ["pack", "e4m3", "fp8"])
+def test_compiled_kernels_match_reference_on_cuda(script):
+    """The three checks above with the kernels compiled for the GPU and the references on CUDA."""
+    check_compiled({"pack": _COMPARE, "e4m3": _E4M3, "fp8": _FP8_COMPARE}[script])
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,13 +217,15 @@ TRITON_CASES = [
 ]
 
 
-def run_triton_cases() -> int:
-    """Compare the kernel with the reference on every case; print each failure, return their number."""
+def run_triton_cases(device: str = "cpu") -> int:
+    """Compare the kernel with the reference on every case, tensors on `device` (on a GPU strided
+    views arrive as contiguous copies); print each failure, return their number."""
     from kernels.quant_attn import quant_decode_attention_triton
     failures = 0
     for i, case in enumerate(TRITON_CASES):
         kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}  # launch options, not the cache's
         args, _, _ = make_case(**{k: val for k, val in case.items() if k not in kw})
+        args = {k: a.to(device) if torch.is_tensor(a) else a for k, a in args.items()}
         sm_scale = (None, 0.3)[i % 2]  # the default 1/sqrt(D) and a given scale, on alternate cases
         out = quant_decode_attention_triton(**args, sm_scale=sm_scale, **kw)
         want = quant_decode_attention_ref(**args, sm_scale=sm_scale)
@@ -234,6 +237,7 @@ def run_triton_cases() -> int:
             print(f"FAIL {case} sm_scale={sm_scale}: relative error {err:.3g}", flush=True)
     os.environ["LAYERKV_KERNELS"] = "triton"  # the dispatch reaches the kernel when told to
     args, _, _ = make_case(pos=64)
+    args = {k: a.to(device) if torch.is_tensor(a) else a for k, a in args.items()}
     if not torch.allclose(quant_decode_attention(**args), quant_decode_attention_ref(**args), rtol=1e-5, atol=1e-6):
         failures += 1
         print("FAIL dispatch with LAYERKV_KERNELS=triton", flush=True)
@@ -243,6 +247,11 @@ def run_triton_cases() -> int:
 
 def test_triton_matches_ref_interpreted():
     check_interpreted(f"import runpy; runpy.run_path({os.path.abspath(__file__)!r}, run_name='__main__')")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+def test_triton_matches_ref_compiled_on_cuda():
+    assert run_triton_cases("cuda") == 0
 
 
 def test_torch_path_matches_reference():
