@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Issue 11's GPU checks as one prepared run, for a session that is lent a GPU for a few minutes:
+# each step runs under its own time limit, in the order given, and a failed or timed-out step does
+# not stop the next. Everything goes to $OUT/gpu_check.log (plus the bench JSON files), so what a
+# step printed comes back even when the whole command is cut short.
+#
+#   bash tools/gpu_check.sh                      # every step, ~9.5 minutes at most
+#   bash tools/gpu_check.sh tests capped         # the first half (~6.5 min); `full offload` the rest
+#
+# Steps (limits in seconds; random:llama-3.1-8b in bfloat16, 128k-token prompts):
+#   tests   150  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
+#                the CPU path for every policy, the zero-copy fetch, chunked prefill, the memory cap
+#   capped  240  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
+#                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
+#                peak GPU memory: does it fit a 24 GB card)
+#   full     60  FullKV uncapped at 128k: the ms/token baseline (it cannot fit 24 GiB)
+#   offload 120  tools/offload_gpu.py at 128k: chunk sizes 1 and 16, copy/selection kernel times
+#   throughput 200  bench.py --throughput at 32k under 24 GiB (not in the default list)
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+MODEL=(--model random:llama-3.1-8b --device cuda --dtype bfloat16)
+
+step() {  # step NAME LIMIT COMMAND...: run it under `timeout`, its output appended to the log
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    start=$(date +%s)
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "== $name: exit $rc after $(($(date +%s) - start)) s$([ $rc = 124 ] && echo ' (timed out)')" | tee -a "$LOG"
+}
+
+run() {
+    case $1 in
+    tests) step tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_quant_attn.py \
+        tests/test_graphs.py tests/test_offloadkv.py tests/test_prefill_chunks.py tests/test_cli.py \
+        -k "cuda or compiled or gpu" ;;
+    capped) step capped 240 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
+        --policies quant,quant:bits=2,offload:budget=2048,evict,hybrid,plan:docs/plans/tailorkv_shape_random8b.json \
+        --peers none --no-quality --steps 16 --json "$OUT/capped_128k.json" ;;
+    full) step full 60 "$PY" bench.py "${MODEL[@]}" --ctx 128k --policies full --peers none --no-quality \
+        --steps 16 --json "$OUT/full_128k.json" ;;
+    offload) step offload 120 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 ;;
+    throughput) step throughput 200 "$PY" bench.py "${MODEL[@]}" --throughput --ctx 32k --gpu-memory 24GiB \
+        --policies full,evict,offload,hybrid --json "$OUT/throughput_32k.json" ;;
+    *) echo "unknown step $1 (tests, capped, full, offload, throughput)" | tee -a "$LOG" ;;
+    esac
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
+for s in "${@:-tests capped full offload}"; do
+    for one in $s; do run "$one"; done
+done
