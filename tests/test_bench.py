@@ -10,7 +10,7 @@ import torch
 
 import bench
 from engine.eval.hf_view import hf_view, shares_storage
-from engine.eval.peers import cache_bytes, expand_peers
+from engine.eval.peers import cache_bytes, expand_peers, with_cache
 from engine.kv import build_policies, parse_policy
 from engine.model import Llama
 from helpers import TINY, assert_clean_error, call, script
@@ -79,7 +79,7 @@ def test_cache_bytes_counts_a_dynamic_cache():
     hf = hf_view(Llama.random(TINY, "cpu", torch.float32))
     cache = DynamicCache()
     with torch.no_grad():
-        hf(torch.arange(10, 50)[None], past_key_values=cache, use_cache=True)
+        hf(torch.arange(10, 50)[None], **with_cache(hf, cache), use_cache=True)
     assert cache_bytes(cache) == TINY.kv_bytes_per_token(4) * 40
 
 

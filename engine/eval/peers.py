@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import time
 
 import torch
@@ -105,12 +106,19 @@ def cache_bytes(cache) -> int:
     return sum(walk(v) for layer in cache.layers for v in vars(layer).values())
 
 
+def with_cache(hf, cache) -> dict:
+    """The keyword argument that hands `cache` to a transformers model's forward: `cache` in recent
+    releases (5.24 has it), `past_key_values` before them (kvpress pins one of those); the old name
+    is deprecated and goes in 5.40."""
+    return {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values": cache}
+
+
 @torch.inference_mode()
 def prefill(hf, ids: list[int], cache, press) -> torch.Tensor:
     """-> last-position logits (1, vocab); only that position goes through the head (128k prompts)."""
     x = torch.tensor([ids], device=hf.device)
     with press(hf) if press is not None else contextlib.nullcontext():
-        return hf(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return hf(input_ids=x, **with_cache(hf, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 @torch.inference_mode()
@@ -119,7 +127,7 @@ def forward(hf, tokens: list[int] | torch.Tensor, cache, pos: int) -> torch.Tens
     explicitly because a pressed cache holds fewer tokens than the text has (as kvpress's pipeline)."""
     x = torch.as_tensor(tokens, device=hf.device).reshape(1, -1)
     positions = torch.arange(pos, pos + x.shape[1], device=hf.device)[None]
-    return hf(input_ids=x, past_key_values=cache, position_ids=positions, use_cache=True).logits[0]
+    return hf(input_ids=x, **with_cache(hf, cache), position_ids=positions, use_cache=True).logits[0]
 
 
 def latency_cell(hf, peer: str, ids: list[int], fraction: float, cfg) -> dict:
