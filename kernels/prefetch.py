@@ -37,26 +37,29 @@ def cuda_view_of_pinned(host: torch.Tensor) -> torch.Tensor:
 
 
 def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int) -> None:
-    """Reference. src_* (B*H_kv*M, D) row tables; tokens, slots (B, H_kv, k) int64; wanted (B, H_kv, k)
-    bool; dst_* (B, H_kv, n, D). For every wanted (b, h, j): dst[b, h, offset + slots[b,h,j]] =
-    src[(b*H_kv + h)*M + tokens[b,h,j]]."""
+    """Reference. src_* (B*H_kv*M, D) row tables; tokens (B, H_kv, k) int64; wanted (B, H_kv, k)
+    bool; slots (B, H_kv, k) int64, or None for slots[b, h, j] = j; dst_* (B, H_kv, n, D). For every
+    wanted (b, h, j): dst[b, h, offset + slots[b,h,j]] = src[(b*H_kv + h)*M + tokens[b,h,j]]."""
     B, H_kv, _ = tokens.shape
     M = src_k.shape[0] // (B * H_kv)
     b, h, j = wanted.nonzero(as_tuple=True)
     rows = (b * H_kv + h) * M + tokens[b, h, j]
-    pos = offset + slots[b, h, j]
+    pos = offset + (j if slots is None else slots[b, h, j])
     dst_k[b, h, pos] = src_k[rows].to(dst_k.device)
     dst_v[b, h, pos] = src_v[rows].to(dst_v.device)
 
 
 @triton.jit
 def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v, K, M, N_DST, offset,
-                        D: tl.constexpr, BLOCK: tl.constexpr):
+                        D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
     bh, blk = tl.program_id(0), tl.program_id(1)  # one (batch, KV head) x a block of k entries
     j = blk * BLOCK + tl.arange(0, BLOCK)
     want = tl.load(want_ptr + bh * K + j, mask=j < K, other=0) != 0
     tok = tl.load(tok_ptr + bh * K + j, mask=want, other=0)
-    slot = tl.load(slot_ptr + bh * K + j, mask=want, other=0)
+    if SLOTS:
+        slot = tl.load(slot_ptr + bh * K + j, mask=want, other=0)
+    else:  # entry j goes to slot j
+        slot = j
     d = tl.arange(0, D)
     src = (bh * M + tok).to(tl.int64)[:, None] * D + d[None, :]
     dst = (bh * N_DST + offset + slot).to(tl.int64)[:, None] * D + d[None, :]
@@ -72,9 +75,10 @@ def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset
         raise ValueError("the Triton gather needs a power-of-two head_dim and contiguous buffers")
     BLOCK = 32
     grid = (B * H_kv, triton.cdiv(K, BLOCK))
-    _gather_rows_kernel[grid](src_k, src_v, tokens.contiguous(), wanted.contiguous(), slots.contiguous(),
+    tokens = tokens.contiguous()
+    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), tokens if slots is None else slots.contiguous(),
                               dst_k, dst_v, K, src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset,
-                              D=D, BLOCK=BLOCK)
+                              D=D, BLOCK=BLOCK, SLOTS=slots is not None)
 
 
 def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int) -> None:
@@ -108,7 +112,7 @@ class RowFetcher:
         return host
 
     def fetch(self, tokens, wanted, slots, dst_k, dst_v, offset: int, overlap: bool = False) -> None:
-        """Copy the wanted rows (see gather_rows_ref) into dst_k/dst_v. With overlap (CUDA only) the
+        """Copy the wanted rows (see gather_rows_ref; slots None: entry j into slot j) into dst_k/dst_v. With overlap (CUDA only) the
         copy runs on the side stream and `wait()` must be called before dst is read."""
         self._rows_copied += wanted.sum()
         if not (overlap and self.cuda):
@@ -119,7 +123,8 @@ class RowFetcher:
         with torch.cuda.stream(self.stream):
             gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset)
         for t in (tokens, wanted, slots):  # made on the compute stream, read on the side stream
-            t.record_stream(self.stream)
+            if t is not None:
+                t.record_stream(self.stream)
         self.ready = torch.cuda.Event()
         self.ready.record(self.stream)
 

@@ -11,7 +11,7 @@ themselves, about C/D of the keys, e.g. 8/64). Each step:
   1. approximate scores over the middle's chunks from the sketch (no host traffic);
   2. top-k chunks per KV head (the max over the query heads that share it);
   3. a slot whose chunk is still selected keeps it; only the newly selected chunks' rows cross the
-     bus from the host store, into the freed slots;
+     bus from the host store, into the freed slots (kernels/slots.py);
   4. exact attention over [sink | selected slots | recent | generated].
 Worked example, budget 2048, sink 16, recent 64, chunk 16, a 131072-token prompt: the middle is
 130992 tokens = 8187 chunks; 1968 // 16 = 123 chunks (1968 rows) are selected per KV head and step.
@@ -43,6 +43,7 @@ import torch
 from engine.kv.base import KVPolicy, tensor_bytes
 from kernels.dense_attn import dense_decode_attention
 from kernels.prefetch import RowFetcher
+from kernels.slots import assign_slots
 from kernels.sparse_attn import approx_scores, select_topk
 
 
@@ -100,7 +101,6 @@ class OffloadKV(KVPolicy):
         self.chan = None                # (B, H_kv, C) the sketch's channel ids
         self.fetcher: RowFetcher | None = None
         self.slots = None               # (B, H_kv, k) the middle chunk held in each device slot
-        self.chunk_rows = None          # (chunk,) 0..chunk-1: expands chunk ids to row ids
 
     @staticmethod
     def layout(T: int, budget: int, sink: int, recent: int, chunk: int) -> tuple[int, int, int, int]:
@@ -134,8 +134,7 @@ class OffloadKV(KVPolicy):
             self.fetcher = RowFetcher(mid_k, mid_v, self.device)
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
-            self.chunk_rows = torch.arange(self.chunk, device=self.device)  # a chunk's rows, from its first
-            self.slots = None  # filled by the first decode step's query
+            self.slots = None  # (B, H_kv, top // chunk) chunk ids, filled by the first decode step's query
         self.row_offset = n_prompt - T  # buffer row of decode position p is p + row_offset
         self.length = T
 
@@ -143,38 +142,14 @@ class OffloadKV(KVPolicy):
         """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots
         (with overlap on CUDA the copy is only started: `self.fetcher.wait()` before reading)."""
         scores = approx_scores(q, self.mn, self.mx, self.chan)  # (B, H_kv, N) one per chunk
-        k = self.top // self.chunk
-        new = select_topk(scores, k)  # (B, H_kv, k) sorted chunk ids
-        if self.slots is None:  # first step: every slot is free; fill them in token order
-            self.slots = new.clone()
-            slot_idx, tokens = torch.arange(k, device=new.device).expand_as(new), new
-            wanted = torch.ones_like(new, dtype=torch.bool)
-        else:
-            # A slot keeps its token if that token is still selected; the other slots are free and
-            # the newly selected tokens go into them, the j-th new token into the j-th free slot.
-            # Example, k = 4: slots = [7, 2, 9, 4] (slot 0 holds token 7, ...), new = [2, 4, 5, 8]
-            #   keep    = [F, T, F, T]       slots 1 and 3 keep tokens 2 and 4
-            #   present = [T, T, F, F]       of new, 5 and 8 are not held yet
-            #   slot_idx = [0, 2, 1, 3]      free slots first; tokens = [5, 8, 2, 4]: new ones first
-            #   wanted  = [T, T, F, F]       2 free slots = 2 new tokens (both k - kept)
-            # -> slot 0 <- token 5, slot 2 <- token 8, slots = [5, 2, 8, 4]: two rows cross the bus.
-            keep = new.gather(-1, torch.searchsorted(new, self.slots).clamp_(max=k - 1)) == self.slots
-            held = self.slots.sort(dim=-1).values
-            present = held.gather(-1, torch.searchsorted(held, new).clamp_(max=k - 1)) == new
-            # Pair the j-th free slot with the j-th newly selected token (equal counts per head).
-            slot_idx = keep.to(torch.uint8).argsort(dim=-1, stable=True)  # free slots first
-            tokens = new.gather(-1, present.to(torch.uint8).argsort(dim=-1, stable=True))  # new tokens first
-            wanted = torch.arange(k, device=new.device) < (~keep).sum(-1, keepdim=True)  # (B, H_kv, k)
-            self.slots.scatter_(-1, slot_idx, torch.where(wanted, tokens, self.slots.gather(-1, slot_idx)))
-            if not self.reuse:  # the baseline: copy every selected row again, into the same slots
-                slot_idx = torch.arange(k, device=new.device).expand_as(new)
-                tokens, wanted = self.slots, torch.ones_like(wanted)
-        if self.chunk > 1:  # chunk j is tokens j*c .. j*c+c-1, slot i is rows i*c .. i*c+c-1
-            c, step = self.chunk, self.chunk_rows
-            tokens = (tokens[..., None] * c + step).flatten(-2)  # (B, H_kv, k * c)
-            slot_idx = (slot_idx[..., None] * c + step).flatten(-2)
-            wanted = wanted[..., None].expand(-1, -1, -1, c).flatten(-2)
-        self.fetcher.fetch(tokens, wanted, slot_idx, self.k, self.v, self.S, overlap=overlap and self.overlap)
+        new = select_topk(scores, self.top // self.chunk)  # (B, H_kv, k) sorted chunk ids
+        if self.slots is None:  # first step: every slot free, filled with the selected chunks in order
+            self.slots = torch.full_like(new, -1)
+        # Slots whose chunk is still selected keep it; only new chunks' rows cross the bus
+        # (kernels/slots.py, with a worked example).
+        rows, wanted = assign_slots(self.slots, new, self.chunk, self.reuse)  # (B, H_kv, top) each
+        # rows are in slot order: entry j goes to device row S + j (slots=None)
+        self.fetcher.fetch(rows, wanted, None, self.k, self.v, self.S, overlap=overlap and self.overlap)
 
     def wants_lookahead(self) -> bool:
         return self.offloaded and self.lookahead == "layer"
