@@ -39,12 +39,13 @@ def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: 
 
 
 def kernel_ms(prof, steps: int) -> str:
-    """Device time per token of the copy kernel and of the selection (scores + top-k + sorts)."""
+    """Device time per token of the copy kernel and of the selection (scores, top-k + sort, the
+    slot assignment kernel of kernels/slots.py)."""
     def ms(*names: str) -> float:
         return sum(e.self_device_time_total for e in prof.key_averages()
                    if any(n in e.key.lower() for n in names)) / (1e3 * steps)
     return (f" | copy kernels {ms('gather_rows'):.2f} ms, scores {ms('approx_scores'):.2f} ms, "
-            f"top-k/sort {ms('topk', 'sort', 'radix'):.2f} ms per token")
+            f"top-k/sort {ms('topk', 'sort', 'radix'):.2f} ms, slot assignment {ms('_assign_kernel'):.2f} ms per token")
 
 
 def main() -> None:
