@@ -24,12 +24,12 @@ both to nearest costs 0-7% at 1-2 bits and 7-15% at 4 bits (a step 1/16 short le
 16-level range a whole step short); rounding outward (covering min/max) 17-24%; the best of the 9
 pairs 0.83-0.97 (min/max ranges: a small free clip search) and 0.95-1.03 (clipped ranges).
 
-Where: on CUDA the Triton quantize kernels (kernels/pack.py, FP8) compute a group's float range,
+Where: on CUDA the Triton quantize kernels (kernels/pack.py, via kernels/ranges.py) compute a group's float range,
 round it and write the codes in one pass, so a decode step packs its value row with one kernel;
 `_round_ranges` here is their torch reference. Both encode and decode bytes as kernels/e4m3.py
 does, the same way bit for bit (torch's float8_e4m3fn and its Triton twin), and multiply by S once
 in float32, so kernels and references agree on every byte except where two candidate pairs' error
-sums tie to rounding (summed in another order: kernels/pack.py says the same of clipping).
+sums tie to rounding (summed in another order: kernels/ranges.py says the same of clipping).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ import torch
 
 from kernels import use_triton
 from kernels.e4m3 import decode, neighbours
-from kernels.pack import _expand, _pack, _quantize, quantize_pack_ref, quantize_pack_triton, unpack_dequant
+from kernels.pack import _expand, _pack, quantize_pack_ref, quantize_pack_triton, unpack_dequant
+from kernels.ranges import quantize_codes
 
 SUPER_DIV = 32.0  # S = largest |x| / SUPER_DIV (module docstring)
 
@@ -85,7 +86,7 @@ def _round_ranges(x, scale, mn, bits: int, group: int, per_channel: bool, sup: t
         s8 = neighbours(scale[..., g, :], sup)[None].expand(3, 3, *scale[..., g, :].shape).flatten(0, 1)
         m8 = neighbours(mn[..., g, :], sup)[:, None].expand(3, 3, *mn[..., g, :].shape).flatten(0, 1)
         sf, mf = (_expand(decode(b, sup), group, per_channel) for b in (s8, m8))  # (9, B, H, rows, D)
-        q = _quantize(xc, sf, mf, levels)
+        q = quantize_codes(xc, sf, mf, levels)
         e = (q * sf + mf - xc).square()
         err = e.unflatten(-2, (-1, group)).sum(-2) if per_channel else e.unflatten(-1, (-1, group)).sum(-1)
         best = err.argmin(0, keepdim=True)  # (1, B, H, n, m): the first minimum, candidate 0 = nearest

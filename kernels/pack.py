@@ -13,21 +13,7 @@ Format (the decode-attention kernel and the cache depend on it exactly):
 Rounding is floor(y + 0.5) rather than round-half-even because Triton has no portable rint; the
 reference does exactly the same, so the Triton kernels match it bit for bit.
 
-Clipping (`clip=True`): min/max spends the levels on the group's extremes. For a bell-shaped group
-that is a poor use of them: 64 Gaussian values span about +-2.4 sigma, so 1-bit min/max puts its two
-levels at +-2.4 sigma while the squared-error optimum is +-0.8 sigma (error ~5 sigma^2 vs 0.36), and
-2-bit min/max has a step of 1.6 sigma where 1.0 is optimal. With clip the range is shrunk about its
-middle, [mn + i/32 * (mx - mn), mx - i/32 * (mx - mn)] for i = 0 .. N_CLIP - 1 (kept fraction
-1, 15/16, ..., 1/4; all exact binary fractions, so the kernels compute the same candidates), and
-each group keeps the candidate with the smallest squared error of its dequantized values (the first
-one on ties; i = 0 is plain min/max, so a constant group is unchanged). Values outside the range
-clamp to the end codes; the format and the dequantization are unchanged. The error sums are
-reduced in a different order by torch and Triton, so on a near-tie the two may pick different
-candidates whose errors agree to rounding; everything else matches bit for bit.
-
-8-bit ranges (kernels/fp8.py): given per-head superscales, the quantize kernels also round each
-group's range to the best of 9 e4m3 byte pairs and store bytes (`_ranges`, FP8), so on a GPU the
-whole of kernels/fp8.quantize_pack_fp8 is one kernel; its torch reference lives in fp8.py.
+How a group's range is chosen (min/max, `clip=True`, 8-bit ranges) and its codes: kernels/ranges.py.
 """
 from __future__ import annotations
 
@@ -36,11 +22,10 @@ import triton
 import triton.language as tl
 
 from kernels import use_triton
-from kernels.e4m3 import e4m3_to_f32, e4m3_toward, f32_to_e4m3
+from kernels.ranges import N_CLIP, clip_range, group_codes, quantize_codes, ranges, step_of
 
 _BITS = (1, 2, 4)
 _TILE = 4096  # elements per program tile: large enough to amortise launches, small enough for registers
-N_CLIP = 13  # clip candidates: kept fraction of the range 1 - i/16, i < N_CLIP (down to 1/4)
 
 
 def _check_quant(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> int:
@@ -94,38 +79,6 @@ def _expand(s: torch.Tensor, group: int, per_channel: bool) -> torch.Tensor:
     return s.float().repeat_interleave(group, dim=-2 if per_channel else -1)
 
 
-def _scale(span: torch.Tensor, levels: int) -> torch.Tensor:
-    # Tensor / tensor on purpose: torch's CUDA divide-by-a-Python-scalar multiplies by the
-    # reciprocal, which is not the correctly rounded quotient the Triton kernel computes.
-    return span / torch.full_like(span, levels)
-
-
-def _quantize(xf: torch.Tensor, s: torch.Tensor, m: torch.Tensor, levels: int) -> torch.Tensor:
-    """float32 codes of xf for per-element float32 scale s and min m (broadcastable)."""
-    ok = s > 0  # a constant group (scale 0) gets code 0 and dequantizes to mn exactly
-    q = torch.floor((xf - m) / torch.where(ok, s, torch.ones_like(s)) + 0.5).clamp(0, levels)
-    return torch.where(ok, q, torch.zeros_like(q))
-
-
-def _clip_range(g: torch.Tensor, levels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """g (N, G) float32 groups -> (scale, mn) (N,) in `dtype`: the clip candidate with the smallest
-    squared error (module docstring). Candidates are scored as stored (cast to dtype)."""
-    i = torch.arange(N_CLIP, device=g.device, dtype=torch.float32)  # (C,)
-    scales, mns = [], []
-    step = max(1, (1 << 22) // (N_CLIP * g.shape[1]))  # groups per chunk: ~16 MB of candidates
-    for c in range(0, g.shape[0], step):
-        x = g[c:c + step]  # (n, G)
-        mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # (n, 1)
-        lo = (mn + i / 32 * (mx - mn)).to(dtype).float()  # (n, C)
-        sc = _scale((mx - mn) * (1 - i / 16), levels).to(dtype).float()  # (n, C)
-        q = _quantize(x[:, None], sc[..., None], lo[..., None], levels)  # (n, C, G)
-        sse = (q * sc[..., None] + lo[..., None] - x[:, None]).square().sum(-1)  # (n, C)
-        best = sse.argmin(-1, keepdim=True)  # (n, 1): the first minimum
-        scales.append(sc.gather(1, best)[:, 0])
-        mns.append(lo.gather(1, best)[:, 0])
-    return torch.cat(scales).to(dtype), torch.cat(mns).to(dtype)
-
-
 def quantize_pack_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool = False):
     """x (..., T, D) float -> (codes uint8 (..., T, D*bits//8), scale, mn); scale/mn are
     (..., T, D//group) per-token or (..., T//group, D) per-channel, dtype x.dtype. clip: choose each
@@ -138,13 +91,13 @@ def quantize_pack_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool,
     else:
         g = xf.unflatten(-1, (-1, group))  # (..., T, D/G, G)
     if clip:
-        scale, mn = _clip_range(g.reshape(-1, group), levels, x.dtype)  # (groups,) each
+        scale, mn = clip_range(g.reshape(-1, group), levels, x.dtype)  # (groups,) each
         scale, mn = scale.view(g.shape[:-1]), mn.view(g.shape[:-1])
     else:
         mn = g.amin(-1)  # (..., T/G, D) per-channel or (..., T, D/G) per-token
-        scale = _scale(g.amax(-1) - mn, levels).to(x.dtype)
+        scale = step_of(g.amax(-1) - mn, levels).to(x.dtype)
         mn = mn.to(x.dtype)
-    q = _quantize(xf, _expand(scale, group, per_channel), _expand(mn, group, per_channel), levels)
+    q = quantize_codes(xf, _expand(scale, group, per_channel), _expand(mn, group, per_channel), levels)
     return _pack(q, bits), scale, mn
 
 
@@ -171,80 +124,6 @@ def unpack_dequant_ref(codes, scale, mn, bits: int, group: int, per_channel: boo
 # the last axis of code << (lane * BITS) (the bit fields are disjoint, so sum == or).
 
 @triton.jit
-def _codes(x, mn, scale, LEVELS: tl.constexpr):
-    """float32 x, mn, scale (broadcastable) -> int32 codes, exactly as in quantize_pack_ref."""
-    ok = scale > 0
-    # div_rn: correctly rounded division; plain `/` may lower to an approximate divide on GPUs.
-    y = tl.math.div_rn(x - mn, tl.where(ok, scale, 1.0))
-    q = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), LEVELS)
-    return tl.where(ok, q, 0.0).to(tl.int32)
-
-
-@triton.jit
-def _clip_candidate(mn, mx, I: tl.constexpr, LEVELS: tl.constexpr):
-    """float32 (low end, step) of clip candidate I for a group's min/max, as in _clip_range (before
-    the cast to the stored dtype)."""
-    return mn + (I / 32) * (mx - mn), tl.math.div_rn((mx - mn) * (1 - I / 16), tl.zeros_like(mx) + LEVELS)
-
-
-@triton.jit
-def _sq_err(x, lo, sc, LEVELS: tl.constexpr):
-    """Per-element squared error of float32 x quantized with float32 low end lo and step sc."""
-    d = _codes(x, lo, sc, LEVELS).to(tl.float32) * sc + lo - x
-    return d * d
-
-
-@triton.jit
-def _group_sse(x, keep, lo, sc, LEVELS: tl.constexpr, TOKEN: tl.constexpr):
-    """Squared error of each group of float32 x quantized with its float32 (lo, sc). TOKEN: x is
-    (BT, BB, PER), keep selects one group along D, lo/sc/result are (BT,); else x is (BG, BB, PER)
-    with each channel's group along axis 0 (keep: its real tokens), lo/sc/result (BB, PER)."""
-    if TOKEN:
-        err = _sq_err(x, lo[:, None, None], sc[:, None, None], LEVELS)
-        return tl.sum(tl.sum(tl.where(keep, err, 0.0), axis=2), axis=1)
-    err = _sq_err(x, lo[None, :, :], sc[None, :, :], LEVELS)
-    return tl.sum(tl.where(keep, err, 0.0), axis=0)
-
-
-@triton.jit
-def _ranges(x, keep, mn, mx, sup, x_ptr, LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr,
-            FP8: tl.constexpr, TOKEN: tl.constexpr):
-    """The groups' ranges from their float32 min/max, as the references compute them: min/max, or
-    with CLIP the candidate of smallest squared error (scored as stored, in x's dtype); then with
-    FP8 the best of the 3 x 3 e4m3 byte pairs around that range (kernels/fp8.py; sup: the
-    superscale, shaped like mn). The first minimum wins ties, as torch's argmin. -> (scale, mn)
-    to store (x's dtype, or uint8 bytes with FP8) and the float32 (step, low end) the codes use."""
-    ty = x_ptr.dtype.element_ty
-    sc, lo = tl.math.div_rn(mx - mn, tl.zeros_like(mx) + LEVELS).to(ty), mn.to(ty)
-    if CLIP:
-        best = tl.zeros_like(mn) + float("inf")
-        for i in tl.static_range(N_CLIP):
-            c_lo, c_sc = _clip_candidate(mn, mx, i, LEVELS)
-            c_lo, c_sc = c_lo.to(ty), c_sc.to(ty)
-            sse = _group_sse(x, keep, c_lo.to(tl.float32), c_sc.to(tl.float32), LEVELS, TOKEN)
-            better = sse < best
-            best = tl.where(better, sse, best)
-            sc, lo = tl.where(better, c_sc, sc), tl.where(better, c_lo, lo)
-    if FP8:
-        # in e4m3 units of the superscale, saturated, as kernels/e4m3.neighbours
-        ys = tl.minimum(tl.maximum(tl.math.div_rn(sc.to(tl.float32), sup), -448.0), 448.0)
-        ym = tl.minimum(tl.maximum(tl.math.div_rn(lo.to(tl.float32), sup), -448.0), 448.0)
-        bs, bm = f32_to_e4m3(ys), f32_to_e4m3(ym)
-        best = tl.zeros_like(mn) + float("inf")
-        b_s, b_m = bs, bm
-        for i in tl.static_range(9):  # i = 3 * (mn direction) + (scale direction), as the reference
-            c_s, c_m = e4m3_toward(ys, bs, i % 3), e4m3_toward(ym, bm, i // 3)
-            sse = _group_sse(x, keep, e4m3_to_f32(c_m) * sup, e4m3_to_f32(c_s) * sup, LEVELS, TOKEN)
-            better = sse < best
-            best = tl.where(better, sse, best)
-            b_s, b_m = tl.where(better, c_s, b_s), tl.where(better, c_m, b_m)
-        st_sc, st_mn, sc32, lo32 = b_s.to(tl.uint8), b_m.to(tl.uint8), e4m3_to_f32(b_s) * sup, e4m3_to_f32(b_m) * sup
-    else:
-        st_sc, st_mn, sc32, lo32 = sc, lo, sc.to(tl.float32), lo.to(tl.float32)
-    return st_sc, st_mn, sc32, lo32
-
-
-@triton.jit
 def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, R, T,
                         D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                         LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr, FP8: tl.constexpr,
@@ -268,13 +147,13 @@ def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, R, T,
         sel = gid == g  # (1, BB, PER)
         g_mn = tl.min(tl.min(tl.where(sel, x, float("inf")), axis=2), axis=1)  # (BT,)
         g_mx = tl.max(tl.max(tl.where(sel, x, float("-inf")), axis=2), axis=1)
-        st_sc, st_mn, g_sc, g_lo = _ranges(x, sel, g_mn, g_mx, sup, x_ptr, LEVELS, CLIP,
+        st_sc, st_mn, g_sc, g_lo = ranges(x, sel, g_mn, g_mx, sup, x_ptr, LEVELS, CLIP,
                                            N_CLIP, FP8, True)
         tl.store(scale_ptr + rows * (D // GROUP) + g, st_sc, mask=rows < R)
         tl.store(mn_ptr + rows * (D // GROUP) + g, st_mn, mask=rows < R)
         sc_e = tl.where(sel, g_sc[:, None, None], sc_e)  # codes come from the stored ranges
         mn_e = tl.where(sel, g_lo[:, None, None], mn_e)
-    q = _codes(x, mn_e, sc_e, LEVELS)
+    q = group_codes(x, mn_e, sc_e, LEVELS)
     packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BT, BB)
     bmask = (rows[:, None] < R) & (byte[None, :] < D // PER)
     tl.store(codes_ptr + rows[:, None] * (D // PER) + byte[None, :], packed.to(tl.uint8), mask=bmask)
@@ -303,12 +182,12 @@ def _quant_channel_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, T,
     sup = tl.zeros((BLOCK_B, PER), tl.float32)
     if FP8:
         sup += tl.load(sup_ptr + gi * GROUP // T)
-    st_sc, st_mn, sc, lo = _ranges(x, t3 < GROUP, mn, mx, sup, x_ptr, LEVELS, CLIP, N_CLIP,
+    st_sc, st_mn, sc, lo = ranges(x, t3 < GROUP, mn, mx, sup, x_ptr, LEVELS, CLIP, N_CLIP,
                                    FP8, False)
     col2 = byte[:, None] * PER + lane[None, :]  # (BB, PER)
     tl.store(scale_ptr + gi * D + col2, st_sc, mask=col2 < D)
     tl.store(mn_ptr + gi * D + col2, st_mn, mask=col2 < D)
-    q = _codes(x, lo[None, :, :], sc[None, :, :], LEVELS)  # codes come from the stored ranges
+    q = group_codes(x, lo[None, :, :], sc[None, :, :], LEVELS)  # codes come from the stored ranges
     packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BG, BB)
     rows = gi * GROUP + tok[:, None]
     bmask = (tok[:, None] < GROUP) & (byte[None, :] < D // PER)

@@ -273,7 +273,7 @@ def group_sse(x, q, bits, group, pc, sup):
     return d.unflatten(-2, (-1, group)).sum(-2) if pc else d.unflatten(-1, (-1, group)).sum(-1)
 
 # Bytes and codes bit for bit, except on near-ties between two candidates (error sums reduced in
-# another order: kernels/pack.py), where the errors must agree to 1e-5; at most 1% of groups.
+# another order: kernels/ranges.py), where the errors must agree to 1e-5; at most 1% of groups.
 failed, n = [], 0
 for bits in (1, 2, 4):
     for clip in (False, True):

@@ -38,7 +38,7 @@ tokens of GPL-3): 1% costs 5% more bytes at 4 bits for KL 0.0040 -> 0.0024, 8% m
 0.127 -> 0.112, so it is the default (`heavy=0.01`). Without the prompt's queries (direct calls)
 only the sinks are held.
 
-Clipping (`clip`, kernels/pack.py): each group's range is the candidate between its min/max and a
+Clipping (`clip`, kernels/ranges.py): each group's range is the candidate between its min/max and a
 quarter of it that minimizes the squared error, instead of min/max itself. Measured on the default
 model (tools/quant_ablation.py, 2k tokens, rotate kv + one sink): clipped values cut the relative
 attention-output error at 2 bits from 0.183 to 0.147; clipped keys raise it to 0.206 (layers 3-10
