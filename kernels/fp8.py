@@ -24,12 +24,13 @@ both to nearest costs 0-7% at 1-2 bits and 7-15% at 4 bits (a step 1/16 short le
 16-level range a whole step short); rounding outward (covering min/max) 17-24%; the best of the 9
 pairs 0.83-0.97 (min/max ranges: a small free clip search) and 0.95-1.03 (clipped ranges).
 
-Where: on CUDA the Triton quantize kernels (kernels/pack.py, via kernels/ranges.py) compute a group's float range,
-round it and write the codes in one pass, so a decode step packs its value row with one kernel;
-`_round_ranges` here is their torch reference. Both encode and decode bytes as kernels/e4m3.py
-does, the same way bit for bit (torch's float8_e4m3fn and its Triton twin), and multiply by S once
-in float32, so kernels and references agree on every byte except where two candidate pairs' error
-sums tie to rounding (summed in another order: kernels/ranges.py says the same of clipping).
+Where: on CUDA the Triton quantize kernels (kernels/pack.py, through kernels/ranges.py) compute
+a group's float range, round it and write the codes in one pass, so a decode step packs its value
+row with one kernel; `_round_ranges` here is their torch reference. Both encode and decode bytes as
+kernels/e4m3.py does, the same way bit for bit (torch's float8_e4m3fn and its Triton twin), and
+multiply by S once in float32, so kernels and references agree on every byte except where two
+candidate pairs' error sums tie to rounding (summed in another order, as with clipping:
+kernels/ranges.py).
 """
 from __future__ import annotations
 
