@@ -76,8 +76,9 @@ def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset
     BLOCK = 32
     grid = (B * H_kv, triton.cdiv(K, BLOCK))
     tokens = tokens.contiguous()
-    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), tokens if slots is None else slots.contiguous(),
-                              dst_k, dst_v, K, src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset,
+    slot_arg = tokens if slots is None else slots.contiguous()  # without slots the kernel never reads it
+    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, K,
+                              src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset,
                               D=D, BLOCK=BLOCK, SLOTS=slots is not None)
 
 
@@ -112,8 +113,9 @@ class RowFetcher:
         return host
 
     def fetch(self, tokens, wanted, slots, dst_k, dst_v, offset: int, overlap: bool = False) -> None:
-        """Copy the wanted rows (see gather_rows_ref; slots None: entry j into slot j) into dst_k/dst_v. With overlap (CUDA only) the
-        copy runs on the side stream and `wait()` must be called before dst is read."""
+        """Copy the wanted rows (see gather_rows_ref; slots None: entry j into slot j) into dst_k/dst_v.
+        With overlap (CUDA only) the copy runs on the side stream and `wait()` must be called before
+        dst is read."""
         self._rows_copied += wanted.sum()
         if not (overlap and self.cuda):
             gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset)
