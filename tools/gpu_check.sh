@@ -4,8 +4,8 @@
 # not stop the next. Everything goes to $OUT/gpu_check.log (plus the bench JSON files), so what a
 # step printed comes back even when the whole command is cut short.
 #
-#   bash tools/gpu_check.sh                      # every step, ~9.5 minutes at most
-#   bash tools/gpu_check.sh tests capped         # the first half (~6.5 min); `full offload` the rest
+#   bash tools/gpu_check.sh tests capped full    # the first run: 7.5 minutes at most
+#   bash tools/gpu_check.sh kernels offload      # the second: under 3 minutes (no argument: all five)
 #
 # Steps (limits in seconds; random:llama-3.1-8b in bfloat16, 128k-token prompts):
 #   tests   150  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
@@ -14,6 +14,8 @@
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
 #                peak GPU memory: does it fit a 24 GB card)
 #   full     60  FullKV uncapped at 128k: the ms/token baseline (it cannot fit 24 GiB)
+#   kernels  45  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels
+#                against the torch code they replace, per call in a CUDA graph
 #   offload 120  tools/offload_gpu.py at 128k: chunk sizes 1 and 16, copy/selection kernel times
 #   throughput 200  bench.py --throughput at 32k under 24 GiB (not in the default list)
 set -u
@@ -44,15 +46,16 @@ run() {
         --peers none --no-quality --steps 16 --json "$OUT/capped_128k.json" ;;
     full) step full 60 "$PY" bench.py "${MODEL[@]}" --ctx 128k --policies full --peers none --no-quality \
         --steps 16 --json "$OUT/full_128k.json" ;;
+    kernels) step kernels 45 "$PY" tools/kernel_timing.py ;;
     offload) step offload 120 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 ;;
     throughput) step throughput 200 "$PY" bench.py "${MODEL[@]}" --throughput --ctx 32k --gpu-memory 24GiB \
         --policies full,evict,offload,hybrid --json "$OUT/throughput_32k.json" ;;
-    *) echo "unknown step $1 (tests, capped, full, offload, throughput)" | tee -a "$LOG" ;;
+    *) echo "unknown step $1 (tests, capped, full, kernels, offload, throughput)" | tee -a "$LOG" ;;
     esac
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
-for s in "${@:-tests capped full offload}"; do
+for s in "${@:-tests capped full kernels offload}"; do
     for one in $s; do run "$one"; done
 done

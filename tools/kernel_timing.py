@@ -1,0 +1,93 @@
+"""Per-call GPU time of the decode step's small fused kernels against the torch code they replace,
+in one run (ratios, not absolute claims): each op is captured in a CUDA graph (as the decode step
+runs it) and replayed; the time is the mean over the replays, from CUDA events.
+
+    python tools/kernel_timing.py            # Llama-3.1-8B shapes: 8 KV heads, head_dim 128
+
+Ops (torch reference -> Triton):
+  slots k=..     OffloadKV's slot assignment at budget 2048 (kernels/slots.py), chunk 1 and 16,
+                 with 90% of the selected chunks already held (a typical reuse rate)
+  pack value     a decode step's 2-bit value row with 8-bit ranges (kernels/fp8.py): the torch
+                 rounding of the 9 byte pairs vs the one quantize kernel
+  pack keys      a 128-token key block, the same (the flush every `residual` steps)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.fp8 import quantize_pack_fp8_ref, superscale  # noqa: E402
+from kernels.pack import quantize_pack_triton  # noqa: E402
+from kernels.slots import assign_slots_ref, assign_slots_triton  # noqa: E402
+
+
+def graph_us(fn, replays: int) -> float:
+    """Mean µs per replay of fn captured in a CUDA graph (after an eager warm-up that compiles)."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # capture needs a side stream's warm-up first
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / replays
+
+
+def slot_case(H: int, k: int, n: int, gen: torch.Generator):
+    """(initial slots, new) on CUDA: new is k sorted ids of n; 90% of them already held."""
+    held = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(H)])[None]  # (1, H, k)
+    new = held.clone()
+    n_new = k // 10
+    for h in range(H):  # replace 10% of the held ids by ids not held
+        outside = torch.tensor(sorted(set(range(n)) - set(held[0, h].tolist())))
+        new[0, h, :n_new] = outside[torch.randperm(len(outside), generator=gen)[:n_new]]
+    return held.cuda(), new.sort(-1).values.cuda()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--replays", type=int, default=200)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_timing.py: error: needs a CUDA GPU")
+    H, D, gen = a.kv_heads, a.head_dim, torch.Generator().manual_seed(0)
+    rows = []
+    for chunk in (1, 16):
+        k, n = 1968 // chunk, 130992 // chunk  # budget 2048, sink 16, recent 64, a 128k prompt
+        init, new = slot_case(H, k, n, gen)
+        for name, fn in (("torch", assign_slots_ref), ("triton", assign_slots_triton)):
+            slots = init.clone()
+            rows.append((f"slots k={k} chunk {chunk}", name, graph_us(
+                lambda: (slots.copy_(init), fn(slots, new, chunk)), a.replays)))
+    for what, T, per_channel in (("pack value (1 token)", 1, False), ("pack keys (128 tokens)", 128, True)):
+        x = torch.randn(1, H, T, D, generator=gen).to("cuda", torch.bfloat16)
+        sup = superscale(torch.randn(1, H, 256, D, generator=gen).cuda())
+        rows.append((what, "torch", graph_us(lambda: quantize_pack_fp8_ref(x, 2, 32, per_channel, not per_channel, sup),
+                                            a.replays)))
+        rows.append((what, "triton", graph_us(lambda: quantize_pack_triton(x, 2, 32, per_channel, not per_channel, sup),
+                                             a.replays)))
+    print(f"{torch.cuda.get_device_name()}, {H} KV heads, head_dim {D}, mean of {a.replays} graph replays\n")
+    print("| op | torch µs | Triton µs | torch / Triton |\n|---|---|---|---|")
+    for i in range(0, len(rows), 2):
+        (op, _, t_ref), (_, _, t_tri) = rows[i], rows[i + 1]
+        print(f"| {op} | {t_ref:.1f} | {t_tri:.1f} | {t_ref / t_tri:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
