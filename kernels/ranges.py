@@ -95,11 +95,14 @@ def group_sse(x, keep, lo, sc, LEVELS: tl.constexpr, TOKEN: tl.constexpr):
     """Squared error of each group of float32 x quantized with its float32 (lo, sc). TOKEN: x is
     (BT, BB, PER), keep selects one group along D, lo/sc/result are (BT,); else x is (BG, BB, PER)
     with each channel's group along axis 0 (keep: its real tokens), lo/sc/result (BB, PER)."""
+    # (if/else, not an early return: compiled, the code after a constexpr if's return still runs)
     if TOKEN:
         err = sq_err(x, lo[:, None, None], sc[:, None, None], LEVELS)
-        return tl.sum(tl.sum(tl.where(keep, err, 0.0), axis=2), axis=1)
-    err = sq_err(x, lo[None, :, :], sc[None, :, :], LEVELS)
-    return tl.sum(tl.where(keep, err, 0.0), axis=0)
+        sse = tl.sum(tl.sum(tl.where(keep, err, 0.0), axis=2), axis=1)
+    else:
+        err = sq_err(x, lo[None, :, :], sc[None, :, :], LEVELS)
+        sse = tl.sum(tl.where(keep, err, 0.0), axis=0)
+    return sse
 
 
 @triton.jit

@@ -27,3 +27,8 @@ def check_compiled(script: str) -> None:
     """The same script with its tensors on CUDA (KERNEL_TEST_DEVICE) and the kernels compiled: what
     a GPU runs, where rounding can differ from the interpreter's (a contracted multiply-add)."""
     _run(script, TRITON_INTERPRET="", KERNEL_TEST_DEVICE="cuda")
+
+
+def check_compiled_offline(script: str) -> None:
+    """A script that compiles kernels ahead of time for a GPU target (no GPU needed), uninterpreted."""
+    _run(script, TRITON_INTERPRET="")
