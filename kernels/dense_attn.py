@@ -62,7 +62,7 @@ def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H
     r = tl.arange(0, NREP_PAD)  # the group's query heads, padded so tl.dot has M >= 16
     d = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :], mask=r[:, None] < n_rep, other=0.0)
-    length = tl.load(LEN)
+    length = tl.load(LEN).to(tl.int32)
     m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)  # noqa: E741
     acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)
@@ -71,7 +71,7 @@ def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H
     # A fixed trip count (loop bounds from device memory trip up some Triton interpreters); blocks
     # past the live length load nothing (masked) and add nothing.
     for start in range(0, split_len, BLOCK_T):
-        t = (lo + start + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t = lo + start + tl.arange(0, BLOCK_T)  # int32 within the head: the wrapper checks it fits
         live = t < length
         k = tl.load(k_base + t[None, :] * sk_t + d[:, None], mask=live[None, :], other=0.0)  # (D, BLOCK_T)
         s = tl.dot(q, k, input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
@@ -99,6 +99,7 @@ def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: in
     H_kv, N = k.shape[1], k.shape[2]
     n_rep = H // H_kv
     assert D >= 16 and D & (D - 1) == 0 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert max(k.stride(2), v.stride(2)) * N < 2 ** 31, "token offsets within a head are int32"
     if n_splits is None:
         n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * H_kv), triton.cdiv(N, MIN_SPLIT_TOKENS)))
     split_len = triton.cdiv(triton.cdiv(N, n_splits), block_t) * block_t

@@ -26,6 +26,10 @@ from kernels.ranges import N_CLIP, clip_range, group_codes, quantize_codes, rang
 
 _BITS = (1, 2, 4)
 _TILE = 4096  # elements per program tile: large enough to amortise launches, small enough for registers
+# On a GPU, tiles that search ranges (clip, 8-bit ranges) keep every candidate's error tile live:
+# compiled for sm_90 (tools/kernel_resources.py) the token kernel at 4096 elements spilled 21-36 KB
+# per thread and took minutes to compile; these sizes spill nothing (token 512, channel 2048).
+_TILE_SEARCH = {False: 512, True: 2048}  # per_channel -> elements
 
 
 def _check_quant(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> int:
@@ -219,9 +223,9 @@ def _unpack_kernel(codes_ptr, scale_ptr, mn_ptr, out_ptr, R,
     tl.store(out_ptr + r3 * D + col, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_block(R: int, block_b: int, per: int) -> int:
-    """Rows per program so a (rows, block_b, per) tile holds about _TILE elements."""
-    return max(1, min(triton.next_power_of_2(max(R, 1)), _TILE // (block_b * per)))
+def _rows_block(R: int, block_b: int, per: int, tile: int = _TILE) -> int:
+    """Rows per program so a (rows, block_b, per) tile holds about `tile` elements."""
+    return max(1, min(triton.next_power_of_2(max(R, 1)), tile // (block_b * per)))
 
 
 def quantize_pack_triton(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool = False,
@@ -246,16 +250,18 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group: int, per_channel: bo
     # enable_fp_fusion=False below: no FMA contraction, so the float32 math rounds like the reference
     common = dict(D=D, GROUP=group, BITS=bits, PER=per, LEVELS=(1 << bits) - 1, CLIP=clip, N_CLIP=N_CLIP,
                   FP8=fp8, enable_fp_fusion=False)
+    # Smaller tiles for range searches on a GPU (see _TILE_SEARCH); the interpreter keeps whole
+    # tiles, as there launches are what is slow (tests/test_compile.py compiles the GPU's sizes).
+    tile = _TILE_SEARCH[per_channel] if x.is_cuda and (clip or fp8) else _TILE
     if R > 0 and per_channel:
         block_g = triton.next_power_of_2(group)
-        bb = max(1, min(block_b, _TILE // (block_g * per)))
+        bb = max(1, min(block_b, tile // (block_g * per)))
         grid = (R // group, triton.cdiv(D // per, bb))
         _quant_channel_kernel[grid](x2, codes, scale, mn, sup, T, **common, BLOCK_G=block_g, BLOCK_B=bb)
     elif R > 0:
-        bt = _rows_block(R, block_b, per)
-        if x.is_cuda and R <= 256:  # a decode step packs one row per (sequence, KV head), e.g. 8: one
-            bt = 1  # program (SM) each, as each row runs up to 22 candidate ranges per group (the
-            # interpreter keeps whole tiles: there launches are what is slow)
+        bt = _rows_block(R, block_b, per, tile)
+        if x.is_cuda and R <= 256:  # a decode step packs one row per (sequence, KV head), e.g. 8:
+            bt = 1  # one program (SM) each, as each row runs up to 22 candidate ranges per group
         _quant_token_kernel[(triton.cdiv(R, bt),)](x2, codes, scale, mn, sup, R, T, **common, BLOCK_T=bt,
                                                    BLOCK_B=block_b)
     s_out = (*lead, T // group, D) if per_channel else (*lead, T, D // group)

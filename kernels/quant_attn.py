@@ -237,7 +237,7 @@ def _quant_decode_kernel(
     if FP8:  # 8-bit ranges: e4m3 bytes times the head's superscale (kernels/fp8.py)
         ksup, vsup = tl.load(KSUP + pid_bh), tl.load(VSUP + pid_bh)
 
-    pos = tl.load(POS)  # the newest token; the ranges follow from it (module docstring)
+    pos = tl.load(POS).to(tl.int32)  # the newest token; the ranges follow from it (module docstring)
     length, n_kq, n_vq = pos + 1, pos - pos % R, tl.maximum(pos + 1 - R, 0)
     m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)
@@ -246,7 +246,9 @@ def _quant_decode_kernel(
     # The grid covers the whole capacity and every split runs a fixed trip count: blocks past the
     # live length load nothing (masked) and add nothing, so no launch depends on the length.
     for start in range(0, split_len, BLOCK_T):
-        t = (lo + start + tl.arange(0, BLOCK_T)).to(tl.int64)  # (BLOCK_T,)
+        # int32 token offsets within the head (the wrapper checks they fit): int64 ones doubled the
+        # registers of every (D, BLOCK_T) address tile, and the kernel spilled (ptxas, sm_90)
+        t = lo + start + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
         live = t < length
         if HAS_HELD:  # held tokens are attended from their rows, merged after: skip their store entries
             held = tl.load(hm + t // 8, mask=live, other=0).to(tl.int32) >> (t % 8).to(tl.int32) & 1
@@ -257,8 +259,14 @@ def _quant_decode_kernel(
         k_quant, k_full = live & (t < n_kq), live & (t >= n_kq)
         byte = tl.load(kc + t[None, :] * skc_t + byte_d[:, None] * skc_d, mask=k_quant[None, :], other=0)
         code = (byte.to(tl.int32) >> shift_d[:, None]) & CODE_MASK
-        scale = tl.load(ks + (t[None, :] // G) * sks_t + d[:, None] * sks_d, mask=k_quant[None, :], other=0.0)
-        mn = tl.load(km + (t[None, :] // G) * skm_t + d[:, None] * skm_d, mask=k_quant[None, :], other=0.0)
+        if G % BLOCK_T == 0:  # the block lies in one key group (blocks start at multiples of BLOCK_T):
+            # its ranges are one (D,) row, broadcast over the tokens, not a (D, BLOCK_T) tile to load
+            first = lo + start + 0 * d[:, None]  # (D, 1): the block's first token, per channel
+            scale = tl.load(ks + (first // G) * sks_t + d[:, None] * sks_d, mask=first < n_kq, other=0.0)
+            mn = tl.load(km + (first // G) * skm_t + d[:, None] * skm_d, mask=first < n_kq, other=0.0)
+        else:
+            scale = tl.load(ks + (t[None, :] // G) * sks_t + d[:, None] * sks_d, mask=k_quant[None, :], other=0.0)
+            mn = tl.load(km + (t[None, :] // G) * skm_t + d[:, None] * skm_d, mask=k_quant[None, :], other=0.0)
         if FP8:
             scale, mn = e4m3_to_f32(scale) * ksup, e4m3_to_f32(mn) * ksup
         k_res = tl.load(kr + (t[None, :] - n_kq) * skr_t + d[:, None] * skr_d, mask=k_full[None, :], other=0.0)
@@ -308,12 +316,16 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     H_kv, R = k_res.shape[1], v_res.shape[2]
     n_rep = H // H_kv
     capacity = v_codes.shape[2] + R  # values: packed rows + the ring (see engine/kv/quant.py)
-    # A block holds ~5 (D, BLOCK_T) tiles at once (codes, scale, mn, residual, result): keep that
-    # near 4096 elements per tile so 4 warps don't spill registers.
-    block_t = block_t or (64 if D <= 64 else 32)
+    # A block holds several (D, BLOCK_T) tiles at once (codes, ranges, residual, result, addresses).
+    # Compiled for sm_90 with 4 warps (tools/kernel_resources.py), BLOCK_T = 16 keeps every variant
+    # (bits, 8-bit ranges, held rows) at D = 64 and 128 within 255 registers with no spill; 32 at
+    # D = 128 spilled up to ~440 bytes per thread, 64 at D = 64 up to ~600.
+    block_t = block_t or 16
     assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
     assert bits in (1, 2, 4) and k_codes.shape[-1] * (8 // bits) == D and H % H_kv == 0
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    rows = (k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res)
+    assert max(x.stride(2) for x in rows) * capacity < 2 ** 31, "token offsets within a head are int32"
 
     if n_splits is None:
         n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * H_kv), triton.cdiv(capacity, MIN_SPLIT_TOKENS)))

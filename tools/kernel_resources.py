@@ -1,0 +1,124 @@
+"""Every Triton kernel compiled for a Hopper GPU (sm_90) on a machine without one, and what each
+specialization costs in registers and spills: triton.compile lowers a kernel to PTX and the ptxas
+inside the triton wheel assembles it; `ptxas -v` reports registers per thread and spill bytes. A
+kernel that spills moves its tiles through local memory every iteration, which a memory-bound
+decode kernel can least afford; this is how the quant decode kernel's BLOCK_T was chosen.
+
+    python tools/kernel_resources.py      # one row per kernel and specialization
+
+SPECS lists the specializations the engine launches (bfloat16 pointers, each constexpr switch both
+ways); tests/test_compile.py compiles all of them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.dense_attn import _dense_decode_kernel  # noqa: E402
+from kernels.pack import _quant_channel_kernel, _quant_token_kernel, _unpack_kernel  # noqa: E402
+from kernels.prefetch import _gather_rows_kernel  # noqa: E402
+from kernels.quant_attn import _quant_decode_kernel  # noqa: E402
+from kernels.slots import _assign_kernel  # noqa: E402
+from kernels.sparse_attn import _approx_scores_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BF16, U8, F32, I64 = "*bf16", "*u8", "*fp32", "*i64"
+
+
+def _specs() -> list[tuple]:
+    """(kernel, pointer types, constexprs, compile options) for every launch the engine makes."""
+    out = []
+    for fp8 in (False, True):
+        rng = U8 if fp8 else BF16
+        for clip in (False, True):
+            ptrs = dict(x_ptr=BF16, codes_ptr=U8, scale_ptr=rng, mn_ptr=rng, sup_ptr=F32 if fp8 else BF16)
+            common = dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=clip, N_CLIP=13, FP8=fp8)
+            search = clip or fp8  # kernels/pack._TILE_SEARCH: 512-element token, 2048 channel tiles
+            for block_t in (1, 4 if search else 32):  # a decode step's rows; prefill tiles
+                out.append((_quant_token_kernel, ptrs, {**common, "BLOCK_T": block_t, "BLOCK_B": 32},
+                            dict(enable_fp_fusion=False)))
+            out.append((_quant_channel_kernel, ptrs, {**common, "BLOCK_G": 32, "BLOCK_B": 16 if search else 32},
+                        dict(enable_fp_fusion=False)))
+    # 4 bits: float ranges, group 64, values clipped (QuantKV's defaults)
+    four = dict(D=128, GROUP=64, BITS=4, PER=2, LEVELS=15, N_CLIP=13, FP8=False)
+    ptrs = dict(x_ptr=BF16, codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, sup_ptr=BF16)
+    out.append((_quant_token_kernel, ptrs, {**four, "CLIP": True, "BLOCK_T": 4, "BLOCK_B": 64}, dict(enable_fp_fusion=False)))
+    out.append((_quant_channel_kernel, ptrs, {**four, "CLIP": False, "BLOCK_G": 64, "BLOCK_B": 32}, dict(enable_fp_fusion=False)))
+    for fp8 in (False, True):
+        rng = U8 if fp8 else BF16
+        for held in (False, True):
+            for bits in (2, 4):
+                ptrs = dict(Q=BF16, KC=U8, KS=rng, KM=rng, KR=BF16, VC=U8, VS=rng, VM=rng, VR=BF16, HM=U8, KSUP=F32,
+                            VSUP=F32, M_out=F32, L_out=F32, Acc_out=F32, POS=I64)
+                out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=held, FP8=fp8, BITS=bits, G=32 if fp8 else 64,
+                                                             D=128, NREP_PAD=16, BLOCK_T=16), dict(num_warps=4)))
+    for per_channel in (False, True):
+        out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
+                    dict(D=128, GROUP=32, BITS=4, PER=2, LEVELS=15, PER_CHANNEL=per_channel, BLOCK_T=32, BLOCK_B=64),
+                    dict(enable_fp_fusion=False)))
+    out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, LEN=I64, M_out=F32, L_out=F32, Acc_out=F32),
+                dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4)))
+    for bounds in (False, True):
+        out.append((_approx_scores_kernel, dict(q_ptr=BF16, mn_ptr=BF16, mx_ptr=BF16, ch_ptr=I64, out_ptr=F32),
+                    dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {}))
+    for slots in (False, True):
+        out.append((_gather_rows_kernel, dict(src_k=BF16, src_v=BF16, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
+                                              dst_k=BF16, dst_v=BF16), dict(D=128, BLOCK=32, SLOTS=slots), {}))
+    for chunk in (1, 16):
+        for reuse in (False, True):
+            out.append((_assign_kernel, dict(slots_ptr=I64, new_ptr=I64, scratch_ptr=I64, rows_ptr=I64, want_ptr="*i8"),
+                        dict(CHUNK=chunk, CHUNK_P2=chunk, REUSE=reuse, N_ITER=11, BLOCK=2048 // chunk), {}))
+    return out
+
+
+SPECS = _specs()
+
+
+def compile_spec(fn, ptrs: dict, consts: dict, options: dict):
+    """Compile one specialization for sm_90: pointers as given, constexprs by value, sm_scale a
+    float, every other argument a 32-bit int (as the launches pass them)."""
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a == "sm_scale" else "i32") for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=options)
+
+
+def resources(compiled) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) of a compiled kernel, from the wheel's `ptxas -v`."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        ptxas = get_ptxas(TARGET.arch).path
+    except TypeError:  # older triton: no arch argument
+        ptxas = get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs, spill = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    if not regs or not spill:
+        raise RuntimeError(f"no resource line in ptxas's output: {log[-300:]}")
+    return int(regs.group(1)), int(spill.group(1))
+
+
+def main() -> None:
+    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CHUNK", "REUSE", "BLOCK_T",
+                "BLOCK_B")
+    print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
+    print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")
+    for fn, ptrs, consts, options in SPECS:
+        regs, spill = resources(compile_spec(fn, ptrs, consts, options))
+        label = ", ".join(f"{k}={v}" for k, v in consts.items() if k in switches)
+        print(f"| {fn.__name__} | {label} | {regs} | {spill} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
