@@ -26,10 +26,11 @@ from kernels.ranges import N_CLIP, clip_range, group_codes, quantize_codes, rang
 
 _BITS = (1, 2, 4)
 _TILE = 4096  # elements per program tile: large enough to amortise launches, small enough for registers
-# On a GPU, tiles that search ranges (clip, 8-bit ranges) keep every candidate's error tile live:
+# On a GPU, tiles that search ranges (clip, 8-bit ranges) keep candidates' error tiles live:
 # compiled for sm_90 (tools/kernel_resources.py) the token kernel at 4096 elements spilled 21-36 KB
-# per thread and took minutes to compile; these sizes spill nothing (token 512, channel 2048).
-_TILE_SEARCH = {False: 512, True: 2048}  # per_channel -> elements
+# per thread and took minutes to compile; at 512 neither kernel spills with triton 3.6 or 3.9 (the
+# channel kernel at 1024 did with 3.6).
+_TILE_SEARCH = 512
 
 
 def _check_quant(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> int:
@@ -252,7 +253,7 @@ def quantize_pack_triton(x: torch.Tensor, bits: int, group: int, per_channel: bo
                   FP8=fp8, enable_fp_fusion=False)
     # Smaller tiles for range searches on a GPU (see _TILE_SEARCH); the interpreter keeps whole
     # tiles, as there launches are what is slow (tests/test_compile.py compiles the GPU's sizes).
-    tile = _TILE_SEARCH[per_channel] if x.is_cuda and (clip or fp8) else _TILE
+    tile = _TILE_SEARCH if x.is_cuda and (clip or fp8) else _TILE
     if R > 0 and per_channel:
         block_g = triton.next_power_of_2(group)
         bb = max(1, min(block_b, tile // (block_g * per)))

@@ -42,11 +42,11 @@ def _specs() -> list[tuple]:
         for clip in (False, True):
             ptrs = dict(x_ptr=BF16, codes_ptr=U8, scale_ptr=rng, mn_ptr=rng, sup_ptr=F32 if fp8 else BF16)
             common = dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=clip, N_CLIP=13, FP8=fp8)
-            search = clip or fp8  # kernels/pack._TILE_SEARCH: 512-element token, 2048 channel tiles
+            search = clip or fp8  # kernels/pack._TILE_SEARCH: 512-element tiles
             for block_t in (1, 4 if search else 32):  # a decode step's rows; prefill tiles
                 out.append((_quant_token_kernel, ptrs, {**common, "BLOCK_T": block_t, "BLOCK_B": 32},
                             dict(enable_fp_fusion=False)))
-            out.append((_quant_channel_kernel, ptrs, {**common, "BLOCK_G": 32, "BLOCK_B": 16 if search else 32},
+            out.append((_quant_channel_kernel, ptrs, {**common, "BLOCK_G": 32, "BLOCK_B": 4 if search else 32},
                         dict(enable_fp_fusion=False)))
     # 4 bits: float ranges, group 64, values clipped (QuantKV's defaults)
     four = dict(D=128, GROUP=64, BITS=4, PER=2, LEVELS=15, N_CLIP=13, FP8=False)
