@@ -4,13 +4,14 @@
 # not stop the next. Everything goes to $OUT/gpu_check.log (plus the bench JSON files), so what a
 # step printed comes back even when the whole command is cut short.
 #
-#   bash tools/gpu_check.sh tests capped full    # the first run: 7.5 minutes at most
+#   bash tools/gpu_check.sh tests capped full    # the first run: 8 minutes at most
 #   bash tools/gpu_check.sh kernels offload      # the second: under 3 minutes (no argument: all five)
 #
-# Steps (limits in seconds; random:llama-3.1-8b in bfloat16, 128k-token prompts):
+# Steps (limits in seconds, first-launch kernel compiles included; random:llama-3.1-8b in
+# bfloat16, 128k-token prompts):
 #   tests   150  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
 #                the CPU path for every policy, the zero-copy fetch, chunked prefill, the memory cap
-#   capped  240  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
+#   capped  270  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
 #                peak GPU memory: does it fit a 24 GB card)
 #   full     60  FullKV uncapped at 128k: the ms/token baseline (it cannot fit 24 GiB)
@@ -41,7 +42,7 @@ run() {
     tests) step tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_quant_attn.py \
         tests/test_graphs.py tests/test_offloadkv.py tests/test_prefill_chunks.py tests/test_cli.py \
         -k "cuda or compiled or gpu" ;;
-    capped) step capped 240 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
+    capped) step capped 270 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
         --policies quant,quant:bits=2,offload:budget=2048,evict,hybrid,plan:docs/plans/tailorkv_shape_random8b.json \
         --peers none --no-quality --steps 16 --json "$OUT/capped_128k.json" ;;
     full) step full 60 "$PY" bench.py "${MODEL[@]}" --ctx 128k --policies full --peers none --no-quality \
