@@ -96,12 +96,14 @@ def test_cuda_graph_replay_equals_eager(spec):
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_cuda_path_equals_cpu_path(spec):
     """The compiled kernels in a CUDA graph == the CPU's torch path, for every policy. Not bit for
-    bit: the model's matmuls round differently on the GPU, and a value that lands on a quantization
-    step's boundary may take the next code, so the tolerance is 1e-3."""
+    bit: the model's matmuls round differently on the GPU (tolerance 1e-3), and under QuantKV a value
+    within that rounding of a step's boundary takes the neighbouring code, one 2-bit step on one
+    element (a few in 10^4 values here): 2e-2 there."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (compiled kernels)")
     model = Llama.random(ARGS, "cpu", torch.float32, seed=7)
     tokens = torch.randint(0, 300, (1, TOTAL), generator=torch.Generator().manual_seed(0))
     cpu, _ = decode_logits(model, tokens, spec, PROMPT)
     gpu, _ = decode_logits(model.to("cuda"), tokens, spec, PROMPT, cuda_graphs=True)
-    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+    tol = 2e-2 if spec["policy"] == "quant" else 1e-3
+    torch.testing.assert_close(gpu, cpu, rtol=tol, atol=tol)
