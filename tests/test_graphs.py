@@ -97,13 +97,14 @@ def test_cuda_graph_replay_equals_eager(spec):
 def test_cuda_path_equals_cpu_path(spec):
     """The compiled kernels in a CUDA graph == the CPU's torch path, for every policy. Not bit for
     bit: the model's matmuls round differently on the GPU (tolerance 1e-3), and under QuantKV a value
-    within that rounding of a step's boundary takes the neighbouring code, one 2-bit step on one
-    element (a few in 10^4 values here): 2e-2 there."""
+    within that rounding of a step's boundary takes the neighbouring code: a whole 2-bit step. On CPU,
+    weights perturbed by 1e-6 flipped no code here (logits within 3e-6); by 1e-4, enough to flip
+    some, they moved 2-bit logits by 5e-3 to 1.3e-2 (FullKV's by 2.5e-4): 5e-2 for QuantKV."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (compiled kernels)")
     model = Llama.random(ARGS, "cpu", torch.float32, seed=7)
     tokens = torch.randint(0, 300, (1, TOTAL), generator=torch.Generator().manual_seed(0))
     cpu, _ = decode_logits(model, tokens, spec, PROMPT)
     gpu, _ = decode_logits(model.to("cuda"), tokens, spec, PROMPT, cuda_graphs=True)
-    tol = 2e-2 if spec["policy"] == "quant" else 1e-3
+    tol = 5e-2 if spec["policy"] == "quant" else 1e-3
     torch.testing.assert_close(gpu, cpu, rtol=tol, atol=tol)
