@@ -38,7 +38,7 @@ import torch
 
 from kernels import use_triton
 from kernels.e4m3 import decode, neighbours
-from kernels.pack import _expand, _pack, quantize_pack_ref, quantize_pack_triton, unpack_dequant
+from kernels.pack import _check_quant, _expand, _pack, float_ranges_ref, quantize_pack_triton, unpack_dequant
 from kernels.ranges import quantize_codes
 
 SUPER_DIV = 32.0  # S = largest |x| / SUPER_DIV (module docstring)
@@ -61,8 +61,9 @@ def quantize_pack_fp8(x: torch.Tensor, bits: int, group: int, per_channel: bool,
 def quantize_pack_fp8_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool,
                           sup: torch.Tensor):
     """The spec of quantize_pack_fp8: the float ranges of kernels/pack.quantize_pack_ref, rounded by
-    squared error (module docstring), the codes recomputed from the rounded ones."""
-    _, scale, mn = quantize_pack_ref(x, bits, group, per_channel, clip)  # its codes are for the float ranges
+    squared error (module docstring), the codes computed from the rounded ones."""
+    _check_quant(x, bits, group, per_channel)
+    scale, mn = float_ranges_ref(x, bits, group, per_channel, clip)
     return _round_ranges(x, scale, mn, bits, group, per_channel, sup)
 
 

@@ -89,6 +89,15 @@ def quantize_pack_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool,
     (..., T, D//group) per-token or (..., T//group, D) per-channel, dtype x.dtype. clip: choose each
     group's range by squared error instead of min/max (module docstring)."""
     _check_quant(x, bits, group, per_channel)
+    scale, mn = float_ranges_ref(x, bits, group, per_channel, clip)
+    levels = (1 << bits) - 1
+    q = quantize_codes(x.float(), _expand(scale, group, per_channel), _expand(mn, group, per_channel), levels)
+    return _pack(q, bits), scale, mn
+
+
+def float_ranges_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool):
+    """The (scale, mn) of quantize_pack_ref alone, in x.dtype, without its codes (the 8-bit ranges'
+    reference rounds these and makes its own codes: kernels/fp8.py)."""
     levels = (1 << bits) - 1
     xf = x.float()
     if per_channel:
@@ -97,13 +106,9 @@ def quantize_pack_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool,
         g = xf.unflatten(-1, (-1, group))  # (..., T, D/G, G)
     if clip:
         scale, mn = clip_range(g.reshape(-1, group), levels, x.dtype)  # (groups,) each
-        scale, mn = scale.view(g.shape[:-1]), mn.view(g.shape[:-1])
-    else:
-        mn = g.amin(-1)  # (..., T/G, D) per-channel or (..., T, D/G) per-token
-        scale = step_of(g.amax(-1) - mn, levels).to(x.dtype)
-        mn = mn.to(x.dtype)
-    q = quantize_codes(xf, _expand(scale, group, per_channel), _expand(mn, group, per_channel), levels)
-    return _pack(q, bits), scale, mn
+        return scale.view(g.shape[:-1]), mn.view(g.shape[:-1])
+    mn = g.amin(-1)  # (..., T/G, D) per-channel or (..., T, D/G) per-token
+    return step_of(g.amax(-1) - mn, levels).to(x.dtype), mn.to(x.dtype)
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
