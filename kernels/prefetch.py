@@ -51,49 +51,67 @@ def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: i
 
 @triton.jit
 def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v, K, M, N_DST, offset,
-                        D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
-    bh, blk = tl.program_id(0), tl.program_id(1)  # one (batch, KV head) x a block of k entries
-    j = blk * BLOCK + tl.arange(0, BLOCK)
-    want = tl.load(want_ptr + bh * K + j, mask=j < K, other=0) != 0
-    tok = tl.load(tok_ptr + bh * K + j, mask=want, other=0)
-    if SLOTS:
-        slot = tl.load(slot_ptr + bh * K + j, mask=want, other=0)
-    else:  # entry j goes to slot j
-        slot = j
-    d = tl.arange(0, D)
-    src = (bh * M + tok).to(tl.int64)[:, None] * D + d[None, :]
-    dst = (bh * N_DST + offset + slot).to(tl.int64)[:, None] * D + d[None, :]
-    m = want[:, None]  # masked lanes issue no load: only wanted rows cross the bus
-    tl.store(dst_k + dst, tl.load(src_k + src, mask=m), mask=m)
-    tl.store(dst_v + dst, tl.load(src_v + src, mask=m), mask=m)
+                        N_BLK, N_ITEMS, D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    # Work item i = one (batch, KV head) bh x its block blk of BLOCK entries, bh = i // N_BLK.
+    # Program p takes items p, p + P, p + 2P, ... (P programs): with one program per item it runs
+    # once; with a few programs (`programs=`) each walks many items and the rest of the GPU is free.
+    for i in range(tl.program_id(0), N_ITEMS, tl.num_programs(0)):
+        bh, blk = i // N_BLK, i % N_BLK
+        j = blk * BLOCK + tl.arange(0, BLOCK)
+        want = tl.load(want_ptr + bh * K + j, mask=j < K, other=0) != 0
+        tok = tl.load(tok_ptr + bh * K + j, mask=want, other=0)
+        if SLOTS:
+            slot = tl.load(slot_ptr + bh * K + j, mask=want, other=0)
+        else:  # entry j goes to slot j
+            slot = j
+        d = tl.arange(0, D)
+        src = (bh * M + tok).to(tl.int64)[:, None] * D + d[None, :]
+        dst = (bh * N_DST + offset + slot).to(tl.int64)[:, None] * D + d[None, :]
+        m = want[:, None]  # masked lanes issue no load: only wanted rows cross the bus
+        tl.store(dst_k + dst, tl.load(src_k + src, mask=m), mask=m)
+        tl.store(dst_v + dst, tl.load(src_v + src, mask=m), mask=m)
 
 
-def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int) -> None:
+def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
+    """programs: how many programs (each on one SM) walk the blocks of 32 entries; 0 = one per
+    block, as many as the GPU will run at once. Why cap it: a fetch on the side stream is meant to
+    hide behind the weight-bound kernels of the compute stream, but a program reading host memory
+    mostly waits on PCIe latency while it holds its SM; spread over every SM it delays the very
+    kernels it should hide behind. A few programs, each keeping a block's 32 K and V rows (16 KiB at
+    head_dim 128, bfloat16) in flight, may still fill PCIe: 8 programs x 16 KiB per ~1.5 us round
+    trip ~ 90 GB/s. Whether they do, and what overlap that buys, is for tools/offload_gpu.py."""
     B, H_kv, K = tokens.shape
     D = src_k.shape[1]
     if D & (D - 1) or not dst_k.is_contiguous() or not dst_v.is_contiguous():
         raise ValueError("the Triton gather needs a power-of-two head_dim and contiguous buffers")
+    if programs < 0:
+        raise ValueError(f"programs must be >= 0, got {programs}")
     BLOCK = 32
-    grid = (B * H_kv, triton.cdiv(K, BLOCK))
+    n_blk = triton.cdiv(K, BLOCK)
+    n_items = B * H_kv * n_blk
+    grid = (min(programs, n_items) if programs else n_items,)
     tokens = tokens.contiguous()
     slot_arg = tokens if slots is None else slots.contiguous()  # without slots the kernel never reads it
     _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, K,
-                              src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset,
+                              src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset, n_blk, n_items,
                               D=D, BLOCK=BLOCK, SLOTS=slots is not None)
 
 
-def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int) -> None:
+def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
     D = src_k.shape[1]
     if use_triton(dst_k) and not D & (D - 1) and dst_k.is_contiguous() and dst_v.is_contiguous():
-        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset)
+        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs)
     else:
         gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset)
 
 
 class RowFetcher:
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device):
-        """k, v: (B, H_kv, M, D) on any device; copied to host memory once (prefill)."""
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device, programs: int = 0):
+        """k, v: (B, H_kv, M, D) on any device; copied to host memory once (prefill). programs: the
+        overlapped (side-stream) copies' program cap (gather_rows_triton); 0 = none. A copy on the
+        critical path always takes the whole GPU."""
         self.device = torch.device(device)
+        self.programs = programs
         self.cuda = self.device.type == "cuda"
         B, H_kv, M, D = k.shape
         # Flattened to rows so one index serves every (batch, head) at once.
@@ -123,7 +141,7 @@ class RowFetcher:
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)  # the selection queued so far must be done first
         with torch.cuda.stream(self.stream):
-            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset)
+            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, self.programs)
         for t in (tokens, wanted, slots):  # made on the compute stream, read on the side stream
             if t is not None:
                 t.record_stream(self.stream)

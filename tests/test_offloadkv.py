@@ -105,6 +105,8 @@ def test_bad_parameters():
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, chunk=0)
     with pytest.raises(ValueError, match="channels"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, channels=ARGS.head_dim + 1)
+    with pytest.raises(ValueError, match="copy_programs"):
+        OffloadKV(ARGS, 0, 100, "cpu", torch.float32, copy_programs=-1)
 
 
 def test_select_topk_sorted_positions():
@@ -148,11 +150,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-def test_cuda_fetch_equals_synchronous_copy():
-    """Zero-copy gather from pinned host memory, overlapped on the side stream == plain indexing."""
+@pytest.mark.parametrize("programs", [0, 4])
+def test_cuda_fetch_equals_synchronous_copy(programs):
+    """Zero-copy gather from pinned host memory, overlapped on the side stream (on every SM, or on
+    4 programs walking all the blocks) == plain indexing."""
     from kernels.prefetch import RowFetcher, gather_rows_ref
     k, v = torch.randn(1, 8, 4096, 128, device="cuda"), torch.randn(1, 8, 4096, 128, device="cuda")
-    f = RowFetcher(k, v, "cuda")
+    f = RowFetcher(k, v, "cuda", programs)
     tokens = torch.rand(1, 8, 4096, device="cuda").topk(256, -1).indices.sort(-1).values
     slots = torch.rand(1, 8, 256, device="cuda").argsort(-1)
     wanted = torch.rand(1, 8, 256, device="cuda") < 0.5
@@ -216,14 +220,17 @@ for B, H_kv, M, D, K, n, off in [(1, 2, 50, 32, 20, 40, 3), (2, 3, 300, 64, 77, 
     slots = torch.rand(B, H_kv, K, generator=g).argsort(-1)
     wanted = torch.rand(B, H_kv, K, generator=g) < 0.6
     for s in (slots, None):  # None: entry j goes to slot j
-        out = []
-        for fn in (gather_rows_ref, gather_rows_triton):
-            dk, dv = torch.zeros(B, H_kv, n, D), torch.zeros(B, H_kv, n, D)
-            fn(src_k, src_v, tokens, wanted, s, dk, dv, off)
-            out.append((dk, dv))
-        if not (torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])) or out[0][0].eq(0).all():
-            bad += 1
-            print("MISMATCH", B, H_kv, M, D, K, s is None)
+        # programs 0: one per block of 32 entries; 1 and 3: each program walks several blocks
+        # (and heads), as a side-stream copy capped to a few SMs does
+        for programs in (0, 1, 3):
+            out = []
+            for fn in (gather_rows_ref, lambda *a: gather_rows_triton(*a, programs=programs)):
+                dk, dv = torch.zeros(B, H_kv, n, D), torch.zeros(B, H_kv, n, D)
+                fn(src_k, src_v, tokens, wanted, s, dk, dv, off)
+                out.append((dk, dv))
+            if not (torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])) or out[0][0].eq(0).all():
+                bad += 1
+                print("MISMATCH", B, H_kv, M, D, K, s is None, programs)
 print("cases failed:", bad)
 """
 

@@ -5,6 +5,11 @@ bench.py's matrix does not separate; the README's "OffloadKV on the H100" table 
 
     python tools/offload_gpu.py --ctx 32k,128k --budget 2048 --chunks 1,8,16
     python tools/offload_gpu.py --ctx 128k --lookahead none,layer,step --overlap-off
+    python tools/offload_gpu.py --ctx 32k --chunks 16 --lookahead layer,step --copy-programs 0,8,32
+
+--copy-programs: the overlapped (side-stream) copy on at most that many programs, one SM each
+(kernels/prefetch.py; 0 = one per block of 32 rows, every SM): does a copy confined to a few SMs
+hide behind the weight-bound compute, where one spread over all of them did not?
 """
 from __future__ import annotations
 
@@ -25,13 +30,17 @@ from engine.runner import GenerationResult, stream_tokens  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 
-def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: bool) -> list[tuple[str, dict, bool]]:
+def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: bool,
+            programs: list[int]) -> list[tuple[str, dict, bool]]:
     rows = [("full eager", {"policy": "full"}, False), ("full graph", {"policy": "full"}, True),
             ("evict graph", {"policy": "evict", "budget": budget}, True)]
     for c in chunks:
         off = {"policy": "offload", "budget": budget, "chunk": c}
         rows.append((f"offload/chunk{c} eager", {**off, "lookahead": "none"}, False))  # profiled: kernel times
-        rows += [(f"offload/chunk{c}/{la} graph", {**off, "lookahead": la}, True) for la in lookaheads]
+        for la in lookaheads:  # the program cap applies to overlapped copies only: not to "none"
+            for n in programs if la != "none" else [0]:
+                cap = f"/{n}prog" if n else ""
+                rows.append((f"offload/chunk{c}/{la}{cap} graph", {**off, "lookahead": la, "copy_programs": n}, True))
         if overlap_off:
             rows += [(f"offload/chunk{c}/{la} graph no-overlap", {**off, "lookahead": la, "overlap": False}, True)
                      for la in lookaheads if la != "none"]
@@ -57,14 +66,20 @@ def main() -> None:
     p.add_argument("--chunks", default="1,16", help="OffloadKV chunk sizes to run, comma-separated (default 1,16)")
     p.add_argument("--lookahead", default="none", help="lookahead modes to run, comma-separated (default none)")
     p.add_argument("--overlap-off", action="store_true", help="also run the lookahead modes with the side stream off")
+    p.add_argument("--copy-programs", default="0",
+                   help="program caps for the overlapped copy, comma-separated; 0 = none (default 0)")
     a = p.parse_args()
+    programs = [int(n) for n in a.copy_programs.split(",") if n.isdigit()]
+    if len(programs) != len(a.copy_programs.split(",")):
+        p.error(f"--copy-programs takes integers >= 0, got {a.copy_programs!r}")
     if not torch.cuda.is_available():
         sys.exit("offload_gpu.py: error: needs a CUDA GPU")
     args = preset(a.preset)
     m = Llama.random(args, "cuda", torch.bfloat16)
     for T in (parse_tokens(c) for c in a.ctx.split(",")):
         ids = torch.randint(100, args.vocab_size, (T,), generator=torch.Generator().manual_seed(0)).tolist()
-        rows = configs(a.budget, [int(c) for c in a.chunks.split(",")], a.lookahead.split(","), a.overlap_off)
+        rows = configs(a.budget, [int(c) for c in a.chunks.split(",")], a.lookahead.split(","), a.overlap_off,
+                       programs)
         for name, spec, graphs in rows:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -85,7 +100,7 @@ def main() -> None:
             row = 2 * args.n_kv_heads * args.head_dim * 2  # bytes of one token's K and V rows, all heads
             selected = sum(getattr(p, "top", 0) for p in r.policies if getattr(p, "offloaded", False)) * row
             reuse = f" reuse {1 - moved / selected:5.1%}" if selected else ""
-            print(f"ctx {T} {name:30s} graph={r.cuda_graphs!s:5} prefill {r.prefill_s:6.2f} s decode {ms:6.2f} "
+            print(f"ctx {T} {name:36s} graph={r.cuda_graphs!s:5} prefill {r.prefill_s:6.2f} s decode {ms:6.2f} "
                   f"ms/token moved {moved / 2**20:6.1f} MiB/token{reuse} KV device {kv['device'] / 2**30:.2f} GiB host "
                   f"{kv['host'] / 2**30:.2f} GiB peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB{kernels}",
                   flush=True)

@@ -33,7 +33,8 @@ When is the selection made? (`lookahead`), which decides whether the copy can ov
   "step"   the previous step's selection: attention uses the rows chosen by the last query, and
            the rows for the next step are fetched right after attending, hidden behind the rest
            of this step and the next step's earlier layers.
-On CUDA the overlapped fetches run on a side stream (kernels.prefetch); on CPU everything runs in
+On CUDA the overlapped fetches run on a side stream (kernels.prefetch), optionally on only
+`copy_programs` SMs so that the compute they hide behind keeps the rest; on CPU everything runs in
 order and gives the same results.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ class OffloadKV(KVPolicy):
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
                  recent: int = 64, channels: int = 8, chunk: int = 1, reuse: bool = True,
-                 lookahead: str = "none", overlap: bool = True):
+                 lookahead: str = "none", overlap: bool = True, copy_programs: int = 0):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
             raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
@@ -90,11 +91,14 @@ class OffloadKV(KVPolicy):
             raise ValueError(f"OffloadKV budget {budget} < sink {sink} + recent {recent}")
         if not 1 <= channels <= args.head_dim:
             raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}], got {channels}")
+        if copy_programs < 0:
+            raise ValueError(f"OffloadKV copy_programs must be >= 0 (0: no cap), got {copy_programs}")
         if lookahead not in LOOKAHEAD:
             raise ValueError(f"OffloadKV lookahead must be one of {', '.join(LOOKAHEAD)}, got {lookahead!r}")
         self.budget, self.sink, self.recent, self.channels, self.reuse = budget, sink, recent, channels, reuse
         self.chunk = chunk
         self.lookahead, self.overlap = lookahead, overlap
+        self.copy_programs = copy_programs  # cap on the overlapped copy's programs (kernels/prefetch.py)
         self.prepared = False           # "layer": this step's rows were selected one layer early
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
         self.mn = self.mx = None        # (B, H_kv, N, C) sketch: per chunk, min and max of each channel
@@ -131,7 +135,7 @@ class OffloadKV(KVPolicy):
             self.k[:, :, S:S + M], self.v[:, :, S:S + M] = k[:, :, S:T - W], v[:, :, S:T - W]
         else:
             mid_k, mid_v = k[:, :, S:T - W], v[:, :, S:T - W]  # (B, H_kv, M, D)
-            self.fetcher = RowFetcher(mid_k, mid_v, self.device)
+            self.fetcher = RowFetcher(mid_k, mid_v, self.device, self.copy_programs)
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
             self.slots = None  # (B, H_kv, top // chunk) chunk ids, filled by the first decode step's query
@@ -209,4 +213,4 @@ class OffloadKV(KVPolicy):
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,
-                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead}
+                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead, "copy_programs": self.copy_programs}
