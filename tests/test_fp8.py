@@ -58,6 +58,15 @@ print(f"cases failed: {len(bad) + len(wrong)}")
 """
 
 
+def test_decode_equals_torch_float8():
+    """e4m3.decode's table lookup == converting each byte through torch.float8_e4m3fn, every byte
+    (NaN bytes included: the table is that conversion) and any shape, times the superscale."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(2, 1, 8, 16)
+    sup = torch.tensor([[0.5], [3.0]])
+    want = b.view(torch.float8_e4m3fn).float() * sup[..., None, None]
+    torch.testing.assert_close(e4m3.decode(b, sup), want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_e4m3_is_exact_in_triton():
     """The kernel-side e4m3 matches torch's float8_e4m3fn: widening for every byte (subnormals,
     signs, 448), and encoding to nearest (ties to even, -0) with both neighbours for ~4k values."""
