@@ -61,8 +61,13 @@ class KVPolicy:
     @classmethod
     def cost(cls, args: ModelArgs, prompt: int, new: int, elem: int, **params) -> dict[str, int]:
         """Bytes by tier that this policy will hold for a `prompt`-token prompt and `new` decoded
-        tokens, with these parameters (defaults filled in): what the planner prices. It must equal
-        nbytes() after the run (tests check it)."""
+        tokens, with these parameters (the constructor's defaults for the rest): what the planner
+        prices. It must equal nbytes() after the run (tests check it)."""
+        return cls._cost(args, prompt, new, elem, **{**cls.defaults(), **params})
+
+    @classmethod
+    def _cost(cls, args: ModelArgs, prompt: int, new: int, elem: int, **params) -> dict[str, int]:
+        """cost() with every parameter given (keyword-only, no defaults: those live in __init__)."""
         raise NotImplementedError
 
     def describe(self) -> dict:

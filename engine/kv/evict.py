@@ -134,7 +134,7 @@ class BudgetedEvictKV(KVPolicy):
         return {"device": tensor_bytes(self.k, self.v, self.pos, self.acc), "host": 0}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, budget=512, evict_during_decode=False, **_):
+    def _cost(cls, args, prompt, new, elem, *, budget, evict_during_decode, **_):
         rows = cls._rows(prompt + new, prompt, budget, evict_during_decode)
         device = rows * 2 * args.n_kv_heads * args.head_dim * elem
         if evict_during_decode:  # slot positions (int64) and accumulated mass (float32)

@@ -49,7 +49,7 @@ class FullKV(KVPolicy):
         return {"device": tensor_bytes(self.k, self.v), "host": 0}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, store="model"):
+    def _cost(cls, args, prompt, new, elem, *, store):
         if store != "model":  # elem is the model dtype's size; a store of another dtype has its own
             elem = cls.store_dtype(store, torch.float32).itemsize
         return {"device": (prompt + new) * 2 * args.n_kv_heads * args.head_dim * elem, "host": 0}

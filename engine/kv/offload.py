@@ -198,7 +198,7 @@ class OffloadKV(KVPolicy):
         return {"device": device, "host": host}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, budget=512, sink=16, recent=64, channels=8, chunk=1, **_):
+    def _cost(cls, args, prompt, new, elem, *, budget, sink, recent, channels, chunk, **_):
         H, D = args.n_kv_heads, args.head_dim
         S, M, W, top = cls.layout(prompt, budget, sink, recent, chunk)
         device = (S + top + W + new) * 2 * H * D * elem

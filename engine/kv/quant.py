@@ -314,8 +314,7 @@ class QuantKV(KVPolicy):
                 "host": 0}
 
     @classmethod
-    def cost(cls, args, prompt, new, elem, bits=2, group=None, residual=128, rotate="auto", sink=1, heavy=0.01,
-             scales="auto", **_):
+    def _cost(cls, args, prompt, new, elem, *, bits, group, residual, rotate, sink, heavy, scales, **_):
         # clip changes which ranges are stored, not how many bytes
         H, D = args.n_kv_heads, args.head_dim
         scales = cls._ranges(scales, bits)
