@@ -35,7 +35,7 @@ import sys
 
 from engine.cli import Parser, cap_gpu_memory, check_writable, cli, gpu_memory, parse_tokens, resolve_device
 from engine.kv import parse_policy
-from engine.planner import Plan
+from engine.plan import Plan
 
 
 def parse_list(kind):

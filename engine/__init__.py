@@ -6,6 +6,6 @@
 
 See engine/api.py; the CLIs (generate.py, profile_layers.py, bench.py) are built on it."""
 from engine.api import LLM, Output, Stream
-from engine.planner import Plan
+from engine.plan import Plan
 
 __all__ = ["LLM", "Output", "Plan", "Stream"]

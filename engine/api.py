@@ -21,7 +21,8 @@ import torch
 
 from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import build_policies, parse_policy, spec_cost
-from engine.planner import Plan, budget_floor, make_plan, parse_kv_budget
+from engine.plan import Plan
+from engine.planner import budget_floor, make_plan, parse_kv_budget
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, fit_prompt, stream_batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from engine.planner import Plan
+from engine.plan import Plan
 
 
 @dataclass

@@ -9,7 +9,8 @@ import torch
 
 from engine.config import preset
 from engine.kv import build_policies, spec_cost
-from engine.planner import Option, Plan, allocate_tau, allocate_tokens, greedy_choose, upper_hull, _token_gains
+from engine.plan import Option, Plan
+from engine.planner import allocate_tau, allocate_tokens, greedy_choose, upper_hull, _token_gains
 from engine.profile import FRACTIONS
 from stepping import attend_next
 
