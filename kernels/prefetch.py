@@ -11,6 +11,15 @@ The copy can run on a side CUDA stream (`fetch(..., overlap=True)`): it waits on
 already queued (the selection), and the compute stream waits on an event just before it reads the
 rows (`wait()`), so a fetch issued early overlaps whatever compute is queued in between.
 On CPU the same call gathers synchronously with plain torch indexing: identical results.
+
+With `host="8bit"` the store holds 8-bit codes instead of the model's values: per (batch, KV head,
+channel) the min m and the step s = (max - min) / 255 over the offloaded tokens, x ~ m + s * code
+(asymmetric, as KIVI quantizes keys: a Llama key's outlier channels get their own step, so they do
+not flatten the others). Half the bytes of bfloat16 cross the bus per row (the copy is PCIe-bound:
+on the H100, 224 MiB per token at 128k) and half the pinned host memory is taken; the gather
+dequantizes as it writes the device slots, in the model's dtype. The 4 (B*H_kv, D) float32 range
+vectors stay on the device. Worked example: a channel spanning [-2, 6] has s = 8 / 255 = 0.0314;
+x = 1.0 is code round(3 / 0.0314) = 96, read back as -2 + 96 * 0.0314 = 1.0118 (error <= s / 2).
 """
 from __future__ import annotations
 
@@ -21,37 +30,61 @@ import triton.language as tl
 from kernels import use_triton
 
 
+HOST = ("model", "8bit")  # what the host store holds: the model's values, or 8-bit codes
+
+
 def cuda_view_of_pinned(host: torch.Tensor) -> torch.Tensor:
     """A CUDA tensor aliasing pinned host memory (no copy): kernels that read it pull the bytes
     over PCIe. Built through __cuda_array_interface__, which carries a raw pointer; under UVA a
     pinned allocation's host address is also its device address. The interface has no bfloat16
-    type code, so the bytes travel as int16 (or int32) and are viewed back."""
-    as_int = {2: torch.int16, 4: torch.int32}[host.element_size()]
-    raw = host.view(as_int)
+    type code, so the bytes travel as int16 (or int32, or uint8) and are viewed back."""
+    size = host.element_size()
+    raw = host.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[size])
 
     class _Pointer:  # the minimal object torch.as_tensor accepts as "device memory"
-        __cuda_array_interface__ = {"shape": tuple(raw.shape), "typestr": f"<i{raw.element_size()}",
+        __cuda_array_interface__ = {"shape": tuple(raw.shape), "typestr": "|u1" if size == 1 else f"<i{size}",
                                     "data": (raw.data_ptr(), False), "version": 3, "strides": None}
 
     return torch.as_tensor(_Pointer(), device="cuda").view(host.dtype)
 
 
-def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int) -> None:
+def quantize_channels(x: torch.Tensor, block: int = 16384) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (B, H_kv, M, D) -> (codes (B, H_kv, M, D) uint8, step (B*H_kv, D) float32, min (B*H_kv, D)
+    float32): the 8-bit host store (module docstring). Done `block` tokens at a time, so a 128k-token
+    layer never exists in float32 at once (prefill's peak)."""
+    B, H_kv, M, D = x.shape
+    mn, mx = x.amin(dim=2).float(), x.amax(dim=2).float()  # (B, H_kv, D)
+    step = ((mx - mn) / 255).clamp(min=torch.finfo(torch.float32).tiny)  # a constant channel: any step
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    for s in range(0, M, block):
+        part = (x[:, :, s:s + block].float() - mn[:, :, None]) / step[:, :, None]
+        codes[:, :, s:s + block] = part.round_().clamp_(0, 255)
+    return codes, step.reshape(B * H_kv, D), mn.reshape(B * H_kv, D)
+
+
+def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, ranges=None) -> None:
     """Reference. src_* (B*H_kv*M, D) row tables; tokens (B, H_kv, k) int64; wanted (B, H_kv, k)
     bool; slots (B, H_kv, k) int64, or None for slots[b, h, j] = j; dst_* (B, H_kv, n, D). For every
-    wanted (b, h, j): dst[b, h, offset + slots[b,h,j]] = src[(b*H_kv + h)*M + tokens[b,h,j]]."""
+    wanted (b, h, j): dst[b, h, offset + slots[b,h,j]] = src[(b*H_kv + h)*M + tokens[b,h,j]].
+    ranges: None (src holds values), or (k_step, k_min, v_step, v_min), each (B*H_kv, D) float32:
+    src holds 8-bit codes, written as min + step * code (float32, then the dst dtype)."""
     B, H_kv, _ = tokens.shape
     M = src_k.shape[0] // (B * H_kv)
     b, h, j = wanted.nonzero(as_tuple=True)
     rows = (b * H_kv + h) * M + tokens[b, h, j]
     pos = offset + (j if slots is None else slots[b, h, j])
-    dst_k[b, h, pos] = src_k[rows].to(dst_k.device)
-    dst_v[b, h, pos] = src_v[rows].to(dst_v.device)
+    for src, dst, r in ((src_k, dst_k, ranges and ranges[:2]), (src_v, dst_v, ranges and ranges[2:])):
+        got = src[rows].to(dst.device)
+        if r:
+            step, mn = (t[b * H_kv + h] for t in r)  # (n, D) each
+            got = got.float() * step + mn
+        dst[b, h, pos] = got.to(dst.dtype)
 
 
 @triton.jit
-def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v, K, M, N_DST, offset,
-                        N_BLK, N_ITEMS, D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v, ks_ptr, km_ptr, vs_ptr, vm_ptr,
+                        K, M, N_DST, offset, N_BLK, N_ITEMS,
+                        D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, CODES: tl.constexpr):
     # Work item i = one (batch, KV head) bh x its block blk of BLOCK entries, bh = i // N_BLK.
     # Program p takes items p, p + P, p + 2P, ... (P programs): with one program per item it runs
     # once; with a few programs (`programs=`) each walks many items and the rest of the GPU is free.
@@ -68,11 +101,18 @@ def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v,
         src = (bh * M + tok).to(tl.int64)[:, None] * D + d[None, :]
         dst = (bh * N_DST + offset + slot).to(tl.int64)[:, None] * D + d[None, :]
         m = want[:, None]  # masked lanes issue no load: only wanted rows cross the bus
-        tl.store(dst_k + dst, tl.load(src_k + src, mask=m), mask=m)
-        tl.store(dst_v + dst, tl.load(src_v + src, mask=m), mask=m)
+        k = tl.load(src_k + src, mask=m)
+        v = tl.load(src_v + src, mask=m)
+        if CODES:  # 8-bit codes: min + step * code per channel of this (batch, KV head)
+            r = bh * D + d
+            k = tl.load(km_ptr + r)[None, :] + tl.load(ks_ptr + r)[None, :] * k.to(tl.float32)
+            v = tl.load(vm_ptr + r)[None, :] + tl.load(vs_ptr + r)[None, :] * v.to(tl.float32)
+        tl.store(dst_k + dst, k.to(dst_k.dtype.element_ty), mask=m)
+        tl.store(dst_v + dst, v.to(dst_v.dtype.element_ty), mask=m)
 
 
-def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
+def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
+                       ranges=None) -> None:
     """programs: how many programs (each on one SM) walk the blocks of 32 entries; 0 = one per
     block, as many as the GPU will run at once. Why cap it: a fetch on the side stream is meant to
     hide behind the weight-bound kernels of the compute stream, but a program reading host memory
@@ -92,28 +132,38 @@ def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset
     grid = (min(programs, n_items) if programs else n_items,)
     tokens = tokens.contiguous()
     slot_arg = tokens if slots is None else slots.contiguous()  # without slots the kernel never reads it
-    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, K,
+    ks, km, vs, vm = (t.contiguous() for t in ranges) if ranges else (dst_k,) * 4  # unread without codes
+    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, ks, km, vs, vm, K,
                               src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset, n_blk, n_items,
-                              D=D, BLOCK=BLOCK, SLOTS=slots is not None)
+                              D=D, BLOCK=BLOCK, SLOTS=slots is not None, CODES=ranges is not None)
 
 
-def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
+def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
+                ranges=None) -> None:
     D = src_k.shape[1]
     if use_triton(dst_k) and not D & (D - 1) and dst_k.is_contiguous() and dst_v.is_contiguous():
-        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs)
+        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, ranges)
     else:
-        gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset)
+        gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, ranges)
 
 
 class RowFetcher:
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device, programs: int = 0):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device, programs: int = 0,
+                 host: str = "model"):
         """k, v: (B, H_kv, M, D) on any device; copied to host memory once (prefill). programs: the
         overlapped (side-stream) copies' program cap (gather_rows_triton); 0 = none. A copy on the
-        critical path always takes the whole GPU."""
+        critical path always takes the whole GPU. host: "model" (k and v as they are) or "8bit"
+        (codes; the ranges stay on the device)."""
+        if host not in HOST:
+            raise ValueError(f"host store must be one of {', '.join(HOST)}, got {host!r}")
         self.device = torch.device(device)
         self.programs = programs
         self.cuda = self.device.type == "cuda"
         B, H_kv, M, D = k.shape
+        self.ranges = None  # (k_step, k_min, v_step, v_min) with 8-bit codes, each (B*H_kv, D)
+        if host == "8bit":
+            (k, ks, km), (v, vs, vm) = quantize_channels(k), quantize_channels(v)
+            self.ranges = tuple(t.to(self.device) for t in (ks, km, vs, vm))
         # Flattened to rows so one index serves every (batch, head) at once.
         self.host_k = self._to_host(k.reshape(B * H_kv * M, D))
         self.host_v = self._to_host(v.reshape(B * H_kv * M, D))
@@ -122,7 +172,7 @@ class RowFetcher:
         self.src_v = cuda_view_of_pinned(self.host_v) if self.cuda else self.host_v
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.ready: torch.cuda.Event | None = None  # set while an overlapped fetch is in flight
-        self.row_bytes = 2 * D * k.element_size()  # one K row + one V row
+        self.row_bytes = 2 * D * k.element_size()  # one K row + one V row, as stored (what crosses the bus)
         self._rows_copied = torch.zeros((), dtype=torch.int64, device=self.device)  # no sync to count
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,12 +186,13 @@ class RowFetcher:
         dst is read."""
         self._rows_copied += wanted.sum()
         if not (overlap and self.cuda):
-            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset)
+            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, ranges=self.ranges)
             return
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)  # the selection queued so far must be done first
         with torch.cuda.stream(self.stream):
-            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, self.programs)
+            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, self.programs,
+                        self.ranges)
         for t in (tokens, wanted, slots):  # made on the compute stream, read on the side stream
             if t is not None:
                 t.record_stream(self.stream)
@@ -158,5 +209,7 @@ class RowFetcher:
     def bytes_copied(self) -> int:
         return int(self._rows_copied.item()) * self.row_bytes
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.host_k, self.host_v))
+    def nbytes(self) -> dict[str, int]:
+        """{"device": the 8-bit ranges (0 without), "host": the store}."""
+        size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        return {"device": size(self.ranges or ()), "host": size((self.host_k, self.host_v))}

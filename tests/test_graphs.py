@@ -23,6 +23,7 @@ SPECS = [
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "none"},
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "layer"},
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "step"},
+    {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "layer", "host": "8bit"},
 ]
 PROMPT, TOTAL = 30, 50
 # On CUDA only (on CPU the cap changes nothing): the overlapped copy on 2 programs inside the graph.
@@ -31,7 +32,7 @@ CUDA_SPECS = SPECS + [{"policy": "offload", "budget": 20, "sink": 4, "recent": 8
 
 
 def spec_id(spec):
-    keys = ("policy", "lookahead", "evict_during_decode", "heavy", "copy_programs")
+    keys = ("policy", "lookahead", "evict_during_decode", "heavy", "copy_programs", "host")
     return "-".join(str(v) for k, v in spec.items() if k in keys)
 
 

@@ -6,7 +6,7 @@ import torch
 from engine.config import preset
 from engine.kv.offload import OffloadKV
 from engine.model import Llama
-from interpreted import check_interpreted
+from interpreted import check_compiled, check_interpreted
 from stepping import attend_next, decode_logits
 from kernels.sparse_attn import approx_scores_ref, select_topk
 
@@ -98,6 +98,34 @@ def test_chunks_are_selected_by_their_bound_and_copied_whole():
     assert torch.equal(p.k[0, :, S + 24:S + 24 + W + 3], k[0, :, T - W - 3:])  # recent + the 3 leftovers
 
 
+def test_8bit_host_store_rounds_within_half_a_step():
+    from kernels.prefetch import quantize_channels
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 1000, 16, generator=g) * torch.logspace(-2, 1, 16)  # channels of very different scale
+    x[0, 1, :, 5] = 0.25  # a constant channel
+    codes, step, mn = quantize_channels(x, block=300)  # blocks that do not divide M
+    assert codes.dtype == torch.uint8 and step.shape == mn.shape == (6, 16)
+    back = mn.view(2, 3, 1, 16) + step.view(2, 3, 1, 16) * codes.float()
+    assert ((back - x).abs() <= step.view(2, 3, 1, 16) * (0.5 + 1e-4)).all()
+    assert torch.equal(back[0, 1, :, 5], x[0, 1, :, 5])
+    assert codes.amin() == 0 and codes.amax() == 255  # each channel's range spans all 256 codes
+
+
+def test_8bit_host_store_decodes_close_to_the_model_values(model_and_tokens):
+    """A quarter of float32's bytes per fetched row, and an error far below OffloadKV's own (what
+    its budget leaves out): here 2.4e-4 mean |logit difference| against 0.046 from FullKV."""
+    model, tokens = model_and_tokens
+    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
+    exact, pol_a = decode_logits(model, tokens, spec, 100)
+    coded, pol_b = decode_logits(model, tokens, {**spec, "host": "8bit"}, 100)
+    full, _ = decode_logits(model, tokens, {"policy": "full"}, 100)
+    assert pol_b[0].nbytes()["host"] * 4 == pol_a[0].nbytes()["host"]
+    assert pol_b[0].fetcher.row_bytes * 4 == pol_a[0].fetcher.row_bytes
+    assert not torch.equal(exact, coded)
+    assert (coded - exact).abs().mean() < 0.02 * (exact - full).abs().mean()
+    assert (coded.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
+
+
 def test_bad_parameters():
     with pytest.raises(ValueError, match="budget"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, budget=10, sink=8, recent=8)
@@ -107,6 +135,8 @@ def test_bad_parameters():
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, channels=ARGS.head_dim + 1)
     with pytest.raises(ValueError, match="copy_programs"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, copy_programs=-1)
+    with pytest.raises(ValueError, match="host"):
+        OffloadKV(ARGS, 0, 100, "cpu", torch.float32, host="int4")
 
 
 def test_select_topk_sorted_positions():
@@ -150,13 +180,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("programs", [0, 4])
-def test_cuda_fetch_equals_synchronous_copy(programs):
+@pytest.mark.parametrize("programs, host", [(0, "model"), (4, "model"), (0, "8bit")])
+def test_cuda_fetch_equals_synchronous_copy(programs, host):
     """Zero-copy gather from pinned host memory, overlapped on the side stream (on every SM, or on
-    4 programs walking all the blocks) == plain indexing."""
+    4 programs walking all the blocks; from values or 8-bit codes) == plain indexing."""
     from kernels.prefetch import RowFetcher, gather_rows_ref
     k, v = torch.randn(1, 8, 4096, 128, device="cuda"), torch.randn(1, 8, 4096, 128, device="cuda")
-    f = RowFetcher(k, v, "cuda", programs)
+    f = RowFetcher(k, v, "cuda", programs, host)
     tokens = torch.rand(1, 8, 4096, device="cuda").topk(256, -1).indices.sort(-1).values
     slots = torch.rand(1, 8, 256, device="cuda").argsort(-1)
     wanted = torch.rand(1, 8, 256, device="cuda") < 0.5
@@ -164,9 +194,12 @@ def test_cuda_fetch_equals_synchronous_copy(programs):
     f.fetch(tokens, wanted, slots, got_k, got_v, 7, overlap=True)
     f.wait()
     want_k, want_v = torch.zeros_like(got_k), torch.zeros_like(got_v)
-    gather_rows_ref(k.reshape(-1, 128), v.reshape(-1, 128), tokens, wanted, slots, want_k, want_v, 7)
-    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    assert f.bytes_copied == int(wanted.sum()) * 2 * 128 * 4
+    src = (k.reshape(-1, 128), v.reshape(-1, 128)) if host == "model" else (f.src_k, f.src_v)
+    gather_rows_ref(*src, tokens, wanted, slots, want_k, want_v, 7, ranges=f.ranges)
+    tol = 0 if host == "model" else 1e-6  # min + step * code: one fused multiply-add on the GPU
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_v, want_v, rtol=tol, atol=tol)
+    assert f.bytes_copied == int(wanted.sum()) * 2 * 128 * (4 if host == "model" else 1)
 
 
 @cuda
@@ -210,33 +243,53 @@ def test_cuda_offload_matches_cpu_path(lookahead):
 
 
 GATHER_CHECK = r"""
-import torch
+import os, torch
 from kernels.prefetch import gather_rows_ref, gather_rows_triton
+DEV = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
 bad = 0
-for B, H_kv, M, D, K, n, off in [(1, 2, 50, 32, 20, 40, 3), (2, 3, 300, 64, 77, 90, 0), (1, 8, 129, 128, 33, 40, 5)]:
+for B, H_kv, M, D, K, n, off, dt in [(1, 2, 50, 32, 20, 40, 3, torch.float32), (2, 3, 300, 64, 77, 90, 0, torch.float32),
+                                     (1, 8, 129, 128, 33, 40, 5, torch.bfloat16)]:
     g = torch.Generator().manual_seed(M)
-    src_k, src_v = torch.randn(B * H_kv * M, D, generator=g), torch.randn(B * H_kv * M, D, generator=g)
-    tokens = torch.rand(B, H_kv, M, generator=g).topk(K, -1).indices.sort(-1).values
-    slots = torch.rand(B, H_kv, K, generator=g).argsort(-1)
-    wanted = torch.rand(B, H_kv, K, generator=g) < 0.6
-    for s in (slots, None):  # None: entry j goes to slot j
-        # programs 0: one per block of 32 entries; 1 and 3: each program walks several blocks
-        # (and heads), as a side-stream copy capped to a few SMs does
-        for programs in (0, 1, 3):
-            out = []
-            for fn in (gather_rows_ref, lambda *a: gather_rows_triton(*a, programs=programs)):
-                dk, dv = torch.zeros(B, H_kv, n, D), torch.zeros(B, H_kv, n, D)
-                fn(src_k, src_v, tokens, wanted, s, dk, dv, off)
-                out.append((dk, dv))
-            if not (torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])) or out[0][0].eq(0).all():
-                bad += 1
-                print("MISMATCH", B, H_kv, M, D, K, s is None, programs)
+    tokens = torch.rand(B, H_kv, M, generator=g).topk(K, -1).indices.sort(-1).values.to(DEV)
+    slots = torch.rand(B, H_kv, K, generator=g).argsort(-1).to(DEV)
+    wanted = (torch.rand(B, H_kv, K, generator=g) < 0.6).to(DEV)
+    for codes in (False, True):  # the host store: values, or 8-bit codes with a step and min per channel
+        if codes:
+            src_k, src_v = (torch.randint(0, 256, (B * H_kv * M, D), generator=g, dtype=torch.uint8).to(DEV)
+                            for _ in range(2))
+            ranges = tuple((torch.rand(B * H_kv, D, generator=g) * f).to(DEV) for f in (0.1, -2, 0.05, 1))
+        else:
+            src_k, src_v = (torch.randn(B * H_kv * M, D, generator=g).to(DEV, dt) for _ in range(2))
+            ranges = None
+        for s in (slots, None):  # None: entry j goes to slot j
+            # programs 0: one per block of 32 entries; 1 and 3: each program walks several blocks
+            # (and heads), as a side-stream copy capped to a few SMs does
+            for programs in (0, 1, 3):
+                out = []
+                for fn in (gather_rows_ref, lambda *a, **kw: gather_rows_triton(*a, programs=programs, **kw)):
+                    dk, dv = (torch.zeros(B, H_kv, n, D, device=DEV, dtype=dt) for _ in range(2))
+                    fn(src_k, src_v, tokens, wanted, s, dk, dv, off, ranges=ranges)
+                    out.append((dk, dv))
+                # Codes are widened in float32 then rounded to dst's dtype: compiled on a GPU, min +
+                # step * code may be one fused multiply-add (1 float32 ulp), and the interpreter rounds
+                # float32 to bfloat16 toward zero where torch (and a GPU) round to nearest (1 ulp)
+                tol = 1e-2 if dt == torch.bfloat16 else 1e-6
+                same = (lambda a, b: torch.allclose(a.float(), b.float(), rtol=tol, atol=1e-6)) \
+                    if codes and (DEV != "cpu" or dt == torch.bfloat16) else torch.equal
+                if not (same(out[0][0], out[1][0]) and same(out[0][1], out[1][1])) or out[0][0].eq(0).all():
+                    bad += 1
+                    print("MISMATCH", B, H_kv, M, D, K, s is None, programs, codes)
 print("cases failed:", bad)
 """
 
 
 def test_gather_rows_triton_matches_reference():
     check_interpreted(GATHER_CHECK)
+
+
+@cuda
+def test_gather_rows_compiled_matches_reference():
+    check_compiled(GATHER_CHECK)
 
 
 def _assign_by_hand(slots: list[int], new: list[int]) -> tuple[list[int], list[bool]]:

@@ -70,9 +70,11 @@ def _specs() -> list[tuple]:
     for bounds in (False, True):
         out.append((_approx_scores_kernel, dict(q_ptr=BF16, mn_ptr=BF16, mx_ptr=BF16, ch_ptr=I64, out_ptr=F32),
                     dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {}))
-    for slots in (False, True):
-        out.append((_gather_rows_kernel, dict(src_k=BF16, src_v=BF16, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
-                                              dst_k=BF16, dst_v=BF16), dict(D=128, BLOCK=32, SLOTS=slots), {}))
+    for slots, codes in ((False, False), (True, False), (False, True)):
+        src = U8 if codes else BF16  # the host store: 8-bit codes (widened with float32 ranges) or values
+        out.append((_gather_rows_kernel, dict(src_k=src, src_v=src, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
+                                              dst_k=BF16, dst_v=BF16, ks_ptr=F32, km_ptr=F32, vs_ptr=F32, vm_ptr=F32),
+                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes), {}))
     for chunk in (1, 16):
         for reuse in (False, True):
             out.append((_assign_kernel, dict(slots_ptr=I64, new_ptr=I64, scratch_ptr=I64, rows_ptr=I64, want_ptr="*i8"),
@@ -110,8 +112,8 @@ def resources(compiled) -> tuple[int, int]:
 
 
 def main() -> None:
-    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CHUNK", "REUSE", "BLOCK_T",
-                "BLOCK_B")
+    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "CHUNK", "REUSE",
+                "BLOCK_T", "BLOCK_B")
     print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
     print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")
     for fn, ptrs, consts, options in SPECS:

@@ -20,6 +20,10 @@ When the budget covers the prompt nothing is offloaded and the buffer is FullKV'
 With reuse off (the baseline that refetches every selected row each step) the slots are assigned
 the same way, so reuse changes what is copied, never a result.
 
+`host="8bit"` keeps the offloaded rows as 8-bit codes with a min and step per channel
+(kernels/prefetch.py): half the bytes of bfloat16 per fetched row and half the host memory; the
+sketch, the sink, recent and generated tokens are made from the exact keys and values as before.
+
 Channels are chosen once at prefill per KV head by mean|q| (over the prompt's last queries) x
 max|K| (over the middle tokens), TailorKV's criterion; keeping them fixed is what lets the sketch
 stay on the device instead of gathering C channels from host memory every step as their code does.
@@ -43,7 +47,7 @@ import torch
 
 from engine.kv.base import KVPolicy, tensor_bytes
 from kernels.dense_attn import dense_decode_attention
-from kernels.prefetch import RowFetcher
+from kernels.prefetch import HOST, RowFetcher
 from kernels.slots import assign_slots
 from kernels.sparse_attn import approx_scores, select_topk
 
@@ -81,7 +85,7 @@ class OffloadKV(KVPolicy):
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
                  recent: int = 64, channels: int = 8, chunk: int = 1, reuse: bool = True,
-                 lookahead: str = "none", overlap: bool = True, copy_programs: int = 0):
+                 lookahead: str = "none", overlap: bool = True, copy_programs: int = 0, host: str = "model"):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
             raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
@@ -93,12 +97,15 @@ class OffloadKV(KVPolicy):
             raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}], got {channels}")
         if copy_programs < 0:
             raise ValueError(f"OffloadKV copy_programs must be >= 0 (0: no cap), got {copy_programs}")
+        if host not in HOST:
+            raise ValueError(f"OffloadKV host must be one of {', '.join(HOST)}, got {host!r}")
         if lookahead not in LOOKAHEAD:
             raise ValueError(f"OffloadKV lookahead must be one of {', '.join(LOOKAHEAD)}, got {lookahead!r}")
         self.budget, self.sink, self.recent, self.channels, self.reuse = budget, sink, recent, channels, reuse
         self.chunk = chunk
         self.lookahead, self.overlap = lookahead, overlap
         self.copy_programs = copy_programs  # cap on the overlapped copy's programs (kernels/prefetch.py)
+        self.host = host  # the host store: the model's values or 8-bit codes (kernels/prefetch.py)
         self.prepared = False           # "layer": this step's rows were selected one layer early
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
         self.mn = self.mx = None        # (B, H_kv, N, C) sketch: per chunk, min and max of each channel
@@ -135,7 +142,7 @@ class OffloadKV(KVPolicy):
             self.k[:, :, S:S + M], self.v[:, :, S:S + M] = k[:, :, S:T - W], v[:, :, S:T - W]
         else:
             mid_k, mid_v = k[:, :, S:T - W], v[:, :, S:T - W]  # (B, H_kv, M, D)
-            self.fetcher = RowFetcher(mid_k, mid_v, self.device, self.copy_programs)
+            self.fetcher = RowFetcher(mid_k, mid_v, self.device, self.copy_programs, self.host)
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
             self.slots = None  # (B, H_kv, top // chunk) chunk ids, filled by the first decode step's query
@@ -194,11 +201,11 @@ class OffloadKV(KVPolicy):
         device = tensor_bytes(self.k, self.v, self.mx, self.chan, self.slots)
         if self.mn is not self.mx:
             device += tensor_bytes(self.mn)
-        host = self.fetcher.nbytes() if self.fetcher is not None else 0
-        return {"device": device, "host": host}
+        store = self.fetcher.nbytes() if self.fetcher is not None else {"device": 0, "host": 0}
+        return {"device": device + store["device"], "host": store["host"]}
 
     @classmethod
-    def _cost(cls, args, prompt, new, elem, *, budget, sink, recent, channels, chunk, **_):
+    def _cost(cls, args, prompt, new, elem, *, budget, sink, recent, channels, chunk, host, **_):
         H, D = args.n_kv_heads, args.head_dim
         S, M, W, top = cls.layout(prompt, budget, sink, recent, chunk)
         device = (S + top + W + new) * 2 * H * D * elem
@@ -206,6 +213,8 @@ class OffloadKV(KVPolicy):
             return {"device": device, "host": 0}
         # + the sketch (one or two rows of C per chunk), the channel ids and the slots' chunk ids (int64)
         device += H * (M // chunk) * channels * elem * (1 if chunk == 1 else 2) + H * channels * 8 + H * (top // chunk) * 8
+        if host == "8bit":  # one byte per element on the host; a step and a min per channel of K and V on the device
+            return {"device": device + 4 * H * D * 4, "host": 2 * H * M * D}
         return {"device": device, "host": 2 * H * M * D * elem}
 
     def transfer_bytes(self):
@@ -213,4 +222,4 @@ class OffloadKV(KVPolicy):
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,
-                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead, "copy_programs": self.copy_programs}
+                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead, "copy_programs": self.copy_programs, "host": self.host}
