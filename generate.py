@@ -31,7 +31,8 @@ POLICY_FLAGS = {"kv_bits": (("quant",), "bits"), "kv_group": (("quant",), "group
                 "budget": (("evict", "offload"), "budget"),
                 "evict_during_decode": (("evict",), "evict_during_decode"), "sink": (("offload",), "sink"),
                 "recent": (("offload",), "recent"), "channels": (("offload",), "channels"),
-                "chunk": (("offload",), "chunk"), "lookahead": (("offload",), "lookahead")}
+                "chunk": (("offload",), "chunk"), "lookahead": (("offload",), "lookahead"),
+                "host_store": (("offload",), "host")}
 
 
 def _default(policy: str, key: str) -> str:
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offload: pick each step's tokens with this step's query (none: exact), an approximate "
                         "query one layer early (layer), or the previous step's query (step); the last two let "
                         "the copy overlap compute (default none: it measured as fast on an H100, see README)")
+    p.add_argument("--host-store", choices=["model", "8bit"],
+                   help="offload: keep the offloaded tokens in host memory as the model's values or as 8-bit "
+                        "codes (half the PCIe bytes and host memory of bfloat16, a small error; "
+                        f"{_default('offload', 'host')})")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (default: replay a CUDA graph)")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens per prefill chunk: queries, attention output and MLP activations exist "

@@ -162,11 +162,14 @@ def test_bad_policy_parameters_are_one_line_errors(gen):
                        "applies to quant")
 
 
-def test_quant_flags_reach_the_policy():
+def test_policy_flags_reach_the_policy():
     import generate
     a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",
                                             "--kv-sink", "4", "--kv-clip", "kv"])
     assert generate.policy_arg(a) == "quant:bits=2,rotate=none,sink=4,clip=kv"
+    a = generate.build_parser().parse_args(["--policy", "offload:budget=256", "--host-store", "8bit",
+                                            "--lookahead", "layer"])
+    assert generate.policy_arg(a) == "offload:budget=256,lookahead=layer,host=8bit"
 
 
 @pytest.mark.parametrize("device, fragment", [("meta", "not supported"), ("mps", "not supported"),

@@ -13,9 +13,10 @@ Ops (torch reference -> Triton):
 
 Then OffloadKV's zero-copy gather (kernels/prefetch.py) of one layer's selection at budget 2048
 (1968 rows per KV head, none held: what random weights give) with the overlapped copy capped to
-`programs` (0 = one per 32 rows, every SM): the copy alone (and its PCIe GB/s), one layer's weight
-GEMVs alone (Llama-3.1-8B: Wqkv, Wo, W1|W3, W2 times one token), and both, the copy on the side
-stream as the decode step issues it. hidden = (copy + GEMVs - both) / min(copy, GEMVs): 1 when the
+`programs` (0 = one per 32 rows, every SM), from a host store of bfloat16 values or of 8-bit codes
+(`host="8bit"`): the copy alone (and its PCIe GB/s), one layer's weight GEMVs alone (Llama-3.1-8B:
+Wqkv, Wo, W1|W3, W2 times one token), and both, the copy on the side stream as the decode step
+issues it. hidden = (copy + GEMVs - both) / min(copy, GEMVs): 1 when the
 shorter one hides entirely behind the other, 0 when they run one after the other.
 """
 from __future__ import annotations
@@ -80,14 +81,17 @@ def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
         for w in weights:
             torch.mv(w, x[:w.shape[1]])
 
-    moved = 2 * H * k * D * 2  # K and V rows, bfloat16
     t_gemv = graph_us(gemvs, replays)
-    print(f"\nOne layer's copy at budget 2048 ({moved / 2**20:.1f} MiB, from pinned host memory) beside one "
+    print(f"\nOne layer's copy at budget 2048 (1968 rows per KV head from pinned host memory) beside one "
           f"layer's weight GEMVs ({sum(w.numel() for w in weights) * 2 / 2**20:.0f} MiB): {t_gemv:.1f} µs alone\n")
-    print("| copy programs | copy µs | copy GB/s | copy + GEMVs µs | hidden |\n|---|---|---|---|---|")
-    for programs in (0, 4, 8, 16, 32):
-        f = RowFetcher(kv, kv, "cuda", programs)
-        t_copy = graph_us(lambda: gather_rows(f.src_k, f.src_v, tokens, wanted, None, dst, dst, 0, programs), replays)
+    print("| host store | copy programs | MiB | copy µs | copy GB/s | copy + GEMVs µs | hidden |\n"
+          "|---|---|---|---|---|---|---|")
+    for host, programs in (("model", 0), ("model", 4), ("model", 8), ("model", 16), ("model", 32), ("8bit", 0),
+                           ("8bit", 8)):
+        f = RowFetcher(kv, kv, "cuda", programs, host)
+        moved = 2 * H * k * D * f.host_k.element_size()  # K and V rows as stored
+        t_copy = graph_us(lambda: gather_rows(f.src_k, f.src_v, tokens, wanted, None, dst, dst, 0, programs,
+                                              f.ranges), replays)
 
         def both():
             f.fetch(tokens, wanted, None, dst, dst, 0, overlap=True)
@@ -96,8 +100,8 @@ def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
 
         t_both = graph_us(both, replays)
         hidden_share = (t_copy + t_gemv - t_both) / min(t_copy, t_gemv)
-        print(f"| {programs or 'all'} | {t_copy:.1f} | {moved / t_copy / 1e3:.1f} | {t_both:.1f} | {hidden_share:.0%} |",
-              flush=True)
+        print(f"| {host} | {programs or 'all'} | {moved / 2**20:.1f} | {t_copy:.1f} | {moved / t_copy / 1e3:.1f} | "
+              f"{t_both:.1f} | {hidden_share:.0%} |", flush=True)
         del f
 
 

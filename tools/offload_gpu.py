@@ -31,7 +31,7 @@ from engine.sampling import SamplingParams  # noqa: E402
 
 
 def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: bool,
-            programs: list[int]) -> list[tuple[str, dict, bool]]:
+            programs: list[int], hosts: list[str] = ("model",)) -> list[tuple[str, dict, bool]]:
     rows = [("full eager", {"policy": "full"}, False), ("full graph", {"policy": "full"}, True),
             ("evict graph", {"policy": "evict", "budget": budget}, True)]
     for c in chunks:
@@ -39,8 +39,10 @@ def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: 
         rows.append((f"offload/chunk{c} eager", {**off, "lookahead": "none"}, False))  # profiled: kernel times
         for la in lookaheads:  # the program cap applies to overlapped copies only: not to "none"
             for n in programs if la != "none" else [0]:
-                cap = f"/{n}prog" if n else ""
-                rows.append((f"offload/chunk{c}/{la}{cap} graph", {**off, "lookahead": la, "copy_programs": n}, True))
+                for host in hosts:
+                    tag = (f"/{n}prog" if n else "") + ("" if host == "model" else f"/{host}")
+                    rows.append((f"offload/chunk{c}/{la}{tag} graph",
+                                 {**off, "lookahead": la, "copy_programs": n, "host": host}, True))
         if overlap_off:
             rows += [(f"offload/chunk{c}/{la} graph no-overlap", {**off, "lookahead": la, "overlap": False}, True)
                      for la in lookaheads if la != "none"]
@@ -68,10 +70,15 @@ def main() -> None:
     p.add_argument("--overlap-off", action="store_true", help="also run the lookahead modes with the side stream off")
     p.add_argument("--copy-programs", default="0",
                    help="program caps for the overlapped copy, comma-separated; 0 = none (default 0)")
+    p.add_argument("--host", default="model",
+                   help="OffloadKV host stores to run, comma-separated: model, 8bit (default model)")
     a = p.parse_args()
     programs = [int(n) for n in a.copy_programs.split(",") if n.isdigit()]
     if len(programs) != len(a.copy_programs.split(",")):
         p.error(f"--copy-programs takes integers >= 0, got {a.copy_programs!r}")
+    hosts = a.host.split(",")
+    if not set(hosts) <= {"model", "8bit"}:
+        p.error(f"--host takes model and/or 8bit, got {a.host!r}")
     if not torch.cuda.is_available():
         sys.exit("offload_gpu.py: error: needs a CUDA GPU")
     args = preset(a.preset)
@@ -79,7 +86,7 @@ def main() -> None:
     for T in (parse_tokens(c) for c in a.ctx.split(",")):
         ids = torch.randint(100, args.vocab_size, (T,), generator=torch.Generator().manual_seed(0)).tolist()
         rows = configs(a.budget, [int(c) for c in a.chunks.split(",")], a.lookahead.split(","), a.overlap_off,
-                       programs)
+                       programs, hosts)
         for name, spec, graphs in rows:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -97,8 +104,9 @@ def main() -> None:
             kv = r.kv_bytes()
             steps = len(r.decode_times_s) + 1  # the first generated token's step selects too
             moved = sum(p.transfer_bytes() for p in r.policies) / steps
-            row = 2 * args.n_kv_heads * args.head_dim * 2  # bytes of one token's K and V rows, all heads
-            selected = sum(getattr(p, "top", 0) for p in r.policies if getattr(p, "offloaded", False)) * row
+            # bytes of the rows selected per step, as stored (fetcher.row_bytes: one head's K and V row)
+            selected = sum(p.top * args.n_kv_heads * p.fetcher.row_bytes for p in r.policies
+                           if getattr(p, "offloaded", False))
             reuse = f" reuse {1 - moved / selected:5.1%}" if selected else ""
             print(f"ctx {T} {name:36s} graph={r.cuda_graphs!s:5} prefill {r.prefill_s:6.2f} s decode {ms:6.2f} "
                   f"ms/token moved {moved / 2**20:6.1f} MiB/token{reuse} KV device {kv['device'] / 2**30:.2f} GiB host "
