@@ -23,7 +23,7 @@ SPECS = [
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "none"},
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "layer"},
     {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "step"},
-    {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "layer", "host": "8bit"},
+    {"policy": "offload", "budget": 20, "sink": 4, "recent": 8, "lookahead": "layer", "host": "model"},
 ]
 PROMPT, TOTAL = 30, 50
 # On CUDA only (on CPU the cap changes nothing): the overlapped copy on 2 programs inside the graph.

@@ -47,13 +47,12 @@ def test_reuse_never_changes_results(model_and_tokens, chunk):
 def test_device_and_host_bytes(model_and_tokens):
     model, tokens = model_and_tokens
     spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
-    _, policies = decode_logits(model, tokens[:, :101], spec, 100)
-    p = policies[0]
     D, H = ARGS.head_dim, ARGS.n_kv_heads
     M = 100 - 4 - 12
-    assert p.nbytes()["host"] == 2 * H * M * D * 4
     dev = 2 * H * (48 + 1) * D * 4 + H * M * 8 * 4 + H * 8 * 8 + H * 32 * 8  # buffer, sketch, chan, selected
-    assert p.nbytes()["device"] == dev
+    for host, elem, ranges in (("model", 4, 0), ("8bit", 1, 4 * H * D * 4)):  # 8-bit: step, min of K, V
+        _, policies = decode_logits(model, tokens[:, :101], {**spec, "host": host}, 100)
+        assert policies[0].nbytes() == {"device": dev + ranges, "host": 2 * H * M * D * elem}
 
 
 def test_chunk_bounds_hold_every_token():
@@ -79,7 +78,8 @@ def test_chunks_are_selected_by_their_bound_and_copied_whole():
     g = torch.Generator().manual_seed(4)
     T, S, W, c = 103, 4, 8, 4  # middle 91 = 22 chunks + 3 tokens handed to the recent part
     k, v = torch.randn(1, 2, T, 32, generator=g), torch.randn(1, 2, T, 32, generator=g)
-    p = OffloadKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=S + W + 24, sink=S, recent=W, channels=8, chunk=c)
+    p = OffloadKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=S + W + 24, sink=S, recent=W, channels=8, chunk=c,
+                  host="model")
     p.prefill(k, v, torch.randn(1, 4, 32, 32, generator=g))
     assert (p.M, p.top) == (88, 24)  # 6 chunks of 4 selected
     q = torch.randn(1, 4, 1, 32, generator=g)
@@ -116,8 +116,8 @@ def test_8bit_host_store_decodes_close_to_the_model_values(model_and_tokens):
     its budget leaves out): here 2.4e-4 mean |logit difference| against 0.046 from FullKV."""
     model, tokens = model_and_tokens
     spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
-    exact, pol_a = decode_logits(model, tokens, spec, 100)
-    coded, pol_b = decode_logits(model, tokens, {**spec, "host": "8bit"}, 100)
+    exact, pol_a = decode_logits(model, tokens, {**spec, "host": "model"}, 100)
+    coded, pol_b = decode_logits(model, tokens, spec, 100)  # the default host store: 8-bit codes
     full, _ = decode_logits(model, tokens, {"policy": "full"}, 100)
     assert pol_b[0].nbytes()["host"] * 4 == pol_a[0].nbytes()["host"]
     assert pol_b[0].fetcher.row_bytes * 4 == pol_a[0].fetcher.row_bytes

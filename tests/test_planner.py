@@ -109,7 +109,7 @@ ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers
     {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8},
     {"policy": "offload", "budget": 480, "sink": 4, "recent": 12, "channels": 8},
     {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8, "chunk": 5},  # 134 = 26 x 5 + 4
-    {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8, "host": "8bit"},
+    {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8, "host": "model"},
     {"policy": "quant", "bits": 2, "group": 32, "residual": 64},
     {"policy": "quant", "bits": 4, "group": 16, "residual": 32},
     {"policy": "quant", "bits": 2, "group": 32, "residual": 64, "rotate": "kv"},

@@ -20,9 +20,12 @@ When the budget covers the prompt nothing is offloaded and the buffer is FullKV'
 With reuse off (the baseline that refetches every selected row each step) the slots are assigned
 the same way, so reuse changes what is copied, never a result.
 
-`host="8bit"` keeps the offloaded rows as 8-bit codes with a min and step per channel
-(kernels/prefetch.py): half the bytes of bfloat16 per fetched row and half the host memory; the
-sketch, the sink, recent and generated tokens are made from the exact keys and values as before.
+The host store (`host`) holds the offloaded rows as 8-bit codes with a min and step per channel
+("8bit", the default; kernels/prefetch.py): half the bytes of bfloat16 per fetched row and half
+the host memory. On the default model (4k pass-key grid, KL over 256 tokens) it changed nothing
+measurable: KL 0.0614 -> 0.0612 at budget 256, 0.1588 -> 0.1585 at 128, 20/20 pass keys either way.
+"model" keeps the model's values. The sketch, the sink, recent and generated tokens are made from
+the exact keys and values either way.
 
 Channels are chosen once at prefill per KV head by mean|q| (over the prompt's last queries) x
 max|K| (over the middle tokens), TailorKV's criterion; keeping them fixed is what lets the sketch
@@ -85,7 +88,7 @@ class OffloadKV(KVPolicy):
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
                  recent: int = 64, channels: int = 8, chunk: int = 1, reuse: bool = True,
-                 lookahead: str = "none", overlap: bool = True, copy_programs: int = 0, host: str = "model"):
+                 lookahead: str = "none", overlap: bool = True, copy_programs: int = 0, host: str = "8bit"):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
             raise ValueError(f"OffloadKV budget/sink/recent must be >= 0, got {budget}/{sink}/{recent}")
