@@ -35,6 +35,7 @@ from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.kv.full import FullKV
 from engine.kv.offload import OffloadKV, chunk_sketch, rank_channels
 from engine.kv.quant import QuantKV
+from kernels.prefetch import quantize_channels
 from kernels.sparse_attn import sketch_scores
 
 FRACTIONS = [i / 64 for i in range(65)]  # budgets as fractions of the prompt, 0 .. 1
@@ -62,7 +63,7 @@ class ProfileConfig:
     probe: int = 16  # greedy decode steps whose queries judge the policies
     evict: dict = field(default_factory=lambda: _pick(BudgetedEvictKV.defaults(), "window", "pool"))
     offload: dict = field(default_factory=lambda: _pick(OffloadKV.defaults(), "sink", "recent", "channels",
-                                                                       "chunk"))
+                                                                       "chunk", "host"))
     quant: dict = field(default_factory=lambda: _pick(QuantKV.defaults(), "group", "residual", "rotate", "sink",
                                                       "clip", "heavy"))
     calibrate: tuple[str, ...] = ("evict", "offload", "quant")  # the kinds calibrate() measures
@@ -92,6 +93,16 @@ def _attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """Mean relative error of attention outputs (..., D): the one currency every option is priced in."""
     return ((approx - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-9)).mean().item()
+
+
+def _host_stored(x: torch.Tensor, S: int, M: int) -> torch.Tensor:
+    """x (B, H_kv, T + n, D) -> float32, its middle [S, S + M) as OffloadKV's 8-bit host store gives
+    it back (kernels/prefetch.py): min + step * code, per KV head and channel."""
+    B, H_kv, _, D = x.shape
+    codes, step, mn = quantize_channels(x[:, :, S:S + M])
+    out = x.float().clone()
+    out[:, :, S:S + M] = codes.float() * step.view(B, H_kv, 1, D) + mn.view(B, H_kv, 1, D)
+    return out
 
 
 def _outputs_in_order(num, den, probs, vals, cuts):
@@ -160,15 +171,20 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
         qc = qg.gather(-1, chan[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
         approx = sketch_scores(qc, mn, mx).view(B, H_kv, -1, n, M // c).amax(dim=2)  # (B, H_kv, n, N)
         fixed = torch.cat([torch.arange(S), torch.arange(S + M, T + n)]).to(k.device)
+        # Fetched rows come back from the host store: with 8-bit codes, attention reads those
+        # (the selection does not change: the sketch is made from the exact keys)
+        dec_h, vf_h = dec, vf  # (B, H_kv, n_rep, n, T + n), (B, H_kv, 1, T + n, D)
+        if cfg.offload.get("host", OffloadKV.defaults()["host"]) == "8bit":
+            dec_h, vf_h = _causal_probs(q_dec, _host_stored(k, S, M)), _host_stored(v, S, M)[:, :, None]
         valid = [j for j, t in enumerate(tops) if t is not None and t >= 0]
         for i in range(n):
             o = approx[:, :, i].argsort(dim=-1, descending=True)  # (B, H_kv, N) chunks, best first
-            p_mid = dec[..., i:i + 1, S:S + M].unflatten(-1, (M // c, c))  # (B, H_kv, n_rep, 1, N, c)
+            p_mid = dec_h[..., i:i + 1, S:S + M].unflatten(-1, (M // c, c))  # (B, H_kv, n_rep, 1, N, c)
             p_mid = p_mid.gather(-2, o[:, :, None, None, :, None].expand(p_mid.shape)).flatten(-2)
-            v_mid = vf[:, :, :, S:S + M].unflatten(3, (M // c, c))  # (B, H_kv, 1, N, c, D)
+            v_mid = vf_h[:, :, :, S:S + M].unflatten(3, (M // c, c))  # (B, H_kv, 1, N, c, D)
             v_mid = v_mid.gather(3, o[:, :, None, :, None, None].expand(v_mid.shape)).flatten(3, 4)
-            p_fix = dec[..., i:i + 1, fixed]
-            outs = _outputs_in_order(torch.matmul(p_fix, vf[..., fixed, :]), p_fix.sum(-1, keepdim=True),
+            p_fix = dec_h[..., i:i + 1, fixed]
+            outs = _outputs_in_order(torch.matmul(p_fix, vf_h[..., fixed, :]), p_fix.sum(-1, keepdim=True),
                                      p_mid, v_mid, [tops[j] for j in valid])
             for j, out in zip(valid, outs):
                 err[j] += _rel_err(out, exact[..., i:i + 1, :]) / n

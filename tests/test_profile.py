@@ -32,11 +32,11 @@ def _err(out, exact):
     return ((out - exact).norm(dim=-1) / exact.norm(dim=-1)).mean().item()
 
 
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_offload_error_is_the_policys(chunk):
+@pytest.mark.parametrize("chunk, host", [(1, "8bit"), (4, "8bit"), (1, "model")])
+def test_offload_error_is_the_policys(chunk, host):
     T, D = 203, ARGS.head_dim
     k, v, q_prompt, q_dec, exact = _case(chunk, T, D)
-    params = {"sink": 4, "recent": 8, "channels": 8, "chunk": chunk}
+    params = {"sink": 4, "recent": 8, "channels": 8, "chunk": chunk, "host": host}
     stats = layer_stats(k, v, T, q_prompt, q_dec, ARGS, ProfileConfig(offload=params))
     for i in (8, 16, 24):  # budgets of 1/8, 1/4, 3/8 of the prompt
         p = OffloadKV(ARGS, 0, T + 1, "cpu", torch.float32, budget=round(FRACTIONS[i] * T), **params)
