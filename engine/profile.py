@@ -35,7 +35,7 @@ from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.kv.full import FullKV
 from engine.kv.offload import OffloadKV, chunk_sketch, rank_channels
 from engine.kv.quant import QuantKV
-from kernels.prefetch import quantize_channels
+from kernels.prefetch import dequantize_channels, quantize_channels
 from kernels.sparse_attn import sketch_scores
 
 FRACTIONS = [i / 64 for i in range(65)]  # budgets as fractions of the prompt, 0 .. 1
@@ -97,11 +97,9 @@ def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 def _host_stored(x: torch.Tensor, S: int, M: int) -> torch.Tensor:
     """x (B, H_kv, T + n, D) -> float32, its middle [S, S + M) as OffloadKV's 8-bit host store gives
-    it back (kernels/prefetch.py): min + step * code, per KV head and channel."""
-    B, H_kv, _, D = x.shape
-    codes, step, mn = quantize_channels(x[:, :, S:S + M])
+    it back (kernels/prefetch.py)."""
     out = x.float().clone()
-    out[:, :, S:S + M] = codes.float() * step.view(B, H_kv, 1, D) + mn.view(B, H_kv, 1, D)
+    out[:, :, S:S + M] = dequantize_channels(*quantize_channels(x[:, :, S:S + M]))
     return out
 
 

@@ -62,6 +62,12 @@ def quantize_channels(x: torch.Tensor, block: int = 16384) -> tuple[torch.Tensor
     return codes, step.reshape(B * H_kv, D), mn.reshape(B * H_kv, D)
 
 
+def dequantize_channels(codes: torch.Tensor, step: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """quantize_channels' inverse up to rounding: codes (B, H_kv, M, D) -> float32 min + step * code."""
+    B, H_kv, _, D = codes.shape
+    return codes.float() * step.view(B, H_kv, 1, D) + mn.view(B, H_kv, 1, D)
+
+
 def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, ranges=None) -> None:
     """Reference. src_* (B*H_kv*M, D) row tables; tokens (B, H_kv, k) int64; wanted (B, H_kv, k)
     bool; slots (B, H_kv, k) int64, or None for slots[b, h, j] = j; dst_* (B, H_kv, n, D). For every
