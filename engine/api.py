@@ -118,12 +118,21 @@ class LLM:
         (specs, prompt tokens, new tokens), one per sequence, against the free memory."""
         on_device = sum(self.kv_footprint(*run) for run in runs)
         free = free_memory(self.device)
+        what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
+                f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
         if on_device > free:
-            what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
-                    f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
             raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device}; "
                              f"{fmt_bytes(free)} is free (a smaller --ctx or budget, fewer prompts, or another "
                              f"policy would fit)")
+        if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
+            elem = self.model.head.element_size()
+            on_host = sum(spec_cost(self.args, s, prompt, new, elem)["host"] for specs, prompt, new in runs
+                          for s in specs)
+            free_host = free_memory(torch.device("cpu"))
+            if on_host > free_host:
+                raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "
+                                 f"{fmt_bytes(free_host)} is available (a smaller --ctx, fewer prompts, fewer "
+                                 f"offloaded layers or host=8bit would fit)")
 
     def profile_limit(self) -> int:
         """The longest prompt a profiling pass profiles whole: its cache is a FullKV of every layer,

@@ -139,6 +139,25 @@ def test_bad_parameters():
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, host="int4")
 
 
+def test_offloaded_kv_beyond_host_memory_is_refused_up_front(monkeypatch):
+    """On a GPU the offloaded rows live in pinned host memory: checked against what the host has
+    free, in one line, before any work (the device side as always)."""
+    import engine.api
+    from engine import LLM
+    from engine.kv import spec_cost
+    llm = LLM("random:tiny", device="cpu")
+    specs = llm.policy_specs("offload:budget=256")
+    need = sum(spec_cost(llm.args, s, 4000, 32, 4)["host"] for s in specs)
+    llm.device = torch.device("cuda")  # only the check runs: nothing is allocated there
+    for free_host, ok in ((need, True), (need - 1, False)):
+        monkeypatch.setattr(engine.api, "free_memory", lambda d: 1 << 40 if d.type == "cuda" else free_host)
+        if ok:
+            llm.check_kv_fits([(specs, 4000, 32)])
+        else:
+            with pytest.raises(ValueError, match=r"offloaded KV for 4000 \+ 32 tokens needs .* of host memory"):
+                llm.check_kv_fits([(specs, 4000, 32)])
+
+
 def test_select_topk_sorted_positions():
     scores = torch.tensor([[[0.1, 5.0, 0.3, 4.0, 0.2, 3.0]]])
     assert select_topk(scores, 3).tolist() == [[[1, 3, 5]]]
