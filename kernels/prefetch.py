@@ -7,9 +7,10 @@ into their device slots. No host-side gather, no staging buffer, and no device->
 which rows were selected (the row ids never leave the GPU). Measured on an H100 (PCIe 5): 16,000
 random 256-byte rows in 87 us (47 GB/s) vs 264 us for gather-on-host + staged copy.
 
-The copy can run on a side CUDA stream (`fetch(..., overlap=True)`): it waits only for the work
-already queued (the selection), and the compute stream waits on an event just before it reads the
-rows (`wait()`), so a fetch issued early overlaps whatever compute is queued in between.
+The copy can run on a side CUDA stream (`fetch(..., overlap=True)`, or any work inside `side()`):
+it waits only for the work already queued (e.g. the query it selects with), and the compute stream
+waits on an event just before it reads the rows (`wait()`), so work issued early overlaps whatever
+compute is queued in between.
 On CPU the same call gathers synchronously with plain torch indexing: identical results.
 
 With `host="8bit"` the store holds 8-bit codes instead of the model's values: per (batch, KV head,
@@ -22,6 +23,8 @@ vectors stay on the device. Worked example: a channel spanning [-2, 6] has s = 8
 x = 1.0 is code round(3 / 0.0314) = 96, read back as -2 + 96 * 0.0314 = 1.0118 (error <= s / 2).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -190,16 +193,26 @@ class RowFetcher:
         """Copy the wanted rows (see gather_rows_ref; slots None: entry j into slot j) into dst_k/dst_v.
         With overlap (CUDA only) the copy runs on the side stream and `wait()` must be called before
         dst is read."""
-        self._rows_copied += wanted.sum()
         if not (overlap and self.cuda):
-            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, ranges=self.ranges)
+            self.copy(tokens, wanted, slots, dst_k, dst_v, offset)
             return
-        compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)  # the selection queued so far must be done first
+        with self.side(tokens, wanted, slots):
+            self.copy(tokens, wanted, slots, dst_k, dst_v, offset, self.programs)
+
+    def copy(self, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
+        """fetch's copy on the current stream, on at most `programs` programs (0: no cap)."""
+        self._rows_copied += wanted.sum()
+        gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, self.ranges)
+
+    @contextlib.contextmanager
+    def side(self, *inputs: torch.Tensor | None):
+        """CUDA only: the work queued inside runs on the side stream, after everything queued on the
+        compute stream so far; `wait()` orders the compute stream after it. inputs: tensors made on
+        the compute stream that the work reads (their memory must not be reused before it ran)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, self.programs,
-                        self.ranges)
-        for t in (tokens, wanted, slots):  # made on the compute stream, read on the side stream
+            yield
+        for t in inputs:
             if t is not None:
                 t.record_stream(self.stream)
         self.ready = torch.cuda.Event()

@@ -31,8 +31,8 @@ Channels are chosen once at prefill per KV head by mean|q| (over the prompt's la
 max|K| (over the middle tokens), TailorKV's criterion; keeping them fixed is what lets the sketch
 stay on the device instead of gathering C channels from host memory every step as their code does.
 
-When is the selection made? (`lookahead`), which decides whether the copy can overlap compute:
-  "none"   this step's query, at this layer: exact, but the copy sits on the critical path;
+When is the selection made? (`lookahead`), which decides whether it can overlap compute:
+  "none"   this step's query, at this layer: exact, but selection and copy sit on the critical path;
   "layer"  an approximate query made one layer early (InfiniGen's idea): the model projects the
            previous layer's input through this layer's norm, Wq and RoPE (the residual stream
            changes little from one layer to the next), so the fetch runs while the previous layer
@@ -40,9 +40,9 @@ When is the selection made? (`lookahead`), which decides whether the copy can ov
   "step"   the previous step's selection: attention uses the rows chosen by the last query, and
            the rows for the next step are fetched right after attending, hidden behind the rest
            of this step and the next step's earlier layers.
-On CUDA the overlapped fetches run on a side stream (kernels.prefetch), optionally on only
-`copy_programs` SMs so that the compute they hide behind keeps the rest; on CPU everything runs in
-order and gives the same results.
+With "layer" and "step" on CUDA the whole selection (scores, top-k, slot assignment, copy) runs
+on a side stream (kernels.prefetch), the copy optionally on only `copy_programs` SMs so that the
+compute it hides behind keeps the rest; on CPU everything runs in order, with the same results.
 """
 from __future__ import annotations
 
@@ -153,8 +153,17 @@ class OffloadKV(KVPolicy):
         self.length = T
 
     def _select(self, q: torch.Tensor, overlap: bool) -> None:
-        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots
-        (with overlap on CUDA the copy is only started: `self.fetcher.wait()` before reading)."""
+        """Bring the top-k middle tokens for query q (B, H, 1, D) into the device buffer's k slots.
+        With overlap on CUDA the whole selection (scores, top-k, slot assignment and the copy, on
+        at most `copy_programs` programs) is only queued on the fetcher's side stream, behind the
+        compute queued so far: `self.fetcher.wait()` before reading the buffer."""
+        if overlap and self.overlap and self.fetcher.cuda:
+            with self.fetcher.side(q):
+                self._choose_and_copy(q, self.copy_programs)
+        else:
+            self._choose_and_copy(q, 0)
+
+    def _choose_and_copy(self, q: torch.Tensor, programs: int) -> None:
         scores = approx_scores(q, self.mn, self.mx, self.chan)  # (B, H_kv, N) one per chunk
         new = select_topk(scores, self.top // self.chunk)  # (B, H_kv, k) sorted chunk ids
         if self.slots is None:  # first step: every slot free, filled with the selected chunks in order
@@ -163,7 +172,7 @@ class OffloadKV(KVPolicy):
         # (kernels/slots.py, with a worked example).
         rows, wanted = assign_slots(self.slots, new, self.chunk, self.reuse)  # (B, H_kv, top) each
         # rows are in slot order: entry j goes to device row S + j (slots=None)
-        self.fetcher.fetch(rows, wanted, None, self.k, self.v, self.S, overlap=overlap and self.overlap)
+        self.fetcher.copy(rows, wanted, None, self.k, self.v, self.S, programs)
 
     def wants_lookahead(self) -> bool:
         return self.offloaded and self.lookahead == "layer"
