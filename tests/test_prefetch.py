@@ -1,0 +1,123 @@
+"""kernels/prefetch.py: OffloadKV's host store and row fetching. The 8-bit store's rounding; the
+zero-copy gather kernel against its reference (interpreted here; compiled, from pinned memory, on
+the side stream and beside compute on a GPU: those skip without one)."""
+import pytest
+import torch
+
+from interpreted import check_compiled, check_interpreted
+
+
+def test_8bit_host_store_rounds_within_half_a_step():
+    from kernels.prefetch import dequantize_channels, quantize_channels
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 1000, 16, generator=g) * torch.logspace(-2, 1, 16)  # channels of very different scale
+    x[0, 1, :, 5] = 0.25  # a constant channel
+    codes, step, mn = quantize_channels(x, block=300)  # blocks that do not divide M
+    assert codes.dtype == torch.uint8 and step.shape == mn.shape == (6, 16)
+    back = dequantize_channels(codes, step, mn)
+    assert ((back - x).abs() <= step.view(2, 3, 1, 16) * (0.5 + 1e-4)).all()
+    assert torch.equal(back[0, 1, :, 5], x[0, 1, :, 5])
+    assert codes.amin() == 0 and codes.amax() == 255  # each channel's range spans all 256 codes
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (prefetcher streams)")
+
+
+@cuda
+@pytest.mark.parametrize("programs, host", [(0, "model"), (4, "model"), (0, "8bit")])
+def test_cuda_fetch_equals_synchronous_copy(programs, host):
+    """Zero-copy gather from pinned host memory, overlapped on the side stream (on every SM, or on
+    4 programs walking all the blocks; from values or 8-bit codes) == plain indexing."""
+    from kernels.prefetch import RowFetcher, gather_rows_ref
+    k, v = torch.randn(1, 8, 4096, 128, device="cuda"), torch.randn(1, 8, 4096, 128, device="cuda")
+    f = RowFetcher(k, v, "cuda", programs, host)
+    tokens = torch.rand(1, 8, 4096, device="cuda").topk(256, -1).indices.sort(-1).values
+    slots = torch.rand(1, 8, 256, device="cuda").argsort(-1)
+    wanted = torch.rand(1, 8, 256, device="cuda") < 0.5
+    got_k, got_v = torch.zeros(1, 8, 300, 128, device="cuda"), torch.zeros(1, 8, 300, 128, device="cuda")
+    f.fetch(tokens, wanted, slots, got_k, got_v, 7, overlap=True)
+    f.wait()
+    want_k, want_v = torch.zeros_like(got_k), torch.zeros_like(got_v)
+    src = (k.reshape(-1, 128), v.reshape(-1, 128)) if host == "model" else (f.src_k, f.src_v)
+    gather_rows_ref(*src, tokens, wanted, slots, want_k, want_v, 7, ranges=f.ranges)
+    tol = 0 if host == "model" else 1e-6  # min + step * code: one fused multiply-add on the GPU
+    torch.testing.assert_close(got_k, want_k, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_v, want_v, rtol=tol, atol=tol)
+    assert f.bytes_copied == int(wanted.sum()) * 2 * 128 * (4 if host == "model" else 1)
+
+
+@cuda
+def test_cuda_copy_overlaps_compute():
+    """Events on both streams: the side-stream fetch is still running after compute queued behind it
+    has started, i.e. copy and compute were in flight together."""
+    from kernels.prefetch import RowFetcher
+    M = 1 << 17
+    k = torch.randn(1, 8, M, 128, device="cuda", dtype=torch.bfloat16)
+    f = RowFetcher(k, k, "cuda")
+    del k
+    tokens = torch.arange(M, device="cuda").expand(1, 8, M).contiguous()  # 512 MiB of K+V to fetch
+    dst = torch.empty(1, 8, M, 128, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    compute = torch.cuda.current_stream()
+    for _ in range(2):  # the first round compiles the kernel
+        copy_start, copy_end, mm_start = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        copy_start.record(f.stream)  # the side stream is idle: recorded now, before the fetch
+        f.fetch(tokens, torch.ones_like(tokens, dtype=torch.bool), tokens, dst, dst, 0, overlap=True)
+        copy_end.record(f.stream)
+        mm_start.record(compute)
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        f.wait()
+        torch.cuda.synchronize()
+    assert copy_start.elapsed_time(copy_end) > 0
+    assert mm_start.elapsed_time(copy_end) > 0  # the copy ended after the matmuls had begun
+
+
+GATHER_CHECK = r"""
+import os, torch
+from kernels.prefetch import gather_rows_ref, gather_rows_triton
+DEV = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
+bad = 0
+for B, H_kv, M, D, K, n, off, dt in [(1, 2, 50, 32, 20, 40, 3, torch.float32), (2, 3, 300, 64, 77, 90, 0, torch.float32),
+                                     (1, 8, 129, 128, 33, 40, 5, torch.bfloat16)]:
+    g = torch.Generator().manual_seed(M)
+    tokens = torch.rand(B, H_kv, M, generator=g).topk(K, -1).indices.sort(-1).values.to(DEV)
+    slots = torch.rand(B, H_kv, K, generator=g).argsort(-1).to(DEV)
+    wanted = (torch.rand(B, H_kv, K, generator=g) < 0.6).to(DEV)
+    for codes in (False, True):  # the host store: values, or 8-bit codes with a step and min per channel
+        if codes:
+            src_k, src_v = (torch.randint(0, 256, (B * H_kv * M, D), generator=g, dtype=torch.uint8).to(DEV)
+                            for _ in range(2))
+            ranges = tuple((torch.rand(B * H_kv, D, generator=g) * f).to(DEV) for f in (0.1, -2, 0.05, 1))
+        else:
+            src_k, src_v = (torch.randn(B * H_kv * M, D, generator=g).to(DEV, dt) for _ in range(2))
+            ranges = None
+        for s in (slots, None):  # None: entry j goes to slot j
+            # programs 0: one per block of 32 entries; 1 and 3: each program walks several blocks
+            # (and heads), as a side-stream copy capped to a few SMs does
+            for programs in (0, 1, 3):
+                out = []
+                for fn in (gather_rows_ref, lambda *a, **kw: gather_rows_triton(*a, programs=programs, **kw)):
+                    dk, dv = (torch.zeros(B, H_kv, n, D, device=DEV, dtype=dt) for _ in range(2))
+                    fn(src_k, src_v, tokens, wanted, s, dk, dv, off, ranges=ranges)
+                    out.append((dk, dv))
+                # Codes are widened in float32 then rounded to dst's dtype: compiled on a GPU, min +
+                # step * code may be one fused multiply-add (1 float32 ulp), and the interpreter rounds
+                # float32 to bfloat16 toward zero where torch (and a GPU) round to nearest (1 ulp)
+                tol = 1e-2 if dt == torch.bfloat16 else 1e-6
+                same = (lambda a, b: torch.allclose(a.float(), b.float(), rtol=tol, atol=1e-6)) \
+                    if codes and (DEV != "cpu" or dt == torch.bfloat16) else torch.equal
+                if not (same(out[0][0], out[1][0]) and same(out[0][1], out[1][1])) or out[0][0].eq(0).all():
+                    bad += 1
+                    print("MISMATCH", B, H_kv, M, D, K, s is None, programs, codes)
+print("cases failed:", bad)
+"""
+
+
+def test_gather_rows_triton_matches_reference():
+    check_interpreted(GATHER_CHECK)
+
+
+@cuda
+def test_gather_rows_compiled_matches_reference():
+    check_compiled(GATHER_CHECK)
