@@ -7,6 +7,7 @@
 #   bash tools/gpu_check.sh tests capped full    # the first run: 8 minutes at most
 #   bash tools/gpu_check.sh kernels offload      # the second: 3.5 minutes at most (no argument: all five)
 #   bash tools/gpu_check.sh overlap              # if device time is left: 90 s
+#   bash tools/gpu_check.sh capped20             # if device time is left: 200 s
 #
 # Steps (limits in seconds, first-launch kernel compiles included; random:llama-3.1-8b in
 # bfloat16, 128k-token prompts):
@@ -15,6 +16,7 @@
 #   capped  270  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
 #                peak GPU memory: does it fit a 24 GB card)
+#   capped20 200  the same cap at 20%: OffloadKV, BudgetedEvictKV and the hybrid (not in the default list)
 #   full     60  FullKV uncapped at 128k: the ms/token baseline (it cannot fit 24 GiB)
 #   kernels  60  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels
 #                against the torch code they replace, per call in a CUDA graph; one layer's
@@ -50,6 +52,8 @@ run() {
     capped) step capped 270 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
         --policies quant,quant:bits=2,offload:budget=2048,evict,hybrid,plan:docs/plans/tailorkv_shape_random8b.json \
         --peers none --no-quality --steps 16 --json "$OUT/capped_128k.json" ;;
+    capped20) step capped20 200 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.2 \
+        --policies offload,evict,hybrid --peers none --no-quality --steps 16 --json "$OUT/capped_128k_20.json" ;;
     full) step full 60 "$PY" bench.py "${MODEL[@]}" --ctx 128k --policies full --peers none --no-quality \
         --steps 16 --json "$OUT/full_128k.json" ;;
     kernels) step kernels 60 "$PY" tools/kernel_timing.py ;;
@@ -58,7 +62,7 @@ run() {
         --copy-programs 0,8,32 --overlap-off ;;
     throughput) step throughput 200 "$PY" bench.py "${MODEL[@]}" --throughput --ctx 32k --gpu-memory 24GiB \
         --policies full,evict,offload,hybrid --json "$OUT/throughput_32k.json" ;;
-    *) echo "unknown step $1 (tests, capped, full, kernels, offload, overlap, throughput)" | tee -a "$LOG" ;;
+    *) echo "unknown step $1 (tests, capped, capped20, full, kernels, offload, overlap, throughput)" | tee -a "$LOG" ;;
     esac
 }
 
