@@ -131,8 +131,8 @@ class LLM:
             free_host = free_memory(torch.device("cpu"))
             if on_host > free_host:
                 raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "
-                                 f"{fmt_bytes(free_host)} is available (a smaller --ctx, fewer prompts, fewer "
-                                 f"offloaded layers or host=8bit would fit)")
+                                 f"{fmt_bytes(free_host)} is available (a smaller --ctx, fewer prompts or fewer "
+                                 f"offloaded layers would fit; host=8bit takes half of bfloat16's)")
 
     def profile_limit(self) -> int:
         """The longest prompt a profiling pass profiles whole: its cache is a FullKV of every layer,

@@ -234,4 +234,5 @@ class OffloadKV(KVPolicy):
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "sink": self.sink, "recent": self.recent,
-                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead, "copy_programs": self.copy_programs, "host": self.host}
+                "channels": self.channels, "chunk": self.chunk, "lookahead": self.lookahead,
+                "copy_programs": self.copy_programs, "host": self.host}
