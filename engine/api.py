@@ -106,17 +106,24 @@ class LLM:
         build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
         return specs
 
+    def _kv_tiers(self, runs: list[tuple[list[dict], int, int]]) -> dict[str, int]:
+        """{"device": ..., "host": ...} bytes the caches of runs (specs, prompt tokens, new tokens),
+        one per sequence, take together, as their policies price themselves. On a CPU host memory is
+        the device: the host bytes count on the device too."""
+        elem = self.model.head.element_size()
+        costs = [spec_cost(self.args, s, prompt, new, elem) for specs, prompt, new in runs for s in specs]
+        host = sum(c["host"] for c in costs)
+        return {"device": sum(c["device"] for c in costs) + (host if self.device.type == "cpu" else 0), "host": host}
+
     def kv_footprint(self, specs: list[dict], prompt: int, new: int) -> int:
-        """Bytes one sequence's cache takes from the memory it must fit in, as its policies price
-        themselves: device bytes, plus host bytes on a CPU (host memory is the device there)."""
-        elem, cpu = self.model.head.element_size(), self.device.type == "cpu"
-        costs = [spec_cost(self.args, s, prompt, new, elem) for s in specs]
-        return sum(c["device"] + (c["host"] if cpu else 0) for c in costs)
+        """Bytes one sequence's cache takes from the memory it must fit in (_kv_tiers' device)."""
+        return self._kv_tiers([(specs, prompt, new)])["device"]
 
     def check_kv_fits(self, runs: list[tuple[list[dict], int, int]]) -> None:
         """Refuse, in one line and before any work, caches that cannot fit together: runs are
         (specs, prompt tokens, new tokens), one per sequence, against the free memory."""
-        on_device = sum(self.kv_footprint(*run) for run in runs)
+        need = self._kv_tiers(runs)
+        on_device = need["device"]
         free = free_memory(self.device)
         what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
                 f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
@@ -125,9 +132,7 @@ class LLM:
                              f"{fmt_bytes(free)} is free (a smaller --ctx or budget, fewer prompts, or another "
                              f"policy would fit)")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
-            elem = self.model.head.element_size()
-            on_host = sum(spec_cost(self.args, s, prompt, new, elem)["host"] for specs, prompt, new in runs
-                          for s in specs)
+            on_host = need["host"]
             free_host = free_memory(torch.device("cpu"))
             if on_host > free_host:
                 raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "

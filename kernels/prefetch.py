@@ -80,12 +80,13 @@ def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: i
     B, H_kv, _ = tokens.shape
     M = src_k.shape[0] // (B * H_kv)
     b, h, j = wanted.nonzero(as_tuple=True)
-    rows = (b * H_kv + h) * M + tokens[b, h, j]
+    bh = b * H_kv + h
+    rows = bh * M + tokens[b, h, j]
     pos = offset + (j if slots is None else slots[b, h, j])
     for src, dst, r in ((src_k, dst_k, ranges and ranges[:2]), (src_v, dst_v, ranges and ranges[2:])):
         got = src[rows].to(dst.device)
         if r:
-            step, mn = (t[b * H_kv + h] for t in r)  # (n, D) each
+            step, mn = (t[bh] for t in r)  # (n, D) each
             got = got.float() * step + mn
         dst[b, h, pos] = got.to(dst.dtype)
 
