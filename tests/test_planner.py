@@ -162,6 +162,21 @@ def test_shipped_tailorkv_shaped_plan():
     build_policies(args, plan.specs, T + new, "cpu", torch.bfloat16)  # every spec valid (nothing allocated yet)
 
 
+@pytest.mark.parametrize("name", ["smollm2_1bit_layers", "smollm2_1bit_clip_layers", "smollm2_hybrid_quant_10pct"])
+def test_shipped_smollm2_plans_price_as_recorded(name):
+    """The README's measured SmolLM2 plans run as they were measured: a default that changed since
+    (QuantKV's 8-bit ranges at 1-2 bits, OffloadKV's 8-bit host store) is pinned in the file, so
+    every layer's spec still prices (float32) to the bytes recorded beside it."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plans",
+                        f"{name}.json")
+    plan = Plan.load(path)
+    args = preset("smollm2-135m")
+    T, new = plan.header["context"], plan.header["new_tokens"]
+    assert [spec_cost(args, o.spec, T, new, 4) for o in plan.layers] == \
+        [{"device": o.device_bytes, "host": o.host_bytes} for o in plan.layers]
+
+
 def test_profile_takes_the_whole_prompt_when_it_fits(monkeypatch):
     """The profile's cache is a FullKV: the whole prompt is profiled when that fits in half the free
     memory (a middle cut once dropped the pass key at 8k and the plan lost it), else the middle is
