@@ -21,6 +21,14 @@ On a GPU this is one small kernel per layer and step (one program per (batch, KV
 searches of the slots in `new`, a prefix sum to rank free slots and absent chunks, and two scatters
 through a scratch row) in place of some fifteen torch ops (sorts, searchsorted, argsorts, gathers,
 a scatter), each a launch inside the decode step's CUDA graph. The torch version is the reference.
+
+One program holds a head's whole row of k slots, BLOCK = next power of two >= k, spread over
+BLOCK / 512 warps (16 values per thread). Compiled for sm_90 (ptxas), that stays at 128-181
+registers and no spills up to BLOCK 8192 (16 warps); at 4 warps BLOCK 8192 spilled 5 KB and BLOCK
+16384 spilled 55 KB and took 194 s to compile (triton 3.9, 2 cores), and at 32 warps (the most a
+program has) BLOCK 16384 still spills. So past MAX_K slots (a 128k hybrid's offload layer with a
+budget of 10-20% of the prompt, chunk 1) the torch reference runs instead: its ops are all
+graph-safe (no host sync).
 """
 from __future__ import annotations
 
@@ -98,22 +106,28 @@ def _assign_kernel(slots_ptr, new_ptr, scratch_ptr, rows_ptr, want_ptr, K,
     tl.store(want_ptr + at, (want[:, None] & (r[None, :] < CHUNK)).to(tl.int8), mask=m)
 
 
+MAX_K = 8192  # the most slots per head the kernel takes (module docstring)
+
+
 def assign_slots_triton(slots: torch.Tensor, new: torch.Tensor, chunk: int, reuse: bool = True):
     """Same contract as assign_slots_ref (slots must be contiguous: updated in place)."""
     B, H, k = new.shape
+    if k > MAX_K:
+        raise ValueError(f"assign_slots_triton takes at most {MAX_K} slots per head, got {k}")
     if not slots.is_contiguous() or slots.dtype != torch.int64 or new.dtype != torch.int64:
         raise ValueError("assign_slots: slots and new must be int64, slots contiguous")
     new = new.contiguous()
     scratch = torch.empty_like(new)
     rows = torch.empty(B, H, k * chunk, dtype=torch.int64, device=new.device)
     wanted = torch.empty(B, H, k * chunk, dtype=torch.bool, device=new.device)
+    block = triton.next_power_of_2(k)
     if B * H and k:
         _assign_kernel[(B * H,)](slots, new, scratch, rows, wanted.view(torch.int8), k, CHUNK=chunk,
                                  CHUNK_P2=triton.next_power_of_2(chunk), REUSE=reuse, N_ITER=k.bit_length(),
-                                 BLOCK=triton.next_power_of_2(k))
+                                 BLOCK=block, num_warps=max(4, block // 512))
     return rows, wanted
 
 
 def assign_slots(slots: torch.Tensor, new: torch.Tensor, chunk: int, reuse: bool = True):
-    fn = assign_slots_triton if use_triton(new) else assign_slots_ref
+    fn = assign_slots_triton if use_triton(new) and new.shape[-1] <= MAX_K else assign_slots_ref
     return fn(slots, new, chunk, reuse)

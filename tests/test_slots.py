@@ -57,12 +57,36 @@ for slots, new in _slot_cases():
             if not (torch.equal(a, b) and torch.equal(ra, rb) and torch.equal(wa, wb)):
                 bad += 1
                 print("MISMATCH", slots.shape, chunk, reuse, a.tolist(), b.tolist())
+# a row of more than 2048 slots: BLOCK 4096 (8 warps on a GPU)
+g = torch.Generator().manual_seed(1)
+slots = torch.randperm(9000, generator=g)[:3000].view(1, 1, -1)
+new = torch.randperm(9000, generator=g)[:3000].sort().values.view(1, 1, -1)
+a, b = slots.clone(), slots.clone()
+n += 1
+if not all(torch.equal(x, y) for x, y in zip(assign_slots_ref(a, new, 1) + (a,), assign_slots_triton(b, new, 1) + (b,))):
+    bad += 1
+    print("MISMATCH at k = 3000")
 os.environ["LAYERKV_KERNELS"] = "triton"
 slots, new = torch.tensor([[[7, 2, 9, 4]]]), torch.tensor([[[2, 4, 5, 8]]])
 assign_slots(slots, new, 1)
 if slots.tolist() != [[[5, 2, 8, 4]]]:
     bad += 1
     print("FAIL dispatch", slots.tolist())
+# past MAX_K slots the reference runs (the kernel refuses: its registers would spill)
+from kernels.slots import MAX_K
+k = MAX_K + 1
+slots = torch.arange(k).view(1, 1, -1).flip(-1).contiguous()
+new = (torch.arange(k) + k // 2).view(1, 1, -1)
+a, b = slots.clone(), slots.clone()
+if not all(torch.equal(x, y) for x, y in zip(assign_slots_ref(a, new, 1) + (a,), assign_slots(b, new, 1) + (b,))):
+    bad += 1
+    print("FAIL dispatch past MAX_K")
+try:
+    assign_slots_triton(slots.clone(), new, 1)
+    bad += 1
+    print("FAIL: the kernel took", k, "slots")
+except ValueError:
+    pass
 print(n, "cases, cases failed:", bad)
 """
 

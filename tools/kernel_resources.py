@@ -79,6 +79,9 @@ def _specs() -> list[tuple]:
         for reuse in (False, True):
             out.append((_assign_kernel, dict(slots_ptr=I64, new_ptr=I64, scratch_ptr=I64, rows_ptr=I64, want_ptr="*i8"),
                         dict(CHUNK=chunk, CHUNK_P2=chunk, REUSE=reuse, N_ITER=11, BLOCK=2048 // chunk), {}))
+    # the largest row the slot kernel takes (kernels/slots.py MAX_K): 16 warps, no spills
+    out.append((_assign_kernel, dict(slots_ptr=I64, new_ptr=I64, scratch_ptr=I64, rows_ptr=I64, want_ptr="*i8"),
+                dict(CHUNK=1, CHUNK_P2=1, REUSE=True, N_ITER=14, BLOCK=8192), dict(num_warps=16)))
     return out
 
 
@@ -112,7 +115,7 @@ def resources(compiled) -> tuple[int, int]:
 
 
 def main() -> None:
-    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "CHUNK", "REUSE",
+    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "CHUNK", "REUSE", "BLOCK",
                 "BLOCK_T", "BLOCK_B")
     print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
     print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")
