@@ -22,6 +22,15 @@ import torch
 
 from engine.kv.base import KVPolicy
 from engine.model import Llama
+from kernels import use_triton
+
+
+def device_kernels(head_dim: int, device: torch.device) -> bool:
+    """Whether decode attention and OffloadKV's fetch run as Triton kernels here, which a graph
+    needs: their torch references read the live length or the wanted rows on the host (a sync,
+    which capture forbids). The kernels take a head_dim that is a power of two >= 16, and
+    LAYERKV_KERNELS=torch turns them off."""
+    return use_triton(torch.empty(0, device=device)) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 class Decoder:
@@ -33,7 +42,8 @@ class Decoder:
         device = model.head.device
         self.seqs = [policies] if policies and isinstance(policies[0], KVPolicy) else policies
         self.model = model
-        self.graphed = cuda_graphs and device.type == "cuda" and all(p.graphable for s in self.seqs for p in s)
+        self.graphed = (cuda_graphs and device.type == "cuda" and device_kernels(model.args.head_dim, device)
+                        and all(p.graphable for s in self.seqs for p in s))
         self.token = torch.zeros(len(self.seqs), dtype=torch.long, device=device)  # (B,)
         self.pos = torch.zeros(len(self.seqs), dtype=torch.long, device=device)  # (B,)
         self.steps = 0

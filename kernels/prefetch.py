@@ -10,7 +10,12 @@ random 256-byte rows in 87 us (47 GB/s) vs 264 us for gather-on-host + staged co
 The copy can run on a side CUDA stream (`fetch(..., overlap=True)`, or any work inside `side()`):
 it waits only for the work already queued (e.g. the query it selects with), and the compute stream
 waits on an event just before it reads the rows (`wait()`), so work issued early overlaps whatever
-compute is queued in between.
+compute is queued in between. The side stream comes from torch's high-priority pool: its kernels are
+few and small (scores, top-k, slot assignment, a capped copy) and a later layer waits on them, so
+when blocks of both streams wait for an SM, its go first. That also keeps it apart from the
+default-priority streams that CUDA-graph capture and warm-up use: torch hands out 32 streams per
+priority in turn, and with 32 offloaded layers one fetcher would otherwise share the capture
+stream, and its work would overlap nothing.
 On CPU the same call gathers synchronously with plain torch indexing: identical results.
 
 With `host="8bit"` the store holds 8-bit codes instead of the model's values: per (batch, KV head,
@@ -180,7 +185,7 @@ class RowFetcher:
         # What kernels read: the pinned store itself, seen from the GPU.
         self.src_k = cuda_view_of_pinned(self.host_k) if self.cuda else self.host_k
         self.src_v = cuda_view_of_pinned(self.host_v) if self.cuda else self.host_v
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None  # high priority
         self.ready: torch.cuda.Event | None = None  # set while an overlapped fetch is in flight
         self.row_bytes = 2 * D * k.element_size()  # one K row + one V row, as stored (what crosses the bus)
         self._rows_copied = torch.zeros((), dtype=torch.int64, device=self.device)  # no sync to count

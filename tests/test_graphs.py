@@ -58,6 +58,20 @@ print("cases failed:", bad)
 """
 
 
+def test_graphs_only_on_the_triton_kernels(monkeypatch):
+    """The graph path needs the Triton kernels (their torch references sync on the host): not for a
+    head_dim they do not take, nor with LAYERKV_KERNELS=torch. (CPU tensors stand in for CUDA ones
+    through LAYERKV_KERNELS=triton, as in the interpreted kernel tests.)"""
+    from engine.graphs import device_kernels
+    cpu = torch.device("cpu")
+    assert not device_kernels(128, cpu)  # auto: Triton only on CUDA tensors
+    monkeypatch.setenv("LAYERKV_KERNELS", "triton")
+    assert device_kernels(128, cpu) and device_kernels(64, cpu) and device_kernels(16, cpu)
+    assert not device_kernels(80, cpu) and not device_kernels(8, cpu)
+    monkeypatch.setenv("LAYERKV_KERNELS", "torch")
+    assert not device_kernels(128, cpu)
+
+
 def test_device_position_kernels_equal_the_cpu_path():
     """Every policy, decoded with the kernels a GPU runs (interpreted) == the torch path."""
     check_interpreted(DEVICE_FORM_CHECK)

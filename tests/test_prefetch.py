@@ -48,29 +48,32 @@ def test_cuda_fetch_equals_synchronous_copy(programs, host):
 
 @cuda
 def test_cuda_copy_overlaps_compute():
-    """Events on both streams: the side-stream fetch is still running after compute queued behind it
-    has started, i.e. copy and compute were in flight together."""
+    """Events on both streams: a side-stream fetch capped to 8 programs (OffloadKV's copy_programs)
+    is still running when the first matmul queued behind it on the compute stream has *finished*:
+    copy and compute ran at once. (The copy alone takes ~10 ms or more; one 8192^3 matmul ~2 ms.)"""
     from kernels.prefetch import RowFetcher
     M = 1 << 17
     k = torch.randn(1, 8, M, 128, device="cuda", dtype=torch.bfloat16)
-    f = RowFetcher(k, k, "cuda")
+    f = RowFetcher(k, k, "cuda", programs=8)
     del k
+    assert f.stream.priority < torch.cuda.current_stream().priority  # the side stream goes first
     tokens = torch.arange(M, device="cuda").expand(1, 8, M).contiguous()  # 512 MiB of K+V to fetch
     dst = torch.empty(1, 8, M, 128, device="cuda", dtype=torch.bfloat16)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     compute = torch.cuda.current_stream()
     for _ in range(2):  # the first round compiles the kernel
-        copy_start, copy_end, mm_start = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        copy_start.record(f.stream)  # the side stream is idle: recorded now, before the fetch
+        torch.cuda.synchronize()
+        copy_end, mm_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         f.fetch(tokens, torch.ones_like(tokens, dtype=torch.bool), tokens, dst, dst, 0, overlap=True)
         copy_end.record(f.stream)
-        mm_start.record(compute)
-        for _ in range(20):
+        a = (a @ a).clamp_(-1, 1)
+        mm_end.record(compute)
+        for _ in range(10):
             a = (a @ a).clamp_(-1, 1)
         f.wait()
         torch.cuda.synchronize()
-    assert copy_start.elapsed_time(copy_end) > 0
-    assert mm_start.elapsed_time(copy_end) > 0  # the copy ended after the matmuls had begun
+    assert mm_end.elapsed_time(copy_end) > 0  # the copy ended after the first matmul had ended
+    torch.testing.assert_close(dst[0, :, :4], f.host_k.view(1, 8, M, 128)[0, :, :4].cuda())
 
 
 GATHER_CHECK = r"""

@@ -39,7 +39,8 @@ When is the selection made? (`lookahead`), which decides whether it can overlap 
            computes;
   "step"   the previous step's selection: attention uses the rows chosen by the last query, and
            the rows for the next step are fetched right after attending, hidden behind the rest
-           of this step and the next step's earlier layers.
+           of this step (every fetch is joined when the step ends, as a CUDA graph requires: the
+           last layer's has nothing left to hide behind).
 With "layer" and "step" on CUDA the whole selection (scores, top-k, slot assignment, copy) runs
 on a side stream (kernels.prefetch), the copy optionally on only `copy_programs` SMs so that the
 compute it hides behind keeps the rest; on CPU everything runs in order, with the same results.
