@@ -27,6 +27,7 @@ from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, fit_prompt, stream_batch
 from engine.sampling import SamplingParams
+from kernels.prefetch import pinned_bytes
 
 
 class LLM:
@@ -113,7 +114,8 @@ class LLM:
         elem = self.model.head.element_size()
         costs = [spec_cost(self.args, s, prompt, new, elem) for specs, prompt, new in runs for s in specs]
         host = sum(c["host"] for c in costs)
-        return {"device": sum(c["device"] for c in costs) + (host if self.device.type == "cpu" else 0), "host": host}
+        return {"device": sum(c["device"] for c in costs) + (host if self.device.type == "cpu" else 0), "host": host,
+                "pinned": sum(pinned_bytes(c["host"]) for c in costs)}
 
     def kv_footprint(self, specs: list[dict], prompt: int, new: int) -> int:
         """Bytes one sequence's cache takes from the memory it must fit in (_kv_tiers' device)."""
@@ -132,7 +134,7 @@ class LLM:
                              f"{fmt_bytes(free)} is free (a smaller --ctx or budget, fewer prompts, or another "
                              f"policy would fit)")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
-            on_host = need["host"]
+            on_host = need["pinned"]
             free_host = free_memory(torch.device("cpu"))
             if on_host > free_host:
                 raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "
