@@ -5,7 +5,7 @@
 # step printed comes back even when the whole command is cut short.
 #
 #   bash tools/gpu_check.sh tests capped full    # the first run: 8 minutes at most
-#   bash tools/gpu_check.sh kernels offload      # the second: 3.5 minutes at most (no argument: all five)
+#   bash tools/gpu_check.sh kernels offload      # the second: 4 minutes at most (no argument: all five)
 #   bash tools/gpu_check.sh overlap              # if device time is left: 90 s
 #   bash tools/gpu_check.sh capped20             # if device time is left: 200 s
 #
@@ -18,11 +18,11 @@
 #                peak GPU memory: does it fit a 24 GB card)
 #   capped20 200  the same cap at 20%: OffloadKV, BudgetedEvictKV and the hybrid (not in the default list)
 #   full     60  FullKV uncapped at 128k: the ms/token baseline (it cannot fit 24 GiB)
-#   kernels  60  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels
+#   kernels  50  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels
 #                against the torch code they replace, per call in a CUDA graph; one layer's
 #                zero-copy gather beside one layer's weight GEMVs, the copy on 4-32 programs or all
-#   offload 150  tools/offload_gpu.py at 128k: chunk sizes 1 and 16, host store bfloat16 or 8-bit,
-#                copy/selection kernel times
+#   offload 185  tools/offload_gpu.py at 128k: chunk sizes 1 and 16, host store bfloat16 or 8-bit,
+#                copy/selection kernel times (9 rows, each its own 128k prefill: ~15-17 s a row)
 #   overlap  90  tools/offload_gpu.py at 32k, chunk 16, lookahead layer and step, the overlapped copy
 #                on all SMs, 8 or 32 programs, and with the side stream off (not in the default list)
 #   throughput 200  bench.py --throughput at 32k under 24 GiB (not in the default list)
@@ -39,7 +39,7 @@ step() {  # step NAME LIMIT COMMAND...: run it under `timeout`, its output appen
     shift 2
     echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
     start=$(date +%s)
-    timeout "$limit" "$@" >>"$LOG" 2>&1
+    timeout -k 15 "$limit" "$@" >>"$LOG" 2>&1
     rc=$?
     echo "== $name: exit $rc after $(($(date +%s) - start)) s$([ $rc = 124 ] && echo ' (timed out)')" | tee -a "$LOG"
 }
@@ -56,8 +56,8 @@ run() {
         --policies offload,evict,hybrid --peers none --no-quality --steps 16 --json "$OUT/capped_128k_20.json" ;;
     full) step full 60 "$PY" bench.py "${MODEL[@]}" --ctx 128k --policies full --peers none --no-quality \
         --steps 16 --json "$OUT/full_128k.json" ;;
-    kernels) step kernels 60 "$PY" tools/kernel_timing.py ;;
-    offload) step offload 150 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 --host model,8bit ;;
+    kernels) step kernels 50 "$PY" tools/kernel_timing.py ;;
+    offload) step offload 185 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 --host model,8bit ;;
     overlap) step overlap 90 "$PY" tools/offload_gpu.py --ctx 32k --budget 2048 --chunks 16 --lookahead layer,step \
         --copy-programs 0,8,32 --overlap-off ;;
     throughput) step throughput 200 "$PY" bench.py "${MODEL[@]}" --throughput --ctx 32k --gpu-memory 24GiB \

@@ -91,9 +91,10 @@ def run_matrix(m, cfg: cells.BenchConfig, peers: list[str], results: dict, save,
 def warm_up(m, cfg: cells.BenchConfig, peers: list[str], hf, log, n: int = 256) -> None:
     """Run every policy and peer once on a short prompt, unreported: the first call of each pays
     for Triton compilation, cuBLAS heuristics and allocator growth, which would otherwise land in
-    whichever cell happens to come first (seconds on a GPU)."""
+    whichever cell happens to come first (seconds on a GPU). At half the prompt or more: a hybrid
+    plan for n tokens cannot go below every layer's floor (a 10% plan of 256 tokens was refused)."""
     device = m.model.head.device
-    short = replace(cfg, steps=2, warmup=0)
+    short = replace(cfg, steps=2, warmup=0, fractions=[max(f, 0.5) for f in cfg.fractions])
     ids = cells.text_ids(m, n + 8)
     c = Context(m, short, n, ids[:n], ids[n:], hf, lambda _: None)
     t = time.perf_counter()
@@ -101,7 +102,7 @@ def warm_up(m, cfg: cells.BenchConfig, peers: list[str], hf, log, n: int = 256) 
         cells.guarded(_cell("layerkv", name, c), device, partial(_ours_latency, c, name, {}, {}), c.log)
     for peer in peers:
         cells.guarded(_cell(peer, peer, c), device,
-                      partial(peer_mod.latency_cell, hf, peer, c.ids, cfg.fractions[0], short), c.log)
+                      partial(peer_mod.latency_cell, hf, peer, c.ids, short.fractions[0], short), c.log)
     log(f"warm-up: every policy and peer once on {n} tokens in {time.perf_counter() - t:.1f} s (not reported)")
 
 

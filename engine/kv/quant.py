@@ -100,6 +100,7 @@ HEAVY_WINDOW = 32  # prompt queries whose attention picks the heavy hitters
 
 class QuantKV(KVPolicy):
     name = "quant"
+    prefill_block = 16384  # prompt tokens rotated and packed at a time (prefill)
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
                  residual: int = 128, rotate: str = "auto", sink: int = 1, clip: str = "auto",
@@ -185,17 +186,24 @@ class QuantKV(KVPolicy):
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
         R, G = self.residual, self.group
+        if T > self.capacity:
+            raise RuntimeError(f"QuantKV layer {self.layer}: {T} tokens exceed capacity {self.capacity}")
         held = self._pick_held(k, q_window)  # before rotating: q_window is not rotated
         if self.rotate != "none":
             self.rot = hadamard(D).to(self.device, self.dtype)
-        k, v = self._rotate(k, v)
-        if T > self.capacity:
-            raise RuntimeError(f"QuantKV layer {self.layer}: {T} tokens exceed capacity {self.capacity}")
+        # The prompt is rotated and packed a block of `step` tokens at a time (whole key blocks of R):
+        # at 128k a rotated copy of the layer's K and V, and the copies packing makes of it, would be
+        # ~1 GiB beside the K/V the model hands us. Rotation, keys' groups and values' rows are all
+        # independent across blocks, so the result is the same.
+        step = max(R, self.prefill_block // R * R)
+        blocks = lambda n: ((a, min(step, n - a)) for a in range(0, n, step))  # noqa: E731
         max_kq, max_vq, window = self._rows(self.capacity, R)
         packed, opts = D * self.bits // 8, dict(device=self.device)
         ranges = torch.uint8 if self.scales == "fp8" else self.dtype
         if self.scales == "fp8":  # fixed here: tokens decoded later are encoded against the same S
-            self.k_sup, self.v_sup = superscale(k), superscale(v)
+            sups = [tuple(map(superscale, self._rotate(k[:, :, a:a + n], v[:, :, a:a + n]))) for a, n in blocks(T)]
+            self.k_sup = torch.stack([s_k for s_k, _ in sups]).amax(0)  # the max over blocks is the max
+            self.v_sup = torch.stack([s_v for _, s_v in sups]).amax(0)
         self.k_codes = torch.zeros(B, H_kv, max_kq, packed, dtype=torch.uint8, **opts)
         self.k_scale = torch.zeros(B, H_kv, max_kq // G, D, dtype=ranges, **opts)
         self.k_mn = torch.zeros_like(self.k_scale)
@@ -207,18 +215,23 @@ class QuantKV(KVPolicy):
 
         if held.shape[2]:
             rows = held[..., None].expand(-1, -1, -1, D)
-            self.k_held, self.v_held = k.gather(2, rows), v.gather(2, rows)  # (B, H_kv, S, D), rotated
+            self.k_held, self.v_held = self._rotate(k.gather(2, rows), v.gather(2, rows))  # (B, H_kv, S, D)
             mask = torch.zeros(B, H_kv, self.capacity, dtype=torch.bool, device=self.device)
             self.held_mask = pack_mask(mask.scatter_(2, held, True))
         n_kq = (T - 1) // R * R  # keep 1..R keys in full precision
-        if n_kq:
-            self._pack_keys(k[:, :, :n_kq])
-        self.k_res[:, :, :T - n_kq] = k[:, :, n_kq:]
         n_vq = max(0, T - R)  # keep the last R values in full precision
-        if n_vq:
-            codes, scale, mn = self._quantize(v[:, :, :n_vq], per_channel=False)
-            self.v_codes[:, :, :n_vq], self.v_scale[:, :, :n_vq], self.v_mn[:, :, :n_vq] = codes, scale, mn
-        self.v_res[:, :, torch.arange(n_vq, T, device=self.device) % R] = v[:, :, n_vq:]
+        for a, n in blocks(max(n_kq, n_vq)):
+            kb, vb = self._rotate(k[:, :, a:a + n], v[:, :, a:a + n])  # (B, H_kv, n, D) each
+            if a < n_kq:
+                self._pack_keys(kb[:, :, :min(n, n_kq - a)])  # appends: n_kq is a multiple of R, as step
+            if a < n_vq:
+                nv = min(n, n_vq - a)
+                codes, scale, mn = self._quantize(vb[:, :, :nv], per_channel=False)
+                self.v_codes[:, :, a:a + nv], self.v_scale[:, :, a:a + nv] = codes, scale
+                self.v_mn[:, :, a:a + nv] = mn
+        k_tail, v_tail = self._rotate(k[:, :, n_kq:], v[:, :, n_vq:])
+        self.k_res[:, :, :T - n_kq] = k_tail
+        self.v_res[:, :, torch.arange(n_vq, T, device=self.device) % R] = v_tail
         self.length = T
 
     def _rotate(self, k: torch.Tensor, v: torch.Tensor, back: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
