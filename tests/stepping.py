@@ -20,5 +20,7 @@ def decode_logits(model, tokens, spec, prompt_len, cuda_graphs=False, chunk=2048
     policies = build_policies(model.args, spec, tokens.shape[1], device, model.head.dtype)
     out = [model.prefill(tokens[:, :prompt_len].to(device), policies, chunk=chunk)]
     decoder = Decoder(model, policies, cuda_graphs)
+    # a test asking for graphs on CUDA must get them, not a silent eager fallback
+    assert decoder.graphed == (cuda_graphs and device.type == "cuda")
     out += [decoder.step(tokens[:, p].to(device), p).clone() for p in range(prompt_len, tokens.shape[1])]
     return torch.stack(out).cpu(), policies
