@@ -31,19 +31,21 @@ def test_residual_covering_context_equals_fullkv(bits, rotate, sink, heavy):
         assert (full - quant).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("bits, rotate, heavy, T", [(4, "kv", 0.05, 300), (2, "kv", 0.05, 300), (1, "v", 0, 257),
-                                                    (2, "none", 0, 129)])
-def test_prefill_in_blocks_stores_the_same(monkeypatch, bits, rotate, heavy, T):
+@pytest.mark.parametrize("bits, rotate, heavy, T, group, block", [
+    (4, "kv", 0.05, 300, 16, 32), (2, "kv", 0.05, 300, 16, 32), (1, "v", 0, 257, 16, 32), (2, "none", 0, 129, 16, 32),
+    (2, "kv", 0.05, 300, 4, 12)])
+def test_prefill_in_blocks_stores_the_same(monkeypatch, bits, rotate, heavy, T, group, block):
     """Prefill rotates and packs the prompt `prefill_block` tokens at a time (so no rotated copy of a
-    128k layer exists): blocks of one key block (32 tokens) store exactly what one block does."""
+    128k layer exists): blocks of one key block store exactly what one block does. (Blocks of 12
+    tokens start mid-byte of the held-token mask: its unpacking from there is checked too.)"""
     g = torch.Generator().manual_seed(T)
     k, v = torch.randn(1, 2, T, 32, generator=g) * 3, torch.randn(1, 2, T, 32, generator=g)
     q_window = torch.randn(1, 4, 32, 32, generator=g)
     stores = []
-    for block in (1 << 20, 32):
-        monkeypatch.setattr(QuantKV, "prefill_block", block)
-        p = QuantKV(ARGS, 0, T + 8, "cpu", torch.float32, bits=bits, group=16, residual=32, rotate=rotate,
-                    sink=1, heavy=heavy)
+    for size in (1 << 20, block):
+        monkeypatch.setattr(QuantKV, "prefill_block", size)
+        p = QuantKV(ARGS, 0, T + 8, "cpu", torch.float32, bits=bits, group=group, residual=max(group, block),
+                    rotate=rotate, sink=1, heavy=heavy)
         p.prefill(k, v, q_window)
         stores.append({n: t for n, t in vars(p).items() if isinstance(t, torch.Tensor)})
     assert stores[0].keys() == stores[1].keys() and "k_codes" in stores[0]

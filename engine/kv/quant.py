@@ -262,7 +262,8 @@ class QuantKV(KVPolicy):
         G = self.group
         if self.held_mask is not None:  # held keys are never read from the store: give each the mean
             # of its group's other keys, inside their range, so an outlier widens no group's min/max
-            held = unpack_mask(self.held_mask, self.n_kq + n)[:, :, self.n_kq:, None]  # (B, H_kv, n, 1)
+            a = self.n_kq // 8 * 8  # unpack (B, H_kv, n, 1) from the byte holding token n_kq, not token 0
+            held = unpack_mask(self.held_mask[..., a // 8:], self.n_kq + n - a)[:, :, self.n_kq - a:, None]
             kg, hg = k.reshape(B, H_kv, n // G, G, D), held.reshape(B, H_kv, n // G, G, 1)
             mean = kg.masked_fill(hg, 0).sum(3, keepdim=True) / (~hg).sum(3, keepdim=True).clamp(min=1)
             k = torch.where(hg, mean.to(k.dtype), kg).reshape(B, H_kv, n, D)
