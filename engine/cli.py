@@ -102,6 +102,7 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
     cap = parse_bytes(text)
     if device.type != "cuda":
         raise ValueError(f"--gpu-memory caps a CUDA GPU's memory; this run is on {device}")
+    device = indexed(device)
     total = torch.cuda.get_device_properties(device).total_memory
     if cap > total:
         raise ValueError(f"--gpu-memory {text}: more than the GPU's {fmt_bytes(total)}")
@@ -109,11 +110,20 @@ def cap_gpu_memory(text: str | None, device: torch.device) -> int | None:
     return cap
 
 
+def indexed(device: torch.device) -> torch.device:
+    """'cuda' -> 'cuda:N' (the current device): torch's per-process memory fraction calls refuse a
+    CUDA device without an index (ValueError: Expected a torch.device with a specified index)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes that can still be allocated on `device`: CUDA's free memory (under --gpu-memory's cap
     where torch can report the cap), or on the CPU what Linux
     says can be allocated without swapping (MemAvailable; 8 GiB if it cannot be read)."""
     if device.type == "cuda":
+        device = indexed(device)
         free = torch.cuda.mem_get_info(device)[0]
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # --gpu-memory's cap, if any
         if fraction is not None:
@@ -144,6 +154,7 @@ def resolve_device(name: str, dtype_name: str) -> tuple[torch.device, torch.dtyp
         raise ValueError("--device cuda asked for, but no CUDA GPU is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    device = indexed(device)
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     if device.type == "cpu" and dtype_name == "float16":

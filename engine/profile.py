@@ -79,15 +79,17 @@ def _causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     -> probabilities (B, H_kv, n_rep, n, T) float32, causal."""
     B, H, n, D = q.shape
     H_kv, T = k.shape[1], k.shape[2]
-    qg = q.reshape(B, H_kv, H // H_kv, n, D).float()
-    logits = torch.matmul(qg, k.float()[:, :, None].transpose(-1, -2)) / math.sqrt(D)
+    # the group's query heads as rows of one matmul: broadcasting k over them would copy it n_rep times
+    qg = q.reshape(B, H_kv, H // H_kv * n, D).float()
+    logits = (torch.matmul(qg, k.float().transpose(-1, -2)) / math.sqrt(D)).view(B, H_kv, H // H_kv, n, T)
     future = torch.arange(T, device=k.device)[None, :] > torch.arange(T - n, T, device=k.device)[:, None]
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
 def _attend(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """probs (B, H_kv, n_rep, n, T), v (B, H_kv, T, D) -> (B, H_kv, n_rep, n, D)."""
-    return torch.matmul(probs, v.float()[:, :, None])
+    B, H_kv, n_rep, n, T = probs.shape
+    return torch.matmul(probs.reshape(B, H_kv, n_rep * n, T), v.float()).view(B, H_kv, n_rep, n, -1)
 
 
 def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -213,7 +215,9 @@ class ProfileKV(FullKV):
 
     def prefill(self, k, v, q_window=None):
         super().prefill(k, v)
-        self.prompt_len, self.q_prompt = k.shape[2], q_window
+        # a copy: q_window may view the last prefill chunk's queries, which it would keep alive (16 MiB
+        # a layer for Llama-3.1-8B at 2048-token chunks)
+        self.prompt_len, self.q_prompt = k.shape[2], None if q_window is None else q_window.clone()
 
     def attend(self, q, k_new, v_new, pos):
         self.q_dec.append(q)

@@ -46,6 +46,8 @@ def test_quick_json_has_every_field(reuse_models, capsys, monkeypatch, tmp_path)
     full = cells[("layerkv", "full")]
     assert full["quality"]["kl"] == 0 and full["quality"]["top1"] == 1 and full["kv_ratio"] == 1
     assert cells[("layerkv", "evict")]["kv_ratio"] < 0.5  # 30% of the prompt + the decoded tokens
+    hybrid = cells[("layerkv", "hybrid")]  # its profiling pass's peak apart from its run's
+    assert hybrid["plan_s"] > 0 and hybrid["plan_peak_memory_bytes"] > 0
     # transformers on the same weights with its full cache agrees with our FullKV
     assert cells[("transformers", "hf-dynamic")]["quality"]["kl"] < 1e-4
 

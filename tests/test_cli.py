@@ -153,6 +153,37 @@ def test_gpu_memory_cap_is_applied(gen):
     assert_clean_error(gen("--model", "random:tiny", "--prompt", "hi", "--gpu-memory", "100000GiB"), "more than the GPU")
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA only")
+def test_gpu_memory_cap_runs_on_cuda(gen):
+    """--device cuda (no index) with a cap: the cap is set and generation runs."""
+    ran = gen("--model", "random:tiny", "--prompt", "hi", "--device", "cuda", "--gpu-memory", "4GiB",
+              "--max-new-tokens", "4")
+    assert ran.returncode == 0, ran.stderr
+
+
+def test_cuda_without_an_index_gets_one(monkeypatch):
+    """torch's per-process memory-fraction calls refuse torch.device("cuda") (no index): resolve_device
+    gives 'cuda' the current device's index, and the cap and free-memory helpers index what they
+    get. CPU-only: torch.cuda is faked, its fraction calls index the device as torch does."""
+    import torch
+    from torch.cuda._utils import _get_device_index
+    from engine import cli
+    seen = []
+    for name, fake in [("is_available", lambda: True), ("device_count", lambda: 1), ("current_device", lambda: 0),
+                       ("get_device_properties", lambda d: type("P", (), {"total_memory": 80 << 30})),
+                       ("set_per_process_memory_fraction", lambda f, d: seen.append(_get_device_index(d))),
+                       ("get_per_process_memory_fraction", lambda d: seen.append(_get_device_index(d)) or 0.3),
+                       ("mem_get_info", lambda d: (70 << 30, 80 << 30)), ("memory_reserved", lambda d: 1 << 30)]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    with pytest.raises(ValueError, match="specified index"):  # what torch does with a bare "cuda"
+        _get_device_index(torch.device("cuda"))
+    device, _ = cli.resolve_device("cuda", "auto")
+    assert device == torch.device("cuda", 0)
+    assert cli.cap_gpu_memory("24GiB", torch.device("cuda")) == 24 << 30
+    assert cli.free_memory(torch.device("cuda")) == int(0.3 * (80 << 30)) - (1 << 30)
+    assert seen == [0, 0]
+
+
 def test_bad_policy_parameters_are_one_line_errors(gen):
     assert_clean_error(gen("--model", "random:tiny", "--policy", "quant", "--kv-bits", "3", "--prompt", "hi"), "bits")
     assert_clean_error(gen("--model", "random:tiny", "--policy", "offload", "--budget", "10", "--prompt", "hi"),

@@ -36,6 +36,11 @@ def _ours_latency(c: Context, name: str, specs: dict, cell: dict) -> dict:
     specs[name] = cells.policy_specs(name, c.m, c.ids, c.cfg.fractions[0], max(c.cfg.new_tokens, len(c.cont)))
     if name == "hybrid":
         cell["plan_s"] = time.perf_counter() - t  # the profiling pass + planning, before the run
+        # The profile holds a FullKV of its (cut) prompt: its peak is not the plan's. Kept apart, and
+        # the cell's peak restarts for the run itself (what must fit the card).
+        device = c.m.model.head.device
+        cell["plan_peak_memory_bytes"] = cells.peak_memory(device)[0]
+        cells.release(device)
     return cells.latency_cell(c.m, c.ids, specs[name], c.cfg)
 
 
