@@ -156,9 +156,14 @@ def test_gpu_memory_cap_is_applied(gen):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA only")
 def test_gpu_memory_cap_runs_on_cuda(gen):
     """--device cuda (no index) with a cap: the cap is set and generation runs."""
-    ran = gen("--model", "random:tiny", "--prompt", "hi", "--device", "cuda", "--gpu-memory", "4GiB",
-              "--max-new-tokens", "4")
-    assert ran.returncode == 0, ran.stderr
+    import torch
+    try:
+        ran = gen("--model", "random:tiny", "--prompt", "hi", "--device", "cuda", "--gpu-memory", "4GiB",
+                  "--max-new-tokens", "4")
+        assert ran.returncode == 0, ran.stderr
+        assert torch.cuda.get_per_process_memory_fraction(0) < 1
+    finally:  # the cap holds for the whole process: lift it for the tests after this one
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
 
 
 def test_cuda_without_an_index_gets_one(monkeypatch):
