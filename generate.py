@@ -261,7 +261,9 @@ def run(a: argparse.Namespace) -> int:
         f"({out.prompt_tokens / max(out.prefill_s, 1e-9):.0f} tok/s) | decode {out.decode_ms_per_token:.1f} ms/token "
         f"({len(out.token_ids)} tokens, {out.stop_reason}{', CUDA graph' if out.cuda_graphs else ''}) | "
         f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})"
-        + (f" | peak GPU {fmt_bytes(peak_memory_bytes(llm.device))}" if llm.device.type == "cuda" else ""))
+        + (f" | peak GPU {fmt_bytes(peak_memory_bytes(llm.device))} allocated, "
+           f"{fmt_bytes(torch.cuda.max_memory_reserved(llm.device))} reserved (the whole run, profiling included)"
+           if llm.device.type == "cuda" else ""))
     if haystack is not None:
         log(f"pass key {haystack.key}: {'retrieved' if haystack.found(out.text) else 'NOT retrieved'}")
     if a.stats_json:
@@ -272,6 +274,7 @@ def run(a: argparse.Namespace) -> int:
             "prefill_s": out.prefill_s, "decode_ms_per_token": out.decode_ms_per_token,
             "decode_steps": out.decode_steps, "cuda_graphs": out.cuda_graphs,
             "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak_memory_bytes(llm.device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(llm.device) if llm.device.type == "cuda" else None,
             "layers": out.layers,
             "passkey": None if haystack is None else {
                 "key": haystack.key, "depth": haystack.depth, "retrieved": haystack.found(out.text)},

@@ -42,6 +42,8 @@ class LLM:
         if dtype_name not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {dtype_name!r}: float32, bfloat16 or float16")
         self.device, self.dtype = resolve_device(str(device) if device is not None else "auto", dtype_name)
+        if self.device.type == "cuda":  # streams, graphs and Triton launches use the current device
+            torch.cuda.set_device(self.device)
         t = time.perf_counter()
         loaded = load_model(model, self.device, self.dtype, log=self.log)
         self.name, self.args, self.model, self.tokenizer = loaded.name, loaded.args, loaded.model, loaded.tokenizer

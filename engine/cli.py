@@ -42,6 +42,11 @@ def cli(parser: argparse.ArgumentParser, run_fn, argv: list[str] | None) -> int:
     except torch.cuda.OutOfMemoryError as e:  # what the up-front checks could not foresee (activations)
         print(f"{parser.prog}: error: out of GPU memory: {str(e).splitlines()[0][:200]}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # CUDA's plain "out of memory": pinning host memory, a graph capture that ran out
+        if "out of memory" not in str(e):
+            raise
+        print(f"{parser.prog}: error: out of memory: {str(e).strip().splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -121,14 +126,17 @@ def indexed(device: torch.device) -> torch.device:
 def free_memory(device: torch.device) -> int:
     """Bytes that can still be allocated on `device`: CUDA's free memory (under --gpu-memory's cap
     where torch can report the cap), or on the CPU what Linux
-    says can be allocated without swapping (MemAvailable; 8 GiB if it cannot be read)."""
+    says can be allocated without swapping (MemAvailable; 8 GiB if it cannot be read).
+    On CUDA the blocks torch's allocator holds unused count as free: it reuses them, and frees them
+    before it gives up (after a hybrid's profiling pass they are GiBs that CUDA calls taken)."""
     if device.type == "cuda":
         device = indexed(device)
-        free = torch.cuda.mem_get_info(device)[0]
+        allocated = torch.cuda.memory_allocated(device)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - allocated
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # --gpu-memory's cap, if any
         if fraction is not None:
             total = torch.cuda.get_device_properties(device).total_memory
-            free = min(free, int(fraction(device) * total) - torch.cuda.memory_reserved(device))
+            free = min(free, int(fraction(device) * total) - allocated)
         return max(free, 0)
     try:
         with open("/proc/meminfo") as f:

@@ -41,7 +41,7 @@ from kernels import use_triton
 HOST = ("model", "8bit")  # what the host store holds: the model's values, or 8-bit codes
 
 
-def cuda_view_of_pinned(host: torch.Tensor) -> torch.Tensor:
+def cuda_view_of_pinned(host: torch.Tensor, device: torch.device | str = "cuda") -> torch.Tensor:
     """A CUDA tensor aliasing pinned host memory (no copy): kernels that read it pull the bytes
     over PCIe. Built through __cuda_array_interface__, which carries a raw pointer; under UVA a
     pinned allocation's host address is also its device address. The interface has no bfloat16
@@ -53,7 +53,7 @@ def cuda_view_of_pinned(host: torch.Tensor) -> torch.Tensor:
         __cuda_array_interface__ = {"shape": tuple(raw.shape), "typestr": "|u1" if size == 1 else f"<i{size}",
                                     "data": (raw.data_ptr(), False), "version": 3, "strides": None}
 
-    return torch.as_tensor(_Pointer(), device="cuda").view(host.dtype)
+    return torch.as_tensor(_Pointer(), device=device).view(host.dtype)
 
 
 def quantize_channels(x: torch.Tensor, block: int = 16384) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,8 +190,8 @@ class RowFetcher:
         self.host_k = self._to_host(k.reshape(B * H_kv * M, D))
         self.host_v = self._to_host(v.reshape(B * H_kv * M, D))
         # What kernels read: the pinned store itself, seen from the GPU.
-        self.src_k = cuda_view_of_pinned(self.host_k) if self.cuda else self.host_k
-        self.src_v = cuda_view_of_pinned(self.host_v) if self.cuda else self.host_v
+        self.src_k = cuda_view_of_pinned(self.host_k, self.device) if self.cuda else self.host_k
+        self.src_v = cuda_view_of_pinned(self.host_v, self.device) if self.cuda else self.host_v
         self.stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None  # high priority
         self.ready: torch.cuda.Event | None = None  # set while an overlapped fetch is in flight
         self.row_bytes = 2 * D * k.element_size()  # one K row + one V row, as stored (what crosses the bus)

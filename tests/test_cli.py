@@ -178,15 +178,39 @@ def test_cuda_without_an_index_gets_one(monkeypatch):
                        ("get_device_properties", lambda d: type("P", (), {"total_memory": 80 << 30})),
                        ("set_per_process_memory_fraction", lambda f, d: seen.append(_get_device_index(d))),
                        ("get_per_process_memory_fraction", lambda d: seen.append(_get_device_index(d)) or 0.3),
-                       ("mem_get_info", lambda d: (70 << 30, 80 << 30)), ("memory_reserved", lambda d: 1 << 30)]:
+                       ("mem_get_info", lambda d: (70 << 30, 80 << 30)), ("memory_reserved", lambda d: 1 << 30),
+                       ("memory_allocated", lambda d: 1 << 29)]:
         monkeypatch.setattr(torch.cuda, name, fake)
     with pytest.raises(ValueError, match="specified index"):  # what torch does with a bare "cuda"
         _get_device_index(torch.device("cuda"))
     device, _ = cli.resolve_device("cuda", "auto")
     assert device == torch.device("cuda", 0)
     assert cli.cap_gpu_memory("24GiB", torch.device("cuda")) == 24 << 30
-    assert cli.free_memory(torch.device("cuda")) == int(0.3 * (80 << 30)) - (1 << 30)
+    assert cli.free_memory(torch.device("cuda")) == int(0.3 * (80 << 30)) - (1 << 29)  # the cap less what is used
     assert seen == [0, 0]
+    # no cap; torch holds 10 GiB, 2 GiB of it in use (a profiling pass's cache freed): 8 GiB are free
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 10 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 << 30)
+    assert cli.free_memory(torch.device("cuda")) == 9 << 30
+
+
+def test_cuda_runtime_out_of_memory_is_one_line(capsys):
+    """CUDA's plain RuntimeError "out of memory" (pinning host memory fails, or a graph capture runs
+    out) is one line and exit 1, like torch's OutOfMemoryError; other RuntimeErrors still raise."""
+    import argparse
+    from engine.cli import cli
+
+    def fail(message):
+        def run(_):
+            raise RuntimeError(message)
+        return run
+    parser = argparse.ArgumentParser(prog="x.py")
+    assert cli(parser, fail("CUDA error: out of memory\nCUDA kernel errors might be ..."), []) == 1
+    assert capsys.readouterr().err == "x.py: error: out of memory: CUDA error: out of memory\n"
+    with pytest.raises(RuntimeError, match="something else"):
+        cli(parser, fail("something else"), [])
 
 
 def test_bad_policy_parameters_are_one_line_errors(gen):

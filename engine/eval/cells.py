@@ -167,6 +167,8 @@ def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
         kinds[p.name] = kinds.get(p.name, 0) + 1
     out["layers"] = kinds  # e.g. {"evict": 12, "offload": 10, "full": 8} for a hybrid plan
     out["cuda_graphs"] = bool(getattr(res, "cuda_graphs", False))  # decode replayed from a CUDA graph
+    if m.model.head.device.type == "cuda":  # what --gpu-memory's cap limits: the allocator's reserved bytes
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(m.model.head.device)
     return out
 
 
