@@ -4,14 +4,14 @@
 # not stop the next. Everything goes to $OUT/gpu_check.log (plus the bench JSON files), so what a
 # step printed comes back even when the whole command is cut short.
 #
-#   bash tools/gpu_check.sh tests capped full    # the first run: 8 minutes at most
-#   bash tools/gpu_check.sh kernels offload      # the second: 4 minutes at most (no argument: all five)
+#   bash tools/gpu_check.sh tests capped full    # the first run: 8.2 minutes at most (timeout_s 540)
+#   bash tools/gpu_check.sh kernels offload      # the second, at once: 4 minutes at most (timeout_s 250)
 #   bash tools/gpu_check.sh overlap              # if device time is left: 90 s
 #   bash tools/gpu_check.sh capped20             # if device time is left: 200 s
 #
 # Steps (limits in seconds, first-launch kernel compiles included; random:llama-3.1-8b in
 # bfloat16, 128k-token prompts):
-#   tests   150  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
+#   tests   160  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
 #                the CPU path for every policy, the zero-copy fetch, chunked prefill, the memory cap
 #   capped  270  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
@@ -46,7 +46,7 @@ step() {  # step NAME LIMIT COMMAND...: run it under `timeout`, its output appen
 
 run() {
     case $1 in
-    tests) step tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
+    tests) step tests 160 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
         tests/test_quant_attn.py tests/test_graphs.py tests/test_offloadkv.py tests/test_prefetch.py \
         tests/test_prefill_chunks.py tests/test_cli.py -k "cuda or compiled or gpu" ;;
     capped) step capped 270 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
