@@ -257,13 +257,14 @@ def run(a: argparse.Namespace) -> int:
     print(flush=True)
     out = stream.output
     kv, full = out.kv_bytes, out.full_kv_bytes
+    peak = peak_memory_bytes(llm.device)
+    reserved = torch.cuda.max_memory_reserved(llm.device) if llm.device.type == "cuda" else None
     log(f"prompt {out.prompt_tokens} tokens | prefill {out.prefill_s:.2f} s "
         f"({out.prompt_tokens / max(out.prefill_s, 1e-9):.0f} tok/s) | decode {out.decode_ms_per_token:.1f} ms/token "
         f"({len(out.token_ids)} tokens, {out.stop_reason}{', CUDA graph' if out.cuda_graphs else ''}) | "
         f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})"
-        + (f" | peak GPU {fmt_bytes(peak_memory_bytes(llm.device))} allocated, "
-           f"{fmt_bytes(torch.cuda.max_memory_reserved(llm.device))} reserved (the whole run, profiling included)"
-           if llm.device.type == "cuda" else ""))
+        + (f" | peak GPU {fmt_bytes(peak)} allocated, {fmt_bytes(reserved)} reserved (the whole run, profiling "
+           f"included)" if reserved is not None else ""))
     if haystack is not None:
         log(f"pass key {haystack.key}: {'retrieved' if haystack.found(out.text) else 'NOT retrieved'}")
     if a.stats_json:
@@ -273,8 +274,7 @@ def run(a: argparse.Namespace) -> int:
             "generated_ids": out.token_ids, "text": out.text, "stop_reason": out.stop_reason,
             "prefill_s": out.prefill_s, "decode_ms_per_token": out.decode_ms_per_token,
             "decode_steps": out.decode_steps, "cuda_graphs": out.cuda_graphs,
-            "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak_memory_bytes(llm.device),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(llm.device) if llm.device.type == "cuda" else None,
+            "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak, "peak_reserved_bytes": reserved,
             "layers": out.layers,
             "passkey": None if haystack is None else {
                 "key": haystack.key, "depth": haystack.depth, "retrieved": haystack.found(out.text)},

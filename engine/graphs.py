@@ -22,7 +22,7 @@ import torch
 
 from engine.kv.base import KVPolicy
 from engine.model import Llama
-from kernels import use_triton
+from kernels.dense_attn import runs_triton
 
 
 def device_kernels(head_dim: int, device: torch.device) -> bool:
@@ -30,7 +30,7 @@ def device_kernels(head_dim: int, device: torch.device) -> bool:
     needs: their torch references read the live length or the wanted rows on the host (a sync,
     which capture forbids). The kernels take a head_dim that is a power of two >= 16, and
     LAYERKV_KERNELS=torch turns them off."""
-    return use_triton(torch.empty(0, device=device)) and head_dim >= 16 and not head_dim & (head_dim - 1)
+    return runs_triton(torch.empty(0, device=device), head_dim)
 
 
 class Decoder:

@@ -118,8 +118,13 @@ def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: in
     return out.reshape(B, H, 1, D).to(q.dtype)
 
 
+def runs_triton(t: torch.Tensor, head_dim: int) -> bool:
+    """Whether decode attention over tensors like t runs the Triton kernel (which reads the length
+    on the device) rather than the reference (which reads it on the host)."""
+    return use_triton(t) and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def dense_decode_attention(q, k, v, length: torch.Tensor):
-    D = q.shape[-1]
-    if use_triton(q) and D >= 16 and not D & (D - 1):
+    if runs_triton(q, q.shape[-1]):
         return dense_decode_attention_triton(q, k, v, length)
     return dense_decode_attention_ref(q, k, v, length)

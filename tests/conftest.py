@@ -99,3 +99,11 @@ def reuse_models(monkeypatch, default_model):
 
     monkeypatch.setattr(wl, "load_model", shared_load_model)
     monkeypatch.setattr(wl, "load_tokenizer", shared_load_tokenizer)
+
+
+@pytest.fixture
+def gen(capsys):
+    """gen(*argv): generate.py's main, in-process (tests/test_cli.py, tests/test_devices.py)."""
+    import generate
+    from helpers import call
+    return lambda *argv: call(generate.main, list(argv), capsys)

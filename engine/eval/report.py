@@ -46,7 +46,8 @@ def describe(results: dict) -> str:
                                  "for the hybrid, during its run: the profiling pass's is plan_peak_memory_bytes "
                                  "in the JSON)",
            "rss": "peak = the process's peak resident memory during the cell (weights included; reset per "
-                  "cell through /proc/self/clear_refs; for the hybrid, after its profiling pass)"}["cuda_max_allocated" if m["device"].startswith("cuda") else "rss"]
+                  "cell through /proc/self/clear_refs; for the hybrid, after its profiling pass)"}
+    mem = mem["cuda_max_allocated" if m["device"].startswith("cuda") else "rss"]
     if m.get("suite"):
         return "\n".join([f"`{m['command']}`", "", (
             f"{m['date']}; {m['model']} ({m['dtype']}) on {m['device_name']}; torch {m['torch']}, "
