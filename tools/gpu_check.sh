@@ -4,10 +4,15 @@
 # not stop the next. Everything goes to $OUT/gpu_check.log (plus the bench JSON files), so what a
 # step printed comes back even when the whole command is cut short.
 #
-#   bash tools/gpu_check.sh tests capped full    # the first run: 8.2 minutes at most (timeout_s 540)
-#   bash tools/gpu_check.sh kernels offload      # the second, at once: 4 minutes at most (timeout_s 250)
-#   bash tools/gpu_check.sh overlap              # if device time is left: 90 s
-#   bash tools/gpu_check.sh capped20             # if device time is left: 200 s
+#   bash tools/gpu_check.sh tests capped    # the first run: 7.2 minutes at most (timeout_s 450)
+#   bash tools/gpu_check.sh full kernels    # the second, at once: 4.2 minutes at most (timeout_s 270)
+#   bash tools/gpu_check.sh offload         # the third, if device time is left: 185 s (timeout_s 200)
+#   bash tools/gpu_check.sh overlap         # if device time is still left: 90 s
+#   bash tools/gpu_check.sh capped20        # likewise: 200 s
+# The limits are ceilings: 15 minutes of device time (the machine's start included) hold the first
+# two calls at their limits, and the third if the first two end early, as they should. Before the
+# call that runs `full`, run tools/peer_wheels.sh here and pass carry=[".whl"]: without it the
+# kvpress rows say "not installed" and transformers is the image's own.
 #
 # Steps (limits in seconds, first-launch kernel compiles included; random:llama-3.1-8b in
 # bfloat16, 128k-token prompts):
@@ -17,7 +22,10 @@
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
 #                peak GPU memory: does it fit a 24 GB card)
 #   capped20 200  the same cap at 20%: OffloadKV, BudgetedEvictKV and the hybrid (not in the default list)
-#   full     60  FullKV uncapped at 128k: the ms/token baseline (it cannot fit 24 GiB)
+#   full    200  FullKV uncapped at 128k, the ms/token baseline (it cannot fit 24 GiB), and in the same
+#                run the peers at 10%: transformers' DynamicCache and kvpress's presses (wheels from
+#                .whl/, installed to /tmp/peer_site; PyramidKV last: ~1.5 s/token at 128k on the H100).
+#                transformers' QuantizedCache is left out: quanto compiles its CUDA extension (minutes)
 #   kernels  50  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels
 #                against the torch code they replace, per call in a CUDA graph; one layer's
 #                zero-copy gather beside one layer's weight GEMVs, the copy on 4-32 programs or all
@@ -44,6 +52,14 @@ step() {  # step NAME LIMIT COMMAND...: run it under `timeout`, its output appen
     echo "== $name: exit $rc after $(($(date +%s) - start)) s$([ $rc = 124 ] && echo ' (timed out)')" | tee -a "$LOG"
 }
 
+peer_path() {  # the peers' wheels (tools/peer_wheels.sh), when carried, installed once beside the
+    # image's packages -> PYTHONPATH=that folder, for the `full` step alone (transformers 5.2 there)
+    if ls .whl/*.whl >/dev/null 2>&1 && { [ -d /tmp/peer_site ] || "$PY" -m pip install -q --no-index --no-deps \
+        --no-compile --no-cache-dir --target /tmp/peer_site .whl/*.whl >>"$LOG" 2>&1; }; then
+        echo PYTHONPATH=/tmp/peer_site
+    fi
+}
+
 run() {
     case $1 in
     tests) step tests 160 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
@@ -54,8 +70,9 @@ run() {
         --peers none --no-quality --steps 16 --json "$OUT/capped_128k.json" ;;
     capped20) step capped20 200 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.2 \
         --policies offload,evict,hybrid --peers none --no-quality --steps 16 --json "$OUT/capped_128k_20.json" ;;
-    full) step full 60 "$PY" bench.py "${MODEL[@]}" --ctx 128k --policies full --peers none --no-quality \
-        --steps 16 --json "$OUT/full_128k.json" ;;
+    full) step full 200 env $(peer_path) "$PY" bench.py "${MODEL[@]}" --ctx 128k \
+        --policies full --kv-fraction 0.1 --no-quality --steps 16 --json "$OUT/full_128k.json" --peers \
+        hf-dynamic,kvpress-snapkv,kvpress-streamingllm,kvpress-tova,kvpress-knorm,kvpress-adakv,kvpress-pyramidkv ;;
     kernels) step kernels 50 "$PY" tools/kernel_timing.py ;;
     offload) step offload 185 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 --host model,8bit ;;
     overlap) step overlap 90 "$PY" tools/offload_gpu.py --ctx 32k --budget 2048 --chunks 16 --lookahead layer,step \
