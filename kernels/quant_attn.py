@@ -317,9 +317,10 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     n_rep = H // H_kv
     capacity = v_codes.shape[2] + R  # values: packed rows + the ring (see engine/kv/quant.py)
     # A block holds several (D, BLOCK_T) tiles at once (codes, ranges, residual, result, addresses).
-    # Compiled for sm_90 with 4 warps (tools/kernel_resources.py), BLOCK_T = 16 keeps every variant
-    # (bits, 8-bit ranges, held rows) at D = 64 and 128 within 255 registers with no spill; 32 at
-    # D = 128 spilled up to ~440 bytes per thread, 64 at D = 64 up to ~600.
+    # Compiled for sm_90 with 4 warps as a launch specializes it (tools/kernel_resources.py; triton
+    # 3.6 and 3.9), every variant (bits, 8-bit ranges, held rows) at D = 64 and 128 fits 255
+    # registers with no spill at BLOCK_T 16 and 32 (2 programs per SM at D = 128 either way); 64
+    # spills up to ~1.2 KB a thread. 16 is the default until tools/kernel_timing.py times both.
     block_t = block_t or 16
     assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
     assert bits in (1, 2, 4) and k_codes.shape[-1] * (8 // bits) == D and H % H_kv == 0

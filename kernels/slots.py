@@ -23,8 +23,9 @@ through a scratch row) in place of some fifteen torch ops (sorts, searchsorted, 
 a scatter), each a launch inside the decode step's CUDA graph. The torch version is the reference.
 
 One program holds a head's whole row of k slots, BLOCK = next power of two >= k, spread over
-BLOCK / 512 warps (16 values per thread). Compiled for sm_90 (ptxas), that stays at 128-181
-registers and no spills up to BLOCK 8192 (16 warps); at 4 warps BLOCK 8192 spilled 5 KB and BLOCK
+BLOCK / 512 warps (16 values per thread). Compiled for sm_90 (ptxas), that stays at 128-210
+registers and no spills up to BLOCK 8192 (16 warps; 164 bytes a thread when k is a multiple of 16,
+which the launch specializes on); at 4 warps BLOCK 8192 spilled 5 KB and BLOCK
 16384 spilled 55 KB and took 194 s to compile (triton 3.9, 2 cores), and at 32 warps (the most a
 program has) BLOCK 16384 still spills. So past MAX_K slots (a 128k hybrid's offload layer with a
 budget of 10-20% of the prompt, chunk 1) the torch reference runs instead: its ops are all

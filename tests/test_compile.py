@@ -5,7 +5,8 @@ code after a `return` inside a constexpr `if` is still compiled, so a branch tha
 must still type-check (it did not, once: tensors indexed with the other branch's rank).
 
 The specializations are the ones the engine launches (tools/kernel_resources.SPECS: bfloat16
-pointers, every constexpr switch both ways), compiled in one subprocess, as the kernel tests run."""
+pointers, every constexpr switch both ways, integers specialized as a Llama-3.1-8B launch's are),
+compiled in one subprocess, as the kernel tests run."""
 from interpreted import check_compiled_offline
 
 _COMPILE = r"""
@@ -22,9 +23,9 @@ if missing:
     print(f"FAIL kernels without a specialization in tools/kernel_resources.SPECS: {sorted(missing)}")
 
 failed = 0
-for fn, ptrs, consts, options in SPECS:
+for fn, ptrs, consts, options, ints in SPECS:
     try:
-        compile_spec(fn, ptrs, consts, options)
+        compile_spec(fn, ptrs, consts, options, ints)
     except Exception as e:  # one line per failure: where (the outer error) and why (the innermost cause)
         cause = e
         while cause.__cause__ is not None:

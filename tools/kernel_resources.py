@@ -7,7 +7,13 @@ decode kernel can least afford; this is how the quant decode kernel's BLOCK_T wa
     python tools/kernel_resources.py      # one row per kernel and specialization
 
 SPECS lists the specializations the engine launches (bfloat16 pointers, each constexpr switch both
-ways); tests/test_compile.py compiles all of them.
+ways); tests/test_compile.py compiles all of them. They are compiled as a launch specializes them:
+Triton's JIT marks a pointer or an integer argument divisible by 16 (`tt.divisibility`), which lets
+it vectorize loads and pipeline them through shared memory (cp.async), and makes an integer equal
+to 1 a constant (a contiguous tensor's last stride). So each spec gives its integer arguments as a
+Llama-3.1-8B decode at 128k passes them. Without those hints the numbers mislead: the FullKV decode
+kernel compiled to 128 registers and no pipelined load, with them to 67 registers and 6 pipelined
+loads; the quant decode kernel at BLOCK_T 32 spilled 144 bytes without, none with.
 """
 from __future__ import annotations
 
@@ -32,6 +38,31 @@ from kernels.sparse_attn import _approx_scores_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BF16, U8, F32, I64 = "*bf16", "*u8", "*fp32", "*i64"
+# Llama-3.1-8B at a 128k-token decode: 8 KV heads of 32 query heads, head_dim 128, T cached tokens
+# (a capacity), R = 128 (QuantKV's residual), a batch of 1.
+H_KV, N_REP, D, T, R = 8, 4, 128, 131072, 128
+
+
+def strides(prefix: str, *shape: int, last: bool = True) -> dict:
+    """The strides of a contiguous tensor of `shape` (B, H, T, D) as the launch names them:
+    prefix_b, prefix_h, prefix_t and prefix_d (left out with last=False: kernels that assume 1)."""
+    out, step = {}, 1
+    for name, n in reversed(list(zip("bhtd", shape))):
+        out[f"{prefix}_{name}"] = step
+        step *= n
+    return out if last else {k: v for k, v in out.items() if not k.endswith("_d")}
+
+
+def _quant_decode_ints(bits: int, group: int) -> dict:
+    """kernels/quant_attn.py's launch: its cache tensors' strides (layout in its docstring)."""
+    per, cap = 8 // bits, T + R  # capacity: packed rows + the ring
+    split = triton.cdiv(triton.cdiv(cap, 32), 16) * 16  # 32 splits (256 programs / 8 heads), blocks of 16
+    return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,
+                **strides("skc", 1, H_KV, T, D // per), **strides("sks", 1, H_KV, T // group, D),
+                **strides("skm", 1, H_KV, T // group, D), **strides("skr", 1, H_KV, R, D),
+                **strides("svc", 1, H_KV, T, D // per), **strides("svs", 1, H_KV, T, D // group),
+                **strides("svm", 1, H_KV, T, D // group), **strides("svr", 1, H_KV, R, D),
+                shm_b=H_KV * T // 8, shm_h=T // 8)
 
 
 def _specs() -> list[tuple]:
@@ -43,56 +74,74 @@ def _specs() -> list[tuple]:
             ptrs = dict(x_ptr=BF16, codes_ptr=U8, scale_ptr=rng, mn_ptr=rng, sup_ptr=F32 if fp8 else BF16)
             common = dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=clip, N_CLIP=13, FP8=fp8)
             search = clip or fp8  # kernels/pack._TILE_SEARCH: 512-element tiles
-            for block_t in (1, 4 if search else 32):  # a decode step's rows; prefill tiles
+            for block_t in (1, 4 if search else 32):  # a decode step's rows (one token); prefill tiles
+                ints = dict(R=H_KV, T=1) if block_t == 1 else dict(R=H_KV * 16384, T=16384)
                 out.append((_quant_token_kernel, ptrs, {**common, "BLOCK_T": block_t, "BLOCK_B": 32},
-                            dict(enable_fp_fusion=False)))
+                            dict(enable_fp_fusion=False), ints))
             out.append((_quant_channel_kernel, ptrs, {**common, "BLOCK_G": 32, "BLOCK_B": 4 if search else 32},
-                        dict(enable_fp_fusion=False)))
+                        dict(enable_fp_fusion=False), dict(T=R)))
     # 4 bits: float ranges, group 64, values clipped (QuantKV's defaults)
     four = dict(D=128, GROUP=64, BITS=4, PER=2, LEVELS=15, N_CLIP=13, FP8=False)
     ptrs = dict(x_ptr=BF16, codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, sup_ptr=BF16)
-    out.append((_quant_token_kernel, ptrs, {**four, "CLIP": True, "BLOCK_T": 4, "BLOCK_B": 64}, dict(enable_fp_fusion=False)))
-    out.append((_quant_channel_kernel, ptrs, {**four, "CLIP": False, "BLOCK_G": 64, "BLOCK_B": 32}, dict(enable_fp_fusion=False)))
+    out.append((_quant_token_kernel, ptrs, {**four, "CLIP": True, "BLOCK_T": 4, "BLOCK_B": 64}, dict(enable_fp_fusion=False),
+                dict(R=H_KV * 16384, T=16384)))
+    out.append((_quant_channel_kernel, ptrs, {**four, "CLIP": False, "BLOCK_G": 64, "BLOCK_B": 32}, dict(enable_fp_fusion=False),
+                dict(T=R)))
     for fp8 in (False, True):
         rng = U8 if fp8 else BF16
         for held in (False, True):
             for bits in (2, 4):
                 ptrs = dict(Q=BF16, KC=U8, KS=rng, KM=rng, KR=BF16, VC=U8, VS=rng, VM=rng, VR=BF16, HM=U8, KSUP=F32,
                             VSUP=F32, M_out=F32, L_out=F32, Acc_out=F32, POS=I64)
-                out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=held, FP8=fp8, BITS=bits, G=32 if fp8 else 64,
-                                                             D=128, NREP_PAD=16, BLOCK_T=16), dict(num_warps=4)))
+                g = 32 if fp8 else 64
+                out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=held, FP8=fp8, BITS=bits, G=g, D=D, NREP_PAD=16,
+                                                             BLOCK_T=16), dict(num_warps=4), _quant_decode_ints(bits, g)))
     for per_channel in (False, True):
         out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
                     dict(D=128, GROUP=32, BITS=4, PER=2, LEVELS=15, PER_CHANNEL=per_channel, BLOCK_T=32, BLOCK_B=64),
-                    dict(enable_fp_fusion=False)))
+                    dict(enable_fp_fusion=False), dict(R=H_KV * 16384)))
     out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, LEN=I64, M_out=F32, L_out=F32, Acc_out=F32),
-                dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4)))
+                dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
+                dict(n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
+                     **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
     for bounds in (False, True):
         out.append((_approx_scores_kernel, dict(q_ptr=BF16, mn_ptr=BF16, mx_ptr=BF16, ch_ptr=I64, out_ptr=F32),
-                    dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {}))
+                    dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {},  # N: chunks of 16 tokens, C=8 channels
+                    dict(N=T // 16, H_KV=H_KV, s_qb=N_REP * H_KV * D, s_qh=D, s_sb=H_KV * T // 16 * 8, s_sh=T // 16 * 8,
+                         s_sm=8, s_cb=H_KV * 8, s_ch=8, s_ob=H_KV * T // 16, s_oh=T // 16)))
     for slots, codes in ((False, False), (True, False), (False, True)):
         src = U8 if codes else BF16  # the host store: 8-bit codes (widened with float32 ranges) or values
         out.append((_gather_rows_kernel, dict(src_k=src, src_v=src, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
                                               dst_k=BF16, dst_v=BF16, ks_ptr=F32, km_ptr=F32, vs_ptr=F32, vm_ptr=F32),
-                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes), {}))
+                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes), {},  # budget 2048: 1968 rows to fetch
+                    dict(K=1968, M=T, N_DST=2048, offset=16, N_BLK=62, N_ITEMS=H_KV * 62)))
     for chunk in (1, 16):
         for reuse in (False, True):
             out.append((_assign_kernel, dict(slots_ptr=I64, new_ptr=I64, scratch_ptr=I64, rows_ptr=I64, want_ptr="*i8"),
-                        dict(CHUNK=chunk, CHUNK_P2=chunk, REUSE=reuse, N_ITER=11, BLOCK=2048 // chunk), {}))
+                        dict(CHUNK=chunk, CHUNK_P2=chunk, REUSE=reuse, N_ITER=11, BLOCK=2048 // chunk), {},
+                        dict(K=1968 // chunk)))
     # the largest row the slot kernel takes (kernels/slots.py MAX_K): 16 warps, no spills
     out.append((_assign_kernel, dict(slots_ptr=I64, new_ptr=I64, scratch_ptr=I64, rows_ptr=I64, want_ptr="*i8"),
-                dict(CHUNK=1, CHUNK_P2=1, REUSE=True, N_ITER=14, BLOCK=8192), dict(num_warps=16)))
+                dict(CHUNK=1, CHUNK_P2=1, REUSE=True, N_ITER=14, BLOCK=8192), dict(num_warps=16), dict(K=8192)))
     return out
 
 
 SPECS = _specs()
 
 
-def compile_spec(fn, ptrs: dict, consts: dict, options: dict):
-    """Compile one specialization for sm_90: pointers as given, constexprs by value, sm_scale a
-    float, every other argument a 32-bit int (as the launches pass them)."""
+def compile_spec(fn, ptrs: dict, consts: dict, options: dict, ints: dict | None = None):
+    """Compile one specialization for sm_90 as a launch with these arguments would: pointers of the
+    given types, 16-byte aligned (torch's allocations are); constexprs by value; sm_scale a float;
+    every other argument a 32-bit int, a constant where `ints` gives it as 1 and marked divisible by
+    16 where it gives a multiple of 16 (integers it leaves out carry no hint)."""
+    ints = ints or {}
+    assert set(ints) <= set(fn.arg_names), f"{fn.__name__} has no argument {set(ints) - set(fn.arg_names)}"
+    ones = {a: 1 for a, v in ints.items() if v == 1}
+    consts = {**consts, **ones}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a == "sm_scale" else "i32") for a in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=options)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a in ptrs or (a not in ones and ints.get(a, 1) % 16 == 0)}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET, options=options)
 
 
 def resources(compiled) -> tuple[int, int]:
@@ -119,8 +168,8 @@ def main() -> None:
                 "BLOCK_T", "BLOCK_B")
     print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
     print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")
-    for fn, ptrs, consts, options in SPECS:
-        regs, spill = resources(compile_spec(fn, ptrs, consts, options))
+    for fn, ptrs, consts, options, ints in SPECS:
+        regs, spill = resources(compile_spec(fn, ptrs, consts, options, ints))
         label = ", ".join(f"{k}={v}" for k, v in consts.items() if k in switches)
         print(f"| {fn.__name__} | {label} | {regs} | {spill} |", flush=True)
 

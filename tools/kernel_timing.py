@@ -18,6 +18,13 @@ Then OffloadKV's zero-copy gather (kernels/prefetch.py) of one layer's selection
 Wqkv, Wo, W1|W3, W2 times one token), and both, the copy on the side stream as the decode step
 issues it. hidden = (copy + GEMVs - both) / min(copy, GEMVs): 1 when the
 shorter one hides entirely behind the other, 0 when they run one after the other.
+
+Last, decode attention over one layer's cache at a 128k-token context: the FullKV kernel
+(kernels/dense_attn.py) and the QuantKV kernel (kernels/quant_attn.py) over a real QuantKV store
+(4-bit with bfloat16 ranges and 2-bit with 8-bit ranges, each with its held tokens: the defaults),
+at each BLOCK_T and split count tried, as GB/s of the bytes the kernel reads next to the
+device-to-device copy rate of the same run. Goal: near the copy rate (issue 11); the best row says
+which launch parameters the kernels should default to.
 """
 from __future__ import annotations
 
@@ -29,7 +36,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.config import preset  # noqa: E402
+from engine.kv.quant import QuantKV  # noqa: E402
+from kernels.dense_attn import dense_decode_attention_triton  # noqa: E402
 from kernels.fp8 import quantize_pack_fp8_ref, superscale  # noqa: E402
+from kernels.quant_attn import quant_decode_attention_triton  # noqa: E402
 from kernels.pack import quantize_pack_triton  # noqa: E402
 from kernels.prefetch import RowFetcher, gather_rows  # noqa: E402
 from kernels.slots import assign_slots_ref, assign_slots_triton  # noqa: E402
@@ -105,6 +116,46 @@ def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
         del f
 
 
+def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) -> None:
+    """One layer's decode attention at T cached tokens, Llama-3.1-8B shapes, as GB/s read.
+    (dev and timer: for a run of the same code on CPU, interpreted, as a check that it runs.)"""
+    args = preset("llama-3.1-8b")
+    H, H_kv, D = args.n_heads, args.n_kv_heads, args.head_dim
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, H, 1, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(1, H_kv, T, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    copy_gbs = 2 * big.numel() / timer(lambda: big.clone(), 20) / 1e3  # read + write
+    del big
+    print(f"\nDecode attention over one layer's cache, {T} tokens; device-to-device copy {copy_gbs:.0f} GB/s "
+          "(bytes read + written)\n")
+    print("| kernel | BLOCK_T | splits | MiB read | µs | GB/s | of copy rate |\n|---|---|---|---|---|---|---|")
+
+    def row(name, block_t, splits, nbytes, fn):
+        t = timer(fn, replays)
+        print(f"| {name} | {block_t} | {splits} | {nbytes / 2**20:.0f} | {t:.1f} | {nbytes / t / 1e3:.0f} | "
+              f"{nbytes / t / 1e3 / copy_gbs:.0%} |", flush=True)
+
+    length = torch.tensor([T], device=dev)
+    for block_t in (32, 64):  # the defaults: 32, and 64 splits (512 programs over 8 heads)
+        for splits in (64, 128):
+            row("dense bf16", block_t, splits, 2 * k.numel() * 2,
+                lambda: dense_decode_attention_triton(q, k, v, length, n_splits=splits, block_t=block_t))
+    for bits, scales in ((4, "model"), (2, "fp8")):
+        p = QuantKV(args, 0, T + 64, dev, torch.bfloat16, bits=bits, scales=scales)
+        p.prefill(k[:, :, :T - 1], v[:, :, :T - 1], torch.randn(1, H, 32, D, device=dev, dtype=torch.bfloat16))
+        pos = torch.tensor([T - 1], device=dev)
+        store = (p.k_codes, p.k_scale, p.k_mn, p.k_res, p.v_codes, p.v_scale, p.v_mn, p.v_res, p.k_held, p.v_held,
+                 p.held_mask)
+        nbytes = sum(t.numel() * t.element_size() for t in store)
+        for block_t in (16, 32):
+            for splits in (32, 64, 128):  # the default: 32 (256 programs over 8 heads)
+                row(f"quant {bits}-bit, {scales} ranges", block_t, splits, nbytes, lambda: quant_decode_attention_triton(
+                    q, *store[:8], pos, p.bits, p.group, k_held=p.k_held, v_held=p.v_held, held_mask=p.held_mask,
+                    k_sup=p.k_sup, v_sup=p.v_sup, n_splits=splits, block_t=block_t))
+        del p, store
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kv-heads", type=int, default=8)
@@ -135,6 +186,7 @@ def main() -> None:
         (op, _, t_ref), (_, _, t_tri) = rows[i], rows[i + 1]
         print(f"| {op} | {t_ref:.1f} | {t_tri:.1f} | {t_ref / t_tri:.1f}x |")
     copy_overlap(H, D, a.replays, gen)
+    attention(a.replays)
 
 
 if __name__ == "__main__":
