@@ -27,7 +27,7 @@ from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, fit_prompt, stream_batch
 from engine.sampling import SamplingParams
-from kernels.prefetch import pinned_bytes
+from kernels.prefetch import pinned_bytes, release_pinned_cache
 
 
 class LLM:
@@ -137,6 +137,7 @@ class LLM:
                              f"policy would fit)")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
             on_host = need["pinned"]
+            release_pinned_cache()  # what earlier stores (a hybrid's calibration) left cached
             free_host = free_memory(torch.device("cpu"))
             if on_host > free_host:
                 raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "

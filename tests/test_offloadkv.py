@@ -148,6 +148,29 @@ def test_offloaded_kv_beyond_host_memory_is_refused_up_front(monkeypatch):
         else:
             with pytest.raises(ValueError, match=r"offloaded KV for 4000 \+ 32 tokens needs .* of host memory"):
                 llm.check_kv_fits([(specs, 4000, 32)])
+    # Pinned blocks that torch's host cache keeps (a hybrid's calibration freed them) are given back
+    # before the host's free memory is read: 1 byte short until they are, enough after.
+    freed = []
+    monkeypatch.setattr(engine.api, "release_pinned_cache", lambda: freed.append(1 << 30))
+    monkeypatch.setattr(engine.api, "free_memory", lambda d: 1 << 40 if d.type == "cuda" else need - 1 + sum(freed))
+    llm.check_kv_fits([(specs, 4000, 32)])
+    assert freed
+
+
+def test_release_pinned_cache_calls_torch_when_cuda_runs(monkeypatch):
+    """torch's private host-cache release, where this build has it and CUDA is initialised (a CPU
+    build has neither: then it does nothing)."""
+    from kernels.prefetch import release_pinned_cache
+    calls = []
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append(1), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    release_pinned_cache()
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    release_pinned_cache()
+    assert calls == [1]
+    monkeypatch.delattr(torch._C, "_host_emptyCache")
+    release_pinned_cache()  # a build without it: nothing to do, no error
 
 
 def test_select_topk_sorted_positions():
