@@ -20,7 +20,7 @@ it on the device: the same launch serves every step, which is what a CUDA graph 
 Held tokens (optional k_held, v_held (B, H_kv, S, D) and held_mask (B, H_kv, >= ceil(length / 8))
 uint8): S tokens per KV head kept in full precision beside the store (the attention sinks and the
 heavy hitters, engine/kv/quant.py). Bit t % 8 of byte t // 8 of a head's mask is set when token t is
-held: the store and the windows still have an entry for it, which is never read. Every path treats
+held: the store and the windows still have an entry for it, which gets no weight. Every path treats
 the held rows as one more slice of the softmax; attention does not depend on the order of its
 tokens, so the rows need no positions. E.g. S = 2 held tokens 0 and 9, length 12: mask bytes
 [0b00000001, 0b00000010]; tokens 1..8, 10, 11 come from the store and windows, 0 and 9 from the rows.
@@ -45,9 +45,12 @@ import triton.language as tl
 from kernels import use_triton
 from kernels.e4m3 import decode, e4m3_to_f32
 
-# Split policy: aim for this many (batch, kv head, split) programs, enough to cover a GPU's SMs
-# about twice, but give each split at least MIN_SPLIT_TOKENS so the partial results stay small.
-TARGET_PROGRAMS = 256
+# Split policy: aim for this many (batch, kv head, split) programs, enough for ~4 per SM on an H100
+# (132 SMs; at <= 128 registers a thread 4 programs of 4 warps fit one SM, and a memory-bound loop
+# wants as many loads in flight as it can get), as the FullKV kernel does, but give each split at
+# least MIN_SPLIT_TOKENS so the partial results stay small. Not yet timed against 256 or 1024
+# (tools/kernel_timing.py does).
+TARGET_PROGRAMS = 512
 MIN_SPLIT_TOKENS = 512
 
 
@@ -250,9 +253,12 @@ def _quant_decode_kernel(
         # registers of every (D, BLOCK_T) address tile, and the kernel spilled (ptxas, sm_90)
         t = lo + start + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
         live = t < length
-        if HAS_HELD:  # held tokens are attended from their rows, merged after: skip their store entries
+        attend = live  # the tokens whose store entries count: held ones are attended from their rows
+        if HAS_HELD:  # (merged after). Their entries are still loaded (finite: the store is written
+            # whole at prefill), only their scores are masked: masking the loads as well made every
+            # load mask data-dependent, 127 -> 247 registers (triton 3.6, sm_90) and half the programs per SM
             held = tl.load(hm + t // 8, mask=live, other=0).to(tl.int32) >> (t % 8).to(tl.int32) & 1
-            live = live & (held == 0)
+            attend = live & (held == 0)
 
         # K^T tile (D, BLOCK_T): packed codes for t < n_kq, the residual block after. Both loads are
         # masked, so each token's bytes are read from exactly one of the two sources.
@@ -275,7 +281,7 @@ def _quant_decode_kernel(
 
         # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
         s = tl.dot(q, k.to(q.dtype), input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
-        s = tl.where(live[None, :], s, float("-inf"))
+        s = tl.where(attend[None, :], s, float("-inf"))  # exp(-inf) = 0: no weight on v either
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
         alpha = tl.exp(m - m_ref)  # rescales what was summed under the old max (0 on the first block)

@@ -56,7 +56,7 @@ def strides(prefix: str, *shape: int, last: bool = True) -> dict:
 def _quant_decode_ints(bits: int, group: int) -> dict:
     """kernels/quant_attn.py's launch: its cache tensors' strides (layout in its docstring)."""
     per, cap = 8 // bits, T + R  # capacity: packed rows + the ring
-    split = triton.cdiv(triton.cdiv(cap, 32), 16) * 16  # 32 splits (256 programs / 8 heads), blocks of 16
+    split = triton.cdiv(triton.cdiv(cap, 64), 16) * 16  # 64 splits (512 programs / 8 heads), blocks of 16
     return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,
                 **strides("skc", 1, H_KV, T, D // per), **strides("sks", 1, H_KV, T // group, D),
                 **strides("skm", 1, H_KV, T // group, D), **strides("skr", 1, H_KV, R, D),

@@ -149,7 +149,7 @@ def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) 
                  p.held_mask)
         nbytes = sum(t.numel() * t.element_size() for t in store)
         for block_t in (16, 32):
-            for splits in (32, 64, 128):  # the default: 32 (256 programs over 8 heads)
+            for splits in (32, 64, 128):  # the default: 64 (512 programs over 8 heads)
                 row(f"quant {bits}-bit, {scales} ranges", block_t, splits, nbytes, lambda: quant_decode_attention_triton(
                     q, *store[:8], pos, p.bits, p.group, k_held=p.k_held, v_held=p.v_held, held_mask=p.held_mask,
                     k_sup=p.k_sup, v_sup=p.v_sup, n_splits=splits, block_t=block_t))
