@@ -206,30 +206,68 @@ def quant_decode_attention_ref(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scal
 
 # -- Triton ----------------------------------------------------------------------------------------------
 @triton.jit
+def _codes(byte, BITS: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr):
+    """(ROWS, NB) packed bytes -> (ROWS, NB * PER) int32 codes, code j of byte n at column n * PER + j.
+    tl.join adds a minor dimension, so joining the even codes' tensor with the odd ones' puts code
+    j at index j % 2 of the last dimension; nested, PER = 4 gives [j // 2][j % 2] = [c0, c1, c2, c3]
+    in row-major order, which the reshape flattens. Loading whole bytes and splitting them here,
+    rather than loading byte d // PER once per channel d, makes the load contiguous: wide enough
+    for Triton to pipeline it (cp.async) and PER times fewer load instructions."""
+    x = byte.to(tl.int32)
+    if BITS == 4:
+        out = tl.join(x & 15, x >> 4)
+    elif BITS == 2:
+        out = tl.join(tl.join(x & 3, (x >> 4) & 3), tl.join((x >> 2) & 3, x >> 6))
+    else:  # 1 bit: codes 0..7 at [j // 4][(j // 2) % 2][j % 2]
+        out = tl.join(tl.join(tl.join(x & 1, (x >> 4) & 1), tl.join((x >> 2) & 1, (x >> 6) & 1)),
+                      tl.join(tl.join((x >> 1) & 1, (x >> 5) & 1), tl.join((x >> 3) & 1, x >> 7)))
+    return tl.reshape(out, (ROWS, NB * (8 // BITS)))
+
+
+@triton.jit
+def _block_extras(t0, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t, svs_t, svm_t,
+                  HAS_HELD: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The narrow loads of the block of tokens t0 .. t0 + BLOCK_T - 1: its held bits (BLOCK_T,), its
+    keys' range row, scale and min (D,) each (the block lies in one key group), and its values'
+    ranges (BLOCK_T, D // G) each. Masked like the tiles they go with; nothing past the length."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    live = t < length
+    if HAS_HELD:
+        held = tl.load(hm + t // 8, mask=live, other=0).to(tl.int32) >> (t % 8).to(tl.int32) & 1
+    else:
+        held = tl.zeros([BLOCK_T], dtype=tl.int32)
+    d, gi = tl.arange(0, D), tl.arange(0, D // G)
+    k_row = t0 + 0 * d < n_kq  # (D,) all or nothing (a scalar test & a tensor is int32 in the interpreter)
+    if G % BLOCK_T != 0:  # groups smaller than a block: the kernel loads a row per token instead
+        k_row = d < 0
+    k_scale = tl.load(ks + (t0 // G) * sks_t + d, mask=k_row, other=0.0)
+    k_mn = tl.load(km + (t0 // G) * skm_t + d, mask=k_row, other=0.0)
+    v_quant = (live & (t < n_vq))[:, None]
+    v_scale = tl.load(vs + t[:, None] * svs_t + gi[None, :], mask=v_quant, other=0.0)
+    v_mn = tl.load(vm + t[:, None] * svm_t + gi[None, :], mask=v_quant, other=0.0)
+    return held, k_scale, k_mn, v_scale, v_mn
+
+
+@triton.jit
 def _quant_decode_kernel(
     Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, KSUP, VSUP, M_out, L_out, Acc_out,
     sm_scale, POS, n_rep, H_kv, R, split_len,
     sq_b, sq_h, sq_d,
-    skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skm_b, skm_h, skm_t, skm_d,
-    skr_b, skr_h, skr_t, skr_d,
-    svc_b, svc_h, svc_t, svc_d, svs_b, svs_h, svs_t, svs_d, svm_b, svm_h, svm_t, svm_d,
-    svr_b, svr_h, svr_t, svr_d, shm_b, shm_h,
+    skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, skm_b, skm_h, skm_t, skr_b, skr_h, skr_t,
+    svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, svm_b, svm_h, svm_t, svr_b, svr_h, svr_t, shm_b, shm_h,
     HAS_HELD: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
-    the group: every K/V tile is read and dequantized once and used by the whole group."""
+    the group: every K/V tile is read and dequantized once and used by the whole group. The cache
+    tensors' innermost stride is 1 (the wrapper checks): rows are loaded as contiguous runs."""
     PER: tl.constexpr = 8 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // H_kv).to(tl.int64), (pid_bh % H_kv).to(tl.int64)  # int64: big caches overflow int32
     r = tl.arange(0, NREP_PAD)  # query heads of the group, padded so tl.dot has M >= 16
-    d = tl.arange(0, D)
+    d, nb = tl.arange(0, D), tl.arange(0, D // PER)  # channels; packed bytes of a row
     q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :] * sq_d,
                 mask=r[:, None] < n_rep, other=0.0)  # (NREP_PAD, D)
-
-    # Channel-dependent parts of the addresses: byte index and bit shift of each code, scale column.
-    byte_d, shift_d, vgrp_d = d // PER, (d % PER) * BITS, d // G  # (D,)
     kc = KC + b * skc_b + hk * skc_h
     ks, km = KS + b * sks_b + hk * sks_h, KM + b * skm_b + hk * skm_h
     kr = KR + b * skr_b + hk * skr_h
@@ -246,41 +284,42 @@ def _quant_decode_kernel(
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)  # running sum of exp(score - m) * v
     lo = pid_s * split_len
+    # Triton pipelines the wide loads (codes, residual rows) across iterations itself, but not loads
+    # under 4 bytes a thread (the held bits and the ranges), which would then stall every iteration
+    # on a memory round trip: the loop issues those one block ahead by hand and carries them.
+    held, k_scale, k_mn, v_scale, v_mn = _block_extras(lo, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t,
+                                                       svs_t, svm_t, HAS_HELD, G, D, BLOCK_T)
     # The grid covers the whole capacity and every split runs a fixed trip count: blocks past the
     # live length load nothing (masked) and add nothing, so no launch depends on the length.
     for start in range(0, split_len, BLOCK_T):
         # int32 token offsets within the head (the wrapper checks they fit): int64 ones doubled the
-        # registers of every (D, BLOCK_T) address tile, and the kernel spilled (ptxas, sm_90)
+        # registers of every address tile, and the kernel spilled (ptxas, sm_90)
         t = lo + start + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
         live = t < length
-        attend = live  # the tokens whose store entries count: held ones are attended from their rows
-        if HAS_HELD:  # (merged after). Their entries are still loaded (finite: the store is written
-            # whole at prefill), only their scores are masked: masking the loads as well made every
-            # load mask data-dependent, 127 -> 247 registers (triton 3.6, sm_90) and half the programs per SM
-            held = tl.load(hm + t // 8, mask=live, other=0).to(tl.int32) >> (t % 8).to(tl.int32) & 1
-            attend = live & (held == 0)
+        # Held tokens are attended from their rows, merged after: their store entries (finite: the
+        # store is written whole at prefill) are loaded like the rest and only their scores masked.
+        # Masking the loads as well made every load mask data-dependent: 127 -> 247 registers.
+        attend = live & (held == 0)
+        nxt = _block_extras(lo + start + BLOCK_T, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t, svs_t,
+                            svm_t, HAS_HELD, G, D, BLOCK_T)
 
-        # K^T tile (D, BLOCK_T): packed codes for t < n_kq, the residual block after. Both loads are
+        # K tile (BLOCK_T, D): packed codes for t < n_kq, the residual block after. Both loads are
         # masked, so each token's bytes are read from exactly one of the two sources.
         k_quant, k_full = live & (t < n_kq), live & (t >= n_kq)
-        byte = tl.load(kc + t[None, :] * skc_t + byte_d[:, None] * skc_d, mask=k_quant[None, :], other=0)
-        code = (byte.to(tl.int32) >> shift_d[:, None]) & CODE_MASK
-        if G % BLOCK_T == 0:  # the block lies in one key group (blocks start at multiples of BLOCK_T):
-            # its ranges are one (D,) row, broadcast over the tokens, not a (D, BLOCK_T) tile to load
-            first = lo + start + 0 * d[:, None]  # (D, 1): the block's first token, per channel
-            scale = tl.load(ks + (first // G) * sks_t + d[:, None] * sks_d, mask=first < n_kq, other=0.0)
-            mn = tl.load(km + (first // G) * skm_t + d[:, None] * skm_d, mask=first < n_kq, other=0.0)
-        else:
-            scale = tl.load(ks + (t[None, :] // G) * sks_t + d[:, None] * sks_d, mask=k_quant[None, :], other=0.0)
-            mn = tl.load(km + (t[None, :] // G) * skm_t + d[:, None] * skm_d, mask=k_quant[None, :], other=0.0)
+        byte = tl.load(kc + t[:, None] * skc_t + nb[None, :], mask=k_quant[:, None], other=0)  # (BLOCK_T, D/PER)
+        if G % BLOCK_T == 0:  # the block lies in one key group: one range row for all its tokens
+            scale, mn = k_scale[None, :], k_mn[None, :]
+        else:  # groups smaller than a block (G < 16): a row per token, loaded here
+            scale = tl.load(ks + (t[:, None] // G) * sks_t + d[None, :], mask=k_quant[:, None], other=0.0)
+            mn = tl.load(km + (t[:, None] // G) * skm_t + d[None, :], mask=k_quant[:, None], other=0.0)
         if FP8:
             scale, mn = e4m3_to_f32(scale) * ksup, e4m3_to_f32(mn) * ksup
-        k_res = tl.load(kr + (t[None, :] - n_kq) * skr_t + d[:, None] * skr_d, mask=k_full[None, :], other=0.0)
-        k = tl.where(k_quant[None, :], code.to(tl.float32) * scale.to(tl.float32) + mn.to(tl.float32),
-                     k_res.to(tl.float32))  # (D, BLOCK_T)
+        k_res = tl.load(kr + (t[:, None] - n_kq) * skr_t + d[None, :], mask=k_full[:, None], other=0.0)
+        k = tl.where(k_quant[:, None], _codes(byte, BITS, BLOCK_T, D // PER).to(tl.float32) * scale.to(tl.float32)
+                     + mn.to(tl.float32), k_res.to(tl.float32))  # (BLOCK_T, D)
 
         # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
-        s = tl.dot(q, k.to(q.dtype), input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
         s = tl.where(attend[None, :], s, float("-inf"))  # exp(-inf) = 0: no weight on v either
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
@@ -288,20 +327,21 @@ def _quant_decode_kernel(
         p = tl.exp(s - m_ref[:, None])  # (NREP_PAD, BLOCK_T)
         l = l * alpha + tl.sum(p, axis=1)
 
-        # V tile (BLOCK_T, D): packed codes for t < n_vq, the ring slot t % R after.
+        # V tile (BLOCK_T, D): packed codes for t < n_vq, the ring slot t % R after; each range of
+        # a row's D // G groups is spread over the group's G channels.
         v_quant, v_full = live & (t < n_vq), live & (t >= n_vq)
-        byte = tl.load(vc + t[:, None] * svc_t + byte_d[None, :] * svc_d, mask=v_quant[:, None], other=0)
-        code = (byte.to(tl.int32) >> shift_d[None, :]) & CODE_MASK
-        scale = tl.load(vs + t[:, None] * svs_t + vgrp_d[None, :] * svs_d, mask=v_quant[:, None], other=0.0)
-        mn = tl.load(vm + t[:, None] * svm_t + vgrp_d[None, :] * svm_d, mask=v_quant[:, None], other=0.0)
+        byte = tl.load(vc + t[:, None] * svc_t + nb[None, :], mask=v_quant[:, None], other=0)
+        scale = tl.reshape(tl.broadcast_to(v_scale[:, :, None], (BLOCK_T, D // G, G)), (BLOCK_T, D))
+        mn = tl.reshape(tl.broadcast_to(v_mn[:, :, None], (BLOCK_T, D // G, G)), (BLOCK_T, D))
         if FP8:
             scale, mn = e4m3_to_f32(scale) * vsup, e4m3_to_f32(mn) * vsup
-        v_res = tl.load(vr + (t[:, None] % R) * svr_t + d[None, :] * svr_d, mask=v_full[:, None], other=0.0)
-        v = tl.where(v_quant[:, None], code.to(tl.float32) * scale.to(tl.float32) + mn.to(tl.float32),
-                     v_res.to(tl.float32))  # (BLOCK_T, D)
+        v_res = tl.load(vr + (t[:, None] % R) * svr_t + d[None, :], mask=v_full[:, None], other=0.0)
+        v = tl.where(v_quant[:, None], _codes(byte, BITS, BLOCK_T, D // PER).to(tl.float32) * scale.to(tl.float32)
+                     + mn.to(tl.float32), v_res.to(tl.float32))  # (BLOCK_T, D)
 
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
         m = m_new
+        held, k_scale, k_mn, v_scale, v_mn = nxt
 
     # Partial results of this split, unnormalised (m = -inf for a split past the length: weight 0
     # in the merge); rows past n_rep are padding and not stored.
@@ -322,17 +362,19 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     H_kv, R = k_res.shape[1], v_res.shape[2]
     n_rep = H // H_kv
     capacity = v_codes.shape[2] + R  # values: packed rows + the ring (see engine/kv/quant.py)
-    # A block holds several (D, BLOCK_T) tiles at once (codes, ranges, residual, result, addresses).
-    # Compiled for sm_90 with 4 warps as a launch specializes it (tools/kernel_resources.py; triton
-    # 3.6 and 3.9), every variant (bits, 8-bit ranges, held rows) at D = 64 and 128 fits 255
-    # registers with no spill at BLOCK_T 16 and 32 (2 programs per SM at D = 128 either way); 64
-    # spills up to ~1.2 KB a thread. 16 is the default until tools/kernel_timing.py times both.
+    # A block holds several (BLOCK_T, D) tiles at once (codes, ranges, residual, result). Compiled
+    # for sm_90 with 4 warps as a launch specializes it (tools/kernel_resources.py; triton 3.6 and
+    # 3.9), every variant (bits, 8-bit ranges, held rows) at D = 128 takes at most 167 registers at
+    # BLOCK_T 16 (3 programs per SM, 28 KB of shared memory each for the pipelined loads) and 182 at
+    # 32 (2-3), no spills; 64 takes 255 and spills a little. 16 is the default until
+    # tools/kernel_timing.py times them.
     block_t = block_t or 16
     assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
     assert bits in (1, 2, 4) and k_codes.shape[-1] * (8 // bits) == D and H % H_kv == 0
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     rows = (k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res)
     assert max(x.stride(2) for x in rows) * capacity < 2 ** 31, "token offsets within a head are int32"
+    assert all(x.stride(3) == 1 for x in rows), "the kernel loads each row as one contiguous run"
 
     if n_splits is None:
         n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * H_kv), triton.cdiv(capacity, MIN_SPLIT_TOKENS)))
@@ -352,8 +394,7 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
         q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, ksup, vsup, m, l, acc,
         sm_scale, pos, n_rep, H_kv, R, split_len,
         q.stride(0), q.stride(1), q.stride(3),
-        *k_codes.stride(), *k_scale.stride(), *k_mn.stride(), *k_res.stride(),
-        *v_codes.stride(), *v_scale.stride(), *v_mn.stride(), *v_res.stride(), hm.stride(0), hm.stride(1),
+        *(st for x in rows for st in x.stride()[:3]), hm.stride(0), hm.stride(1),  # (b, h, t) strides
         HAS_HELD=has_held, FP8=fp8_ranges, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
         num_warps=4,
     )

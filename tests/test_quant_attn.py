@@ -206,6 +206,7 @@ TRITON_CASES = [
     dict(pos=199, H=4, H_kv=2, bits=1, R=128),  # R=128: one key block, ring wrapped past slot 0
     dict(pos=129, B=2, H=6, H_kv=2, bits=2, G=32, R=64, block_t=16, n_splits=3),  # batch of 2, 3 splits
     dict(pos=199, H=2, H_kv=2, bits=4, R=64, block_t=32, n_splits=4),  # several splits, partial last block
+    dict(pos=150, H=4, H_kv=2, G=16, R=32, bits=2, held=2, block_t=32, n_splits=2),  # key groups < a block
     dict(pos=127, H=3, H_kv=1, bits=2, R=64, block_t=16, n_splits=5),  # both residuals full, ring at slot 0
     dict(pos=128, H=4, H_kv=2, D=128, bits=1, R=128),  # the first key block just packed: 1 residual key
     dict(pos=0, R=64, held=1),  # the only token is held: every split is empty

@@ -58,10 +58,10 @@ def _quant_decode_ints(bits: int, group: int) -> dict:
     per, cap = 8 // bits, T + R  # capacity: packed rows + the ring
     split = triton.cdiv(triton.cdiv(cap, 64), 16) * 16  # 64 splits (512 programs / 8 heads), blocks of 16
     return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,
-                **strides("skc", 1, H_KV, T, D // per), **strides("sks", 1, H_KV, T // group, D),
-                **strides("skm", 1, H_KV, T // group, D), **strides("skr", 1, H_KV, R, D),
-                **strides("svc", 1, H_KV, T, D // per), **strides("svs", 1, H_KV, T, D // group),
-                **strides("svm", 1, H_KV, T, D // group), **strides("svr", 1, H_KV, R, D),
+                **strides("skc", 1, H_KV, T, D // per, last=False), **strides("sks", 1, H_KV, T // group, D, last=False),
+                **strides("skm", 1, H_KV, T // group, D, last=False), **strides("skr", 1, H_KV, R, D, last=False),
+                **strides("svc", 1, H_KV, T, D // per, last=False), **strides("svs", 1, H_KV, T, D // group, last=False),
+                **strides("svm", 1, H_KV, T, D // group, last=False), **strides("svr", 1, H_KV, R, D, last=False),
                 shm_b=H_KV * T // 8, shm_h=T // 8)
 
 
@@ -96,6 +96,8 @@ def _specs() -> list[tuple]:
                 g = 32 if fp8 else 64
                 out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=held, FP8=fp8, BITS=bits, G=g, D=D, NREP_PAD=16,
                                                              BLOCK_T=16), dict(num_warps=4), _quant_decode_ints(bits, g)))
+    out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=True, FP8=True, BITS=1, G=16, D=D, NREP_PAD=16, BLOCK_T=32),
+                dict(num_warps=4), _quant_decode_ints(1, 16)))  # key groups smaller than a block; 1 bit
     for per_channel in (False, True):
         out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
                     dict(D=128, GROUP=32, BITS=4, PER=2, LEVELS=15, PER_CHANNEL=per_channel, BLOCK_T=32, BLOCK_B=64),
