@@ -99,11 +99,14 @@ def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: i
 @triton.jit
 def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v, ks_ptr, km_ptr, vs_ptr, vm_ptr,
                         K, M, N_DST, offset, N_BLK, N_ITEMS,
-                        D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, CODES: tl.constexpr):
+                        D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, CODES: tl.constexpr,
+                        STAGES: tl.constexpr):
     # Work item i = one (batch, KV head) bh x its block blk of BLOCK entries, bh = i // N_BLK.
     # Program p takes items p, p + P, p + 2P, ... (P programs): with one program per item it runs
     # once; with a few programs (`programs=`) each walks many items and the rest of the GPU is free.
-    for i in range(tl.program_id(0), N_ITEMS, tl.num_programs(0)):
+    # num_stages: Triton pipelines a loop's loads only where a dot consumes them, unless told; told,
+    # a program keeps the rows of STAGES - 1 items in flight (cp.async into shared memory), not one.
+    for i in tl.range(tl.program_id(0), N_ITEMS, tl.num_programs(0), num_stages=STAGES):
         bh, blk = i // N_BLK, i % N_BLK
         j = blk * BLOCK + tl.arange(0, BLOCK)
         want = tl.load(want_ptr + bh * K + j, mask=j < K, other=0) != 0
@@ -127,14 +130,16 @@ def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v,
 
 
 def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
-                       ranges=None) -> None:
+                       ranges=None, stages: int = 3) -> None:
     """programs: how many programs (each on one SM) walk the blocks of 32 entries; 0 = one per
     block, as many as the GPU will run at once. Why cap it: a fetch on the side stream is meant to
     hide behind the weight-bound kernels of the compute stream, but a program reading host memory
     mostly waits on PCIe latency while it holds its SM; spread over every SM it delays the very
     kernels it should hide behind. A few programs, each keeping a block's 32 K and V rows (16 KiB at
     head_dim 128, bfloat16) in flight, may still fill PCIe: 8 programs x 16 KiB per ~1.5 us round
-    trip ~ 90 GB/s. Whether they do, and what overlap that buys, is for tools/offload_gpu.py."""
+    trip ~ 90 GB/s, and more with the loop pipelined (`stages`: 1 = not; compiled for sm_90 with 3,
+    each program's loop issues 11-23 asynchronous copies). Whether they do, and what overlap that
+    buys, is for tools/offload_gpu.py and tools/kernel_timing.py."""
     B, H_kv, K = tokens.shape
     D = src_k.shape[1]
     if D & (D - 1) or not dst_k.is_contiguous() or not dst_v.is_contiguous():
@@ -150,14 +155,14 @@ def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset
     ks, km, vs, vm = (t.contiguous() for t in ranges) if ranges else (dst_k,) * 4  # unread without codes
     _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, ks, km, vs, vm, K,
                               src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset, n_blk, n_items,
-                              D=D, BLOCK=BLOCK, SLOTS=slots is not None, CODES=ranges is not None)
+                              D=D, BLOCK=BLOCK, SLOTS=slots is not None, CODES=ranges is not None, STAGES=stages)
 
 
 def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
-                ranges=None) -> None:
+                ranges=None, stages: int = 3) -> None:
     D = src_k.shape[1]
     if use_triton(dst_k) and not D & (D - 1) and dst_k.is_contiguous() and dst_v.is_contiguous():
-        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, ranges)
+        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, ranges, stages)
     else:
         gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, ranges)
 
@@ -183,15 +188,15 @@ def release_pinned_cache() -> None:
 
 class RowFetcher:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device, programs: int = 0,
-                 host: str = "model"):
+                 host: str = "model", stages: int = 3):
         """k, v: (B, H_kv, M, D) on any device; copied to host memory once (prefill). programs: the
         overlapped (side-stream) copies' program cap (gather_rows_triton); 0 = none. A copy on the
         critical path always takes the whole GPU. host: "model" (k and v as they are) or "8bit"
-        (codes; the ranges stay on the device)."""
+        (codes; the ranges stay on the device). stages: the copy loop's pipeline depth (1 = none)."""
         if host not in HOST:
             raise ValueError(f"host store must be one of {', '.join(HOST)}, got {host!r}")
         self.device = torch.device(device)
-        self.programs = programs
+        self.programs, self.stages = programs, stages
         self.cuda = self.device.type == "cuda"
         B, H_kv, M, D = k.shape
         self.ranges = None  # (k_step, k_min, v_step, v_min) with 8-bit codes, each (B*H_kv, D)
@@ -227,7 +232,8 @@ class RowFetcher:
     def copy(self, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
         """fetch's copy on the current stream, on at most `programs` programs (0: no cap)."""
         self._rows_copied += wanted.sum()
-        gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, self.ranges)
+        gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, self.ranges,
+                    self.stages)
 
     @contextlib.contextmanager
     def side(self, *inputs: torch.Tensor | None):

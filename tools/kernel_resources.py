@@ -57,11 +57,10 @@ def _quant_decode_ints(bits: int, group: int) -> dict:
     """kernels/quant_attn.py's launch: its cache tensors' strides (layout in its docstring)."""
     per, cap = 8 // bits, T + R  # capacity: packed rows + the ring
     split = triton.cdiv(triton.cdiv(cap, 64), 16) * 16  # 64 splits (512 programs / 8 heads), blocks of 16
+    shapes = dict(skc=(T, D // per), sks=(T // group, D), skm=(T // group, D), skr=(R, D),
+                  svc=(T, D // per), svs=(T, D // group), svm=(T, D // group), svr=(R, D))  # (rows, row length)
     return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,
-                **strides("skc", 1, H_KV, T, D // per, last=False), **strides("sks", 1, H_KV, T // group, D, last=False),
-                **strides("skm", 1, H_KV, T // group, D, last=False), **strides("skr", 1, H_KV, R, D, last=False),
-                **strides("svc", 1, H_KV, T, D // per, last=False), **strides("svs", 1, H_KV, T, D // group, last=False),
-                **strides("svm", 1, H_KV, T, D // group, last=False), **strides("svr", 1, H_KV, R, D, last=False),
+                **{k: v for name, shape in shapes.items() for k, v in strides(name, 1, H_KV, *shape, last=False).items()},
                 shm_b=H_KV * T // 8, shm_h=T // 8)
 
 
@@ -115,7 +114,7 @@ def _specs() -> list[tuple]:
         src = U8 if codes else BF16  # the host store: 8-bit codes (widened with float32 ranges) or values
         out.append((_gather_rows_kernel, dict(src_k=src, src_v=src, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
                                               dst_k=BF16, dst_v=BF16, ks_ptr=F32, km_ptr=F32, vs_ptr=F32, vm_ptr=F32),
-                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes), {},  # budget 2048: 1968 rows to fetch
+                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes, STAGES=3), {},  # budget 2048: 1968 rows
                     dict(K=1968, M=T, N_DST=2048, offset=16, N_BLK=62, N_ITEMS=H_KV * 62)))
     for chunk in (1, 16):
         for reuse in (False, True):

@@ -13,7 +13,8 @@ Ops (torch reference -> Triton):
 
 Then OffloadKV's zero-copy gather (kernels/prefetch.py) of one layer's selection at budget 2048
 (1968 rows per KV head, none held: what random weights give) with the overlapped copy capped to
-`programs` (0 = one per 32 rows, every SM), from a host store of bfloat16 values or of 8-bit codes
+`programs` (0 = one per 32 rows, every SM), its loop pipelined `stages` deep (1 = not), from a
+host store of bfloat16 values or of 8-bit codes
 (`host="8bit"`): the copy alone (and its PCIe GB/s), one layer's weight GEMVs alone (Llama-3.1-8B:
 Wqkv, Wo, W1|W3, W2 times one token), and both, the copy on the side stream as the decode step
 issues it. hidden = (copy + GEMVs - both) / min(copy, GEMVs): 1 when the
@@ -95,14 +96,15 @@ def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
     t_gemv = graph_us(gemvs, replays)
     print(f"\nOne layer's copy at budget 2048 (1968 rows per KV head from pinned host memory) beside one "
           f"layer's weight GEMVs ({sum(w.numel() for w in weights) * 2 / 2**20:.0f} MiB): {t_gemv:.1f} µs alone\n")
-    print("| host store | copy programs | MiB | copy µs | copy GB/s | copy + GEMVs µs | hidden |\n"
-          "|---|---|---|---|---|---|---|")
-    for host, programs in (("model", 0), ("model", 4), ("model", 8), ("model", 16), ("model", 32), ("8bit", 0),
-                           ("8bit", 8)):
-        f = RowFetcher(kv, kv, "cuda", programs, host)
+    print("| host store | copy programs | stages | MiB | copy µs | copy GB/s | copy + GEMVs µs | hidden |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for host, programs, stages in (("model", 0, 3), ("model", 4, 3), ("model", 8, 3), ("model", 8, 1),
+                                   ("model", 16, 3), ("model", 32, 3), ("model", 32, 1), ("8bit", 0, 3),
+                                   ("8bit", 8, 3)):
+        f = RowFetcher(kv, kv, "cuda", programs, host, stages)
         moved = 2 * H * k * D * f.host_k.element_size()  # K and V rows as stored
         t_copy = graph_us(lambda: gather_rows(f.src_k, f.src_v, tokens, wanted, None, dst, dst, 0, programs,
-                                              f.ranges), replays)
+                                              f.ranges, stages), replays)
 
         def both():
             f.fetch(tokens, wanted, None, dst, dst, 0, overlap=True)
@@ -111,7 +113,8 @@ def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
 
         t_both = graph_us(both, replays)
         hidden_share = (t_copy + t_gemv - t_both) / min(t_copy, t_gemv)
-        print(f"| {host} | {programs or 'all'} | {moved / 2**20:.1f} | {t_copy:.1f} | {moved / t_copy / 1e3:.1f} | "
+        print(f"| {host} | {programs or 'all'} | {stages} | {moved / 2**20:.1f} | {t_copy:.1f} | "
+              f"{moved / t_copy / 1e3:.1f} | "
               f"{t_both:.1f} | {hidden_share:.0%} |", flush=True)
         del f
 
@@ -150,9 +153,10 @@ def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) 
         nbytes = sum(t.numel() * t.element_size() for t in store)
         for block_t in (16, 32):
             for splits in (32, 64, 128):  # the default: 64 (512 programs over 8 heads)
-                row(f"quant {bits}-bit, {scales} ranges", block_t, splits, nbytes, lambda: quant_decode_attention_triton(
-                    q, *store[:8], pos, p.bits, p.group, k_held=p.k_held, v_held=p.v_held, held_mask=p.held_mask,
-                    k_sup=p.k_sup, v_sup=p.v_sup, n_splits=splits, block_t=block_t))
+                row(f"quant {bits}-bit, {scales} ranges", block_t, splits, nbytes,
+                    lambda: quant_decode_attention_triton(q, *store[:8], pos, p.bits, p.group, k_held=p.k_held,
+                                                          v_held=p.v_held, held_mask=p.held_mask, k_sup=p.k_sup,
+                                                          v_sup=p.v_sup, n_splits=splits, block_t=block_t))
         del p, store
 
 
