@@ -130,16 +130,17 @@ def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v,
 
 
 def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
-                       ranges=None, stages: int = 3) -> None:
+                       ranges=None, stages: int = 1) -> None:
     """programs: how many programs (each on one SM) walk the blocks of 32 entries; 0 = one per
     block, as many as the GPU will run at once. Why cap it: a fetch on the side stream is meant to
     hide behind the weight-bound kernels of the compute stream, but a program reading host memory
     mostly waits on PCIe latency while it holds its SM; spread over every SM it delays the very
     kernels it should hide behind. A few programs, each keeping a block's 32 K and V rows (16 KiB at
     head_dim 128, bfloat16) in flight, may still fill PCIe: 8 programs x 16 KiB per ~1.5 us round
-    trip ~ 90 GB/s, and more with the loop pipelined (`stages`: 1 = not; compiled for sm_90 with 3,
-    each program's loop issues 11-23 asynchronous copies). Whether they do, and what overlap that
-    buys, is for tools/offload_gpu.py and tools/kernel_timing.py."""
+    trip ~ 90 GB/s, and more with the loop pipelined (`stages` > 1; compiled for sm_90 with 3, each
+    program's loop issues 11-23 asynchronous copies, cp.async, which have yet to run from pinned
+    host memory: so 1 until tools/kernel_timing.py has timed both). Whether they do, and what
+    overlap that buys, is for tools/offload_gpu.py and tools/kernel_timing.py."""
     B, H_kv, K = tokens.shape
     D = src_k.shape[1]
     if D & (D - 1) or not dst_k.is_contiguous() or not dst_v.is_contiguous():
@@ -159,7 +160,7 @@ def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset
 
 
 def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
-                ranges=None, stages: int = 3) -> None:
+                ranges=None, stages: int = 1) -> None:
     D = src_k.shape[1]
     if use_triton(dst_k) and not D & (D - 1) and dst_k.is_contiguous() and dst_v.is_contiguous():
         gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, ranges, stages)
@@ -188,7 +189,7 @@ def release_pinned_cache() -> None:
 
 class RowFetcher:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, device: torch.device, programs: int = 0,
-                 host: str = "model", stages: int = 3):
+                 host: str = "model", stages: int = 1):
         """k, v: (B, H_kv, M, D) on any device; copied to host memory once (prefill). programs: the
         overlapped (side-stream) copies' program cap (gather_rows_triton); 0 = none. A copy on the
         critical path always takes the whole GPU. host: "model" (k and v as they are) or "8bit"

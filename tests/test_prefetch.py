@@ -46,6 +46,33 @@ def test_cuda_fetch_equals_synchronous_copy(programs, host):
     assert f.bytes_copied == int(wanted.sum()) * 2 * 128 * (4 if host == "model" else 1)
 
 
+PINNED_STAGES = r"""
+import torch
+from kernels.prefetch import RowFetcher
+g = torch.Generator().manual_seed(0)
+k, v = (torch.randn(1, 8, 4096, 128, generator=g).to(torch.bfloat16) for _ in range(2))
+tokens = torch.rand(1, 8, 4096, generator=g).topk(500, -1).indices.sort(-1).values.cuda()
+wanted = (torch.rand(1, 8, 500, generator=g) < 0.7).cuda()
+got = []
+for stages in (1, 3):
+    f = RowFetcher(k, v, "cuda", programs=4, stages=stages)
+    dk, dv = (torch.zeros(1, 8, 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    f.fetch(tokens, wanted, None, dk, dv, 0, overlap=True)
+    f.wait()
+    torch.cuda.synchronize()
+    got.append((dk, dv))
+same = torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]) and got[0][0].ne(0).any()
+print("cases failed:", int(not same))
+"""
+
+
+@cuda
+def test_cuda_pipelined_fetch_from_pinned_memory():
+    """The copy loop pipelined (cp.async) reading pinned host memory == not pipelined. In its own
+    process: should the GPU refuse such a copy from host memory, the CUDA context dies with it."""
+    check_compiled(PINNED_STAGES)
+
+
 @cuda
 def test_cuda_copy_overlaps_compute():
     """Events on both streams: a side-stream fetch capped to 8 programs (OffloadKV's copy_programs)
@@ -97,10 +124,11 @@ for B, H_kv, M, D, K, n, off, dt in [(1, 2, 50, 32, 20, 40, 3, torch.float32), (
             ranges = None
         for s in (slots, None):  # None: entry j goes to slot j
             # programs 0: one per block of 32 entries; 1 and 3: each program walks several blocks
-            # (and heads), as a side-stream copy capped to a few SMs does
-            for programs in (0, 1, 3):
+            # (and heads), as a side-stream copy capped to a few SMs does; that loop pipelined or not
+            for programs, stages in ((0, 1), (1, 1), (3, 1), (3, 3)):
                 out = []
-                for fn in (gather_rows_ref, lambda *a, **kw: gather_rows_triton(*a, programs=programs, **kw)):
+                for fn in (gather_rows_ref, lambda *a, **kw: gather_rows_triton(*a, programs=programs, stages=stages,
+                                                                               **kw)):
                     dk, dv = (torch.zeros(B, H_kv, n, D, device=DEV, dtype=dt) for _ in range(2))
                     fn(src_k, src_v, tokens, wanted, s, dk, dv, off, ranges=ranges)
                     out.append((dk, dv))
@@ -112,7 +140,7 @@ for B, H_kv, M, D, K, n, off, dt in [(1, 2, 50, 32, 20, 40, 3, torch.float32), (
                     if codes and (DEV != "cpu" or dt == torch.bfloat16) else torch.equal
                 if not (same(out[0][0], out[1][0]) and same(out[0][1], out[1][1])) or out[0][0].eq(0).all():
                     bad += 1
-                    print("MISMATCH", B, H_kv, M, D, K, s is None, programs, codes)
+                    print("MISMATCH", B, H_kv, M, D, K, s is None, programs, stages, codes)
 print("cases failed:", bad)
 """
 

@@ -11,21 +11,21 @@ Ops (torch reference -> Triton):
                  rounding of the 9 byte pairs vs the one quantize kernel
   pack keys      a 128-token key block, the same (the flush every `residual` steps)
 
-Then OffloadKV's zero-copy gather (kernels/prefetch.py) of one layer's selection at budget 2048
-(1968 rows per KV head, none held: what random weights give) with the overlapped copy capped to
-`programs` (0 = one per 32 rows, every SM), its loop pipelined `stages` deep (1 = not), from a
-host store of bfloat16 values or of 8-bit codes
-(`host="8bit"`): the copy alone (and its PCIe GB/s), one layer's weight GEMVs alone (Llama-3.1-8B:
-Wqkv, Wo, W1|W3, W2 times one token), and both, the copy on the side stream as the decode step
-issues it. hidden = (copy + GEMVs - both) / min(copy, GEMVs): 1 when the
-shorter one hides entirely behind the other, 0 when they run one after the other.
-
-Last, decode attention over one layer's cache at a 128k-token context: the FullKV kernel
+Then decode attention over one layer's cache at a 128k-token context: the FullKV kernel
 (kernels/dense_attn.py) and the QuantKV kernel (kernels/quant_attn.py) over a real QuantKV store
 (4-bit with bfloat16 ranges and 2-bit with 8-bit ranges, each with its held tokens: the defaults),
 at each BLOCK_T and split count tried, as GB/s of the bytes the kernel reads next to the
 device-to-device copy rate of the same run. Goal: near the copy rate (issue 11); the best row says
 which launch parameters the kernels should default to.
+
+Last, OffloadKV's zero-copy gather (kernels/prefetch.py) of one layer's selection at budget 2048
+(1968 rows per KV head, none held: what random weights give) with the overlapped copy capped to
+`programs` (0 = one per 32 rows, every SM), its loop pipelined `stages` deep (1 = not), from a
+host store of bfloat16 values or of 8-bit codes (`host="8bit"`): the copy alone (and its PCIe
+GB/s), one layer's weight GEMVs alone (Llama-3.1-8B: Wqkv, Wo, W1|W3, W2 times one token), and
+both, the copy on the side stream as the decode step issues it. hidden = (copy + GEMVs - both) /
+min(copy, GEMVs): 1 when the shorter one hides entirely behind the other, 0 when they run one
+after the other.
 """
 from __future__ import annotations
 
@@ -189,8 +189,8 @@ def main() -> None:
     for i in range(0, len(rows), 2):
         (op, _, t_ref), (_, _, t_tri) = rows[i], rows[i + 1]
         print(f"| {op} | {t_ref:.1f} | {t_tri:.1f} | {t_ref / t_tri:.1f}x |")
-    copy_overlap(H, D, a.replays, gen)
     attention(a.replays)
+    copy_overlap(H, D, a.replays, gen)  # last: its pipelined rows are the first cp.async from pinned host memory
 
 
 if __name__ == "__main__":
