@@ -110,11 +110,12 @@ def _specs() -> list[tuple]:
                     dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {},  # N: chunks of 16 tokens, C=8 channels
                     dict(N=T // 16, H_KV=H_KV, s_qb=N_REP * H_KV * D, s_qh=D, s_sb=H_KV * T // 16 * 8, s_sh=T // 16 * 8,
                          s_sm=8, s_cb=H_KV * 8, s_ch=8, s_ob=H_KV * T // 16, s_oh=T // 16)))
-    for slots, codes in ((False, False), (True, False), (False, True)):
+    for slots, codes, stages in ((False, False, 1), (True, False, 1), (False, True, 1), (False, False, 3),
+                                 (True, False, 3), (False, True, 3)):
         src = U8 if codes else BF16  # the host store: 8-bit codes (widened with float32 ranges) or values
         out.append((_gather_rows_kernel, dict(src_k=src, src_v=src, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
                                               dst_k=BF16, dst_v=BF16, ks_ptr=F32, km_ptr=F32, vs_ptr=F32, vm_ptr=F32),
-                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes, STAGES=3), {},  # budget 2048: 1968 rows
+                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes, STAGES=stages), {},  # budget 2048: 1968 rows
                     dict(K=1968, M=T, N_DST=2048, offset=16, N_BLK=62, N_ITEMS=H_KV * 62)))
     for chunk in (1, 16):
         for reuse in (False, True):
@@ -165,8 +166,8 @@ def resources(compiled) -> tuple[int, int]:
 
 
 def main() -> None:
-    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "CHUNK", "REUSE", "BLOCK",
-                "BLOCK_T", "BLOCK_B")
+    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "STAGES", "CHUNK", "REUSE",
+                "BLOCK", "BLOCK_T", "BLOCK_B")
     print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
     print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")
     for fn, ptrs, consts, options, ints in SPECS:
