@@ -1,4 +1,4 @@
-"""Decode attention over the packed KIVI cache (kernels/quant_attn.py).
+"""Decode attention over the packed KIVI cache (kernels/quant_attn.py, kernels/quant_attn_triton.py).
 
 The reference is checked against dense attention on K/V dequantized here, independently (own packing,
 own dequantization); the Triton kernel is checked against the reference under TRITON_INTERPRET=1 in a
@@ -221,7 +221,7 @@ TRITON_CASES = [
 def run_triton_cases(device: str = "cpu") -> int:
     """Compare the kernel with the reference on every case, tensors on `device` (on a GPU strided
     views arrive as contiguous copies); print each failure, return their number."""
-    from kernels.quant_attn import quant_decode_attention_triton
+    from kernels.quant_attn_triton import quant_decode_attention_triton
     failures = 0
     for i, case in enumerate(TRITON_CASES):
         kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}  # launch options, not the cache's

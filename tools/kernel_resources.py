@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.dense_attn import _dense_decode_kernel  # noqa: E402
 from kernels.pack import _quant_channel_kernel, _quant_token_kernel, _unpack_kernel  # noqa: E402
 from kernels.prefetch import _gather_rows_kernel  # noqa: E402
-from kernels.quant_attn import _quant_decode_kernel  # noqa: E402
+from kernels.quant_attn_triton import _quant_decode_kernel  # noqa: E402
 from kernels.slots import _assign_kernel  # noqa: E402
 from kernels.sparse_attn import _approx_scores_kernel  # noqa: E402
 
@@ -54,9 +54,9 @@ def strides(prefix: str, *shape: int, last: bool = True) -> dict:
 
 
 def _quant_decode_ints(bits: int, group: int) -> dict:
-    """kernels/quant_attn.py's launch: its cache tensors' strides (layout in its docstring)."""
+    """kernels/quant_attn_triton.py's launch: its cache tensors' strides (layout in its docstring)."""
     per, cap = 8 // bits, T + R  # capacity: packed rows + the ring
-    split = triton.cdiv(triton.cdiv(cap, 64), 16) * 16  # 64 splits (512 programs / 8 heads), blocks of 16
+    split = triton.cdiv(triton.cdiv(cap, 50), 16) * 16  # 50 splits (3 programs on each of 132 SMs), blocks of 16
     shapes = dict(skc=(T, D // per), sks=(T // group, D), skm=(T // group, D), skr=(R, D),
                   svc=(T, D // per), svs=(T, D // group), svm=(T, D // group), svr=(R, D))  # (rows, row length)
     return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,

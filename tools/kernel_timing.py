@@ -12,7 +12,7 @@ Ops (torch reference -> Triton):
   pack keys      a 128-token key block, the same (the flush every `residual` steps)
 
 Then decode attention over one layer's cache at a 128k-token context: the FullKV kernel
-(kernels/dense_attn.py) and the QuantKV kernel (kernels/quant_attn.py) over a real QuantKV store
+(kernels/dense_attn.py) and the QuantKV kernel (kernels/quant_attn_triton.py) over a real QuantKV store
 (4-bit with bfloat16 ranges and 2-bit with 8-bit ranges, each with its held tokens: the defaults),
 at each BLOCK_T and split count tried, as GB/s of the bytes the kernel reads next to the
 device-to-device copy rate of the same run. Goal: near the copy rate (issue 11); the best row says
@@ -41,7 +41,7 @@ from engine.config import preset  # noqa: E402
 from engine.kv.quant import QuantKV  # noqa: E402
 from kernels.dense_attn import dense_decode_attention_triton  # noqa: E402
 from kernels.fp8 import quantize_pack_fp8_ref, superscale  # noqa: E402
-from kernels.quant_attn import quant_decode_attention_triton  # noqa: E402
+from kernels.quant_attn_triton import quant_decode_attention_triton  # noqa: E402
 from kernels.pack import quantize_pack_triton  # noqa: E402
 from kernels.prefetch import RowFetcher, gather_rows  # noqa: E402
 from kernels.slots import assign_slots_ref, assign_slots_triton  # noqa: E402
@@ -136,7 +136,7 @@ def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) 
 
     def row(name, block_t, splits, nbytes, fn):
         t = timer(fn, replays)
-        print(f"| {name} | {block_t} | {splits} | {nbytes / 2**20:.0f} | {t:.1f} | {nbytes / t / 1e3:.0f} | "
+        print(f"| {name} | {block_t} | {splits or 'default'} | {nbytes / 2**20:.0f} | {t:.1f} | {nbytes / t / 1e3:.0f} | "
               f"{nbytes / t / 1e3 / copy_gbs:.0%} |", flush=True)
 
     length = torch.tensor([T], device=dev)
@@ -152,7 +152,7 @@ def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) 
                  p.held_mask)
         nbytes = sum(t.numel() * t.element_size() for t in store)
         for block_t in (16, 32):
-            for splits in (32, 64, 128):  # the default: 64 (512 programs over 8 heads)
+            for splits in (None, 32, 64, 128):  # None: the default (3 programs per SM: 50 splits on 132 SMs)
                 row(f"quant {bits}-bit, {scales} ranges", block_t, splits, nbytes,
                     lambda: quant_decode_attention_triton(q, *store[:8], pos, p.bits, p.group, k_held=p.k_held,
                                                           v_held=p.v_held, held_mask=p.held_mask, k_sup=p.k_sup,

@@ -27,7 +27,7 @@ attention, and its outlier key would stretch the min/max of its whole key group)
 holds f x prompt more per KV head: the ones the prompt's last 32 queries attend to most (SnapKV's
 window scores, summed over the group's query heads), i.e. the heavy hitters the answer will read,
 such as the question and what it asks about. Their rows cost 2 D elements each; a bit mask over the
-positions tells the kernels which store entries to skip (kernels/quant_attn.py), and before packing
+positions tells the kernels which store entries get no weight (kernels/quant_attn.py), and before packing
 a held key is replaced by the mean of its group's other keys, so it widens no range. Measured on
 the default model (relative attention-output error, rotate kv + clip v; pass-key prompts of 2k
 tokens with 8 answer queries / 4k tokens of GPL-3 with 64 teacher-forced queries): at 2 bits 0.147 /
