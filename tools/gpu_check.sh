@@ -4,7 +4,7 @@
 # not stop the next. Everything goes to $OUT/gpu_check.log (plus the bench JSON files), so what a
 # step printed comes back even when the whole command is cut short.
 #
-#   bash tools/gpu_check.sh tests capped    # the first run: 7.2 minutes at most (timeout_s 450)
+#   bash tools/gpu_check.sh tests capped    # the first run: 7.5 minutes at most (timeout_s 470)
 #   bash tools/gpu_check.sh full kernels    # the second, at once: 4.8 minutes at most (timeout_s 310)
 #   bash tools/gpu_check.sh offload         # the third, if device time is left: 185 s (timeout_s 200)
 #   bash tools/gpu_check.sh overlap         # if device time is still left: 90 s
@@ -16,7 +16,7 @@
 #
 # Steps (limits in seconds, first-launch kernel compiles included; random:llama-3.1-8b in
 # bfloat16, 128k-token prompts):
-#   tests   160  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
+#   tests   180  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
 #                the CPU path for every policy, the zero-copy fetch, chunked prefill, the memory cap
 #   capped  270  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
@@ -63,7 +63,7 @@ peer_path() {  # the peers' wheels (tools/peer_wheels.sh), when carried, install
 
 run() {
     case $1 in
-    tests) step tests 160 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
+    tests) step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
         tests/test_quant_attn.py tests/test_graphs.py tests/test_offloadkv.py tests/test_prefetch.py \
         tests/test_prefill_chunks.py tests/test_devices.py -k "cuda or compiled or gpu" ;;
     capped) step capped 270 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
