@@ -1,9 +1,9 @@
 """The Triton kernel of kernels/quant_attn.py (whose docstring gives the cache layout, the token
 ranges that follow from the position, and the held tokens): decode attention over a KIVI-style
 quantized KV cache, dequantizing in registers, never materialising dequantized K/V. Each program
-loads packed tiles of one (batch, KV head) and one split of the tokens, dequantizes them and runs
-flash-decoding (online softmax) for all query heads of the group; a small torch step merges the
-splits. How its loads are laid out so that Triton pipelines them, and what that costs in
+loads packed tiles of one (batch, KV head) and one split of the tokens (and its share of the
+held tokens' full-precision rows), dequantizes them and runs flash-decoding (online softmax) for
+all query heads of the group; a small torch step merges the splits. How its loads are laid out so that Triton pipelines them, and what that costs in
 registers, is in the kernel's comments; tools/kernel_resources.py compiles it, tools/kernel_timing.py
 times it, tests/test_quant_attn.py checks it against quant_decode_attention_ref.
 """
@@ -71,18 +71,34 @@ def _block_extras(t0, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t, svs_
 
 
 @triton.jit
+def _attend_block(m, l, acc, s, v):
+    """One block of flash-decoding: scores s (NREP_PAD, BLOCK_T), -inf where a token does not count,
+    and its values v (BLOCK_T, D) folded into the running max m, sum l and weighted sum acc."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
+    alpha = tl.exp(m - m_ref)  # rescales what was summed under the old max (0 on the first block)
+    p = tl.exp(s - m_ref[:, None])  # (NREP_PAD, BLOCK_T)
+    # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _quant_decode_kernel(
-    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, KSUP, VSUP, M_out, L_out, Acc_out,
-    sm_scale, POS, n_rep, H_kv, R, split_len,
+    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, KH, VH, KSUP, VSUP, M_out, L_out, Acc_out,
+    sm_scale, POS, n_rep, H_kv, R, split_len, S, s_split,
     sq_b, sq_h, sq_d,
     skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, skm_b, skm_h, skm_t, skr_b, skr_h, skr_t,
     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, svm_b, svm_h, svm_t, svr_b, svr_h, svr_t, shm_b, shm_h,
+    skh_b, skh_h, skh_t, svh_b, svh_h, svh_t,
     HAS_HELD: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
     the group: every K/V tile is read and dequantized once and used by the whole group. The cache
-    tensors' innermost stride is 1 (the wrapper checks): rows are loaded as contiguous runs."""
+    tensors' innermost stride is 1 (the wrapper checks): rows are loaded as contiguous runs. With
+    held tokens (S of them per head, full-precision rows KH, VH), split i also attends held rows
+    [i * s_split, (i + 1) * s_split): no split of its own, no launch of its own."""
     PER: tl.constexpr = 8 // BITS
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // H_kv).to(tl.int64), (pid_bh % H_kv).to(tl.int64)  # int64: big caches overflow int32
@@ -140,14 +156,8 @@ def _quant_decode_kernel(
         k = tl.where(k_quant[:, None], _codes(byte, BITS, BLOCK_T, D // PER).to(tl.float32) * scale.to(tl.float32)
                      + mn.to(tl.float32), k_res.to(tl.float32))  # (BLOCK_T, D)
 
-        # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
         s = tl.where(attend[None, :], s, float("-inf"))  # exp(-inf) = 0: no weight on v either
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
-        alpha = tl.exp(m - m_ref)  # rescales what was summed under the old max (0 on the first block)
-        p = tl.exp(s - m_ref[:, None])  # (NREP_PAD, BLOCK_T)
-        l = l * alpha + tl.sum(p, axis=1)
 
         # V tile (BLOCK_T, D): packed codes for t < n_vq, the ring slot t % R after; each range of
         # a row's D // G groups is spread over the group's G channels.
@@ -162,10 +172,18 @@ def _quant_decode_kernel(
         v = tl.where(v_quant[:, None], _codes(byte, BITS, BLOCK_T, D // PER).to(tl.float32) * scale + mn,
                      v_res.to(tl.float32))  # (BLOCK_T, D)
         v = tl.where(attend[:, None], v, 0.0)  # a held token's entry, even inf, adds 0 (not 0 * inf)
-
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-        m = m_new
+        m, l, acc = _attend_block(m, l, acc, s, v.to(q.dtype))
         held, k_scale, k_mn, v_scale, v_mn = nxt
+
+    if HAS_HELD:  # this split's share of the held rows: more tokens of the same softmax, exact
+        kh, vh = KH + b * skh_b + hk * skh_h, VH + b * svh_b + hk * svh_h
+        for start in range(0, s_split, BLOCK_T):
+            j = pid_s * s_split + start + tl.arange(0, BLOCK_T)
+            ok = j < S
+            k = tl.load(kh + j[:, None] * skh_t + d[None, :], mask=ok[:, None], other=0.0)  # (BLOCK_T, D)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * sm_scale
+            v = tl.load(vh + j[:, None] * svh_t + d[None, :], mask=ok[:, None], other=0.0)
+            m, l, acc = _attend_block(m, l, acc, tl.where(ok[None, :], s, float("-inf")), v.to(q.dtype))
 
     # Partial results of this split, unnormalised (m = -inf for a split past the length: weight 0
     # in the merge); rows past n_rep are padding and not stored.
@@ -188,10 +206,9 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     capacity = v_codes.shape[2] + R  # values: packed rows + the ring (see engine/kv/quant.py)
     # A block holds several (BLOCK_T, D) tiles at once (codes, ranges, residual, result). Compiled
     # for sm_90 with 4 warps as a launch specializes it (tools/kernel_resources.py; triton 3.6 and
-    # 3.9), every variant (bits, 8-bit ranges, held rows) at D = 128 takes at most 166 registers at
-    # BLOCK_T 16 (3 programs per SM, 28 KB of shared memory each for the pipelined loads) and 193 at
-    # 32 (2), no spills; 64 takes 255 and spills a little. 16 is the default until
-    # tools/kernel_timing.py times them.
+    # 3.9), every variant (bits, 8-bit ranges, held rows) at D = 128 takes at most 168 registers at
+    # BLOCK_T 16 (3 programs per SM, ~28 KB of shared memory each for the pipelined loads) and 248 at
+    # 32 (2), no spills; 64 spills. 16 is the default until tools/kernel_timing.py times them.
     block_t = block_t or 16
     assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
     assert bits in (1, 2, 4) and k_codes.shape[-1] * (8 // bits) == D and H % H_kv == 0
@@ -213,25 +230,22 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     grid = (B * H_kv, n_splits)
     has_held = k_held is not None
     hm = held_mask if has_held else v_codes  # any uint8 tensor: not read without held tokens
+    kh, vh = (k_held, v_held) if has_held else (k_res, v_res)  # not read without held tokens
+    assert kh.stride(3) == 1 and vh.stride(3) == 1, "held rows are loaded as contiguous runs"
+    S = k_held.shape[2] if has_held else 0
+    s_split = triton.cdiv(triton.cdiv(S, n_splits), block_t) * block_t  # whole blocks of held rows a split
     fp8_ranges = k_sup is not None
     assert fp8_ranges == (v_sup is not None) == (k_scale.dtype == torch.uint8) == (v_scale.dtype == torch.uint8)
     ksup, vsup = (k_sup.contiguous(), v_sup.contiguous()) if fp8_ranges else (m, m)  # (B, H_kv); m: unread
     _quant_decode_kernel[grid](
-        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, ksup, vsup, m, l, acc,
-        sm_scale, pos, n_rep, H_kv, R, split_len,
+        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, kh, vh, ksup, vsup, m, l, acc,
+        sm_scale, pos, n_rep, H_kv, R, split_len, S, s_split,
         q.stride(0), q.stride(1), q.stride(3),
         *(st for x in rows for st in x.stride()[:3]), hm.stride(0), hm.stride(1),  # (b, h, t) strides
-        HAS_HELD=has_held, FP8=fp8_ranges, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t,
-        num_warps=4,
+        *kh.stride()[:3], *vh.stride()[:3],
+        HAS_HELD=has_held, FP8=fp8_ranges, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)),
+        BLOCK_T=block_t, num_warps=4,
     )
-    if has_held:  # the held rows are one more split, attended densely here
-        S = k_held.shape[2]
-        qg = q.reshape(B * H_kv, n_rep, D).float()
-        s = torch.matmul(qg, k_held.reshape(B * H_kv, S, D).float().transpose(-1, -2)) * sm_scale  # (BH, n_rep, S)
-        m_s = s.amax(dim=-1)  # (B * H_kv, n_rep)
-        p = torch.exp(s - m_s[..., None])
-        m, l = torch.cat([m, m_s[:, None]], dim=1), torch.cat([l, p.sum(dim=-1)[:, None]], dim=1)  # noqa: E741
-        acc = torch.cat([acc, torch.matmul(p, v_held.reshape(B * H_kv, S, D).float())[:, None]], dim=1)
     # Merge the splits: rescale each one's sums to the global max, then normalise once.
     w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
     out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]  # (B * H_kv, n_rep, D)

@@ -57,9 +57,12 @@ def _quant_decode_ints(bits: int, group: int) -> dict:
     """kernels/quant_attn_triton.py's launch: its cache tensors' strides (layout in its docstring)."""
     per, cap = 8 // bits, T + R  # capacity: packed rows + the ring
     split = triton.cdiv(triton.cdiv(cap, 50), 16) * 16  # 50 splits (3 programs on each of 132 SMs), blocks of 16
+    held = 1 + T // 100  # QuantKV's defaults: 1 sink + 1% heavy hitters
     shapes = dict(skc=(T, D // per), sks=(T // group, D), skm=(T // group, D), skr=(R, D),
-                  svc=(T, D // per), svs=(T, D // group), svm=(T, D // group), svr=(R, D))  # (rows, row length)
-    return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,
+                  svc=(T, D // per), svs=(T, D // group), svm=(T, D // group), svr=(R, D),
+                  skh=(held, D), svh=(held, D))  # (rows, row length)
+    return dict(n_rep=N_REP, H_kv=H_KV, R=R, split_len=split, S=held,
+                s_split=triton.cdiv(triton.cdiv(held, 50), 16) * 16, sq_b=N_REP * H_KV * D, sq_h=D, sq_d=1,
                 **{k: v for name, shape in shapes.items() for k, v in strides(name, 1, H_KV, *shape, last=False).items()},
                 shm_b=H_KV * T // 8, shm_h=T // 8)
 
@@ -90,8 +93,8 @@ def _specs() -> list[tuple]:
         rng = U8 if fp8 else BF16
         for held in (False, True):
             for bits in (2, 4):
-                ptrs = dict(Q=BF16, KC=U8, KS=rng, KM=rng, KR=BF16, VC=U8, VS=rng, VM=rng, VR=BF16, HM=U8, KSUP=F32,
-                            VSUP=F32, M_out=F32, L_out=F32, Acc_out=F32, POS=I64)
+                ptrs = dict(Q=BF16, KC=U8, KS=rng, KM=rng, KR=BF16, VC=U8, VS=rng, VM=rng, VR=BF16, HM=U8, KH=BF16,
+                            VH=BF16, KSUP=F32, VSUP=F32, M_out=F32, L_out=F32, Acc_out=F32, POS=I64)
                 g = 32 if fp8 else 64
                 out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=held, FP8=fp8, BITS=bits, G=g, D=D, NREP_PAD=16,
                                                              BLOCK_T=16), dict(num_warps=4), _quant_decode_ints(bits, g)))
