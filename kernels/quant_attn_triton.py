@@ -3,9 +3,10 @@ ranges that follow from the position, and the held tokens): decode attention ove
 quantized KV cache, dequantizing in registers, never materialising dequantized K/V. Each program
 loads packed tiles of one (batch, KV head) and one split of the tokens (and its share of the
 held tokens' full-precision rows), dequantizes them and runs flash-decoding (online softmax) for
-all query heads of the group; a small torch step merges the splits. How its loads are laid out so that Triton pipelines them, and what that costs in
-registers, is in the kernel's comments; tools/kernel_resources.py compiles it, tools/kernel_timing.py
-times it, tests/test_quant_attn.py checks it against quant_decode_attention_ref.
+all query heads of the group; a small torch step merges the splits. How its loads are laid out
+so that Triton pipelines them, and what that costs in registers, is in the kernel's comments;
+tools/kernel_resources.py compiles it, tools/kernel_timing.py times it, tests/test_quant_attn.py
+checks it against quant_decode_attention_ref.
 """
 from __future__ import annotations
 
