@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import use_triton
+from kernels.splits import merge_splits_triton
 
 TARGET_PROGRAMS = 512  # enough programs to fill a large GPU several times over
 MIN_SPLIT_TOKENS = 256
@@ -113,9 +114,7 @@ def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: in
         q, k, v, length, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t, num_warps=4)
-    w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
-    out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]
-    return out.reshape(B, H, 1, D).to(q.dtype)
+    return merge_splits_triton(m, l, acc, q.dtype).reshape(B, H, 1, D)
 
 
 def runs_triton(t: torch.Tensor, head_dim: int) -> bool:

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.e4m3 import e4m3_to_f32
+from kernels.splits import merge_splits_triton
 
 # Split policy: enough (batch, kv head, split) programs to fill the GPU in one wave, PROGRAMS_PER_SM
 # on each SM at once (the kernel takes <= 168 registers a thread at BLOCK_T 16, tools/kernel_resources.py:
@@ -247,7 +248,4 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
         HAS_HELD=has_held, FP8=fp8_ranges, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)),
         BLOCK_T=block_t, num_warps=4,
     )
-    # Merge the splits: rescale each one's sums to the global max, then normalise once.
-    w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (B * H_kv, n_splits, n_rep)
-    out = (acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]  # (B * H_kv, n_rep, D)
-    return out.reshape(B, H, 1, D).to(q.dtype)
+    return merge_splits_triton(m, l, acc, q.dtype).reshape(B, H, 1, D)  # kernels/splits.py

@@ -34,6 +34,7 @@ from kernels.pack import _quant_channel_kernel, _quant_token_kernel, _unpack_ker
 from kernels.prefetch import _gather_rows_kernel  # noqa: E402
 from kernels.quant_attn_triton import _quant_decode_kernel  # noqa: E402
 from kernels.slots import _assign_kernel  # noqa: E402
+from kernels.splits import _merge_kernel  # noqa: E402
 from kernels.sparse_attn import _approx_scores_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -108,6 +109,9 @@ def _specs() -> list[tuple]:
                 dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
                 dict(n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
                      **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
+    for n_splits in (50, 64):  # the quant and FullKV kernels' splits at 128k (8 KV heads, 132 SMs)
+        out.append((_merge_kernel, dict(M=F32, L=F32, ACC=F32, OUT=BF16), dict(D=D, SPLITS=64, NREP_PAD=4, BLOCK_D=32),
+                    dict(num_warps=4), dict(n_splits=n_splits, n_rep=N_REP)))
     for bounds in (False, True):
         out.append((_approx_scores_kernel, dict(q_ptr=BF16, mn_ptr=BF16, mx_ptr=BF16, ch_ptr=I64, out_ptr=F32),
                     dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {},  # N: chunks of 16 tokens, C=8 channels

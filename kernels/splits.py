@@ -1,0 +1,60 @@
+"""Merging flash-decoding's splits: the last step of both decode-attention kernels
+(kernels/dense_attn.py, kernels/quant_attn_triton.py).
+
+Each split i of a (batch, KV head) leaves, per query head, its running max m_i, its sum
+l_i = sum_t exp(s_t - m_i) and its weighted sum acc_i = sum_t exp(s_t - m_i) v_t over its tokens.
+Rescaled to the global max M = max_i m_i, the splits add up to the softmax over all tokens:
+
+    out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
+
+E.g. two splits with m = (2, 5), l = (1.5, 1.0): weights exp(2 - 5) = 0.05 and 1, denominator
+0.05 * 1.5 + 1.0 = 1.075. A split with no live token has m_i = -inf: weight 0.
+
+In torch that is nine small kernels (max, subtract, exp, two products, two sums, a division, a
+cast), each a node of the decode step's CUDA graph, per layer; the Triton kernel is one. Each
+program takes one (batch, KV head) and a block of channels and holds all of its splits at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 8192  # elements of acc a program holds (splits x query heads x channels): 64 a thread
+
+
+def merge_splits_ref(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: E741
+    """m, l (BH, n_splits, n_rep), acc (BH, n_splits, n_rep, D) float32 -> (BH, n_rep, D) in dtype."""
+    w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (BH, n_splits, n_rep)
+    return ((acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]).to(dtype)
+
+
+@triton.jit
+def _merge_kernel(M, L, ACC, OUT, n_splits, n_rep,
+                  D: tl.constexpr, SPLITS: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh, pd = tl.program_id(0), tl.program_id(1)
+    sp, r = tl.arange(0, SPLITS), tl.arange(0, NREP_PAD)
+    dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = (sp[:, None] < n_splits) & (r[None, :] < n_rep)  # (SPLITS, NREP_PAD)
+    row = (bh * n_splits + sp[:, None]) * n_rep + r[None, :]  # (SPLITS, NREP_PAD) into m, l
+    m = tl.load(M + row, mask=ok, other=float("-inf"))
+    l = tl.load(L + row, mask=ok, other=0.0)  # noqa: E741
+    w = tl.where(ok, tl.exp(m - tl.max(m, axis=0)[None, :]), 0.0)  # (SPLITS, NREP_PAD)
+    acc = tl.load(ACC + row[:, :, None] * D + dd[None, None, :], mask=ok[:, :, None], other=0.0)
+    out = tl.sum(acc * w[:, :, None], axis=0) / tl.sum(l * w, axis=0)[:, None]  # (NREP_PAD, BLOCK_D)
+    tl.store(OUT + (bh * n_rep + r[:, None]) * D + dd[None, :], out.to(OUT.dtype.element_ty),
+             mask=r[:, None] < n_rep)
+
+
+def merge_splits_triton(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: E741
+    """Same contract as merge_splits_ref; m, l, acc contiguous (as the kernels write them)."""
+    BH, n_splits, n_rep, D = acc.shape
+    assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous() and D & (D - 1) == 0
+    out = torch.empty(BH, n_rep, D, device=acc.device, dtype=dtype)
+    splits, nrep_pad = triton.next_power_of_2(n_splits), triton.next_power_of_2(n_rep)
+    fit = TILE // (splits * nrep_pad)  # channels a program can hold: the largest power of two, 16 to D
+    block_d = min(D, max(16, 1 << max(fit.bit_length() - 1, 0)))
+    warps = min(16, max(4, splits * nrep_pad * block_d // 2048))  # <= 64 values a thread up to 512 splits
+    _merge_kernel[(BH, D // block_d)](m, l, acc, out, n_splits, n_rep, D=D, SPLITS=splits, NREP_PAD=nrep_pad,
+                                      BLOCK_D=block_d, num_warps=warps)
+    return out
