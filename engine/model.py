@@ -18,15 +18,10 @@ from torch import nn
 
 from engine.config import ModelArgs
 from engine.kv.base import KVPolicy
-from engine.rope import apply_rope, inv_frequencies, rope_cos_sin
+from engine.rope import inv_frequencies, rope_cos_sin
+from kernels.norm import rms_norm
+from kernels.rotary import rope_qk
 from kernels.prefill_attn import chunk_attention
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 like the reference implementation, then return to the model dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class Block(nn.Module):
@@ -54,19 +49,21 @@ class Block(nn.Module):
         a = self.args
         B, T, _ = x.shape
         h = rms_norm(x, self.attn_norm, a.norm_eps) @ self.wqkv  # (B, T, (H+2H_kv)*D)
+        rope_qk(h, a.n_heads, a.n_kv_heads, cos, sin)  # in place on the q and k columns (kernels/rotary.py)
         q, k, v = h.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
                            a.n_kv_heads * a.head_dim], dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return q, k, v
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Only the query part of qkv(): x (B, T, dim) -> q (B, H, T, D) with RoPE."""
         a = self.args
         B, T, _ = x.shape
-        q = rms_norm(x, self.attn_norm, a.norm_eps) @ self.wqkv[:, :a.n_heads * a.head_dim]
-        return apply_rope(q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
+        q = rms_norm(x, self.attn_norm, a.norm_eps) @ self.wqkv[:, :a.n_heads * a.head_dim]  # (B, T, H*D)
+        rope_qk(q, a.n_heads, 0, cos, sin)
+        return q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = (rms_norm(x, self.mlp_norm, self.args.norm_eps) @ self.w_gate_up).chunk(2, -1)

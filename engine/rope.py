@@ -2,7 +2,8 @@
 
 We use the Hugging Face layout: a head vector is split in two halves that rotate together
 (`rotate_half`), not Meta's interleaved pairs. GGUF files store q/k rows permuted for the interleaved
-layout; the importer undoes that, so the model code only ever sees this one convention.
+layout; the importer undoes that, so the model code only ever sees this one convention. Applying
+the rotation is kernels/rotary.py's (apply_rope, and a fused kernel for q and k in place).
 """
 from __future__ import annotations
 
@@ -35,10 +36,3 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     angles = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]  # (T, D/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, D): both halves rotate by the same angle
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D). Rotates each (x[i], x[i + D/2]) pair."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin

@@ -23,7 +23,8 @@ import triton.language as tl
 TILE = 8192  # elements of acc a program holds (splits x query heads x channels): 64 a thread
 
 
-def merge_splits_ref(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: E741
+def merge_splits_ref(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor,  # noqa: E741
+                     dtype: torch.dtype) -> torch.Tensor:
     """m, l (BH, n_splits, n_rep), acc (BH, n_splits, n_rep, D) float32 -> (BH, n_rep, D) in dtype."""
     w = torch.exp(m - m.amax(dim=1, keepdim=True))  # (BH, n_splits, n_rep)
     return ((acc * w[..., None]).sum(dim=1) / (l * w).sum(dim=1)[..., None]).to(dtype)
@@ -46,7 +47,8 @@ def _merge_kernel(M, L, ACC, OUT, n_splits, n_rep,
              mask=r[:, None] < n_rep)
 
 
-def merge_splits_triton(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # noqa: E741
+def merge_splits_triton(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor,  # noqa: E741
+                        dtype: torch.dtype) -> torch.Tensor:
     """Same contract as merge_splits_ref; m, l, acc contiguous (as the kernels write them)."""
     BH, n_splits, n_rep, D = acc.shape
     assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous() and D & (D - 1) == 0

@@ -31,8 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.dense_attn import _dense_decode_kernel  # noqa: E402
 from kernels.pack import _quant_channel_kernel, _quant_token_kernel, _unpack_kernel  # noqa: E402
+from kernels.norm import _rms_norm_kernel  # noqa: E402
 from kernels.prefetch import _gather_rows_kernel  # noqa: E402
 from kernels.quant_attn_triton import _quant_decode_kernel  # noqa: E402
+from kernels.rotary import _rope_kernel  # noqa: E402
 from kernels.slots import _assign_kernel  # noqa: E402
 from kernels.splits import _merge_kernel  # noqa: E402
 from kernels.sparse_attn import _approx_scores_kernel  # noqa: E402
@@ -109,6 +111,11 @@ def _specs() -> list[tuple]:
                 dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
                 dict(n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
                      **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
+    out.append((_rms_norm_kernel, dict(X=BF16, W=BF16, OUT=BF16, eps="fp32"), dict(BLOCK=4096), dict(num_warps=4),
+                dict(n_cols=4096, stride_x=4096)))
+    out.append((_rope_kernel, dict(H=BF16, COS=BF16, SIN=BF16), dict(HALF=64, HEADS_PAD=64), {},
+                dict(T=1, n_heads=N_REP * H_KV + H_KV, s_hb=(N_REP * H_KV + 2 * H_KV) * D, s_ht=(N_REP * H_KV + 2 * H_KV) * D,
+                     s_cb=D, s_ct=0)))  # a decode step: one token per sequence, 32 + 8 heads
     for n_splits in (50, 64):  # the quant and FullKV kernels' splits at 128k (8 KV heads, 132 SMs)
         out.append((_merge_kernel, dict(M=F32, L=F32, ACC=F32, OUT=BF16), dict(D=D, SPLITS=64, NREP_PAD=4, BLOCK_D=32),
                     dict(num_warps=4), dict(n_splits=n_splits, n_rep=N_REP)))
@@ -140,16 +147,17 @@ SPECS = _specs()
 
 def compile_spec(fn, ptrs: dict, consts: dict, options: dict, ints: dict | None = None):
     """Compile one specialization for sm_90 as a launch with these arguments would: pointers of the
-    given types, 16-byte aligned (torch's allocations are); constexprs by value; sm_scale a float;
-    every other argument a 32-bit int, a constant where `ints` gives it as 1 and marked divisible by
-    16 where it gives a multiple of 16 (integers it leaves out carry no hint)."""
+    given types, 16-byte aligned (torch's allocations are), and scalars of a given type ("fp32");
+    constexprs by value; sm_scale a float; every other argument a 32-bit int, a constant where
+    `ints` gives it as 1 and marked divisible by 16 where it gives a multiple of 16 (integers it
+    leaves out carry no hint)."""
     ints = ints or {}
     assert set(ints) <= set(fn.arg_names), f"{fn.__name__} has no argument {set(ints) - set(fn.arg_names)}"
     ones = {a: 1 for a, v in ints.items() if v == 1}
     consts = {**consts, **ones}
     sig = {a: "constexpr" if a in consts else ptrs.get(a, "fp32" if a == "sm_scale" else "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-             if a in ptrs or (a not in ones and ints.get(a, 1) % 16 == 0)}
+             if ptrs.get(a, "").startswith("*") or (a not in ones and a not in ptrs and ints.get(a, 1) % 16 == 0)}
     return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=TARGET, options=options)
 
 

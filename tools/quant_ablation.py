@@ -30,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.graphs import Decoder  # noqa: E402
 from engine.kv.quant import QuantKV  # noqa: E402
 from engine.profile import ProfileConfig, ProfileKV, _attend, _causal_probs  # noqa: E402
-from engine.rope import apply_rope, rope_cos_sin  # noqa: E402
+from engine.rope import rope_cos_sin  # noqa: E402
 from engine.eval.cells import text_ids  # noqa: E402
 from engine.eval.haystack import make_haystack  # noqa: E402
+from kernels.rotary import apply_rope  # noqa: E402
 from kernels.pack import quantize_pack, unpack_dequant  # noqa: E402
 from weights.load import DEFAULT_MODEL, load_model  # noqa: E402
 
