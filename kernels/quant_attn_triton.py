@@ -136,9 +136,10 @@ def _quant_decode_kernel(
         # registers of every address tile, and the kernel spilled (ptxas, sm_90)
         t = lo + start + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
         live = t < length
-        # Held tokens are attended from their rows, merged after: their store entries (finite: the
-        # store is written whole at prefill) are loaded like the rest and only their scores masked.
-        # Masking the loads as well made every load mask data-dependent: 127 -> 247 registers.
+        # Held tokens are attended from their rows, after this loop: their store entries are loaded
+        # like the rest, then their scores set to -inf and their values to 0 (selects: whatever an
+        # entry holds adds nothing). Masking the loads instead made every load mask data-dependent:
+        # 127 -> 247 registers.
         attend = live & (held == 0)
         nxt = _block_extras(lo + start + BLOCK_T, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t, svs_t,
                             svm_t, HAS_HELD, G, D, BLOCK_T)

@@ -262,7 +262,7 @@ class QuantKV(KVPolicy):
         G = self.group
         if self.held_mask is not None:  # held keys get no weight from the store: give each the mean
             # of its group's other keys, inside their range, so an outlier widens no group's min/max
-            # (finite, as every entry must be: the decode kernel loads them and masks their scores)
+            # (the decode kernel still loads them, and gives them no weight)
             a = self.n_kq // 8 * 8  # unpack (B, H_kv, n, 1) from the byte holding token n_kq, not token 0
             held = unpack_mask(self.held_mask[..., a // 8:], self.n_kq + n - a)[:, :, self.n_kq - a:, None]
             kg, hg = k.reshape(B, H_kv, n // G, G, D), held.reshape(B, H_kv, n // G, G, 1)
