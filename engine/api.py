@@ -137,8 +137,10 @@ class LLM:
                              f"policy would fit)")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
             on_host = need["pinned"]
-            release_pinned_cache()  # what earlier stores (a hybrid's calibration) left cached
             free_host = free_memory(torch.device("cpu"))
+            if on_host > free_host:  # short: give back what earlier stores (a hybrid's calibration)
+                release_pinned_cache()  # left in torch's host cache (otherwise it is reused, not re-pinned)
+                free_host = free_memory(torch.device("cpu"))
             if on_host > free_host:
                 raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "
                                  f"{fmt_bytes(free_host)} is available (a smaller --ctx, fewer prompts or fewer "

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import use_triton
-from kernels.splits import merge_splits_triton
+from kernels.splits import attend_block, empty_partials, merge_splits_triton, store_split, tokens_per_split
 
 TARGET_PROGRAMS = 512  # enough programs to fill a large GPU several times over
 MIN_SPLIT_TOKENS = 256
@@ -76,20 +76,9 @@ def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H
         live = t < length
         k = tl.load(k_base + t[None, :] * sk_t + d[:, None], mask=live[None, :], other=0.0)  # (D, BLOCK_T)
         s = tl.dot(q, k, input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid -inf - -inf
-        alpha = tl.exp(m - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        l = l * alpha + tl.sum(p, axis=1)  # noqa: E741
         vt = tl.load(v_base + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0)  # (BLOCK_T, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        m = m_new
-    row = pid_bh * tl.num_programs(1) + pid_s
-    keep = r < n_rep
-    tl.store(M_out + row * n_rep + r, m, mask=keep)  # -inf for an empty split: weight 0 in the merge
-    tl.store(L_out + row * n_rep + r, l, mask=keep)
-    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
+        m, l, acc = attend_block(m, l, acc, tl.where(live[None, :], s, float("-inf")), vt)  # noqa: E741
+    store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
 
 
 def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: int | None = None,
@@ -103,15 +92,12 @@ def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: in
     assert max(k.stride(2), v.stride(2)) * N < 2 ** 31, "token offsets within a head are int32"
     if n_splits is None:
         n_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, B * H_kv), triton.cdiv(N, MIN_SPLIT_TOKENS)))
-    split_len = triton.cdiv(triton.cdiv(N, n_splits), block_t) * block_t
-    n_splits = triton.cdiv(N, split_len)
+    per_split = tokens_per_split(N, n_splits, block_t)
+    n_splits = triton.cdiv(N, per_split)
     q = q.reshape(B, H, D).contiguous()
-    part = {"device": q.device, "dtype": torch.float32}
-    m = torch.empty(B * H_kv, n_splits, n_rep, **part)
-    l = torch.empty(B * H_kv, n_splits, n_rep, **part)  # noqa: E741
-    acc = torch.empty(B * H_kv, n_splits, n_rep, D, **part)
+    m, l, acc = empty_partials(B * H_kv, n_splits, n_rep, D, q.device)  # noqa: E741
     _dense_decode_kernel[(B * H_kv, n_splits)](
-        q, k, v, length, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, split_len,
+        q, k, v, length, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t, num_warps=4)
     return merge_splits_triton(m, l, acc, q.dtype).reshape(B, H, 1, D)

@@ -31,8 +31,8 @@ with a 256-entry lookup table and the scale/min are folded into the query (keys)
 attention weights (values), so each side costs one table gather and one batched matmul.
 quant_decode_attention_triton (kernels/quant_attn_triton.py) never materialises dequantized K/V:
 each program loads packed tiles, dequantizes them in registers and runs flash-decoding (online
-softmax over a slice of the tokens) for all query heads of one KV head; a small torch step merges
-the slices.
+softmax over a slice of the tokens) for all query heads of one KV head; a small merge kernel
+(kernels/splits.py) combines the slices.
 """
 from __future__ import annotations
 

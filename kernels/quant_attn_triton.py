@@ -3,7 +3,7 @@ ranges that follow from the position, and the held tokens): decode attention ove
 quantized KV cache, dequantizing in registers, never materialising dequantized K/V. Each program
 loads packed tiles of one (batch, KV head) and one split of the tokens (and its share of the
 held tokens' full-precision rows), dequantizes them and runs flash-decoding (online softmax) for
-all query heads of the group; a small torch step merges the splits. How its loads are laid out
+all query heads of the group; kernels/splits.py merges the splits. How its loads are laid out
 so that Triton pipelines them, and what that costs in registers, is in the kernel's comments;
 tools/kernel_resources.py compiles it, tools/kernel_timing.py times it, tests/test_quant_attn.py
 checks it against quant_decode_attention_ref.
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.e4m3 import e4m3_to_f32
-from kernels.splits import merge_splits_triton
+from kernels.splits import attend_block, empty_partials, merge_splits_triton, store_split, tokens_per_split
 
 # Split policy: enough (batch, kv head, split) programs to fill the GPU in one wave, PROGRAMS_PER_SM
 # on each SM at once (the kernel takes <= 168 registers a thread at BLOCK_T 16, tools/kernel_resources.py:
@@ -70,19 +70,6 @@ def _block_extras(t0, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t, svs_
     v_scale = tl.load(vs + t[:, None] * svs_t + gi[None, :], mask=v_quant, other=0.0)
     v_mn = tl.load(vm + t[:, None] * svm_t + gi[None, :], mask=v_quant, other=0.0)
     return held, k_scale, k_mn, v_scale, v_mn
-
-
-@triton.jit
-def _attend_block(m, l, acc, s, v):
-    """One block of flash-decoding: scores s (NREP_PAD, BLOCK_T), -inf where a token does not count,
-    and its values v (BLOCK_T, D) folded into the running max m, sum l and weighted sum acc."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
-    alpha = tl.exp(m - m_ref)  # rescales what was summed under the old max (0 on the first block)
-    p = tl.exp(s - m_ref[:, None])  # (NREP_PAD, BLOCK_T)
-    # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
 @triton.jit
@@ -175,7 +162,7 @@ def _quant_decode_kernel(
         v = tl.where(v_quant[:, None], _codes(byte, BITS, BLOCK_T, D // PER).to(tl.float32) * scale + mn,
                      v_res.to(tl.float32))  # (BLOCK_T, D)
         v = tl.where(attend[:, None], v, 0.0)  # a held token's entry, even inf, adds 0 (not 0 * inf)
-        m, l, acc = _attend_block(m, l, acc, s, v.to(q.dtype))
+        m, l, acc = attend_block(m, l, acc, s, v.to(q.dtype))
         held, k_scale, k_mn, v_scale, v_mn = nxt
 
     if HAS_HELD:  # this split's share of the held rows: more tokens of the same softmax, exact
@@ -186,15 +173,9 @@ def _quant_decode_kernel(
             k = tl.load(kh + j[:, None] * skh_t + d[None, :], mask=ok[:, None], other=0.0)  # (BLOCK_T, D)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * sm_scale
             v = tl.load(vh + j[:, None] * svh_t + d[None, :], mask=ok[:, None], other=0.0)
-            m, l, acc = _attend_block(m, l, acc, tl.where(ok[None, :], s, float("-inf")), v.to(q.dtype))
+            m, l, acc = attend_block(m, l, acc, tl.where(ok[None, :], s, float("-inf")), v.to(q.dtype))
 
-    # Partial results of this split, unnormalised (m = -inf for a split past the length: weight 0
-    # in the merge); rows past n_rep are padding and not stored.
-    row = pid_bh * tl.num_programs(1) + pid_s  # index into (B * H_kv, n_splits)
-    keep = r < n_rep
-    tl.store(M_out + row * n_rep + r, m, mask=keep)
-    tl.store(L_out + row * n_rep + r, l, mask=keep)
-    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
+    store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
 
 
 def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
@@ -224,25 +205,22 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     if n_splits is None:  # SMs: the device's, or an H100's where there is none (interpreted on a CPU)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         n_splits = max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, B * H_kv), triton.cdiv(capacity, MIN_SPLIT_TOKENS)))
-    split_len = triton.cdiv(triton.cdiv(capacity, n_splits), block_t) * block_t  # whole blocks per split
-    n_splits = triton.cdiv(capacity, split_len)
-    part = dict(device=q.device, dtype=torch.float32)
-    m = torch.empty(B * H_kv, n_splits, n_rep, **part)
-    l = torch.empty(B * H_kv, n_splits, n_rep, **part)  # noqa: E741
-    acc = torch.empty(B * H_kv, n_splits, n_rep, D, **part)
+    per_split = tokens_per_split(capacity, n_splits, block_t)
+    n_splits = triton.cdiv(capacity, per_split)
+    m, l, acc = empty_partials(B * H_kv, n_splits, n_rep, D, q.device)  # noqa: E741
     grid = (B * H_kv, n_splits)
     has_held = k_held is not None
     hm = held_mask if has_held else v_codes  # any uint8 tensor: not read without held tokens
     kh, vh = (k_held, v_held) if has_held else (k_res, v_res)  # not read without held tokens
     assert kh.stride(3) == 1 and vh.stride(3) == 1, "held rows are loaded as contiguous runs"
     S = k_held.shape[2] if has_held else 0
-    s_split = triton.cdiv(triton.cdiv(S, n_splits), block_t) * block_t  # whole blocks of held rows a split
+    s_split = tokens_per_split(S, n_splits, block_t)  # held rows a split
     fp8_ranges = k_sup is not None
     assert fp8_ranges == (v_sup is not None) == (k_scale.dtype == torch.uint8) == (v_scale.dtype == torch.uint8)
     ksup, vsup = (k_sup.contiguous(), v_sup.contiguous()) if fp8_ranges else (m, m)  # (B, H_kv); m: unread
     _quant_decode_kernel[grid](
         q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, kh, vh, ksup, vsup, m, l, acc,
-        sm_scale, pos, n_rep, H_kv, R, split_len, S, s_split,
+        sm_scale, pos, n_rep, H_kv, R, per_split, S, s_split,
         q.stride(0), q.stride(1), q.stride(3),
         *(st for x in rows for st in x.stride()[:3]), hm.stride(0), hm.stride(1),  # (b, h, t) strides
         *kh.stride()[:3], *vh.stride()[:3],

@@ -1,5 +1,6 @@
-"""Merging flash-decoding's splits: the last step of both decode-attention kernels
-(kernels/dense_attn.py, kernels/quant_attn_triton.py).
+"""Flash-decoding's splits, the parts both decode-attention kernels share (kernels/dense_attn.py,
+kernels/quant_attn_triton.py): how the tokens are cut into splits, one block of tokens folded into
+a split's running sums (attend_block), a split's sums stored (store_split), and the merge.
 
 Each split i of a (batch, KV head) leaves, per query head, its running max m_i, its sum
 l_i = sum_t exp(s_t - m_i) and its weighted sum acc_i = sum_t exp(s_t - m_i) v_t over its tokens.
@@ -20,7 +21,44 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 8192  # elements of acc a program holds (splits x query heads x channels): 64 a thread
+TILE = 8192  # elements of acc a program holds in the merge (splits x query heads x channels): 64 a thread
+
+
+def tokens_per_split(n: int, n_splits: int, block: int) -> int:
+    """Tokens per split when n tokens are cut into (at most) n_splits splits of whole blocks."""
+    return triton.cdiv(triton.cdiv(n, n_splits), block) * block
+
+
+def empty_partials(bh: int, n_splits: int, n_rep: int, D: int, device) -> tuple[torch.Tensor, ...]:
+    """m, l (bh, n_splits, n_rep) and acc (bh, n_splits, n_rep, D) float32, for the kernels to fill."""
+    part = dict(device=device, dtype=torch.float32)
+    return (torch.empty(bh, n_splits, n_rep, **part), torch.empty(bh, n_splits, n_rep, **part),
+            torch.empty(bh, n_splits, n_rep, D, **part))
+
+
+@triton.jit
+def attend_block(m, l, acc, s, v):  # noqa: E741
+    """One block of flash-decoding: scores s (NREP_PAD, BLOCK_T), -inf where a token does not count,
+    and its values v (BLOCK_T, D) folded into the running max m, sum l and weighted sum acc."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: avoid -inf - -inf
+    alpha = tl.exp(m - m_ref)  # rescales what was summed under the old max (0 on the first block)
+    p = tl.exp(s - m_ref[:, None])  # (NREP_PAD, BLOCK_T)
+    # "ieee" keeps fp32 caches exact on GPUs (the default would be tf32); fp16/bf16 ignore it.
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD: tl.constexpr, D: tl.constexpr):  # noqa: E741
+    """This program's split (grid (batch x KV heads, splits)), unnormalised, into the partials:
+    m = -inf for a split past the length (weight 0 in the merge); padding rows past n_rep not stored."""
+    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)  # index into (B * H_kv, n_splits)
+    r, d = tl.arange(0, NREP_PAD), tl.arange(0, D)
+    keep = r < n_rep
+    tl.store(M_out + row * n_rep + r, m, mask=keep)
+    tl.store(L_out + row * n_rep + r, l, mask=keep)
+    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
 
 
 def merge_splits_ref(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor,  # noqa: E741
