@@ -3,11 +3,13 @@
 Why not SDPA: a CUDA graph replays fixed shapes, so a graphed decode step cannot slice the cache to
 [:length] with a Python int that changes every step. This kernel reads the length from device
 memory instead: the grid is sized for the whole buffer once (static), and each program masks what
-lies past the live length. Flash-decoding as in kernels/quant_attn.py: one program per (batch, KV
+lies past the live length. Callers pass the index of the last live row (the row the step's token
+was just written to, a tensor they already hold) rather than the length, which would cost each
+layer one more `+ 1` kernel, a node of the step's CUDA graph. Flash-decoding as in kernels/quant_attn.py: one program per (batch, KV
 head) and split of the tokens serves all query heads of the GQA group, so each K/V row is read
 once; the splits are merged by their running max and sum.
 
-The reference is `decode_attention` (below) over buffer[:, :, :length]; it is also what policies
+The reference is `decode_attention` (below) over buffer[:, :, :last + 1]; it is also what policies
 use for dense attention over a slice whose length the host knows (prefill-time scoring, CPU steps).
 """
 from __future__ import annotations
@@ -48,14 +50,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_p
     return (out, probs) if return_probs else out
 
 
-def dense_decode_attention_ref(q, k, v, length: torch.Tensor):
-    """The reference: read the length on the host (a sync on a GPU) and attend over that slice."""
-    n = int(length.reshape(-1)[0])
+def dense_decode_attention_ref(q, k, v, last: torch.Tensor):
+    """The reference: read the last live row on the host (a sync on a GPU) and attend over rows
+    [0, last]."""
+    n = int(last.reshape(-1)[0]) + 1
     return decode_attention(q, k[:, :, :n], v[:, :, :n])
 
 
 @triton.jit
-def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H_kv, split_len,
+def _dense_decode_kernel(Q, K, V, LAST, M_out, L_out, Acc_out, sm_scale, n_rep, H_kv, split_len,
                          sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                          D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
@@ -63,7 +66,7 @@ def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H
     r = tl.arange(0, NREP_PAD)  # the group's query heads, padded so tl.dot has M >= 16
     d = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :], mask=r[:, None] < n_rep, other=0.0)
-    length = tl.load(LEN).to(tl.int32)
+    length = tl.load(LAST).to(tl.int32) + 1
     m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)  # noqa: E741
     acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)
@@ -81,10 +84,10 @@ def _dense_decode_kernel(Q, K, V, LEN, M_out, L_out, Acc_out, sm_scale, n_rep, H
     store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
 
 
-def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: int | None = None,
+def dense_decode_attention_triton(q, k, v, last: torch.Tensor, *, n_splits: int | None = None,
                                   block_t: int = 32):
-    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers, rows [0, length) live; length a (1,) int
-    device tensor -> (B, H, 1, D). Every launch parameter depends only on the shapes."""
+    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers, rows [0, last] live; last a (1,) int device
+    tensor -> (B, H, 1, D). Every launch parameter depends only on the shapes."""
     B, H, _, D = q.shape
     H_kv, N = k.shape[1], k.shape[2]
     n_rep = H // H_kv
@@ -97,7 +100,7 @@ def dense_decode_attention_triton(q, k, v, length: torch.Tensor, *, n_splits: in
     q = q.reshape(B, H, D).contiguous()
     m, l, acc = empty_partials(B * H_kv, n_splits, n_rep, D, q.device)  # noqa: E741
     _dense_decode_kernel[(B * H_kv, n_splits)](
-        q, k, v, length, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, per_split,
+        q, k, v, last, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t, num_warps=4)
     return merge_splits_triton(m, l, acc, q.dtype).reshape(B, H, 1, D)
@@ -109,7 +112,8 @@ def runs_triton(t: torch.Tensor, head_dim: int) -> bool:
     return use_triton(t) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def dense_decode_attention(q, k, v, length: torch.Tensor):
+def dense_decode_attention(q, k, v, last: torch.Tensor):
+    """Attention of q over rows [0, last] of the buffers k, v: the kernel on a GPU, else the reference."""
     if runs_triton(q, q.shape[-1]):
-        return dense_decode_attention_triton(q, k, v, length)
-    return dense_decode_attention_ref(q, k, v, length)
+        return dense_decode_attention_triton(q, k, v, last)
+    return dense_decode_attention_ref(q, k, v, last)

@@ -86,8 +86,8 @@ for B, H, H_kv, D, N, n, splits in [(1, 4, 2, 32, 100, 37, None), (2, 6, 3, 64, 
     g = torch.Generator().manual_seed(N + n)
     q = torch.randn(B, H, 1, D, generator=g)
     k, v = torch.randn(B, H_kv, N, D, generator=g), torch.randn(B, H_kv, N, D, generator=g)
-    ref = dense_decode_attention_ref(q, k, v, torch.tensor([n]))
-    tri = dense_decode_attention_triton(q, k, v, torch.tensor([n]), n_splits=splits)
+    ref = dense_decode_attention_ref(q, k, v, torch.tensor([n - 1]))
+    tri = dense_decode_attention_triton(q, k, v, torch.tensor([n - 1]), n_splits=splits)
     if not torch.allclose(ref, tri, rtol=1e-4, atol=1e-5):
         bad += 1
         print("MISMATCH", B, H, H_kv, D, N, n, (ref - tri).abs().max().item())

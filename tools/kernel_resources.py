@@ -38,6 +38,7 @@ from kernels.rotary import _rope_kernel  # noqa: E402
 from kernels.slots import _assign_kernel  # noqa: E402
 from kernels.splits import _merge_kernel  # noqa: E402
 from kernels.sparse_attn import _approx_scores_kernel  # noqa: E402
+from kernels.swiglu import _silu_mul_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BF16, U8, F32, I64 = "*bf16", "*u8", "*fp32", "*i64"
@@ -107,7 +108,7 @@ def _specs() -> list[tuple]:
         out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
                     dict(D=128, GROUP=32, BITS=4, PER=2, LEVELS=15, PER_CHANNEL=per_channel, BLOCK_T=32, BLOCK_B=64),
                     dict(enable_fp_fusion=False), dict(R=H_KV * 16384)))
-    out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, LEN=I64, M_out=F32, L_out=F32, Acc_out=F32),
+    out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, LAST=I64, M_out=F32, L_out=F32, Acc_out=F32),
                 dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
                 dict(n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
                      **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
@@ -116,6 +117,8 @@ def _specs() -> list[tuple]:
     out.append((_rope_kernel, dict(H=BF16, COS=BF16, SIN=BF16), dict(HALF=64, HEADS_PAD=64), {},
                 dict(T=1, n_heads=N_REP * H_KV + H_KV, s_hb=(N_REP * H_KV + 2 * H_KV) * D, s_ht=(N_REP * H_KV + 2 * H_KV) * D,
                      s_cb=D, s_ct=0)))  # a decode step: one token per sequence, 32 + 8 heads
+    out.append((_silu_mul_kernel, dict(GU=BF16, OUT=BF16), dict(BLOCK=1024), dict(num_warps=4),
+                dict(n_cols=14336, stride_row=2 * 14336)))  # Llama-3.1-8B's ffn_dim
     for n_splits in (50, 64):  # the quant and FullKV kernels' splits at 128k (8 KV heads, 132 SMs)
         out.append((_merge_kernel, dict(M=F32, L=F32, ACC=F32, OUT=BF16), dict(D=D, SPLITS=64, NREP_PAD=4, BLOCK_D=32),
                     dict(num_warps=4), dict(n_splits=n_splits, n_rep=N_REP)))

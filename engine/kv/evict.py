@@ -99,7 +99,7 @@ class BudgetedEvictKV(KVPolicy):
             row = pos + self.row_offset
             self.k.index_copy_(2, row, k_new)
             self.v.index_copy_(2, row, v_new)
-            return dense_decode_attention(q, self.k, self.v, row + 1)
+            return dense_decode_attention(q, self.k, self.v, row)
         # Decode eviction, all on the device: a free slot (pos -1) if any is left, else the slot
         # with the least attention mass so far that is not among the `window` newest tokens.
         score = self.acc.masked_fill(self.pos > pos - self.window, float("inf"))

@@ -42,8 +42,8 @@ class FullKV(KVPolicy):
         self.k.index_copy_(2, pos, k_new.to(self.store))
         self.v.index_copy_(2, pos, v_new.to(self.store))
         if self.store == self.dtype:
-            return dense_decode_attention(q, self.k, self.v, pos + 1)
-        return dense_decode_attention(q, self.k.to(self.dtype), self.v.to(self.dtype), pos + 1)
+            return dense_decode_attention(q, self.k, self.v, pos)
+        return dense_decode_attention(q, self.k.to(self.dtype), self.v.to(self.dtype), pos)
 
     def nbytes(self):
         return {"device": tensor_bytes(self.k, self.v), "host": 0}

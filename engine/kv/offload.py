@@ -201,7 +201,7 @@ class OffloadKV(KVPolicy):
         self.k.index_copy_(2, row, k_new)
         self.v.index_copy_(2, row, v_new)
         first = self.offloaded and self._before_attention(q)
-        out = dense_decode_attention(q, self.k, self.v, row + 1)
+        out = dense_decode_attention(q, self.k, self.v, row)
         if self.offloaded:
             self._after_attention(q, first)
         return out
