@@ -134,39 +134,54 @@ def unpack_dequant_ref(codes, scale, mn, bits: int, group: int, per_channel: boo
 # the last axis of code << (lane * BITS) (the bit fields are disjoint, so sum == or).
 
 @triton.jit
-def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, R, T,
+def quantize_token_rows(x, sup, ok, codes_ptr, scale_ptr, mn_ptr, x_ptr,
                         D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                         LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr, FP8: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
-    # one program: BLOCK_T rows (tokens) x the whole head_dim; groups run along D
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
+                        BLOCK_B: tl.constexpr):
+    """Quantize a tile of rows (tokens) per token and store them: x (BT, BB, PER) float32, the
+    rows' elements (d = byte * PER + lane; padded columns are ignored), sup (BT,) their heads'
+    superscales (FP8), ok (BT,) the rows to store. codes_ptr / scale_ptr / mn_ptr point at a
+    (BT,) tensor of each row's first code byte / range (rows of D // PER bytes, D // GROUP
+    ranges); x_ptr's element type is the stored ranges' dtype. Shared by the quantize kernel and
+    QuantKV's decode append (kernels/quant_append.py)."""
     byte = tl.arange(0, BLOCK_B)  # (BB,) BLOCK_B = next_pow2(D / PER)
     lane = tl.arange(0, PER)  # (PER,)
-    r3 = rows[:, None, None]
     col = byte[None, :, None] * PER + lane[None, None, :]  # (1, BB, PER) element index d
-    mask = (r3 < R) & (col < D)  # (BT, BB, PER)
-    x = tl.load(x_ptr + r3 * D + col, mask=mask, other=0.0).to(tl.float32)  # (BT, BB, PER)
-    if FP8:
-        sup = tl.load(sup_ptr + rows // T, mask=rows < R, other=1.0)  # (BT,) the row's head's superscale
-    else:
-        sup = tl.zeros((BLOCK_T,), tl.float32)  # unused
     gid = col // GROUP  # padded columns get gid >= D // GROUP and join no group
-    mn_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)  # per-element low end / step for the codes
-    sc_e = tl.zeros((BLOCK_T, BLOCK_B, PER), tl.float32)
+    mn_e = tl.zeros(x.shape, tl.float32)  # per-element low end / step for the codes
+    sc_e = tl.zeros(x.shape, tl.float32)
     for g in tl.static_range(D // GROUP):
         sel = gid == g  # (1, BB, PER)
         g_mn = tl.min(tl.min(tl.where(sel, x, float("inf")), axis=2), axis=1)  # (BT,)
         g_mx = tl.max(tl.max(tl.where(sel, x, float("-inf")), axis=2), axis=1)
         st_sc, st_mn, g_sc, g_lo = ranges(x, sel, g_mn, g_mx, sup, x_ptr, LEVELS, CLIP,
                                            N_CLIP, FP8, True)
-        tl.store(scale_ptr + rows * (D // GROUP) + g, st_sc, mask=rows < R)
-        tl.store(mn_ptr + rows * (D // GROUP) + g, st_mn, mask=rows < R)
+        tl.store(scale_ptr + g, st_sc, mask=ok)
+        tl.store(mn_ptr + g, st_mn, mask=ok)
         sc_e = tl.where(sel, g_sc[:, None, None], sc_e)  # codes come from the stored ranges
         mn_e = tl.where(sel, g_lo[:, None, None], mn_e)
     q = group_codes(x, mn_e, sc_e, LEVELS)
     packed = tl.sum(q << (lane[None, None, :] * BITS), axis=2)  # (BT, BB)
-    bmask = (rows[:, None] < R) & (byte[None, :] < D // PER)
-    tl.store(codes_ptr + rows[:, None] * (D // PER) + byte[None, :], packed.to(tl.uint8), mask=bmask)
+    tl.store(codes_ptr[:, None] + byte[None, :], packed.to(tl.uint8), mask=ok[:, None] & (byte[None, :] < D // PER))
+
+
+@triton.jit
+def _quant_token_kernel(x_ptr, codes_ptr, scale_ptr, mn_ptr, sup_ptr, R, T,
+                        D: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                        LEVELS: tl.constexpr, CLIP: tl.constexpr, N_CLIP: tl.constexpr, FP8: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program: BLOCK_T rows (tokens) x the whole head_dim; groups run along D
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
+    col = tl.arange(0, BLOCK_B)[None, :, None] * PER + tl.arange(0, PER)[None, None, :]  # (1, BB, PER)
+    r3 = rows[:, None, None]
+    x = tl.load(x_ptr + r3 * D + col, mask=(r3 < R) & (col < D), other=0.0).to(tl.float32)  # (BT, BB, PER)
+    if FP8:
+        sup = tl.load(sup_ptr + rows // T, mask=rows < R, other=1.0)  # (BT,) the row's head's superscale
+    else:
+        sup = tl.zeros((BLOCK_T,), tl.float32)  # unused
+    quantize_token_rows(x, sup, rows < R, codes_ptr + rows * (D // PER), scale_ptr + rows * (D // GROUP),
+                        mn_ptr + rows * (D // GROUP), x_ptr, D, GROUP, BITS, PER, LEVELS, CLIP, N_CLIP, FP8,
+                        BLOCK_B)
 
 
 @triton.jit

@@ -81,6 +81,7 @@ from engine.kv.base import KVPolicy, tensor_bytes
 from engine.kv.evict import window_scores
 from kernels.fp8 import quantize_pack_fp8, superscale, unpack_dequant_fp8
 from kernels.pack import quantize_pack, unpack_dequant
+from kernels.quant_append import quant_append
 from kernels.quant_attn import pack_mask, quant_decode_attention, unpack_mask
 
 
@@ -282,22 +283,12 @@ class QuantKV(KVPolicy):
             self._pack_keys(self.k_res)
 
     def attend(self, q, k_new, v_new, pos):
-        R = self.residual
         k_new, v_new = self._rotate(k_new, v_new)
         if self.rotate == "kv":
             q = q @ self.rot  # (qR).(kR) = q.k
-        slot = pos % R  # (1,) the row of both windows that token pos takes
-        if self.v_codes.shape[2]:
-            # The ring slot still holds token pos - R (when pos >= R): it leaves the ring, packed into
-            # row pos - R. Before that the slot is unused and row 0 gets a placeholder that the step
-            # at pos = R overwrites (no host branch: the same kernels every step).
-            codes, scale, mn = self._quantize(self.v_res.index_select(2, slot), per_channel=False)
-            row = (pos - R).clamp(min=0)
-            self.v_codes.index_copy_(2, row, codes)
-            self.v_scale.index_copy_(2, row, scale)
-            self.v_mn.index_copy_(2, row, mn)
-        self.k_res.index_copy_(2, slot, k_new)
-        self.v_res.index_copy_(2, slot, v_new)
+        # the value leaving the ring packed into its row, the new key and value into the windows
+        quant_append(pos, k_new, v_new, self.k_res, self.v_res, self.v_codes, self.v_scale, self.v_mn,
+                     self.bits, self.group, "v" in self.clip, self.v_sup)  # kernels/quant_append.py
         out = quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
                                      self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group,
                                      k_held=self.k_held, v_held=self.v_held, held_mask=self.held_mask,
