@@ -76,12 +76,16 @@ def dequantize_channels(codes: torch.Tensor, step: torch.Tensor, mn: torch.Tenso
     return codes.float() * step.view(B, H_kv, 1, D) + mn.view(B, H_kv, 1, D)
 
 
-def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, ranges=None) -> None:
+def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, ranges=None,
+                    count: torch.Tensor | None = None) -> None:
     """Reference. src_* (B*H_kv*M, D) row tables; tokens (B, H_kv, k) int64; wanted (B, H_kv, k)
     bool; slots (B, H_kv, k) int64, or None for slots[b, h, j] = j; dst_* (B, H_kv, n, D). For every
     wanted (b, h, j): dst[b, h, offset + slots[b,h,j]] = src[(b*H_kv + h)*M + tokens[b,h,j]].
     ranges: None (src holds values), or (k_step, k_min, v_step, v_min), each (B*H_kv, D) float32:
-    src holds 8-bit codes, written as min + step * code (float32, then the dst dtype)."""
+    src holds 8-bit codes, written as min + step * code (float32, then the dst dtype). count: a
+    () int64 device tensor the number of rows copied is added to (statistics, without a sync)."""
+    if count is not None:
+        count += wanted.sum()
     B, H_kv, _ = tokens.shape
     M = src_k.shape[0] // (B * H_kv)
     b, h, j = wanted.nonzero(as_tuple=True)
@@ -98,14 +102,15 @@ def gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: i
 
 @triton.jit
 def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v, ks_ptr, km_ptr, vs_ptr, vm_ptr,
-                        K, M, N_DST, offset, N_BLK, N_ITEMS,
+                        count_ptr, K, M, N_DST, offset, N_BLK, N_ITEMS,
                         D: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, CODES: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        COUNT: tl.constexpr, STAGES: tl.constexpr):
     # Work item i = one (batch, KV head) bh x its block blk of BLOCK entries, bh = i // N_BLK.
     # Program p takes items p, p + P, p + 2P, ... (P programs): with one program per item it runs
     # once; with a few programs (`programs=`) each walks many items and the rest of the GPU is free.
     # num_stages: Triton pipelines a loop's loads only where a dot consumes them, unless told; told,
     # a program keeps the rows of STAGES - 1 items in flight (cp.async into shared memory), not one.
+    copied = tl.zeros((), tl.int64)  # rows this program copies, for the statistics (COUNT)
     for i in tl.range(tl.program_id(0), N_ITEMS, tl.num_programs(0), num_stages=STAGES):
         bh, blk = i // N_BLK, i % N_BLK
         j = blk * BLOCK + tl.arange(0, BLOCK)
@@ -127,10 +132,13 @@ def _gather_rows_kernel(src_k, src_v, tok_ptr, want_ptr, slot_ptr, dst_k, dst_v,
             v = tl.load(vm_ptr + r)[None, :] + tl.load(vs_ptr + r)[None, :] * v.to(tl.float32)
         tl.store(dst_k + dst, k.to(dst_k.dtype.element_ty), mask=m)
         tl.store(dst_v + dst, v.to(dst_v.dtype.element_ty), mask=m)
+        copied += tl.sum(want.to(tl.int64))
+    if COUNT:  # one atomic add per program: a torch sum and add would be two more graph nodes
+        tl.atomic_add(count_ptr, copied)
 
 
 def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
-                       ranges=None, stages: int = 1) -> None:
+                       ranges=None, stages: int = 1, count: torch.Tensor | None = None) -> None:
     """programs: how many programs (each on one SM) walk the blocks of 32 entries; 0 = one per
     block, as many as the GPU will run at once. Why cap it: a fetch on the side stream is meant to
     hide behind the weight-bound kernels of the compute stream, but a program reading host memory
@@ -154,18 +162,19 @@ def gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset
     tokens = tokens.contiguous()
     slot_arg = tokens if slots is None else slots.contiguous()  # without slots the kernel never reads it
     ks, km, vs, vm = (t.contiguous() for t in ranges) if ranges else (dst_k,) * 4  # unread without codes
-    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, ks, km, vs, vm, K,
-                              src_k.shape[0] // (B * H_kv), dst_k.shape[2], offset, n_blk, n_items,
-                              D=D, BLOCK=BLOCK, SLOTS=slots is not None, CODES=ranges is not None, STAGES=stages)
+    _gather_rows_kernel[grid](src_k, src_v, tokens, wanted.contiguous(), slot_arg, dst_k, dst_v, ks, km, vs, vm,
+                              tokens if count is None else count, K, src_k.shape[0] // (B * H_kv), dst_k.shape[2],
+                              offset, n_blk, n_items, D=D, BLOCK=BLOCK, SLOTS=slots is not None,
+                              CODES=ranges is not None, COUNT=count is not None, STAGES=stages)
 
 
 def gather_rows(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0,
-                ranges=None, stages: int = 1) -> None:
+                ranges=None, stages: int = 1, count: torch.Tensor | None = None) -> None:
     D = src_k.shape[1]
     if use_triton(dst_k) and not D & (D - 1) and dst_k.is_contiguous() and dst_v.is_contiguous():
-        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, ranges, stages)
+        gather_rows_triton(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, ranges, stages, count)
     else:
-        gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, ranges)
+        gather_rows_ref(src_k, src_v, tokens, wanted, slots, dst_k, dst_v, offset, ranges, count)
 
 
 def pinned_bytes(host: int) -> int:
@@ -213,7 +222,7 @@ class RowFetcher:
         self.stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None  # high priority
         self.ready: torch.cuda.Event | None = None  # set while an overlapped fetch is in flight
         self.row_bytes = 2 * D * k.element_size()  # one K row + one V row, as stored (what crosses the bus)
-        self._rows_copied = torch.zeros((), dtype=torch.int64, device=self.device)  # no sync to count
+        self.rows_copied = torch.zeros((), dtype=torch.int64, device=self.device)  # no sync to count
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.cuda)
@@ -232,9 +241,8 @@ class RowFetcher:
 
     def copy(self, tokens, wanted, slots, dst_k, dst_v, offset: int, programs: int = 0) -> None:
         """fetch's copy on the current stream, on at most `programs` programs (0: no cap)."""
-        self._rows_copied += wanted.sum()
         gather_rows(self.src_k, self.src_v, tokens, wanted, slots, dst_k, dst_v, offset, programs, self.ranges,
-                    self.stages)
+                    self.stages, self.rows_copied)
 
     @contextlib.contextmanager
     def side(self, *inputs: torch.Tensor | None):
@@ -258,7 +266,7 @@ class RowFetcher:
 
     @property
     def bytes_copied(self) -> int:
-        return int(self._rows_copied.item()) * self.row_bytes
+        return int(self.rows_copied.item()) * self.row_bytes
 
     def nbytes(self) -> dict[str, int]:
         """{"device": the 8-bit ranges (0 without), "host": the store}."""

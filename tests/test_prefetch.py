@@ -126,12 +126,17 @@ for B, H_kv, M, D, K, n, off, dt in [(1, 2, 50, 32, 20, 40, 3, torch.float32), (
             # programs 0: one per block of 32 entries; 1 and 3: each program walks several blocks
             # (and heads), as a side-stream copy capped to a few SMs does; that loop pipelined or not
             for programs, stages in ((0, 1), (1, 1), (3, 1), (3, 3)):
-                out = []
+                out, counts = [], []
                 for fn in (gather_rows_ref, lambda *a, **kw: gather_rows_triton(*a, programs=programs, stages=stages,
                                                                                **kw)):
                     dk, dv = (torch.zeros(B, H_kv, n, D, device=DEV, dtype=dt) for _ in range(2))
-                    fn(src_k, src_v, tokens, wanted, s, dk, dv, off, ranges=ranges)
+                    count = torch.full((), 5, dtype=torch.int64, device=DEV)  # the rows copied are added to it
+                    fn(src_k, src_v, tokens, wanted, s, dk, dv, off, ranges=ranges, count=count)
                     out.append((dk, dv))
+                    counts.append(int(count))
+                if counts != [5 + int(wanted.sum())] * 2:
+                    bad += 1
+                    print("COUNT", counts, 5 + int(wanted.sum()), programs, stages)
                 # Codes are widened in float32 then rounded to dst's dtype: compiled on a GPU, min +
                 # step * code may be one fused multiply-add (1 float32 ulp), and the interpreter rounds
                 # float32 to bfloat16 toward zero where torch (and a GPU) round to nearest (1 ulp)

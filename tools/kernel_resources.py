@@ -140,8 +140,9 @@ def _specs() -> list[tuple]:
                                  (True, False, 3), (False, True, 3)):
         src = U8 if codes else BF16  # the host store: 8-bit codes (widened with float32 ranges) or values
         out.append((_gather_rows_kernel, dict(src_k=src, src_v=src, tok_ptr=I64, want_ptr="*i1", slot_ptr=I64,
-                                              dst_k=BF16, dst_v=BF16, ks_ptr=F32, km_ptr=F32, vs_ptr=F32, vm_ptr=F32),
-                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes, STAGES=stages), {},  # budget 2048: 1968 rows
+                                              dst_k=BF16, dst_v=BF16, ks_ptr=F32, km_ptr=F32, vs_ptr=F32, vm_ptr=F32,
+                                              count_ptr=I64),  # RowFetcher always counts the rows it copies
+                    dict(D=128, BLOCK=32, SLOTS=slots, CODES=codes, COUNT=True, STAGES=stages), {},  # budget 2048: 1968 rows
                     dict(K=1968, M=T, N_DST=2048, offset=16, N_BLK=62, N_ITEMS=H_KV * 62)))
     for chunk in (1, 16):
         for reuse in (False, True):

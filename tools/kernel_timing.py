@@ -104,7 +104,7 @@ def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
         f = RowFetcher(kv, kv, "cuda", programs, host, stages)
         moved = 2 * H * k * D * f.host_k.element_size()  # K and V rows as stored
         t_copy = graph_us(lambda: gather_rows(f.src_k, f.src_v, tokens, wanted, None, dst, dst, 0, programs,
-                                              f.ranges, stages), replays)
+                                              f.ranges, stages, f.rows_copied), replays)  # counting, as RowFetcher
 
         def both():
             f.fetch(tokens, wanted, None, dst, dst, 0, overlap=True)
