@@ -3,14 +3,17 @@
 Why not SDPA: a CUDA graph replays fixed shapes, so a graphed decode step cannot slice the cache to
 [:length] with a Python int that changes every step. This kernel reads the length from device
 memory instead: the grid is sized for the whole buffer once (static), and each program masks what
-lies past the live length. Callers pass the index of the last live row (the row the step's token
-was just written to, a tensor they already hold) rather than the length, which would cost each
-layer one more `+ 1` kernel, a node of the step's CUDA graph. Flash-decoding as in kernels/quant_attn.py: one program per (batch, KV
+lies past the live length. Callers pass the step's position as the device tensor they already
+hold, and a host int `offset` from it to the token's row (a policy that keeps fewer rows than
+positions: row = pos + offset), rather than a row or a length computed by torch, which would cost
+each layer one more kernel, a node of the step's CUDA graph. `write_row` stores the step's key and
+value into that row, one kernel for what would be two index_copy_ (and the addition). Flash-decoding as in kernels/quant_attn.py: one program per (batch, KV
 head) and split of the tokens serves all query heads of the GQA group, so each K/V row is read
 once; the splits are merged by their running max and sum.
 
-The reference is `decode_attention` (below) over buffer[:, :, :last + 1]; it is also what policies
-use for dense attention over a slice whose length the host knows (prefill-time scoring, CPU steps).
+The reference is `decode_attention` (below) over buffer[:, :, :pos + offset + 1]; it is also what
+policies use for dense attention over a slice whose length the host knows (prefill-time scoring,
+CPU steps).
 """
 from __future__ import annotations
 
@@ -50,15 +53,45 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_p
     return (out, probs) if return_probs else out
 
 
-def dense_decode_attention_ref(q, k, v, last: torch.Tensor):
-    """The reference: read the last live row on the host (a sync on a GPU) and attend over rows
-    [0, last]."""
-    n = int(last.reshape(-1)[0]) + 1
+def dense_decode_attention_ref(q, k, v, pos: torch.Tensor, offset: int = 0):
+    """The reference: read the position on the host (a sync on a GPU) and attend over rows
+    [0, pos + offset]."""
+    n = int(pos.reshape(-1)[0]) + offset + 1
     return decode_attention(q, k[:, :, :n], v[:, :, :n])
 
 
+def write_row_ref(k, v, k_new, v_new, pos: torch.Tensor, offset: int = 0) -> None:
+    """k, v (B, H_kv, N, D) buffers; k_new, v_new (B, H_kv, 1, D); pos (1,) int64: in place, row
+    pos + offset of every (sequence, KV head) gets the new key and value, in the buffers' dtype."""
+    row = pos + offset
+    k.index_copy_(2, row, k_new.to(k.dtype))
+    v.index_copy_(2, row, v_new.to(v.dtype))
+
+
 @triton.jit
-def _dense_decode_kernel(Q, K, V, LAST, M_out, L_out, Acc_out, sm_scale, n_rep, H_kv, split_len,
+def _write_row_kernel(K, V, KN, VN, POS, offset, H_kv, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, skn_b, skn_h,
+                      svn_b, svn_h, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    head = tl.program_id(0).to(tl.int64)  # b * H_kv + h
+    b, h = head // H_kv, head % H_kv
+    row = tl.load(POS) + offset
+    d = tl.arange(0, BLOCK_D)
+    ok = d < D
+    k = tl.load(KN + b * skn_b + h * skn_h + d, mask=ok)
+    v = tl.load(VN + b * svn_b + h * svn_h + d, mask=ok)
+    tl.store(K + b * sk_b + h * sk_h + row * sk_t + d, k.to(K.dtype.element_ty), mask=ok)
+    tl.store(V + b * sv_b + h * sv_h + row * sv_t + d, v.to(V.dtype.element_ty), mask=ok)
+
+
+def write_row_triton(k, v, k_new, v_new, pos: torch.Tensor, offset: int = 0) -> None:
+    B, H_kv, _, D = k.shape
+    assert k.stride(-1) == v.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1
+    _write_row_kernel[(B * H_kv,)](k, v, k_new, v_new, pos, offset, H_kv, k.stride(0), k.stride(1), k.stride(2),
+                                   v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1),
+                                   v_new.stride(0), v_new.stride(1), D=D, BLOCK_D=triton.next_power_of_2(D))
+
+
+@triton.jit
+def _dense_decode_kernel(Q, K, V, POS, offset, M_out, L_out, Acc_out, sm_scale, n_rep, H_kv, split_len,
                          sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                          D: tl.constexpr, NREP_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
@@ -66,7 +99,7 @@ def _dense_decode_kernel(Q, K, V, LAST, M_out, L_out, Acc_out, sm_scale, n_rep, 
     r = tl.arange(0, NREP_PAD)  # the group's query heads, padded so tl.dot has M >= 16
     d = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :], mask=r[:, None] < n_rep, other=0.0)
-    length = tl.load(LAST).to(tl.int32) + 1
+    length = (tl.load(POS) + offset + 1).to(tl.int32)
     m = tl.full([NREP_PAD], float("-inf"), dtype=tl.float32)  # running max of the scores
     l = tl.zeros([NREP_PAD], dtype=tl.float32)  # running sum of exp(score - m)  # noqa: E741
     acc = tl.zeros([NREP_PAD, D], dtype=tl.float32)
@@ -84,10 +117,10 @@ def _dense_decode_kernel(Q, K, V, LAST, M_out, L_out, Acc_out, sm_scale, n_rep, 
     store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
 
 
-def dense_decode_attention_triton(q, k, v, last: torch.Tensor, *, n_splits: int | None = None,
+def dense_decode_attention_triton(q, k, v, pos: torch.Tensor, offset: int = 0, *, n_splits: int | None = None,
                                   block_t: int = 32):
-    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers, rows [0, last] live; last a (1,) int device
-    tensor -> (B, H, 1, D). Every launch parameter depends only on the shapes."""
+    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers, rows [0, pos + offset] live; pos a (1,) int
+    device tensor -> (B, H, 1, D). Every launch parameter depends only on the shapes."""
     B, H, _, D = q.shape
     H_kv, N = k.shape[1], k.shape[2]
     n_rep = H // H_kv
@@ -100,7 +133,7 @@ def dense_decode_attention_triton(q, k, v, last: torch.Tensor, *, n_splits: int 
     q = q.reshape(B, H, D).contiguous()
     m, l, acc = empty_partials(B * H_kv, n_splits, n_rep, D, q.device)  # noqa: E741
     _dense_decode_kernel[(B * H_kv, n_splits)](
-        q, k, v, last, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, per_split,
+        q, k, v, pos, offset, m, l, acc, 1.0 / math.sqrt(D), n_rep, H_kv, per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)), BLOCK_T=block_t, num_warps=4)
     return merge_splits_triton(m, l, acc, q.dtype).reshape(B, H, 1, D)
@@ -112,8 +145,17 @@ def runs_triton(t: torch.Tensor, head_dim: int) -> bool:
     return use_triton(t) and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def dense_decode_attention(q, k, v, last: torch.Tensor):
-    """Attention of q over rows [0, last] of the buffers k, v: the kernel on a GPU, else the reference."""
+def dense_decode_attention(q, k, v, pos: torch.Tensor, offset: int = 0):
+    """Attention of q over rows [0, pos + offset] of the buffers k, v: the kernel on a GPU, else the
+    reference."""
     if runs_triton(q, q.shape[-1]):
-        return dense_decode_attention_triton(q, k, v, last)
-    return dense_decode_attention_ref(q, k, v, last)
+        return dense_decode_attention_triton(q, k, v, pos, offset)
+    return dense_decode_attention_ref(q, k, v, pos, offset)
+
+
+def write_row(k, v, k_new, v_new, pos: torch.Tensor, offset: int = 0) -> None:
+    """write_row_ref's contract: the kernel on a GPU, else the reference."""
+    if use_triton(k) and k.stride(-1) == v.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1:
+        write_row_triton(k, v, k_new, v_new, pos, offset)
+    else:
+        write_row_ref(k, v, k_new, v_new, pos, offset)

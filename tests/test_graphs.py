@@ -77,29 +77,6 @@ def test_device_position_kernels_equal_the_cpu_path():
     check_interpreted(DEVICE_FORM_CHECK)
 
 
-DENSE_CHECK = r"""
-import torch
-from kernels.dense_attn import dense_decode_attention_ref, dense_decode_attention_triton
-bad = 0
-for B, H, H_kv, D, N, n, splits in [(1, 4, 2, 32, 100, 37, None), (2, 6, 3, 64, 300, 300, 4),
-                                    (1, 8, 8, 16, 80, 1, 3), (1, 32, 8, 128, 200, 150, 5)]:
-    g = torch.Generator().manual_seed(N + n)
-    q = torch.randn(B, H, 1, D, generator=g)
-    k, v = torch.randn(B, H_kv, N, D, generator=g), torch.randn(B, H_kv, N, D, generator=g)
-    ref = dense_decode_attention_ref(q, k, v, torch.tensor([n - 1]))
-    tri = dense_decode_attention_triton(q, k, v, torch.tensor([n - 1]), n_splits=splits)
-    if not torch.allclose(ref, tri, rtol=1e-4, atol=1e-5):
-        bad += 1
-        print("MISMATCH", B, H, H_kv, D, N, n, (ref - tri).abs().max().item())
-print("cases failed:", bad)
-"""
-
-
-def test_dense_decode_triton_matches_reference():
-    """Includes a length of 1, splits past the live length (empty), GQA groups of 1..4."""
-    check_interpreted(DENSE_CHECK)
-
-
 @pytest.mark.parametrize("spec", CUDA_SPECS, ids=spec_id)
 def test_cuda_graph_replay_equals_eager(spec):
     if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.dense_attn import _dense_decode_kernel  # noqa: E402
+from kernels.dense_attn import _dense_decode_kernel, _write_row_kernel  # noqa: E402
 from kernels.pack import _quant_channel_kernel, _quant_token_kernel, _unpack_kernel  # noqa: E402
 from kernels.norm import _rms_norm_kernel  # noqa: E402
 from kernels.prefetch import _gather_rows_kernel  # noqa: E402
@@ -117,10 +117,14 @@ def _specs() -> list[tuple]:
         out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
                     dict(D=128, GROUP=32, BITS=4, PER=2, LEVELS=15, PER_CHANNEL=per_channel, BLOCK_T=32, BLOCK_B=64),
                     dict(enable_fp_fusion=False), dict(R=H_KV * 16384)))
-    out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, LAST=I64, M_out=F32, L_out=F32, Acc_out=F32),
+    out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, POS=I64, M_out=F32, L_out=F32, Acc_out=F32),
                 dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
-                dict(n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
+                dict(offset=0, n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
                      **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
+    out.append((_write_row_kernel, dict(K=BF16, V=BF16, KN=BF16, VN=BF16, POS=I64), dict(D=128, BLOCK_D=128), {},
+                dict(offset=0, H_kv=H_KV, **strides("sk", 1, H_KV, T, D, last=False),
+                     **strides("sv", 1, H_KV, T, D, last=False), skn_b=(N_REP + 2) * H_KV * D, skn_h=D,
+                     svn_b=(N_REP + 2) * H_KV * D, svn_h=D)))  # the new rows: views into the QKV output
     out.append((_rms_norm_kernel, dict(X=BF16, W=BF16, OUT=BF16, eps="fp32"), dict(BLOCK=4096), dict(num_warps=4),
                 dict(n_cols=4096, stride_x=4096)))
     out.append((_rope_kernel, dict(H=BF16, COS=BF16, SIN=BF16), dict(HALF=64, HEADS_PAD=64), {},

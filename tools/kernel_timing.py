@@ -139,11 +139,11 @@ def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) 
         print(f"| {name} | {block_t} | {splits or 'default'} | {nbytes / 2**20:.0f} | {t:.1f} | {nbytes / t / 1e3:.0f} | "
               f"{nbytes / t / 1e3 / copy_gbs:.0%} |", flush=True)
 
-    last = torch.tensor([T - 1], device=dev)  # the last live row
+    pos = torch.tensor([T - 1], device=dev)  # the step's position: rows [0, T - 1] live
     for block_t in (32, 64):  # the defaults: 32, and 64 splits (512 programs over 8 heads)
         for splits in (64, 128):
             row("dense bf16", block_t, splits, 2 * k.numel() * 2,
-                lambda: dense_decode_attention_triton(q, k, v, last, n_splits=splits, block_t=block_t))
+                lambda: dense_decode_attention_triton(q, k, v, pos, n_splits=splits, block_t=block_t))
     for bits, scales in ((4, "model"), (2, "fp8")):
         p = QuantKV(args, 0, T + 64, dev, torch.bfloat16, bits=bits, scales=scales)
         p.prefill(k[:, :, :T - 1], v[:, :, :T - 1], torch.randn(1, H, 32, D, device=dev, dtype=torch.bfloat16))

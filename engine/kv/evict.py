@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv.base import KVPolicy, tensor_bytes
-from kernels.dense_attn import decode_attention, dense_decode_attention
+from kernels.dense_attn import decode_attention, dense_decode_attention, write_row
 
 
 def window_scores(k: torch.Tensor, q_window: torch.Tensor, pool: int) -> torch.Tensor:
@@ -96,10 +96,8 @@ class BudgetedEvictKV(KVPolicy):
 
     def attend(self, q, k_new, v_new, pos):
         if not self.evict_during_decode:  # append: every generated token has its own row
-            row = pos + self.row_offset
-            self.k.index_copy_(2, row, k_new)
-            self.v.index_copy_(2, row, v_new)
-            return dense_decode_attention(q, self.k, self.v, row)
+            write_row(self.k, self.v, k_new, v_new, pos, self.row_offset)  # row pos + row_offset
+            return dense_decode_attention(q, self.k, self.v, pos, self.row_offset)
         # Decode eviction, all on the device: a free slot (pos -1) if any is left, else the slot
         # with the least attention mass so far that is not among the `window` newest tokens.
         score = self.acc.masked_fill(self.pos > pos - self.window, float("inf"))

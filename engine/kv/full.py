@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv.base import KVPolicy, tensor_bytes
-from kernels.dense_attn import dense_decode_attention
+from kernels.dense_attn import dense_decode_attention, write_row
 
 
 class FullKV(KVPolicy):
@@ -39,8 +39,7 @@ class FullKV(KVPolicy):
 
     def attend(self, q, k_new, v_new, pos):
         # FullKV keeps every token at its own position: row == position.
-        self.k.index_copy_(2, pos, k_new.to(self.store))
-        self.v.index_copy_(2, pos, v_new.to(self.store))
+        write_row(self.k, self.v, k_new, v_new, pos)
         if self.store == self.dtype:
             return dense_decode_attention(q, self.k, self.v, pos)
         return dense_decode_attention(q, self.k.to(self.dtype), self.v.to(self.dtype), pos)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv.base import KVPolicy, tensor_bytes
-from kernels.dense_attn import dense_decode_attention
+from kernels.dense_attn import dense_decode_attention, write_row
 from kernels.prefetch import HOST, RowFetcher
 from kernels.slots import assign_slots
 from kernels.sparse_attn import approx_scores, select_topk
@@ -197,11 +197,9 @@ class OffloadKV(KVPolicy):
             self._select(q, overlap=True)
 
     def attend(self, q, k_new, v_new, pos):
-        row = pos + self.row_offset  # (1,) this token's row in the device buffer
-        self.k.index_copy_(2, row, k_new)
-        self.v.index_copy_(2, row, v_new)
+        write_row(self.k, self.v, k_new, v_new, pos, self.row_offset)  # this token's row: pos + row_offset
         first = self.offloaded and self._before_attention(q)
-        out = dense_decode_attention(q, self.k, self.v, row)
+        out = dense_decode_attention(q, self.k, self.v, pos, self.row_offset)
         if self.offloaded:
             self._after_attention(q, first)
         return out
