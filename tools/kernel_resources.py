@@ -94,14 +94,17 @@ def _specs() -> list[tuple]:
                 dict(R=H_KV * 16384, T=16384)))
     out.append((_quant_channel_kernel, ptrs, {**four, "CLIP": False, "BLOCK_G": 64, "BLOCK_B": 32}, dict(enable_fp_fusion=False),
                 dict(T=R)))
-    # a decode step's append (QuantKV's defaults: values clipped; 4 bits float ranges, 2 bits 8-bit)
+    # a decode step's append (QuantKV's defaults: keys and values rotated, values clipped; 4 bits
+    # float ranges, 2 bits 8-bit)
     for fp8, cfg in ((False, dict(four, CLIP=True)), (True, dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=True,
                                                                  N_CLIP=13, FP8=True))):
         rng = U8 if fp8 else BF16
         out.append((_quant_append_kernel, dict(POS=I64, K_NEW=BF16, V_NEW=BF16, K_RES=BF16, V_RES=BF16, V_CODES=U8,
-                                               V_SCALE=rng, V_MN=rng, SUP=F32 if fp8 else BF16),
-                    {**cfg, "PACK": True, "BLOCK_D": 128, "BLOCK_B": 128 // cfg["PER"]}, dict(enable_fp_fusion=False),
-                    dict(H_kv=H_KV, R=R, N=T - R, skn_b=H_KV * D, skn_h=D, svn_b=H_KV * D, svn_h=D)))  # rotated rows
+                                               V_SCALE=rng, V_MN=rng, SUP=F32 if fp8 else BF16, ROT=BF16),
+                    {**cfg, "PACK": True, "ROT_K": True, "ROT_V": True, "BLOCK_D": 128, "BLOCK_B": 128 // cfg["PER"]},
+                    dict(enable_fp_fusion=False),
+                    dict(H_kv=H_KV, R=R, N=T - R, skn_b=(N_REP + 2) * H_KV * D, skn_h=D, svn_b=(N_REP + 2) * H_KV * D,
+                         svn_h=D)))  # the new rows: views into the QKV output
     for fp8 in (False, True):
         rng = U8 if fp8 else BF16
         for held in (False, True):

@@ -283,12 +283,12 @@ class QuantKV(KVPolicy):
             self._pack_keys(self.k_res)
 
     def attend(self, q, k_new, v_new, pos):
-        k_new, v_new = self._rotate(k_new, v_new)
         if self.rotate == "kv":
             q = q @ self.rot  # (qR).(kR) = q.k
-        # the value leaving the ring packed into its row, the new key and value into the windows
+        # the value leaving the ring packed into its row, the new key and value (rotated as stored)
+        # into the windows: kernels/quant_append.py
         quant_append(pos, k_new, v_new, self.k_res, self.v_res, self.v_codes, self.v_scale, self.v_mn,
-                     self.bits, self.group, "v" in self.clip, self.v_sup)  # kernels/quant_append.py
+                     self.bits, self.group, "v" in self.clip, self.v_sup, self.rot, self.rotate)
         out = quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
                                      self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group,
                                      k_held=self.k_held, v_held=self.v_held, held_mask=self.held_mask,
