@@ -5,7 +5,7 @@
 # step printed comes back even when the whole command is cut short.
 #
 #   bash tools/gpu_check.sh tests capped    # the first run: 7.5 minutes at most (timeout_s 470)
-#   bash tools/gpu_check.sh full kernels    # the second, at once: 4.8 minutes at most (timeout_s 310)
+#   bash tools/gpu_check.sh full kernels    # the second, at once: 5 minutes at most (timeout_s 320)
 #   bash tools/gpu_check.sh offload         # the third, if device time is left: 185 s (timeout_s 200)
 #   bash tools/gpu_check.sh overlap         # if device time is still left: 90 s
 #   bash tools/gpu_check.sh capped20        # likewise: 200 s
@@ -26,8 +26,10 @@
 #                run the peers at 10%: transformers' DynamicCache and kvpress's presses (wheels from
 #                .whl/, installed to /tmp/peer_site; PyramidKV last: ~1.5 s/token at 128k on the H100).
 #                transformers' QuantizedCache is left out: quanto compiles its CUDA extension (minutes)
-#   kernels  90  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels
-#                against the torch code they replace, per call in a CUDA graph; one layer's
+#   kernels 100  tools/kernel_timing.py: the fused slot-assignment and 8-bit-range quantize kernels,
+#                and the decode step's per-layer small ops (norm, RoPE, silu * up, split merge, row
+#                write, QuantKV append), against the torch code they replace, per call in a CUDA
+#                graph; one layer's
 #                zero-copy gather beside one layer's weight GEMVs, the copy on 4-32 programs or all;
 #                decode attention at 128k (FullKV, QuantKV 4/2-bit) as GB/s per BLOCK_T and split count
 #   offload 185  tools/offload_gpu.py at 128k: chunk sizes 1 and 16, host store bfloat16 or 8-bit,
@@ -76,7 +78,7 @@ run() {
     full) step full 200 env $(peer_path) "$PY" bench.py "${MODEL[@]}" --ctx 128k \
         --policies full --kv-fraction 0.1 --no-quality --steps 16 --json "$OUT/full_128k.json" --peers \
         hf-dynamic,kvpress-snapkv,kvpress-streamingllm,kvpress-tova,kvpress-knorm,kvpress-adakv,kvpress-pyramidkv ;;
-    kernels) step kernels 90 "$PY" tools/kernel_timing.py ;;
+    kernels) step kernels 100 "$PY" tools/kernel_timing.py ;;
     offload) step offload 185 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 --host model,8bit ;;
     overlap) step overlap 90 "$PY" tools/offload_gpu.py --ctx 32k --budget 2048 --chunks 16 --lookahead layer,step \
         --copy-programs 0,8,32 --overlap-off ;;

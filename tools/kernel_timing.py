@@ -10,6 +10,10 @@ Ops (torch reference -> Triton):
   pack value     a decode step's 2-bit value row with 8-bit ranges (kernels/fp8.py): the torch
                  rounding of the 9 byte pairs vs the one quantize kernel
   pack keys      a 128-token key block, the same (the flush every `residual` steps)
+  rms norm, rope, silu * up, merge splits, write row, quant append: the decode step's per-layer
+                 small ops (kernels/norm.py, rotary.py, swiglu.py, splits.py, dense_attn.py,
+                 quant_append.py), each a node of its CUDA graph once per layer: what each fusion
+                 saves per layer and step, in place of the ~2 µs a node the notes estimate
 
 Then decode attention over one layer's cache at a 128k-token context: the FullKV kernel
 (kernels/dense_attn.py) and the QuantKV kernel (kernels/quant_attn_triton.py) over a real QuantKV store
@@ -38,13 +42,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import preset  # noqa: E402
-from engine.kv.quant import QuantKV  # noqa: E402
-from kernels.dense_attn import dense_decode_attention_triton  # noqa: E402
+from engine.kv.quant import QuantKV, hadamard  # noqa: E402
+from engine.rope import inv_frequencies, rope_cos_sin  # noqa: E402
+from kernels.dense_attn import dense_decode_attention_triton, write_row_ref, write_row_triton  # noqa: E402
 from kernels.fp8 import quantize_pack_fp8_ref, superscale  # noqa: E402
+from kernels.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
+from kernels.quant_append import quant_append_ref, quant_append_triton  # noqa: E402
 from kernels.quant_attn_triton import quant_decode_attention_triton  # noqa: E402
 from kernels.pack import quantize_pack_triton  # noqa: E402
 from kernels.prefetch import RowFetcher, gather_rows  # noqa: E402
+from kernels.rotary import rope_qk_ref, rope_qk_triton  # noqa: E402
 from kernels.slots import assign_slots_ref, assign_slots_triton  # noqa: E402
+from kernels.splits import empty_partials, merge_splits_ref, merge_splits_triton  # noqa: E402
+from kernels.swiglu import silu_mul_ref, silu_mul_triton  # noqa: E402
 
 
 def graph_us(fn, replays: int) -> float:
@@ -77,6 +87,42 @@ def slot_case(H: int, k: int, n: int, gen: torch.Generator):
         outside = torch.tensor(sorted(set(range(n)) - set(held[0, h].tolist())))
         new[0, h, :n_new] = outside[torch.randperm(len(outside), generator=gen)[:n_new]]
     return held.cuda(), new.sort(-1).values.cuda()
+
+
+def small_ops(H: int, D: int, replays: int, gen: torch.Generator, dev: str = "cuda", timer=graph_us) -> list[tuple]:
+    """(op, "torch" / "triton", µs) rows for the decode step's per-layer small ops, Llama-3.1-8B's
+    sizes (32 query heads, dim 4096, ffn 14336) with H KV heads of D channels, one token. (The
+    "torch" side of quant append is the unfused sequence the engine ran before, whose quantize is
+    already a Triton kernel on a GPU. dev and timer: as in attention().)"""
+    args = preset("llama-3.1-8b")
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(**bf)  # noqa: E731
+    x, w = rnd(1, 1, args.dim), rnd(args.dim)
+    h = rnd(1, 1, (args.n_heads + 2 * H) * D)  # the QKV projection's output, rotated in place
+    cos, sin = (t[:, None, None] for t in rope_cos_sin(inv_frequencies(D, args.rope_theta, args.rope_scaling).to(dev),
+                                                         torch.tensor([131071], device=dev), torch.bfloat16))
+    gate_up = rnd(1, 1, 2 * args.ffn_dim)
+    n_rep = args.n_heads // H
+    m, l, acc = empty_partials(H, 50, n_rep, D, dev)  # noqa: E741  (50 splits: the quant kernel's on 132 SMs)
+    for t in (m, l, acc):
+        t.copy_(torch.rand(t.shape, generator=gen))
+    kv_new = [rnd(1, H, 1, D) for _ in range(2)]
+    k_buf, v_buf = (torch.zeros(1, H, 131072 + 64, D, **bf) for _ in range(2))
+    pos = torch.tensor([131071], device=dev)
+    # QuantKV's append at its 2-bit defaults: 8-bit ranges, values clipped, keys and values rotated
+    res = [torch.zeros(1, H, 128, D, **bf) for _ in range(2)]
+    codes = torch.zeros(1, H, 131072, D // 4, dtype=torch.uint8, device=dev)
+    ranges = [torch.zeros(1, H, 131072, D // 32, dtype=torch.uint8, device=dev) for _ in range(2)]
+    sup, rot = torch.full((1, H), 0.01, device=dev), hadamard(D).to(**bf)
+    ops = [("rms norm", lambda f: f(x, w, 1e-5), rms_norm_ref, rms_norm_triton),
+           ("rope q, k", lambda f: f(h, args.n_heads, H, cos, sin), rope_qk_ref, rope_qk_triton),
+           ("silu * up", lambda f: f(gate_up), silu_mul_ref, silu_mul_triton),
+           ("merge 50 splits", lambda f: f(m, l, acc, torch.bfloat16), merge_splits_ref, merge_splits_triton),
+           ("write row", lambda f: f(k_buf, v_buf, *kv_new, pos), write_row_ref, write_row_triton),
+           ("quant append", lambda f: f(pos, *kv_new, *res, codes, *ranges, 2, 32, True, sup, rot, "kv"),
+            quant_append_ref, quant_append_triton)]
+    return [(op, name, timer(lambda: call(fn), replays))
+            for op, call, ref, tri in ops for name, fn in (("torch", ref), ("triton", tri))]
 
 
 def copy_overlap(H: int, D: int, replays: int, gen: torch.Generator) -> None:
@@ -184,6 +230,7 @@ def main() -> None:
                                             a.replays)))
         rows.append((what, "triton", graph_us(lambda: quantize_pack_triton(x, 2, 32, per_channel, not per_channel, sup),
                                              a.replays)))
+    rows += small_ops(H, D, a.replays, gen)
     print(f"{torch.cuda.get_device_name()}, {H} KV heads, head_dim {D}, mean of {a.replays} graph replays\n")
     print("| op | torch µs | Triton µs | torch / Triton |\n|---|---|---|---|")
     for i in range(0, len(rows), 2):
