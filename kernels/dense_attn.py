@@ -1,15 +1,17 @@
-"""Decode attention over a preallocated K/V buffer whose live length is a *device* tensor.
+"""Decode attention over a preallocated K/V buffer whose live length follows from a *device* tensor.
 
 Why not SDPA: a CUDA graph replays fixed shapes, so a graphed decode step cannot slice the cache to
-[:length] with a Python int that changes every step. This kernel reads the length from device
-memory instead: the grid is sized for the whole buffer once (static), and each program masks what
-lies past the live length. Callers pass the step's position as the device tensor they already
-hold, and a host int `offset` from it to the token's row (a policy that keeps fewer rows than
-positions: row = pos + offset), rather than a row or a length computed by torch, which would cost
-each layer one more kernel, a node of the step's CUDA graph. `write_row` stores the step's key and
-value into that row, one kernel for what would be two index_copy_ (and the addition). Flash-decoding as in kernels/quant_attn.py: one program per (batch, KV
-head) and split of the tokens serves all query heads of the GQA group, so each K/V row is read
-once; the splits are merged by their running max and sum.
+[:length] with a Python int that changes every step. This kernel reads the step's position from
+device memory instead: the grid is sized for the whole buffer once (static), and each program
+masks what lies past the live rows. Flash-decoding as in kernels/quant_attn.py: one program per
+(batch, KV head) and split of the tokens serves all query heads of the GQA group, so each K/V row
+is read once; the splits are merged by their running max and sum (kernels/splits.py).
+
+Callers pass the position as the device tensor they already hold, and a host int `offset` from it
+to the token's row (a policy that keeps fewer rows than positions: row = pos + offset), not a row
+or a length computed by torch, which would cost each layer one more kernel, a node of the step's
+CUDA graph. `write_row` stores the step's key and value into that row: one kernel where torch
+takes two index_copy_ (and the addition).
 
 The reference is `decode_attention` (below) over buffer[:, :, :pos + offset + 1]; it is also what
 policies use for dense attention over a slice whose length the host knows (prefill-time scoring,

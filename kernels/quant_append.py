@@ -121,11 +121,12 @@ def quant_append_triton(pos, k_new, v_new, k_res, v_res, v_codes, v_scale, v_mn,
     assert rotate == "none" or (rot.is_contiguous() and rot.shape == (D, D))
     _quant_append_kernel[(B * H_kv,)](
         pos, k_new, v_new, k_res, v_res, v_codes, v_scale, v_mn, v_res if v_sup is None else v_sup,
-        v_res if rotate == "none" else rot, H_kv, R, v_codes.shape[2], k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        v_res if rotate == "none" else rot, H_kv, R, v_codes.shape[2],
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         D=D, GROUP=group, BITS=bits, PER=per, LEVELS=(1 << bits) - 1, CLIP=clip, N_CLIP=N_CLIP,
         FP8=v_sup is not None, PACK=v_codes.shape[2] > 0, ROT_K=rotate == "kv", ROT_V=rotate != "none",
-        BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_B=triton.next_power_of_2(D // per), enable_fp_fusion=False)  # rounds as the reference
+        BLOCK_D=triton.next_power_of_2(D), BLOCK_B=triton.next_power_of_2(D // per),
+        enable_fp_fusion=False)  # no contracted multiply-adds: rounds as the reference
 
 
 def quant_append(pos, k_new, v_new, k_res, v_res, v_codes, v_scale, v_mn, bits: int, group: int,

@@ -38,7 +38,7 @@ for mode, (bits, group, clip, fp8, dtype, n_rows, rotate) in runs:
     rot = perm.to(DEV, dtype)
     bufs = [torch.zeros(B, H_kv, R, D, dtype=dtype), torch.zeros(B, H_kv, R, D, dtype=dtype),
             torch.zeros(B, H_kv, n_rows, D * bits // 8, dtype=torch.uint8),
-            torch.zeros(B, H_kv, n_rows, D // group, dtype=ranges), torch.zeros(B, H_kv, n_rows, D // group, dtype=ranges)]
+            *(torch.zeros(B, H_kv, n_rows, D // group, dtype=ranges) for _ in range(2))]
     ref = [t.to(DEV) for t in bufs]
     tri = [t.clone() for t in ref]
     for pos in range(min(R + n_rows, 2 * R + 2)):  # before, at and past the first wrap

@@ -35,8 +35,9 @@ from engine.model import Llama  # noqa: E402
 
 # ops that launch nothing: views, aliasing, allocation (torch.empty allocates from the graph's pool)
 NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "expand", "slice", "select", "split", "split_with_sizes",
-             "unsqueeze", "squeeze", "permute", "as_strided", "alias", "detach", "detach_", "unbind", "reshape", "chunk",
-             "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "numpy_T"}
+             "chunk", "unsqueeze", "squeeze", "permute", "as_strided", "alias", "detach", "detach_", "unbind",
+             "reshape", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+             "numpy_T"}
 
 
 class KernelCounter(TorchDispatchMode):
