@@ -65,7 +65,7 @@ peer_path() {  # the peers' wheels (tools/peer_wheels.sh), when carried, install
 
 run() {
     case $1 in
-    tests) step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
+    tests) step tests 180 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
         tests/test_quant_attn.py tests/test_graphs.py tests/test_offloadkv.py tests/test_prefetch.py \
         tests/test_prefill_chunks.py tests/test_devices.py tests/test_splits.py tests/test_norm.py \
         tests/test_rotary.py tests/test_swiglu.py tests/test_quant_append.py tests/test_dense_attn.py \
