@@ -24,7 +24,7 @@ both to nearest costs 0-7% at 1-2 bits and 7-15% at 4 bits (a step 1/16 short le
 16-level range a whole step short); rounding outward (covering min/max) 17-24%; the best of the 9
 pairs 0.83-0.97 (min/max ranges: a small free clip search) and 0.95-1.03 (clipped ranges).
 
-Where: on CUDA the Triton quantize kernels (kernels/pack.py, through kernels/ranges.py) compute
+Where: on CUDA the Triton quantize kernels (kernels/pack_triton.py, through kernels/ranges.py) compute
 a group's float range, round it and write the codes in one pass, so a decode step packs its value
 row with one kernel; `_round_ranges` here is their torch reference. Both encode and decode bytes as
 kernels/e4m3.py does, the same way bit for bit (torch's float8_e4m3fn and its Triton twin), and
@@ -38,7 +38,8 @@ import torch
 
 from kernels import use_triton
 from kernels.e4m3 import decode, neighbours
-from kernels.pack import _check_quant, _expand, _pack, float_ranges_ref, quantize_pack_triton, unpack_dequant
+from kernels.pack import _check_quant, _expand, _pack, float_ranges_ref, unpack_dequant
+from kernels.pack_triton import quantize_pack_triton
 from kernels.ranges import quantize_codes
 
 SUPER_DIV = 32.0  # S = largest |x| / SUPER_DIV (module docstring)
@@ -53,6 +54,7 @@ def quantize_pack_fp8(x: torch.Tensor, bits: int, group: int, per_channel: bool,
     """kernels/pack.quantize_pack with 8-bit ranges: x (B, H, T, D), sup (B, H) float32 ->
     (codes, scale bytes, mn bytes). Triton on CUDA tensors (one kernel: ranges, their rounding and
     the codes), the torch reference elsewhere (kernels/__init__.py)."""
+    _check_quant(x, bits, group, per_channel)
     if use_triton(x):
         return quantize_pack_triton(x, bits, group, per_channel, clip, sup)
     return quantize_pack_fp8_ref(x, bits, group, per_channel, clip, sup)

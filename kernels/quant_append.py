@@ -29,7 +29,8 @@ import triton.language as tl
 
 from kernels import use_triton
 from kernels.fp8 import quantize_pack_fp8
-from kernels.pack import quantize_pack, quantize_token_rows
+from kernels.pack import quantize_pack
+from kernels.pack_triton import quantize_token_rows
 from kernels.ranges import N_CLIP
 
 

@@ -77,7 +77,7 @@ _FP8_COMPARE = r"""
 import os
 import torch
 from kernels.fp8 import quantize_pack_fp8, quantize_pack_fp8_ref, superscale, unpack_dequant_fp8
-from kernels.pack import quantize_pack_triton
+from kernels.pack_triton import quantize_pack_triton
 DEV = os.environ["KERNEL_TEST_DEVICE"]
 
 def data(lead, T, D, dtype, seed):

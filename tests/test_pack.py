@@ -11,8 +11,8 @@ from kernels.pack import quantize_pack, quantize_pack_ref, unpack_dequant, unpac
 _COMPARE = r"""
 import os
 import torch
-from kernels.pack import (quantize_pack, quantize_pack_ref, quantize_pack_triton,
-                          unpack_dequant_ref, unpack_dequant_triton)
+from kernels.pack import quantize_pack, quantize_pack_ref, unpack_dequant_ref
+from kernels.pack_triton import quantize_pack_triton, unpack_dequant_triton
 DEV = os.environ["KERNEL_TEST_DEVICE"]
 
 def data(lead, T, D, dtype, seed):

@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.dense_attn import _dense_decode_kernel, _write_row_kernel  # noqa: E402
-from kernels.pack import _quant_channel_kernel, _quant_token_kernel, _unpack_kernel  # noqa: E402
+from kernels.pack_triton import _quant_channel_kernel, _quant_token_kernel, _unpack_kernel  # noqa: E402
 from kernels.norm import _rms_norm_kernel  # noqa: E402
 from kernels.prefetch import _gather_rows_kernel  # noqa: E402
 from kernels.quant_append import _quant_append_kernel  # noqa: E402

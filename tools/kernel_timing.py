@@ -49,7 +49,7 @@ from kernels.fp8 import quantize_pack_fp8_ref, superscale  # noqa: E402
 from kernels.norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kernels.quant_append import quant_append_ref, quant_append_triton  # noqa: E402
 from kernels.quant_attn_triton import quant_decode_attention_triton  # noqa: E402
-from kernels.pack import quantize_pack_triton  # noqa: E402
+from kernels.pack_triton import quantize_pack_triton  # noqa: E402
 from kernels.prefetch import RowFetcher, gather_rows  # noqa: E402
 from kernels.rotary import rope_qk_ref, rope_qk_triton  # noqa: E402
 from kernels.slots import assign_slots_ref, assign_slots_triton  # noqa: E402
