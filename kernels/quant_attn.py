@@ -45,17 +45,32 @@ from kernels import use_triton
 from kernels.e4m3 import decode
 from kernels.quant_attn_triton import quant_decode_attention_triton
 
+# On a GPU the kernel rotates the query and the output itself (two fewer kernels per layer and step);
+# False: two torch matmuls around it instead, as on the CPU (a switch for a GPU that shows a problem
+# with the in-kernel rotation before it is fixed).
+ROTATE_IN_KERNEL = True
+
 
 def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
                            bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None,
-                           k_sup=None, v_sup=None) -> torch.Tensor:
+                           k_sup=None, v_sup=None, rot=None, rotate="none") -> torch.Tensor:
     """q (B, H, 1, D) -> out (B, H, 1, D) in q.dtype: softmax(q K^T * sm_scale) V over the pos + 1
     cached tokens (sm_scale default 1/sqrt(D)), those marked in held_mask from the held rows.
     k_sup / v_sup (B, H_kv) float32: the scales and mins are 8-bit e4m3 bytes of these superscales
-    (kernels/fp8.py). Triton on CUDA tensors, the torch path elsewhere."""
+    (kernels/fp8.py). rot (D, D): the cache holds k R and v R ("kv") or v R ("v"), so the query is
+    q R and the output comes back by R^T (engine/kv/quant.py); the caller passes q and gets the
+    output as if nothing were rotated. Triton on CUDA tensors (the rotations inside the kernel),
+    the torch path elsewhere."""
+    if use_triton(q) and ROTATE_IN_KERNEL:
+        return quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
+                                             bits, group, sm_scale, k_held, v_held, held_mask, k_sup, v_sup,
+                                             rot, rotate)
     fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
-    return fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale,
-              k_held=k_held, v_held=v_held, held_mask=held_mask, k_sup=k_sup, v_sup=v_sup)
+    if rotate == "kv":
+        q = q @ rot  # (qR).(kR) = q.k
+    out = fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale,
+             k_held=k_held, v_held=v_held, held_mask=held_mask, k_sup=k_sup, v_sup=v_sup)
+    return out if rotate == "none" else out @ rot.T  # sum p (vR) = (sum p v) R
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

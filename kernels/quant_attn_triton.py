@@ -3,7 +3,9 @@ ranges that follow from the position, and the held tokens): decode attention ove
 quantized KV cache, dequantizing in registers, never materialising dequantized K/V. Each program
 loads packed tiles of one (batch, KV head) and one split of the tokens (and its share of the
 held tokens' full-precision rows), dequantizes them and runs flash-decoding (online softmax) for
-all query heads of the group; kernels/splits.py merges the splits. How its loads are laid out
+all query heads of the group; kernels/splits.py merges the splits. Where QuantKV stores its keys
+and values rotated (engine/kv/quant.py), the kernel rotates the query itself and each split's
+output back before storing it: two matmuls per layer fewer in a decode step. How its loads are laid out
 so that Triton pipelines them, and what that costs in registers, is in the kernel's comments;
 tools/kernel_resources.py compiles it, tools/kernel_timing.py times it, tests/test_quant_attn.py
 checks it against quant_decode_attention_ref.
@@ -17,7 +19,8 @@ import triton
 import triton.language as tl
 
 from kernels.e4m3 import e4m3_to_f32
-from kernels.splits import attend_block, empty_partials, merge_splits_triton, store_split, tokens_per_split
+from kernels.splits import (attend_block, empty_partials, merge_splits_triton, store_split, store_split_rotated,
+                            tokens_per_split)
 
 # Split policy: enough (batch, kv head, split) programs to fill the GPU in one wave, PROGRAMS_PER_SM
 # on each SM at once (the kernel takes <= 168 registers a thread at BLOCK_T 16, tools/kernel_resources.py:
@@ -74,14 +77,14 @@ def _block_extras(t0, length, n_kq, n_vq, hm, ks, km, vs, vm, sks_t, skm_t, svs_
 
 @triton.jit
 def _quant_decode_kernel(
-    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, KH, VH, KSUP, VSUP, M_out, L_out, Acc_out,
+    Q, KC, KS, KM, KR, VC, VS, VM, VR, HM, KH, VH, KSUP, VSUP, ROT, M_out, L_out, Acc_out,
     sm_scale, POS, n_rep, H_kv, R, split_len, S, s_split,
     sq_b, sq_h, sq_d,
     skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, skm_b, skm_h, skm_t, skr_b, skr_h, skr_t,
     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, svm_b, svm_h, svm_t, svr_b, svr_h, svr_t, shm_b, shm_h,
     skh_b, skh_h, skh_t, svh_b, svh_h, svh_t,
     HAS_HELD: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NREP_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, ROT_Q: tl.constexpr, ROT_OUT: tl.constexpr, ROT_CHUNK: tl.constexpr,
 ):
     """One program = one (batch, KV head) and one split of the tokens, for all n_rep query heads of
     the group: every K/V tile is read and dequantized once and used by the whole group. The cache
@@ -93,8 +96,17 @@ def _quant_decode_kernel(
     b, hk = (pid_bh // H_kv).to(tl.int64), (pid_bh % H_kv).to(tl.int64)  # int64: big caches overflow int32
     r = tl.arange(0, NREP_PAD)  # query heads of the group, padded so tl.dot has M >= 16
     d, nb = tl.arange(0, D), tl.arange(0, D // PER)  # channels; packed bytes of a row
-    q = tl.load(Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h + d[None, :] * sq_d,
-                mask=r[:, None] < n_rep, other=0.0)  # (NREP_PAD, D)
+    q_rows = Q + b * sq_b + (hk * n_rep + r[:, None]) * sq_h  # (NREP_PAD, 1)
+    if ROT_Q:  # keys are stored rotated (engine/kv/quant.py): q.k = (q R).(k R), summed over slices
+        # of ROT_CHUNK input channels (a (ROT_CHUNK, D) slice of R in registers, not all of it)
+        qr = tl.zeros([NREP_PAD, D], dtype=tl.float32)
+        for c in tl.static_range(0, D, ROT_CHUNK):
+            e = c + tl.arange(0, ROT_CHUNK)
+            q_c = tl.load(q_rows + e[None, :] * sq_d, mask=r[:, None] < n_rep, other=0.0)  # (NREP_PAD, ROT_CHUNK)
+            qr += tl.dot(q_c, tl.load(ROT + e[:, None] * D + d[None, :]), input_precision="ieee")
+        q = qr.to(Q.dtype.element_ty)  # rounded as torch's q @ R would be
+    else:
+        q = tl.load(q_rows + d[None, :] * sq_d, mask=r[:, None] < n_rep, other=0.0)  # (NREP_PAD, D)
     kc = KC + b * skc_b + hk * skc_h
     ks, km = KS + b * sks_b + hk * sks_h, KM + b * skm_b + hk * skm_h
     kr = KR + b * skr_b + hk * skr_h
@@ -175,14 +187,19 @@ def _quant_decode_kernel(
             v = tl.load(vh + j[:, None] * svh_t + d[None, :], mask=ok[:, None], other=0.0)
             m, l, acc = attend_block(m, l, acc, tl.where(ok[None, :], s, float("-inf")), v.to(q.dtype))
 
-    store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
+    if ROT_OUT:  # values are stored rotated: this split's output is (sum p v) R, rotated back by R^T
+        store_split_rotated(M_out, L_out, Acc_out, m, l, acc, ROT, n_rep, NREP_PAD, D, ROT_CHUNK)
+    else:
+        store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
 
 
 def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
                                   bits, group, sm_scale=None, k_held=None, v_held=None, held_mask=None,
-                                  k_sup=None, v_sup=None, *, n_splits=None, block_t=None):
+                                  k_sup=None, v_sup=None, rot=None, rotate="none", *, n_splits=None, block_t=None):
     """Fused dequantize + flash-decoding. Every launch parameter depends only on the shapes (the grid
-    covers the capacity), so the call can be captured in a CUDA graph. n_splits / block_t override
+    covers the capacity), so the call can be captured in a CUDA graph. rot (D, D) with rotate "kv"
+    (keys and values stored rotated by it) or "v" (values only): the query is rotated and the
+    output rotated back inside the kernel, two matmuls fewer per layer. n_splits / block_t override
     the defaults (tests use them to exercise several splits on short sequences)."""
     B, H, _, D = q.shape
     H_kv, R = k_res.shape[1], v_res.shape[2]
@@ -190,9 +207,11 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     capacity = v_codes.shape[2] + R  # values: packed rows + the ring (see engine/kv/quant.py)
     # A block holds several (BLOCK_T, D) tiles at once (codes, ranges, residual, result). Compiled
     # for sm_90 with 4 warps as a launch specializes it (tools/kernel_resources.py; triton 3.6 and
-    # 3.9), every variant (bits, 8-bit ranges, held rows) at D = 128 takes at most 168 registers at
+    # 3.9), every variant (bits, 8-bit ranges, held rows) at D = 128 took at most 168 registers at
     # BLOCK_T 16 (3 programs per SM, ~28 KB of shared memory each for the pipelined loads) and 248 at
-    # 32 (2), no spills; 64 spills. 16 is the default until tools/kernel_timing.py times them.
+    # 32 (2), no spills; 64 spills. With the rotations inside, triton 3.6 took up to 186 at 16 (3.9:
+    # 168), so BLOCK_T 16 launches are capped at 168 (maxnreg): 8 bytes of spill at most, and 3
+    # programs per SM kept. 16 is the default until tools/kernel_timing.py times them.
     block_t = block_t or 16
     assert D >= 16 and D & (D - 1) == 0 and block_t >= 16, "tl.arange/tl.dot need powers of two >= 16"
     assert bits in (1, 2, 4) and k_codes.shape[-1] * (8 // bits) == D and H % H_kv == 0
@@ -218,13 +237,16 @@ def quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_s
     fp8_ranges = k_sup is not None
     assert fp8_ranges == (v_sup is not None) == (k_scale.dtype == torch.uint8) == (v_scale.dtype == torch.uint8)
     ksup, vsup = (k_sup.contiguous(), v_sup.contiguous()) if fp8_ranges else (m, m)  # (B, H_kv); m: unread
+    assert rotate in ("none", "v", "kv") and (rotate == "none" or (rot.shape == (D, D) and rot.is_contiguous()))
     _quant_decode_kernel[grid](
-        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, kh, vh, ksup, vsup, m, l, acc,
+        q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, hm, kh, vh, ksup, vsup,
+        m if rotate == "none" else rot, m, l, acc,
         sm_scale, pos, n_rep, H_kv, R, per_split, S, s_split,
         q.stride(0), q.stride(1), q.stride(3),
         *(st for x in rows for st in x.stride()[:3]), hm.stride(0), hm.stride(1),  # (b, h, t) strides
         *kh.stride()[:3], *vh.stride()[:3],
         HAS_HELD=has_held, FP8=fp8_ranges, BITS=bits, G=group, D=D, NREP_PAD=max(16, triton.next_power_of_2(n_rep)),
-        BLOCK_T=block_t, num_warps=4,
+        BLOCK_T=block_t, ROT_Q=rotate == "kv", ROT_OUT=rotate != "none", ROT_CHUNK=min(32, D), num_warps=4,
+        **({"maxnreg": 168} if block_t == 16 else {}),  # 3 programs per SM: the register note above
     )
     return merge_splits_triton(m, l, acc, q.dtype).reshape(B, H, 1, D)  # kernels/splits.py

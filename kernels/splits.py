@@ -50,15 +50,41 @@ def attend_block(m, l, acc, s, v):  # noqa: E741
 
 
 @triton.jit
+def _store_stats(M_out, L_out, m, l, n_rep, NREP_PAD: tl.constexpr):  # noqa: E741
+    """m and l of this program's split (grid (batch x KV heads, splits)) -> its (B * H_kv, n_splits)
+    row of the partials, which it returns; padding rows past n_rep are not stored."""
+    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    r = tl.arange(0, NREP_PAD)
+    tl.store(M_out + row * n_rep + r, m, mask=r < n_rep)
+    tl.store(L_out + row * n_rep + r, l, mask=r < n_rep)
+    return row
+
+
+@triton.jit
 def store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD: tl.constexpr, D: tl.constexpr):  # noqa: E741
-    """This program's split (grid (batch x KV heads, splits)), unnormalised, into the partials:
-    m = -inf for a split past the length (weight 0 in the merge); padding rows past n_rep not stored."""
-    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)  # index into (B * H_kv, n_splits)
+    """This program's split, unnormalised, into the partials: m = -inf for a split past the length
+    (weight 0 in the merge)."""
+    row = _store_stats(M_out, L_out, m, l, n_rep, NREP_PAD)
     r, d = tl.arange(0, NREP_PAD), tl.arange(0, D)
-    keep = r < n_rep
-    tl.store(M_out + row * n_rep + r, m, mask=keep)
-    tl.store(L_out + row * n_rep + r, l, mask=keep)
-    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=keep[:, None])
+    tl.store(Acc_out + (row * n_rep + r[:, None]) * D + d[None, :], acc, mask=(r < n_rep)[:, None])
+
+
+@triton.jit
+def store_split_rotated(M_out, L_out, Acc_out, m, l, acc, ROT, n_rep,  # noqa: E741
+                        NREP_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+    """store_split with acc R^T stored for acc, ROT pointing at R (D, D): a split over values stored
+    rotated (v R, QuantKV) rotated back. Linear, so the merge of rotated-back splits is the
+    rotated-back merge. acc is rounded to R's dtype for the product (tensor cores; the torch path
+    rounds the merged output to the model dtype before its R^T the same way), and R^T is read CHUNK
+    output columns at a time, a (D, CHUNK) slice in registers rather than all of R."""
+    row = _store_stats(M_out, L_out, m, l, n_rep, NREP_PAD)
+    r, e = tl.arange(0, NREP_PAD), tl.arange(0, D)
+    a = acc.to(ROT.dtype.element_ty)
+    for c in tl.static_range(0, D, CHUNK):
+        j = c + tl.arange(0, CHUNK)
+        rt = tl.load(ROT + j[None, :] * D + e[:, None])  # (D, CHUNK): R^T[e, j] = R[j, e]
+        out = tl.dot(a, rt, input_precision="ieee")  # (NREP_PAD, CHUNK), float32
+        tl.store(Acc_out + (row * n_rep + r[:, None]) * D + j[None, :], out, mask=(r < n_rep)[:, None])
 
 
 def merge_splits_ref(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor,  # noqa: E741

@@ -215,6 +215,10 @@ TRITON_CASES = [
     dict(pos=299, B=2, H=8, H_kv=2, bits=2, R=64, held=60, block_t=16, n_splits=4),  # a fifth held
     dict(pos=199, B=2, H=8, H_kv=2, bits=2, R=64, fp8=True, block_t=16, n_splits=3),  # 8-bit ranges
     dict(pos=149, H=4, H_kv=1, D=128, bits=4, G=64, R=64, fp8=True, held=3, wide=True),  # ... with held rows
+    # keys and values stored rotated (QuantKV's default): q rotated, the output rotated back, inside
+    dict(pos=199, B=2, H=8, H_kv=2, D=128, bits=2, R=64, fp8=True, held=3, rotate="kv", block_t=16, n_splits=3),
+    dict(pos=150, H=4, H_kv=2, G=16, R=32, bits=4, held=2, rotate="v", block_t=32, n_splits=2),  # values only
+    dict(pos=40, H=4, H_kv=4, D=16, G=16, R=16, bits=2, rotate="kv"),  # head_dim 16: one slice of R
 ]
 
 
@@ -225,11 +229,17 @@ def run_triton_cases(device: str = "cpu") -> int:
     failures = 0
     for i, case in enumerate(TRITON_CASES):
         kw = {k: case[k] for k in ("block_t", "n_splits") if k in case}  # launch options, not the cache's
-        args, _, _ = make_case(**{k: val for k, val in case.items() if k not in kw})
+        rotate = case.get("rotate", "none")
+        args, _, _ = make_case(**{k: val for k, val in case.items() if k not in kw and k != "rotate"})
         args = {k: a.to(device) if torch.is_tensor(a) else a for k, a in args.items()}
         sm_scale = (None, 0.3)[i % 2]  # the default 1/sqrt(D) and a given scale, on alternate cases
-        out = quant_decode_attention_triton(**args, sm_scale=sm_scale, **kw)
-        want = quant_decode_attention_ref(**args, sm_scale=sm_scale)
+        # an orthogonal matrix that is not symmetric, so a transposed use shows
+        rot = torch.linalg.qr(torch.randn(args["q"].shape[-1], args["q"].shape[-1],
+                                          generator=torch.Generator().manual_seed(i)))[0].contiguous().to(device)
+        out = quant_decode_attention_triton(**args, sm_scale=sm_scale, rot=rot, rotate=rotate, **kw)
+        q = args["q"] @ rot if rotate == "kv" else args["q"]
+        want = quant_decode_attention_ref(**{**args, "q": q}, sm_scale=sm_scale)
+        want = want if rotate == "none" else want @ rot.T
         # Error relative to the output's scale: elementwise relative error is meaningless where an
         # output is a near-zero average. Both sides sit ~1e-6 from a float64 evaluation.
         err = ((out - want).abs().max() / want.abs().max()).item()

@@ -110,11 +110,16 @@ def _specs() -> list[tuple]:
         for held in (False, True):
             for bits in (2, 4):
                 ptrs = dict(Q=BF16, KC=U8, KS=rng, KM=rng, KR=BF16, VC=U8, VS=rng, VM=rng, VR=BF16, HM=U8, KH=BF16,
-                            VH=BF16, KSUP=F32, VSUP=F32, M_out=F32, L_out=F32, Acc_out=F32, POS=I64)
+                            VH=BF16, KSUP=F32, VSUP=F32, ROT=BF16, M_out=F32, L_out=F32, Acc_out=F32, POS=I64)
                 g = 32 if fp8 else 64
                 out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=held, FP8=fp8, BITS=bits, G=g, D=D, NREP_PAD=16,
-                                                             BLOCK_T=16), dict(num_warps=4), _quant_decode_ints(bits, g)))
-    out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=True, FP8=True, BITS=1, G=16, D=D, NREP_PAD=16, BLOCK_T=32),
+                                                             BLOCK_T=16, ROT_Q=True, ROT_OUT=True, ROT_CHUNK=32),
+                            dict(num_warps=4, maxnreg=168), _quant_decode_ints(bits, g)))  # rotated: the default
+    out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=True, FP8=True, BITS=2, G=32, D=D, NREP_PAD=16, BLOCK_T=16,
+                                                 ROT_Q=False, ROT_OUT=False, ROT_CHUNK=32), dict(num_warps=4, maxnreg=168),
+                _quant_decode_ints(2, 32)))  # rotate="none"
+    out.append((_quant_decode_kernel, ptrs, dict(HAS_HELD=True, FP8=True, BITS=1, G=16, D=D, NREP_PAD=16, BLOCK_T=32,
+                                                 ROT_Q=True, ROT_OUT=True, ROT_CHUNK=32),
                 dict(num_warps=4), _quant_decode_ints(1, 16)))  # key groups smaller than a block; 1 bit
     for per_channel in (False, True):
         out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
@@ -201,7 +206,7 @@ def resources(compiled) -> tuple[int, int]:
 
 
 def main() -> None:
-    switches = ("FP8", "CLIP", "HAS_HELD", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "STAGES", "CHUNK", "REUSE",
+    switches = ("FP8", "CLIP", "HAS_HELD", "ROT_Q", "ROT_OUT", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "STAGES", "CHUNK", "REUSE",
                 "BLOCK", "BLOCK_T", "BLOCK_B")
     print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
     print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")

@@ -202,7 +202,8 @@ def attention(replays: int, T: int = 131072, dev: str = "cuda", timer=graph_us) 
                 row(f"quant {bits}-bit, {scales} ranges", block_t, splits, nbytes,
                     lambda: quant_decode_attention_triton(q, *store[:8], pos, p.bits, p.group, k_held=p.k_held,
                                                           v_held=p.v_held, held_mask=p.held_mask, k_sup=p.k_sup,
-                                                          v_sup=p.v_sup, n_splits=splits, block_t=block_t))
+                                                          v_sup=p.v_sup, rot=p.rot, rotate=p.rotate,
+                                                          n_splits=splits, block_t=block_t))
         del p, store
 
 

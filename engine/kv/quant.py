@@ -283,17 +283,15 @@ class QuantKV(KVPolicy):
             self._pack_keys(self.k_res)
 
     def attend(self, q, k_new, v_new, pos):
-        if self.rotate == "kv":
-            q = q @ self.rot  # (qR).(kR) = q.k
         # the value leaving the ring packed into its row, the new key and value (rotated as stored)
         # into the windows: kernels/quant_append.py
         quant_append(pos, k_new, v_new, self.k_res, self.v_res, self.v_codes, self.v_scale, self.v_mn,
                      self.bits, self.group, "v" in self.clip, self.v_sup, self.rot, self.rotate)
-        out = quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
-                                     self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group,
-                                     k_held=self.k_held, v_held=self.v_held, held_mask=self.held_mask,
-                                     k_sup=self.k_sup, v_sup=self.v_sup)
-        return out if self.rotate == "none" else out @ self.rot.T  # sum p (vR) = (sum p v) R
+        # q rotated as the keys are, the output rotated back: inside the kernel on a GPU
+        return quant_decode_attention(q, self.k_codes, self.k_scale, self.k_mn, self.k_res, self.v_codes,
+                                      self.v_scale, self.v_mn, self.v_res, pos, self.bits, self.group,
+                                      k_held=self.k_held, v_held=self.v_held, held_mask=self.held_mask,
+                                      k_sup=self.k_sup, v_sup=self.v_sup, rot=self.rot, rotate=self.rotate)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values held, dequantized, in token order: (B, H_kv, length, D) each.
