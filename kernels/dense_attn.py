@@ -71,13 +71,14 @@ def write_row_ref(k, v, k_new, v_new, pos: torch.Tensor, offset: int = 0) -> Non
 
 
 @triton.jit
-def _write_row_kernel(K, V, KN, VN, POS, offset, H_kv, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, skn_b, skn_h,
+def _write_row_kernel(K, V, KN, VN, POS, offset, N, H_kv, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, skn_b, skn_h,
                       svn_b, svn_h, D: tl.constexpr, BLOCK_D: tl.constexpr):
     head = tl.program_id(0).to(tl.int64)  # b * H_kv + h
     b, h = head // H_kv, head % H_kv
     row = tl.load(POS) + offset
     d = tl.arange(0, BLOCK_D)
-    ok = d < D
+    rows = row + 0 * d  # (BLOCK_D,): a scalar test & a tensor is int32 in the interpreter, not a mask
+    ok = (d < D) & (rows >= 0) & (rows < N)  # a row past the buffer writes nothing (index_copy_ would raise)
     k = tl.load(KN + b * skn_b + h * skn_h + d, mask=ok)
     v = tl.load(VN + b * svn_b + h * svn_h + d, mask=ok)
     tl.store(K + b * sk_b + h * sk_h + row * sk_t + d, k.to(K.dtype.element_ty), mask=ok)
@@ -87,9 +88,10 @@ def _write_row_kernel(K, V, KN, VN, POS, offset, H_kv, sk_b, sk_h, sk_t, sv_b, s
 def write_row_triton(k, v, k_new, v_new, pos: torch.Tensor, offset: int = 0) -> None:
     B, H_kv, _, D = k.shape
     assert k.stride(-1) == v.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1
-    _write_row_kernel[(B * H_kv,)](k, v, k_new, v_new, pos, offset, H_kv, k.stride(0), k.stride(1), k.stride(2),
-                                   v.stride(0), v.stride(1), v.stride(2), k_new.stride(0), k_new.stride(1),
-                                   v_new.stride(0), v_new.stride(1), D=D, BLOCK_D=triton.next_power_of_2(D))
+    _write_row_kernel[(B * H_kv,)](k, v, k_new, v_new, pos, offset, k.shape[2], H_kv,
+                                   k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                   k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+                                   D=D, BLOCK_D=triton.next_power_of_2(D))
 
 
 @triton.jit

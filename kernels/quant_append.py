@@ -95,7 +95,9 @@ def _quant_append_kernel(POS, K_NEW, V_NEW, K_RES, V_RES, V_CODES, V_SCALE, V_MN
         quantize_token_rows(x, sup, row < (head + 1) * N, V_CODES + row * (D // PER), V_SCALE + row * (D // GROUP),
                             V_MN + row * (D // GROUP), V_RES, D, GROUP, BITS, PER, LEVELS, CLIP, N_CLIP, FP8,
                             BLOCK_B)
-    # 2. the new token's key and value into the windows, rotated where asked
+    # 2. the new token's key and value into the windows, rotated where asked. The barrier orders
+    # step 1's reads of the ring slot before these writes across the program's threads.
+    tl.debug_barrier()
     d = tl.arange(0, BLOCK_D)
     ok = d < D
     kn, vn = K_NEW + b * skn_b + h * skn_h, V_NEW + b * svn_b + h * svn_h
@@ -120,6 +122,7 @@ def quant_append_triton(pos, k_new, v_new, k_res, v_res, v_codes, v_scale, v_mn,
     assert k_res.is_contiguous() and v_res.is_contiguous() and v_codes.is_contiguous()
     assert v_scale.is_contiguous() and v_mn.is_contiguous() and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
     assert rotate == "none" or (rot.is_contiguous() and rot.shape == (D, D))
+    assert v_sup is None or v_sup.is_contiguous(), "the kernel reads superscale b * H_kv + h"
     _quant_append_kernel[(B * H_kv,)](
         pos, k_new, v_new, k_res, v_res, v_codes, v_scale, v_mn, v_res if v_sup is None else v_sup,
         v_res if rotate == "none" else rot, H_kv, R, v_codes.shape[2],

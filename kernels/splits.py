@@ -74,16 +74,18 @@ def store_split_rotated(M_out, L_out, Acc_out, m, l, acc, ROT, n_rep,  # noqa: E
                         NREP_PAD: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
     """store_split with acc R^T stored for acc, ROT pointing at R (D, D): a split over values stored
     rotated (v R, QuantKV) rotated back. Linear, so the merge of rotated-back splits is the
-    rotated-back merge. acc is rounded to R's dtype for the product (tensor cores; the torch path
-    rounds the merged output to the model dtype before its R^T the same way), and R^T is read CHUNK
-    output columns at a time, a (D, CHUNK) slice in registers rather than all of R."""
+    rotated-back merge. The split's output acc / l is rounded to R's dtype for the product (tensor
+    cores; the torch path rounds the merged output to the model dtype before its R^T the same way),
+    normalised first so that float16 cannot overflow (acc sums up to a split's worth of values), and
+    R^T is read CHUNK output columns at a time, a (D, CHUNK) slice in registers rather than all of R."""
     row = _store_stats(M_out, L_out, m, l, n_rep, NREP_PAD)
     r, e = tl.arange(0, NREP_PAD), tl.arange(0, D)
-    a = acc.to(ROT.dtype.element_ty)
+    scale = tl.where(l > 0, l, 1.0)[:, None]  # l = 0: an empty split (acc 0, weight 0 in the merge)
+    a = (acc / scale).to(ROT.dtype.element_ty)
     for c in tl.static_range(0, D, CHUNK):
         j = c + tl.arange(0, CHUNK)
         rt = tl.load(ROT + j[None, :] * D + e[:, None])  # (D, CHUNK): R^T[e, j] = R[j, e]
-        out = tl.dot(a, rt, input_precision="ieee")  # (NREP_PAD, CHUNK), float32
+        out = tl.dot(a, rt, input_precision="ieee") * scale  # (NREP_PAD, CHUNK), float32
         tl.store(Acc_out + (row * n_rep + r[:, None]) * D + j[None, :], out, mask=(r < n_rep)[:, None])
 
 

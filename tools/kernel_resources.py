@@ -96,12 +96,13 @@ def _specs() -> list[tuple]:
                 dict(T=R)))
     # a decode step's append (QuantKV's defaults: keys and values rotated, values clipped; 4 bits
     # float ranges, 2 bits 8-bit)
-    for fp8, cfg in ((False, dict(four, CLIP=True)), (True, dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=True,
-                                                                 N_CLIP=13, FP8=True))):
-        rng = U8 if fp8 else BF16
+    for fp8, cfg, rot_k in ((False, dict(four, CLIP=True), True),
+                            (True, dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=True, N_CLIP=13, FP8=True), True),
+                            (True, dict(D=128, GROUP=32, BITS=1, PER=8, LEVELS=1, CLIP=True, N_CLIP=13, FP8=True), False)):
+        rng = U8 if fp8 else BF16  # (the last: 1 bit, values rotated only)
         out.append((_quant_append_kernel, dict(POS=I64, K_NEW=BF16, V_NEW=BF16, K_RES=BF16, V_RES=BF16, V_CODES=U8,
                                                V_SCALE=rng, V_MN=rng, SUP=F32 if fp8 else BF16, ROT=BF16),
-                    {**cfg, "PACK": True, "ROT_K": True, "ROT_V": True, "BLOCK_D": 128, "BLOCK_B": 128 // cfg["PER"]},
+                    {**cfg, "PACK": True, "ROT_K": rot_k, "ROT_V": True, "BLOCK_D": 128, "BLOCK_B": 128 // cfg["PER"]},
                     dict(enable_fp_fusion=False),
                     dict(H_kv=H_KV, R=R, N=T - R, skn_b=(N_REP + 2) * H_KV * D, skn_h=D, svn_b=(N_REP + 2) * H_KV * D,
                          svn_h=D)))  # the new rows: views into the QKV output
@@ -130,7 +131,7 @@ def _specs() -> list[tuple]:
                 dict(offset=0, n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
                      **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
     out.append((_write_row_kernel, dict(K=BF16, V=BF16, KN=BF16, VN=BF16, POS=I64), dict(D=128, BLOCK_D=128), {},
-                dict(offset=0, H_kv=H_KV, **strides("sk", 1, H_KV, T, D, last=False),
+                dict(offset=0, N=T + 64, H_kv=H_KV, **strides("sk", 1, H_KV, T, D, last=False),
                      **strides("sv", 1, H_KV, T, D, last=False), skn_b=(N_REP + 2) * H_KV * D, skn_h=D,
                      svn_b=(N_REP + 2) * H_KV * D, svn_h=D)))  # the new rows: views into the QKV output
     out.append((_rms_norm_kernel, dict(X=BF16, W=BF16, OUT=BF16, eps="fp32"), dict(BLOCK=4096), dict(num_warps=4),
@@ -206,7 +207,7 @@ def resources(compiled) -> tuple[int, int]:
 
 
 def main() -> None:
-    switches = ("FP8", "CLIP", "HAS_HELD", "ROT_Q", "ROT_OUT", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "STAGES", "CHUNK", "REUSE",
+    switches = ("FP8", "CLIP", "HAS_HELD", "ROT_Q", "ROT_OUT", "ROT_K", "BITS", "PER_CHANNEL", "BOUNDS", "SLOTS", "CODES", "STAGES", "CHUNK", "REUSE",
                 "BLOCK", "BLOCK_T", "BLOCK_B")
     print(f"triton {triton.__version__}, sm_90, registers per thread and spill store bytes\n")
     print("| kernel | specialization | registers | spill bytes |\n|---|---|---|---|")
