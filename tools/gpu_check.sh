@@ -65,10 +65,11 @@ peer_path() {  # the peers' wheels (tools/peer_wheels.sh), when carried, install
 
 run() {
     case $1 in
+    # kernels against their references first, then whole decode paths: a step cut short loses the tail
     tests) step tests 180 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
-        tests/test_quant_attn.py tests/test_graphs.py tests/test_offloadkv.py tests/test_prefetch.py \
-        tests/test_prefill_chunks.py tests/test_devices.py tests/test_splits.py tests/test_norm.py \
-        tests/test_rotary.py tests/test_swiglu.py tests/test_quant_append.py tests/test_dense_attn.py \
+        tests/test_quant_attn.py tests/test_dense_attn.py tests/test_splits.py tests/test_norm.py \
+        tests/test_rotary.py tests/test_swiglu.py tests/test_quant_append.py tests/test_graphs.py \
+        tests/test_offloadkv.py tests/test_prefetch.py tests/test_prefill_chunks.py tests/test_devices.py \
         -k "cuda or compiled or gpu" ;;
     capped) step capped 270 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
         --policies quant,quant:bits=2,offload:budget=2048,evict,hybrid,plan:docs/plans/tailorkv_shape_random8b.json \
