@@ -16,8 +16,10 @@
 #
 # Steps (limits in seconds, first-launch kernel compiles included; random:llama-3.1-8b in
 # bfloat16, 128k-token prompts):
-#   tests   180  the CUDA-only tests: compiled kernels vs references, graph replay vs eager and vs
-#                the CPU path for every policy, the zero-copy fetch, chunked prefill, the memory cap
+#   tests   180  the CUDA-only tests in two parts, 75 + 105: compiled kernels vs references (bfloat16
+#                included, which the interpreter cannot check); then graph replay vs eager and vs the
+#                CPU path for every policy (float32, and bfloat16 vs float32), the zero-copy fetch,
+#                chunked prefill, the memory cap
 #   capped  270  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
 #                peak GPU memory: does it fit a 24 GB card)
@@ -65,10 +67,12 @@ peer_path() {  # the peers' wheels (tools/peer_wheels.sh), when carried, install
 
 run() {
     case $1 in
-    # kernels against their references first, then whole decode paths: a step cut short loses the tail
-    tests) step tests 180 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
+    # kernels against their references, then whole decode paths, each under its own limit: one
+    # running long does not cut the other short
+    tests) step tests-kernels 75 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
         tests/test_quant_attn.py tests/test_dense_attn.py tests/test_splits.py tests/test_norm.py \
-        tests/test_rotary.py tests/test_swiglu.py tests/test_quant_append.py tests/test_graphs.py \
+        tests/test_rotary.py tests/test_swiglu.py tests/test_quant_append.py -k "cuda or compiled or gpu"
+        step tests-paths 105 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_graphs.py \
         tests/test_offloadkv.py tests/test_prefetch.py tests/test_prefill_chunks.py tests/test_devices.py \
         -k "cuda or compiled or gpu" ;;
     capped) step capped 270 "$PY" bench.py "${MODEL[@]}" --ctx 128k --gpu-memory 24GiB --kv-fraction 0.1 \
