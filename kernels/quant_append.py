@@ -16,7 +16,7 @@ then token 300's value takes slot 44 (and its key slot 44 of the block holding 2
 The torch reference is up to twelve small kernels (two rotations, the remainder, a row read, the
 quantize kernel, a subtract and a clamp, five row writes), each a node of the step's CUDA graph
 at every QuantKV layer; the Triton kernel is one program per (sequence, KV head) doing the same,
-with the quantize kernel's own per-token code (kernels/pack.quantize_token_rows), so its bytes
+with the quantize kernel's own per-token code (kernels/pack_triton.quantize_token_rows), so its bytes
 are the same. Its rotation sums each output channel's D products in float32 in its own order (a
 chunk of 32 input channels at a time) and rounds once: from torch's matmul it may differ in the
 last bit of the model dtype, rarely.

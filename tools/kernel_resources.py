@@ -80,7 +80,7 @@ def _specs() -> list[tuple]:
         for clip in (False, True):
             ptrs = dict(x_ptr=BF16, codes_ptr=U8, scale_ptr=rng, mn_ptr=rng, sup_ptr=F32 if fp8 else BF16)
             common = dict(D=128, GROUP=32, BITS=2, PER=4, LEVELS=3, CLIP=clip, N_CLIP=13, FP8=fp8)
-            search = clip or fp8  # kernels/pack._TILE_SEARCH: 512-element tiles
+            search = clip or fp8  # kernels/pack_triton._TILE_SEARCH: 512-element tiles
             for block_t in (1, 4 if search else 32):  # a decode step's rows (one token); prefill tiles
                 ints = dict(R=H_KV, T=1) if block_t == 1 else dict(R=H_KV * 16384, T=16384)
                 out.append((_quant_token_kernel, ptrs, {**common, "BLOCK_T": block_t, "BLOCK_B": 32},
