@@ -1,6 +1,6 @@
-"""kernels/pack.py and pack_triton.py: KIVI-style quantize + bit packing. Triton must match the torch reference bit for bit
-(run in the Triton interpreter on CPU, in a subprocess: see interpreted.py); the reference itself is
-checked against the format's promises."""
+"""kernels/pack.py and pack_triton.py: KIVI-style quantize + bit packing. Triton must match the
+torch reference bit for bit (run in the Triton interpreter on CPU, in a subprocess: see
+interpreted.py); the reference itself is checked against the format's promises."""
 import pytest
 import torch
 
