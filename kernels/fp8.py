@@ -54,10 +54,10 @@ def quantize_pack_fp8(x: torch.Tensor, bits: int, group: int, per_channel: bool,
     """kernels/pack.quantize_pack with 8-bit ranges: x (B, H, T, D), sup (B, H) float32 ->
     (codes, scale bytes, mn bytes). Triton on CUDA tensors (one kernel: ranges, their rounding and
     the codes), the torch reference elsewhere (kernels/__init__.py)."""
-    _check_quant(x, bits, group, per_channel)
-    if use_triton(x):
-        return quantize_pack_triton(x, bits, group, per_channel, clip, sup)
-    return quantize_pack_fp8_ref(x, bits, group, per_channel, clip, sup)
+    if not use_triton(x):
+        return quantize_pack_fp8_ref(x, bits, group, per_channel, clip, sup)  # which checks its arguments
+    _check_quant(x, bits, group, per_channel)  # the kernel's wrapper does not
+    return quantize_pack_triton(x, bits, group, per_channel, clip, sup)
 
 
 def quantize_pack_fp8_ref(x: torch.Tensor, bits: int, group: int, per_channel: bool, clip: bool,

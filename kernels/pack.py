@@ -129,14 +129,16 @@ def quantize_pack(x: torch.Tensor, bits: int, group: int, per_channel: bool, cli
     """x (..., T, D) float -> (codes uint8 (..., T, D*bits//8), scale, mn) — scale/mn
     (..., T, D//group) per-token or (..., T//group, D) per-channel, dtype x.dtype; clip: ranges
     chosen by squared error (module docstring). 8-bit ranges: kernels/fp8.py."""
-    _check_quant(x, bits, group, per_channel)
-    fn = quantize_pack_triton if use_triton(x) else quantize_pack_ref
-    return fn(x, bits, group, per_channel, clip)
+    if not use_triton(x):
+        return quantize_pack_ref(x, bits, group, per_channel, clip)  # which checks its arguments
+    _check_quant(x, bits, group, per_channel)  # the kernels' wrappers do not
+    return quantize_pack_triton(x, bits, group, per_channel, clip)
 
 
 def unpack_dequant(codes, scale, mn, bits: int, group: int, per_channel: bool,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of quantize_pack: (..., T, D) in `dtype` (default scale.dtype)."""
-    _check_unpack(codes, scale, mn, bits, group, per_channel)
-    fn = unpack_dequant_triton if use_triton(codes) else unpack_dequant_ref
-    return fn(codes, scale, mn, bits, group, per_channel, dtype)
+    if not use_triton(codes):
+        return unpack_dequant_ref(codes, scale, mn, bits, group, per_channel, dtype)  # which checks
+    _check_unpack(codes, scale, mn, bits, group, per_channel)  # the kernels' wrapper does not
+    return unpack_dequant_triton(codes, scale, mn, bits, group, per_channel, dtype)
