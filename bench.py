@@ -231,7 +231,7 @@ def run(a: argparse.Namespace) -> int:
         if kv_cap is None:
             raise ValueError(f"--kv-memory needs a unit: {a.kv_memory!r} (examples: 512MiB, 2GiB)")
     policies = a.policies or list(OUR_POLICIES)
-    for name in policies:  # every piece checked before the model loads; values once it is known
+    for name in policies:  # every piece's form first (cheap), its values against the model's config below
         if name.startswith("plan:"):
             Plan.load(name[len("plan:"):])
         elif ":" in name:
@@ -253,10 +253,13 @@ def run(a: argparse.Namespace) -> int:
 
     from engine import LLM
     from engine.eval.matrix import run_matrix
-    m = LLM(a.model, a.device, a.dtype, log=log)
+    from engine.plan import policy_specs
+    from weights.load import model_config
+    config = model_config(a.model, log)  # (name, shapes): read without the 16 GB of an 8B model's weights
     for name in policies:
         if ":" in name:
-            m.policy_specs(name)  # plan for this model? parameter values in range?
+            policy_specs(name, *config)  # plan for this model? parameter values in range?
+    m = LLM(a.model, a.device, a.dtype, log=log)
     device, dtype = m.device, m.dtype
     results = {"meta": {**meta(a, m, device, dtype, cfg), "gpu_memory_cap": gpu_cap},
                "cells": [], "sweep": [], "suite": [], "throughput": []}

@@ -216,7 +216,7 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError("--out is for --prompts-file (a single prompt streams to stdout)")
     policy = policy_arg(a)
     if policy != "hybrid" and not policy.startswith("hybrid"):
-        parse_policy(policy)  # names, keys and value types (the values are checked once the model is known)
+        parse_policy(policy)  # names, keys and value types; their values against the model's shapes below
     elif ":" in policy:
         raise ValueError("--policy hybrid takes no parameters (see --kv-budget, --plan, --plan-policies)")
     if a.prefill_chunk < 1:
@@ -226,11 +226,17 @@ def run(a: argparse.Namespace) -> int:
     device, _ = resolve_device(a.device, a.dtype)
     cap_gpu_memory(a.gpu_memory, device)
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
+    from engine.plan import policy_specs
+    from weights.load import model_config
     plan = Plan.load(a.plan) if policy == "hybrid" and a.plan else None  # its layers checked here
+    if plan is not None or policy != "hybrid":  # every value, against the model's config: before the weights load
+        name, args = model_config(a.model, log)
+        if plan is not None:
+            plan.check(name, args.n_layers, a.plan)
+        policy_specs(plan or policy, name, args)
 
     llm = LLM(a.model, a.device, a.dtype, log=log)
     if plan is not None:
-        plan.check(llm.name, llm.args.n_layers, a.plan)
         log(f"plan {a.plan}: made for {plan.header.get('context')} tokens, {plan.header.get('mode', 'hybrid')} mode")
         policy = plan
     options = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, chat=a.chat,

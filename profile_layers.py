@@ -126,21 +126,25 @@ def run(a: argparse.Namespace) -> int:
         if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
             check_writable(path, flag)
     resolve_device(a.device, a.dtype)
-
-    from engine import LLM
-    llm = LLM(a.model, a.device, a.dtype, log=log)
-    ctx = llm.room(a.new_tokens, a.ctx)
-    llm.check_budget(a.kv_budget, ctx, a.new_tokens, a.mode, a.plan_policies, a.floor)  # before profiling
-    if a.stats and os.path.exists(a.stats):
+    stats = None
+    if a.stats and os.path.exists(a.stats):  # read and matched to the model's config before the weights load
+        from weights.load import model_config
+        name, args = model_config(a.model, log)
         try:
             with open(a.stats) as f:
                 saved = json.load(f)
-            same = saved.get("model") == llm.name and len(saved.get("layers", [])) == llm.args.n_layers
+            same = saved.get("model") == name and len(saved.get("layers", [])) == args.n_layers
             stats, profiled = stats_from_json(saved["layers"]), saved["profiled"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{a.stats}: not a --stats file of profile_layers.py ({type(e).__name__})") from None
         if not same:
             raise ValueError(f"{a.stats}: statistics of another model ({saved.get('model')!r})")
+
+    from engine import LLM
+    llm = LLM(a.model, a.device, a.dtype, log=log)
+    ctx = llm.room(a.new_tokens, a.ctx)
+    llm.check_budget(a.kv_budget, ctx, a.new_tokens, a.mode, a.plan_policies, a.floor)  # before profiling
+    if stats is not None:
         log(f"loaded statistics from {a.stats}")
     else:
         named = prompts(a, llm.tokenizer)

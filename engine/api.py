@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 
 from engine.cli import fmt_bytes, free_memory, resolve_device
-from engine.kv import build_policies, parse_policy, spec_cost
-from engine.plan import Plan
+from engine.kv import spec_cost
+from engine.plan import Plan, policy_specs
 from engine.planner import budget_floor, make_plan, parse_kv_budget
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
@@ -93,21 +93,7 @@ class LLM:
             if ids is None:
                 raise ValueError("policy 'hybrid' needs a prompt to profile")
             policy = self.plan(ids, kv_budget=kv_budget, new_tokens=new_tokens, context=len(ids), **plan_options)
-        elif isinstance(policy, str) and policy.startswith("plan:"):
-            path = policy[len("plan:"):]
-            policy = Plan.load(path)
-            policy.check(self.name, self.args.n_layers, path)
-        if isinstance(policy, Plan):
-            policy.check(self.name, self.args.n_layers)
-            specs = policy.specs
-        elif isinstance(policy, (str, dict)):
-            specs = [parse_policy(policy) if isinstance(policy, str) else dict(policy)] * self.args.n_layers
-        elif isinstance(policy, (list, tuple)):
-            specs = [parse_policy(p) if isinstance(p, str) else dict(p) for p in policy]
-        else:
-            raise ValueError(f"not a KV policy: {policy!r}")
-        build_policies(self.args, specs, 1, "cpu", self.dtype)  # constructors check every parameter
-        return specs
+        return policy_specs(policy, self.name, self.args)
 
     def _kv_tiers(self, runs: list[tuple[list[dict], int, int]]) -> dict[str, int]:
         """{"device": ..., "host": ...} bytes the caches of runs (specs, prompt tokens, new tokens),

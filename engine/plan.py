@@ -23,7 +23,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from engine.kv import check_spec
+import torch
+
+from engine.config import ModelArgs
+from engine.kv import build_policies, check_spec, parse_policy
 from engine.profile import LayerStats
 
 
@@ -101,3 +104,28 @@ class Plan:
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
         return cls(layers, {k: v for k, v in raw.items() if k != "layers"})
+
+
+def policy_specs(policy, model: str, args: ModelArgs) -> list[dict]:
+    """Every form of a policy but "hybrid" (which needs a profile: LLM.policy_specs) -> one spec per
+    layer of the model named `model` with `args`, every value checked: "name:key=value,...",
+    "plan:PATH", a Plan, a spec dict, or one string or dict per layer. Needs no weights, so the
+    CLIs run it before loading them. The constructors do the checking (policies allocate nothing
+    until prefill), with the messages a run would give."""
+    if isinstance(policy, str) and policy.strip() == "hybrid":
+        raise ValueError("policy 'hybrid' needs a prompt to profile")
+    if isinstance(policy, str) and policy.startswith("plan:"):
+        path = policy[len("plan:"):]
+        policy = Plan.load(path)
+        policy.check(model, args.n_layers, path)
+    if isinstance(policy, Plan):
+        policy.check(model, args.n_layers)
+        specs = policy.specs
+    elif isinstance(policy, (str, dict)):
+        specs = [parse_policy(policy) if isinstance(policy, str) else dict(policy)] * args.n_layers
+    elif isinstance(policy, (list, tuple)):
+        specs = [parse_policy(p) if isinstance(p, str) else dict(p) for p in policy]
+    else:
+        raise ValueError(f"not a KV policy: {policy!r}")
+    build_policies(args, specs, 1, "cpu", torch.float32)
+    return specs

@@ -114,6 +114,19 @@ def test_bad_input_is_one_line(argv, fragment, capsys):
     assert_clean_error(call(bench.main, argv, capsys), fragment)
 
 
+@pytest.mark.parametrize("policy, fragment", [
+    ("quant:bits=3", "QuantKV bits must be 1, 2 or 4"),
+    ("offload:channels=999", "channels must be in [1, head_dim"),
+    ("plan:docs/plans/tailorkv_shape_random8b.json", "plan was made for model 'random:llama-3.1-8b'"),
+])
+def test_policy_values_are_refused_before_loading(policy, fragment, capsys):
+    """A --policies piece whose values the model's shapes refuse stops the run before the weights load."""
+    ran = call(bench.main, ["--model", "random:tiny", "--ctx", "256", "--policies", f"full,{policy}", "--peers",
+                            "none", "--no-quality"], capsys)
+    assert_clean_error(ran, fragment)
+    assert "loaded" not in ran.stderr
+
+
 def test_suite_agreement_and_tables(reuse_models, capsys, monkeypatch, tmp_path):
     """bench.py --suite on two short tasks: FullKV agrees with itself; eviction whose budget covers
     the whole prompt (fraction 1.0) and transformers' full cache on the same weights give FullKV's

@@ -131,13 +131,20 @@ def test_bad_kv_budget(gen):
                        "not a KV budget")
 
 
-def test_bad_policy_parameters_are_one_line_errors(gen):
-    assert_clean_error(gen("--model", "random:tiny", "--policy", "quant", "--kv-bits", "3", "--prompt", "hi"), "bits")
-    assert_clean_error(gen("--model", "random:tiny", "--policy", "offload", "--budget", "10", "--prompt", "hi"),
-                       "budget")
-    assert_clean_error(gen("--model", "random:tiny", "--policy", "quant", "--kv-sink", "-1", "--prompt", "hi"), "sink")
-    assert_clean_error(gen("--model", "random:tiny", "--policy", "offload", "--kv-rotate", "kv", "--prompt", "hi"),
-                       "applies to quant")
+@pytest.mark.parametrize("argv, fragment", [
+    (["--policy", "quant", "--kv-bits", "3"], "QuantKV bits must be 1, 2 or 4"),
+    (["--policy", "quant:group=48"], "group 48 must divide head_dim"),  # a value only the model's shapes refuse
+    (["--policy", "offload", "--budget", "10"], "budget 10 < sink"),
+    (["--policy", "offload:channels=999"], "channels must be in [1, head_dim"),
+    (["--policy", "quant", "--kv-sink", "-1"], "sink"),
+    (["--policy", "evict:budget=4"], "budget 4 < window 32"),
+    (["--policy", "offload", "--kv-rotate", "kv"], "applies to quant"),
+])
+def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
+    """Every value is checked against the model's config, read without its weights (16 GB at 8B)."""
+    ran = gen("--model", "random:tiny", "--prompt", "hi", *argv)
+    assert_clean_error(ran, fragment)
+    assert "loaded" not in ran.stderr
 
 
 def test_policy_flags_reach_the_policy():
@@ -189,6 +196,14 @@ def test_profile_layers_bad_stats_file_names_the_file(prof, tmp_path, content):
                        f"{path}: not a --stats file")
 
 
+def test_profile_layers_stats_of_another_model_refused_before_loading(prof, tmp_path):
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"model": "random:llama-3.1-8b", "profiled": [], "layers": []}))
+    ran = prof("--model", "random:tiny", "--stats", str(path), "--out", str(tmp_path / "p.json"))
+    assert_clean_error(ran, "statistics of another model ('random:llama-3.1-8b')")
+    assert "loaded" not in ran.stderr
+
+
 def test_special_token_text_in_a_prompt_stays_text(gen, tmp_path):
     """'<|im_end|>' typed in a prompt is several text tokens; --allow-special makes it the control token."""
     counts = {}
@@ -207,6 +222,7 @@ def test_special_token_text_in_a_prompt_stays_text(gen, tmp_path):
     ({"policy": "full", "frob": 1}, "layer 0: full has no parameter 'frob'"),
     ({"policy": "quant", "rotate": 1}, "quant rotate=1 is not a word"),
     ({"policy": "magic"}, "unknown KV policy 'magic'"),
+    ({"policy": "evict", "budget": 4}, "BudgetedEvictKV budget 4 < window 32"),  # in range only for the model
 ])
 def test_bad_plan_layers_are_refused_before_loading(gen, tmp_path, layer0, fragment):
     plan = tmp_path / "plan.json"

@@ -11,7 +11,7 @@ import torch
 from engine.config import ModelArgs, preset
 from engine.model import Llama
 from weights.gguf_import import import_gguf
-from weights.hf import check_fits, load_hf
+from weights.hf import check_fits, load_hf, read_config
 from weights.tokenizer import Tokenizer
 from weights.tokenizer_files import load_tokenizer
 
@@ -51,29 +51,46 @@ def default_gguf_path() -> str:
     return path
 
 
-def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype, log=print) -> Loaded:
+def _locate(spec: str | None, log) -> tuple[str, str, str | None]:
+    """`--model` -> (name, config source, tokenizer source): an HF directory (a GGUF file is imported
+    into one, once, and cached) and the file or directory the tokenizer comes from; for a random
+    preset, its preset name and None. Every problem is a one-line ValueError."""
     spec = spec or DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         path = default_gguf_path()
-        args, model = load_hf(import_gguf(path, log=log), device, dtype)
-        return Loaded(DEFAULT_MODEL, args, model, load_tokenizer(path))
+        return DEFAULT_MODEL, import_gguf(path, log=log), path
     if spec.startswith("random:"):
-        args = preset(spec.split(":", 1)[1])
-        try:  # any real tokenizer will do for random weights
-            tok = load_tokenizer(default_gguf_path())
-        except ValueError:  # e.g. a GPU machine without the default model: bytes are enough
-            tok = ByteTokenizer()
-        if tok.vocab_size > args.vocab_size:
-            raise ValueError(f"{spec}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
-        check_fits(args, device, dtype, spec)
-        return Loaded(spec, args, Llama.random(args, device, dtype), tok)
+        preset(spec.split(":", 1)[1])  # an unknown preset fails here
+        return spec, spec.split(":", 1)[1], None
     if not os.path.exists(spec):
         raise ValueError(f"{spec}: no such model (give an HF directory, a .gguf file, "
                          f"'{DEFAULT_MODEL}' or random:<preset>)")
     if os.path.isfile(spec):
         if not spec.endswith(".gguf"):
             raise ValueError(f"{spec}: a model file must be .gguf (or give an HF directory)")
-        args, model = load_hf(import_gguf(spec, log=log), device, dtype)
-        return Loaded(os.path.basename(spec), args, model, load_tokenizer(spec))
-    args, model = load_hf(spec, device, dtype)
-    return Loaded(os.path.basename(os.path.normpath(spec)), args, model, load_tokenizer(spec))
+        return os.path.basename(spec), import_gguf(spec, log=log), spec
+    return os.path.basename(os.path.normpath(spec)), spec, spec
+
+
+def model_config(spec: str | None, log=print) -> tuple[str, ModelArgs]:
+    """(name, ModelArgs) of `--model` without its weights: what the CLIs check policies and plans
+    against before the load, which reads every weight (16 GB for an 8B model). A GGUF file not yet
+    in the cache is imported here, as load_model would import it."""
+    name, source, tokenizer = _locate(spec, log)
+    return name, (preset(source) if tokenizer is None else read_config(source))
+
+
+def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype, log=print) -> Loaded:
+    name, source, tokenizer = _locate(spec, log)
+    if tokenizer is None:  # random weights at a preset's shapes
+        args = preset(source)
+        try:  # any real tokenizer will do for random weights
+            tok = load_tokenizer(default_gguf_path())
+        except ValueError:  # e.g. a GPU machine without the default model: bytes are enough
+            tok = ByteTokenizer()
+        if tok.vocab_size > args.vocab_size:
+            raise ValueError(f"{name}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
+        check_fits(args, device, dtype, name)
+        return Loaded(name, args, Llama.random(args, device, dtype), tok)
+    args, model = load_hf(source, device, dtype)
+    return Loaded(name, args, model, load_tokenizer(tokenizer))
