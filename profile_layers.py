@@ -14,8 +14,9 @@ import sys
 
 from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
 from engine.eval.haystack import make_haystack
-from engine.planner import harm_weights, parse_kv_budget
+from engine.planner import check_kv_budget, harm_weights, parse_kv_budget, plan_kinds
 from engine.profile import FRACTIONS, stats_from_json, stats_to_json
+from engine.runner import prompt_room
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines
 SHOW = (0.1, 0.2, 0.4)  # budgets shown in the table, as fractions of the prompt
@@ -125,11 +126,15 @@ def run(a: argparse.Namespace) -> int:
     for path, flag in ((a.out, "--out"), (a.png, "--png"), (a.stats, "--stats")):
         if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
             check_writable(path, flag)
-    resolve_device(a.device, a.dtype)
+    device, dtype = resolve_device(a.device, a.dtype)
+    # The budget, and a --stats file's model, against the model's config: before the weights load
+    from weights.load import model_config
+    name, args = model_config(a.model, log)
+    ctx = prompt_room(args, name, a.new_tokens, a.ctx)
+    check_kv_budget(args, a.kv_budget, ctx, a.new_tokens, dtype.itemsize, a.mode, plan_kinds(a.plan_policies, device),
+                    a.floor)
     stats = None
-    if a.stats and os.path.exists(a.stats):  # read and matched to the model's config before the weights load
-        from weights.load import model_config
-        name, args = model_config(a.model, log)
+    if a.stats and os.path.exists(a.stats):
         try:
             with open(a.stats) as f:
                 saved = json.load(f)
@@ -142,8 +147,6 @@ def run(a: argparse.Namespace) -> int:
 
     from engine import LLM
     llm = LLM(a.model, a.device, a.dtype, log=log)
-    ctx = llm.room(a.new_tokens, a.ctx)
-    llm.check_budget(a.kv_budget, ctx, a.new_tokens, a.mode, a.plan_policies, a.floor)  # before profiling
     if stats is not None:
         log(f"loaded statistics from {a.stats}")
     else:

@@ -22,10 +22,10 @@ import torch
 from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import spec_cost
 from engine.plan import Plan, policy_specs
-from engine.planner import budget_floor, make_plan, parse_kv_budget
+from engine.planner import check_kv_budget, make_plan, plan_kinds
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
-from engine.runner import GenerationResult, fit_prompt, stream_batch
+from engine.runner import GenerationResult, fit_prompt, prompt_room, stream_batch
 from engine.sampling import SamplingParams
 from kernels.prefetch import pinned_bytes, release_pinned_cache
 
@@ -71,11 +71,7 @@ class LLM:
 
     def room(self, max_new_tokens: int, ctx: int | None = None) -> int:
         """The most prompt tokens that fit `ctx` and the model's context with max_new_tokens after them."""
-        limit = min(ctx or self.args.max_seq_len, self.args.max_seq_len - max_new_tokens)
-        if limit <= 0:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in {self.name}'s "
-                             f"{self.args.max_seq_len}-token context")
-        return limit
+        return prompt_room(self.args, self.name, max_new_tokens, ctx)
 
     def fit(self, ids: list[int], max_new_tokens: int, ctx: int | None = None) -> tuple[list[int], int]:
         """Cut the prompt's middle so it and the new tokens fit -> (ids, tokens cut)."""
@@ -162,25 +158,14 @@ class LLM:
         return average(stats)
 
     def _kinds(self, kinds: str | tuple[str, ...]) -> tuple[str, ...]:
-        if kinds == "auto":
-            return ("quant", "evict", "offload") if self.device.type == "cuda" else ("evict", "offload")
-        return tuple(filter(None, kinds.split(","))) if isinstance(kinds, str) else tuple(kinds)
+        return plan_kinds(kinds, self.device)
 
     def check_budget(self, kv_budget, context: int, new_tokens: int = 32, mode: str = "hybrid",
                      kinds: str | tuple[str, ...] = "auto", floor: int = 64) -> int:
         """kv_budget in bytes for a plan of `context` + new_tokens tokens; a ValueError when no
         hybrid plan can meet it. Needs no profile: run it before profiling."""
-        if new_tokens < 0:
-            raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
-        budget = parse_kv_budget(str(kv_budget), self.full_kv_bytes(context + new_tokens))
-        if mode == "hybrid":
-            least = budget_floor(self.args, context, new_tokens, self.model.head.element_size(), ProfileConfig(),
-                                 floor, self._kinds(kinds) + ("full",))
-            if budget < least:
-                raise ValueError(f"KV budget {fmt_bytes(budget)} is below the least a plan for {context} tokens can "
-                                 f"take, {fmt_bytes(least)} (every layer at its cheapest option, at least --floor "
-                                 f"{floor} tokens)")
-        return budget
+        return check_kv_budget(self.args, kv_budget, context, new_tokens, self.model.head.element_size(), mode,
+                               self._kinds(kinds), floor)
 
     def plan(self, prompt: str | list[int] | list[str] | None = None, kv_budget=0.2, new_tokens: int = 32,
              context: int | None = None, mode: str = "hybrid", kinds: str | tuple[str, ...] = "auto",

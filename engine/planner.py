@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from engine.cli import fmt_bytes
 from engine.config import ModelArgs
 from engine.kv import spec_cost
 from engine.plan import Option
@@ -98,6 +99,31 @@ def budget_floor(args: ModelArgs, prompt: int, new: int, elem: int, cfg: Profile
     blank = LayerStats(0.0, zeros, zeros, zeros, {b: 0.0 for b in QUANT_BITS})
     cheapest = min(o.device_bytes for o in layer_options(args, blank, prompt, new, elem, cfg, floor, kinds))
     return args.n_layers * cheapest
+
+
+def plan_kinds(kinds: str | tuple[str, ...], device: torch.device) -> tuple[str, ...]:
+    """The policies a hybrid plan may use besides full: "quant,evict" or a tuple; "auto" is all
+    three on CUDA and evict, offload on CPU, where unpacking codes costs more time than reading floats."""
+    if kinds == "auto":
+        return ("quant", "evict", "offload") if device.type == "cuda" else ("evict", "offload")
+    return tuple(filter(None, kinds.split(","))) if isinstance(kinds, str) else tuple(kinds)
+
+
+def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, elem: int, mode: str,
+                    kinds: tuple[str, ...], floor: int) -> int:
+    """kv_budget (bytes, '512MiB', or a fraction of FullKV: 0.2, '20%') in bytes for a plan of
+    `context` + new_tokens tokens; a ValueError when no `mode` plan can meet it. Needs neither a
+    profile nor the weights: the CLIs run it before loading them."""
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+    budget = parse_kv_budget(str(kv_budget), args.kv_bytes_per_token(elem) * (context + new_tokens))
+    if mode == "hybrid":
+        least = budget_floor(args, context, new_tokens, elem, ProfileConfig(), floor, kinds + ("full",))
+        if budget < least:
+            raise ValueError(f"KV budget {fmt_bytes(budget)} is below the least a plan for {context} tokens can "
+                             f"take, {fmt_bytes(least)} (every layer at its cheapest option, at least --floor "
+                             f"{floor} tokens)")
+    return budget
 
 
 def upper_hull(opts: list[Option]) -> list[Option]:

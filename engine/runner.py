@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from engine.config import ModelArgs
 from engine.graphs import Decoder
 from engine.kv import build_policies
 from engine.kv.base import KVPolicy
@@ -43,6 +44,15 @@ class GenerationResult:
 def sync(device: torch.device) -> None:  # GPU work is asynchronous: wait before reading a clock
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def prompt_room(args: ModelArgs, name: str, max_new_tokens: int, ctx: int | None = None) -> int:
+    """The most prompt tokens that fit `ctx` and the model's context with max_new_tokens after them."""
+    limit = min(ctx or args.max_seq_len, args.max_seq_len - max_new_tokens)
+    if limit <= 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in {name}'s "
+                         f"{args.max_seq_len}-token context")
+    return limit
 
 
 def fit_prompt(ids: list[int], limit: int) -> tuple[list[int], int]:
