@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="decode steps before timing (default 2)")
     p.add_argument("--depths", type=parse_list(depth), default=None,
                    help="pass-key depths (default 0.25,0.5,0.75; --quick 0.5)")
-    p.add_argument("--seeds", type=int, default=1, help="pass keys per depth (default 1)")
+    p.add_argument("--seeds", type=int, help="pass keys per depth (default 1)")
     p.add_argument("--continuation", type=int, default=None,
                    help="teacher-forced tokens for KL / top-1 / ppl (default 64; --quick 16)")
     p.add_argument("--no-quality", action="store_true", help="latency and memory only")
@@ -201,6 +201,12 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.steps < 16:
         raise ValueError(f"--steps must be >= 16 (the median needs enough steps), got {a.steps}")
+    if a.no_quality:  # refused rather than ignored
+        given = [f for f, v in (("--depths", a.depths), ("--seeds", a.seeds), ("--continuation", a.continuation))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} sets the quality measurement, which --no-quality skips")
+    a.seeds = 1 if a.seeds is None else a.seeds
     if a.warmup < 0 or a.seeds < 1:
         raise ValueError("--warmup must be >= 0 and --seeds >= 1")
     if a.continuation is not None and a.continuation < 2:

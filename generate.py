@@ -20,6 +20,7 @@ from engine.cli import (Parser, cap_gpu_memory, check_writable, cli, fmt_bytes, 
 from engine.eval.haystack import make_haystack
 from engine.kv import POLICIES, parse_policy
 from engine.kv.quant import CLIP, ROTATE
+from engine.planner import parse_kv_budget
 from engine.sampling import SamplingParams
 
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=parse_tokens, default=4096,
                    help="context length in tokens (4096, 4k, 128k): the haystack size, and the cap on a "
                         "given prompt, whose middle is cut if longer (default 4k)")
-    p.add_argument("--depth", type=float, default=0.5, help="haystack demo: where the pass key sits, 0..1 (default 0.5)")
+    p.add_argument("--depth", type=float, help="haystack demo: where the pass key sits, 0..1 (default 0.5)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
@@ -73,20 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "name:key=value,... (quant:bits=4, offload:budget=256,lookahead=layer) or with the flags "
                         "below (default full)")
     p.add_argument("--plan", metavar="FILE", help="hybrid: per-layer plan JSON written by profile_layers.py")
-    p.add_argument("--plan-policies", default="auto",
+    p.add_argument("--plan-policies",
                    help="hybrid without --plan: the policies the planner may choose besides full, e.g. quant,evict,offload "
                         "(default auto: all three on CUDA, evict,offload on CPU, where QuantKV saves bytes but "
                         "costs decode time: unpacking codes is slower than reading floats)")
-    p.add_argument("--kv-budget", default="0.2",
+    p.add_argument("--kv-budget",
                    help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB) or a fraction of FullKV "
                         "(0.2, 20%%) (default 0.2)")
-    p.add_argument("--profile-tokens", type=lambda t: t if t == "auto" else parse_tokens(t), default="auto",
+    p.add_argument("--profile-tokens", type=lambda t: t if t == "auto" else parse_tokens(t),
                    help="hybrid without --plan: profile at most this many prompt tokens (middle cut); auto = the whole "
                         "prompt when its full cache fits in half the free memory (default auto)")
     p.add_argument("--kv-bits", type=int, help=f"quant: bits per key/value element, 1, 2 or 4 ({_default('quant', 'bits')})")
     p.add_argument("--kv-group", type=int,
                    help="quant: quantization group, tokens per key group and elements per value group "
-                        "(default 64, or the largest divisor of head_dim below it)")
+                        "(default 32 with 8-bit ranges, i.e. at 1 and 2 bits, 64 at 4 bits; or the largest divisor "
+                        "of head_dim below it)")
     p.add_argument("--kv-residual", type=int, help="quant: recent tokens kept in full precision, a multiple of "
                    f"--kv-group ({_default('quant', 'residual')})")
     p.add_argument("--kv-rotate", choices=ROTATE,
@@ -135,11 +137,22 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+# Flags of a hybrid that plans for itself: flag -> default. Given with another policy or with --plan,
+# they would change nothing, so they are refused rather than ignored.
+PLANNING_FLAGS = {"kv_budget": "0.2", "plan_policies": "auto", "profile_tokens": "auto"}
+
+
 def policy_arg(a: argparse.Namespace) -> str:
-    """--policy and the per-parameter flags -> one 'name:key=value,...' policy for the API."""
+    """--policy and the per-parameter flags -> one 'name:key=value,...' policy for the API. Fills
+    in the planning flags' defaults."""
     name = a.policy.partition(":")[0]
     if a.plan is not None and name != "hybrid":
         raise ValueError(f"--plan is for --policy hybrid, not {a.policy!r}")
+    for flag, default in PLANNING_FLAGS.items():
+        if getattr(a, flag) is not None and (name != "hybrid" or a.plan is not None):
+            raise ValueError(f"--{flag.replace('_', '-')} is for --policy hybrid without --plan, "
+                             f"not {'--plan' if a.plan is not None else f'--policy {name}'}")
+        setattr(a, flag, default if getattr(a, flag) is None else getattr(a, flag))
     pieces = [a.policy]
     for flag, (names, key) in POLICY_FLAGS.items():
         value = getattr(a, flag)
@@ -214,11 +227,18 @@ def run(a: argparse.Namespace) -> int:
         batch = read_prompts_file(a.prompts_file, a.max_new_tokens)
     elif a.out is not None:
         raise ValueError("--out is for --prompts-file (a single prompt streams to stdout)")
+    if a.depth is not None and (text is not None or batch is not None):
+        raise ValueError("--depth places the demo's pass key: give it without --prompt, --prompt-file or --prompts-file")
+    a.depth = 0.5 if a.depth is None else a.depth
+    if not 0 <= a.depth <= 1:
+        raise ValueError(f"--depth must be in [0, 1], got {a.depth}")
     policy = policy_arg(a)
     if policy != "hybrid" and not policy.startswith("hybrid"):
         parse_policy(policy)  # names, keys and value types; their values against the model's shapes below
     elif ":" in policy:
         raise ValueError("--policy hybrid takes no parameters (see --kv-budget, --plan, --plan-policies)")
+    elif a.plan is None:
+        parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model and the prompt
     if a.prefill_chunk < 1:
         raise ValueError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     check_writable(a.stats_json, "--stats-json")

@@ -147,6 +147,23 @@ def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
     assert "loaded" not in ran.stderr
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["--policy", "full", "--kv-budget", "20%"], "--kv-budget is for --policy hybrid without --plan, not --policy full"),
+    (["--policy", "quant", "--plan-policies", "quant"], "--plan-policies is for --policy hybrid without --plan"),
+    (["--policy", "hybrid", "--plan", "p.json", "--profile-tokens", "1k"], "--profile-tokens is for --policy hybrid "
+                                                                           "without --plan, not --plan"),
+    (["--policy", "hybrid", "--kv-budget", "lots"], "not a KV budget: 'lots'"),
+    (["--depth", "2"], "--depth must be in [0, 1], got 2.0"),
+    (["--depth", "0.3", "--prompt", "hi"], "--depth places the demo's pass key"),
+])
+def test_flags_that_would_change_nothing_are_refused_before_loading(gen, argv, fragment):
+    """A planning flag given to a run that does not plan, or --depth to a run with no demo, would be
+    silently ignored: refused instead, before the load."""
+    ran = gen("--model", "random:tiny", *argv)
+    assert_clean_error(ran, fragment)
+    assert "loaded" not in ran.stderr
+
+
 def test_policy_flags_reach_the_policy():
     import generate
     a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",
