@@ -35,13 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid: the policies the planner may choose besides full, e.g. quant,evict,offload "
                         "(default auto: all three on CUDA, evict,offload on CPU, where QuantKV saves bytes but "
                         "costs decode time: unpacking codes is slower than reading floats)")
-    p.add_argument("--kv-budget", default="0.2", help="device KV budget: bytes (512MiB) or a fraction of FullKV "
+    p.add_argument("--kv-budget", help="device KV budget: bytes (512MiB) or a fraction of FullKV "
                    "(0.2, 20%%) (default 0.2)")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "xkv", "xkv-tau", "uniform"],
                    help="hybrid: every policy, greedy per byte; xkv: eviction with XKV's token allocation; "
                         "xkv-tau: fewest tokens reaching mean retention --tau; uniform: same eviction budget "
                         "in every layer (default hybrid)")
-    p.add_argument("--tau", type=float, default=0.95, help="xkv-tau: mean retention target (default 0.95)")
+    p.add_argument("--tau", type=float, help="xkv-tau: mean retention target (default 0.95)")
     p.add_argument("--floor", type=int, default=64, help="fewest prompt tokens any layer keeps (default 64)")
     p.add_argument("--stats", metavar="FILE", help="per-layer statistics JSON: loaded if it exists (no profiling, "
                    "so plans at other budgets or modes cost nothing), else written after profiling")
@@ -120,8 +120,18 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f"--new-tokens must be >= 0, got {a.new_tokens}")
     if a.floor < 1:
         raise ValueError(f"--floor must be >= 1 token, got {a.floor}")
+    # Flags the chosen mode would ignore are refused, then defaults filled in
+    if a.tau is not None and a.mode != "xkv-tau":
+        raise ValueError(f"--tau is the target of --mode xkv-tau, not --mode {a.mode}")
+    if a.kv_budget is not None and a.mode == "xkv-tau":
+        raise ValueError("--mode xkv-tau takes the fewest tokens reaching --tau: it has no --kv-budget")
+    a.tau = 0.95 if a.tau is None else a.tau
+    a.kv_budget = "0.2" if a.kv_budget is None else a.kv_budget
     if not 0.0 < a.tau <= 1.0:
         raise ValueError(f"--tau is a mean retention in (0, 1], got {a.tau}")
+    if a.prompt_file and a.stats and os.path.exists(a.stats):
+        raise ValueError(f"--stats {a.stats} exists, so its statistics are used and --prompt-file would profile "
+                         "nothing: give another --stats path, or none")
     parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model
     for path, flag in ((a.out, "--out"), (a.png, "--png"), (a.stats, "--stats")):
         if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read

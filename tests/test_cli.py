@@ -196,13 +196,25 @@ def prof(capsys):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--floor", "-5"], "--floor must be >= 1"),
-    (["--tau", "5"], "--tau is a mean retention"),
-    (["--tau", "0"], "--tau is a mean retention"),
+    (["--mode", "xkv-tau", "--tau", "5"], "--tau is a mean retention"),
+    (["--mode", "xkv-tau", "--tau", "0"], "--tau is a mean retention"),
+    (["--tau", "0.9"], "--tau is the target of --mode xkv-tau, not --mode hybrid"),  # ignored otherwise
+    (["--mode", "xkv-tau", "--kv-budget", "0.3"], "it has no --kv-budget"),
 ])
 def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
     ran = prof("--model", "random:tiny", *argv)
     assert_clean_error(ran, fragment)
     assert "loaded" not in ran.stderr  # refused before the model loads
+
+
+def test_profile_layers_prompt_file_with_an_existing_stats_file_is_refused(prof, tmp_path):
+    """An existing --stats file replaces profiling: a --prompt-file beside it would be silently unused."""
+    stats, text = tmp_path / "stats.json", tmp_path / "t.txt"
+    stats.write_text("{}")
+    text.write_text("some text to profile")
+    ran = prof("--model", "random:tiny", "--stats", str(stats), "--prompt-file", str(text))
+    assert_clean_error(ran, f"--stats {stats} exists, so its statistics are used and --prompt-file would profile nothing")
+    assert "loaded" not in ran.stderr
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", "garbage", '{"model": "random:tiny", "layers": [{"x": 1}, {}]}', "\xff"])
