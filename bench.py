@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-fraction", type=parse_list(fraction), default=[0.2],
                    help="kept-KV fraction(s), e.g. 0.2 or 0.1,0.2,0.4: the first sets the latency matrix; quality is "
                         "measured at each (accuracy-vs-fraction plot) (default 0.2)")
-    p.add_argument("--peers", type=parse_list(str), default=["all"],
+    p.add_argument("--peers", type=parse_list(str),
                    help="transformers, kvpress, all, none, or single ones: hf-dynamic, hf-quanto4, hf-quanto2, "
                         "kvpress-snapkv, kvpress-pyramidkv, kvpress-adakv, kvpress-streamingllm, kvpress-tova, "
                         "kvpress-knorm (default all; missing ones are "
@@ -201,12 +201,19 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.steps < 16:
         raise ValueError(f"--steps must be >= 16 (the median needs enough steps), got {a.steps}")
-    if a.no_quality:  # refused rather than ignored
-        given = [f for f, v in (("--depths", a.depths), ("--seeds", a.seeds), ("--continuation", a.continuation))
-                 if v is not None]
-        if given:
-            raise ValueError(f"{given[0]} sets the quality measurement, which --no-quality skips")
+    if a.suite and a.no_quality:
+        raise ValueError("--suite measures answers, which --no-quality turns off")
+    # Flags the chosen run would ignore are refused: the matrix's quality flags without quality, or
+    # with the suite (its own prompts) or throughput (no quality); peers in a throughput run (ours only)
+    given = {"--depths": a.depths, "--seeds": a.seeds, "--continuation": a.continuation, "--peers": a.peers}
+    unused = (("--depths", "--seeds", "--continuation") if a.no_quality or a.throughput else
+              ("--depths", "--continuation") if a.suite else ()) + (("--peers",) if a.throughput else ())
+    run_kind = "--throughput" if a.throughput else "--suite" if a.suite else "--no-quality"
+    for flag in unused:
+        if given[flag] is not None:
+            raise ValueError(f"{flag} does nothing in a {run_kind} run")
     a.seeds = 1 if a.seeds is None else a.seeds
+    a.peers = ["all"] if a.peers is None else a.peers
     if a.warmup < 0 or a.seeds < 1:
         raise ValueError("--warmup must be >= 0 and --seeds >= 1")
     if a.continuation is not None and a.continuation < 2:

@@ -109,8 +109,12 @@ def test_parse_policy_and_peers():
     (["--gpu-memory", "24"], "has no unit"),
     (["--gpu-memory=-3GiB"], "positive and finite"),
     (["--gpu-memory", "24GiB", "--device", "cpu", "--model", "random:tiny"], "caps a CUDA GPU"),
-    (["--no-quality", "--seeds", "4"], "--seeds sets the quality measurement, which --no-quality skips"),
-    (["--no-quality", "--continuation", "64"], "--continuation sets the quality measurement"),
+    (["--no-quality", "--seeds", "4"], "--seeds does nothing in a --no-quality run"),
+    (["--no-quality", "--continuation", "64"], "--continuation does nothing in a --no-quality run"),
+    (["--throughput", "--peers", "hf-dynamic"], "--peers does nothing in a --throughput run"),
+    (["--throughput", "--depths", "0.5"], "--depths does nothing in a --throughput run"),
+    (["--suite", "--continuation", "64"], "--continuation does nothing in a --suite run"),
+    (["--suite", "--no-quality"], "--suite measures answers, which --no-quality turns off"),
 ])
 def test_bad_input_is_one_line(argv, fragment, capsys):
     assert_clean_error(call(bench.main, argv, capsys), fragment)
