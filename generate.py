@@ -184,7 +184,14 @@ def read_prompt(a: argparse.Namespace) -> str | None:
 def run_batch(llm, a: argparse.Namespace, prompts: list[str], news: list[int], policy, options: dict, log) -> int:
     """Generate for every prompt together; write one JSONL line per prompt, in order."""
     from tqdm import tqdm
-    stream = llm.stream(prompts, news, policy, a.kv_budget, **options)
+    profiling = None
+    if policy == "hybrid":  # each prompt is profiled (and planned) before the batch starts
+        profiling = tqdm(total=llm.args.n_layers * len(prompts), desc="profile", unit="layer", file=sys.stderr,
+                         leave=False, disable=None)
+    stream = llm.stream(prompts, news, policy, a.kv_budget,
+                        on_profile_layer=None if profiling is None else profiling.update, **options)
+    if profiling is not None:
+        profiling.close()
     bar = tqdm(total=sum(news), desc=f"batch of {len(prompts)}", unit="tok", file=sys.stderr, leave=False, disable=None)
     t = time.perf_counter()
     for _ in stream:  # pieces are per prompt; the JSONL is written once all have finished
@@ -274,9 +281,14 @@ def run(a: argparse.Namespace) -> int:
         log(f"pass-key demo: {len(haystack.ids)}-token haystack, key {haystack.key} at depth {haystack.depth:.2f}")
 
     from tqdm import tqdm
-    bar = tqdm(total=llm.args.n_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False, disable=None)
+    hybrid = policy == "hybrid"  # the prompt is profiled (a prefill of its own) before the real prefill
+    bar = tqdm(total=llm.args.n_layers, desc="profile" if hybrid else "prefill", unit="layer", file=sys.stderr,
+               leave=False, disable=None)
     stream = llm.stream(haystack.ids if haystack else text, a.max_new_tokens, policy, a.kv_budget,
-                        on_layer=bar.update, **options)
+                        on_layer=bar.update, on_profile_layer=bar.update, **options)
+    if hybrid:  # profiled and planned: the same bar counts the prefill's layers now
+        bar.reset()
+        bar.set_description("prefill")
     for piece in stream:
         print(piece, end="", flush=True)
     bar.close()

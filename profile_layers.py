@@ -162,7 +162,12 @@ def run(a: argparse.Namespace) -> int:
     else:
         named = prompts(a, llm.tokenizer)
         profiled = [f"{name} ({len(ids)} tokens)" for name, ids in named]
-        stats = llm.profile([ids for _, ids in named], profile_tokens=None, kinds=a.plan_policies)
+        from tqdm import tqdm
+        bar = tqdm(total=llm.args.n_layers * len(named), desc="profile", unit="layer", file=sys.stderr, leave=False,
+                   disable=None)
+        stats = llm.profile([ids for _, ids in named], profile_tokens=None, kinds=a.plan_policies,
+                            on_layer=bar.update)
+        bar.close()
         if a.stats:
             with open(a.stats, "w") as f:
                 json.dump({"model": llm.name, "profiled": profiled, "layers": stats_to_json(stats)}, f)

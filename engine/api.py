@@ -138,11 +138,13 @@ class LLM:
         return max(4096, free_memory(self.device) // 2 // self.full_kv_bytes(1))
 
     def profile(self, prompts: list[str | list[int]], profile_tokens: int | str | None = "auto",
-                cfg: ProfileConfig | None = None, kinds: str | tuple[str, ...] = "auto") -> list[LayerStats]:
+                cfg: ProfileConfig | None = None, kinds: str | tuple[str, ...] = "auto",
+                on_layer: Callable[[int], None] | None = None) -> list[LayerStats]:
         """Per-layer attention statistics, averaged over the prompts (each cut to profile_tokens:
         "auto" = profile_limit(), None = never cut). When the policies a plan may use (`kinds`, as in
         plan()) include quant, the profile also calibrates QuantKV's errors against the token-selecting
-        policies' (one batched rerun of the probe's decode steps; engine/calibrate.py)."""
+        policies' (one batched rerun of the probe's decode steps; engine/calibrate.py). on_layer(1)
+        is called after each layer of each prompt's profiling prefill (a progress bar's update)."""
         kinds = self._kinds(kinds)
         cfg = cfg or ProfileConfig(calibrate=tuple(kinds) if "quant" in kinds else ())
         stats = []
@@ -153,7 +155,7 @@ class LLM:
             if profile_tokens:
                 ids, _ = fit_prompt(ids, profile_tokens)
             t = time.perf_counter()
-            stats.append(profile_prompt(self.model, ids, cfg))
+            stats.append(profile_prompt(self.model, ids, cfg, progress=on_layer))
             self.log(f"profiled {len(ids)} prompt tokens in {time.perf_counter() - t:.1f} s")
         return average(stats)
 
@@ -170,13 +172,14 @@ class LLM:
     def plan(self, prompt: str | list[int] | list[str] | None = None, kv_budget=0.2, new_tokens: int = 32,
              context: int | None = None, mode: str = "hybrid", kinds: str | tuple[str, ...] = "auto",
              floor: int = 64, tau: float | None = None, profile_tokens: int | str | None = "auto",
-             stats: list[LayerStats] | None = None) -> Plan:
+             stats: list[LayerStats] | None = None, on_layer: Callable[[int], None] | None = None) -> Plan:
         """Profile the prompt(s) (or use `stats`) and plan every layer's policy for a `context`-token
         prompt (default: the prompt's length) plus `new_tokens`, under `kv_budget` device bytes: an
         int or '512MiB' (bytes), or a fraction of FullKV (0.2, '20%'). mode: hybrid (every policy,
         greedy per byte), xkv (eviction, XKV's allocation), xkv-tau (fewest tokens reaching mean
         retention tau), uniform. kinds: the policies a hybrid plan may use besides full ("auto":
-        quant, evict, offload on CUDA; evict, offload on CPU, where unpacking codes costs time)."""
+        quant, evict, offload on CUDA; evict, offload on CPU, where unpacking codes costs time).
+        on_layer: the profiling pass's progress, as in profile()."""
         kinds = self._kinds(kinds)
         prompts = None
         if stats is None:
@@ -190,7 +193,7 @@ class LLM:
         budget = self.check_budget(kv_budget, context, new_tokens, mode, kinds, floor)
         elem = self.model.head.element_size()
         if prompts is not None:
-            stats = self.profile(prompts, profile_tokens, kinds=kinds)
+            stats = self.profile(prompts, profile_tokens, kinds=kinds, on_layer=on_layer)
         layers = make_plan(self.args, stats, context, new_tokens, elem, budget, mode, ProfileConfig(), floor,
                            tau, tuple(kinds))
         used = sum(o.device_bytes for o in layers)
@@ -206,10 +209,13 @@ class LLM:
     def stream(self, prompt, max_new_tokens: int | list[int] = 32, policy="full", kv_budget=0.2, *,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                chat: bool = False, allow_special: bool = False, ctx: int | None = None, cuda_graphs: bool = True,
-               prefill_chunk: int = 2048, on_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
+               prefill_chunk: int = 2048, on_layer: Callable[[int], None] | None = None,
+               on_profile_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
         """Like generate(), but returns a Stream: iterate it for text pieces as tokens come (a batch:
         (index, piece) pairs); `.output` (`.outputs`) is filled when the iteration ends. Everything
-        is checked before this returns."""
+        is checked, and a hybrid's prompts profiled and planned, before this returns. Progress:
+        on_profile_layer(1) after each layer of a profiling prefill, on_layer(1) after each layer
+        of the prefill itself."""
         batch = is_batch(prompt)
         prompts = list(prompt) if batch else [prompt]
         news = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
@@ -231,8 +237,8 @@ class LLM:
                          f"of {len(ids)}; cut {cut} tokens from its middle")
             fitted.append((ids, cut, new))
         hybrid = isinstance(policy, str) and policy.strip() == "hybrid"  # profile and plan each prompt
-        plans = [self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), **plan_options) if hybrid
-                 else None for ids, _, new in fitted]
+        plans = [self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), on_layer=on_profile_layer,
+                           **plan_options) if hybrid else None for ids, _, new in fitted]
         specs = [self.policy_specs(plan or policy, ids, new, kv_budget) for (ids, _, new), plan in zip(fitted, plans)]
         self.check_kv_fits([(s, len(ids), new) for s, (ids, _, new) in zip(specs, fitted)])
         run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)

@@ -190,10 +190,25 @@ def test_profile_takes_the_whole_prompt_when_it_fits(monkeypatch):
     monkeypatch.setattr(engine.api, "free_memory", lambda device: 1000)
     assert llm.profile_limit() == 4096
     seen = []
-    monkeypatch.setattr(engine.api, "profile_prompt", lambda model, ids, cfg: seen.append(len(ids)) or [])
+    monkeypatch.setattr(engine.api, "profile_prompt", lambda model, ids, cfg, progress: seen.append(len(ids)) or [])
     monkeypatch.setattr(engine.api, "average", lambda stats: stats)
     llm.profile([list(range(5000))])  # "auto": 4096 with so little memory
     monkeypatch.setattr(engine.api, "free_memory", lambda device: 2 * 6000 * per_token)
     llm.profile([list(range(5000))])  # fits: whole
     llm.profile([list(range(5000))], profile_tokens=1000)  # an explicit cut
     assert seen == [4096, 5000, 1000]
+
+
+def test_hybrid_reports_profiling_and_prefill_progress_apart():
+    """A hybrid's profiling pass is a prefill of its own (seconds to minutes at long contexts): it
+    reports its layers through on_profile_layer before stream() returns; the prefill's come later,
+    through on_layer (generate.py draws both with one progress bar, relabelled between them)."""
+    from engine import LLM
+    llm = LLM("random:tiny", "cpu", "float32")
+    profiled, prefilled = [], []
+    s = llm.stream(list(range(2, 300)), 2, "hybrid", 0.5, on_layer=prefilled.append,
+                   on_profile_layer=profiled.append, kinds="evict,offload")
+    assert profiled == [1] * llm.args.n_layers and prefilled == []
+    for _ in s:
+        pass
+    assert prefilled == [1] * llm.args.n_layers and len(profiled) == llm.args.n_layers
