@@ -201,17 +201,26 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.steps < 16:
         raise ValueError(f"--steps must be >= 16 (the median needs enough steps), got {a.steps}")
+    if a.suite and a.throughput:
+        raise ValueError("give --suite or --throughput, not both")
     if a.suite and a.no_quality:
         raise ValueError("--suite measures answers, which --no-quality turns off")
-    # Flags the chosen run would ignore are refused: the matrix's quality flags without quality, or
-    # with the suite (its own prompts) or throughput (no quality); peers in a throughput run (ours only)
+    # Flags the chosen run would ignore are refused. Without quality (--no-quality, --throughput, or
+    # random: weights, which have no answers to score) the matrix's quality flags do nothing and only
+    # the first --kv-fraction counts; the suite makes its own prompts; throughput runs ours only.
+    run = ("a --throughput run" if a.throughput else "a --suite run" if a.suite else
+           "a --no-quality run" if a.no_quality else
+           "a run on random: weights (no answers: quality is skipped)" if (a.model or "").startswith("random:")
+           else None)
+    quality_off = run is not None and not a.suite
     given = {"--depths": a.depths, "--seeds": a.seeds, "--continuation": a.continuation, "--peers": a.peers}
-    unused = (("--depths", "--seeds", "--continuation") if a.no_quality or a.throughput else
+    unused = (("--depths", "--seeds", "--continuation") if quality_off else
               ("--depths", "--continuation") if a.suite else ()) + (("--peers",) if a.throughput else ())
-    run_kind = "--throughput" if a.throughput else "--suite" if a.suite else "--no-quality"
     for flag in unused:
         if given[flag] is not None:
-            raise ValueError(f"{flag} does nothing in a {run_kind} run")
+            raise ValueError(f"{flag} does nothing in {run}")
+    if quality_off and len(a.kv_fraction) > 1:
+        raise ValueError(f"--kv-fraction: {run} uses only the first fraction; give one")
     a.seeds = 1 if a.seeds is None else a.seeds
     a.peers = ["all"] if a.peers is None else a.peers
     if a.warmup < 0 or a.seeds < 1:
@@ -231,8 +240,6 @@ def run(a: argparse.Namespace) -> int:
             raise ValueError("--suite measures answers: random: weights have none; use a real model")
     elif a.tasks:
         raise ValueError("--tasks goes with --suite")
-    if a.suite and a.throughput:
-        raise ValueError("give --suite or --throughput, not both")
     if (a.kv_memory is not None or a.max_batch != 64) and not a.throughput:
         raise ValueError("--kv-memory and --max-batch go with --throughput")
     if a.max_batch < 1:

@@ -152,17 +152,25 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     check_writable(a.stats_json, "--stats-json")
     check_writable(a.out, "--out")
-    device, _ = resolve_device(a.device, a.dtype)
+    device, dtype = resolve_device(a.device, a.dtype)
     cap_gpu_memory(a.gpu_memory, device)
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
     from engine.plan import policy_specs
+    from engine.planner import check_kv_budget, plan_kinds
+    from engine.runner import prompt_room
     from weights.load import model_config
     plan = Plan.load(a.plan) if policy == "hybrid" and a.plan else None  # its layers checked here
-    if plan is not None or policy != "hybrid":  # every value, against the model's config: before the weights load
-        name, args = model_config(a.model, log)
+    # Every value against the model's config, before the weights load
+    name, args = model_config(a.model, log)
+    if plan is not None or policy != "hybrid":
         if plan is not None:
             plan.check(name, args.n_layers, a.plan)
         policy_specs(plan or policy, name, args)
+    else:
+        kinds = plan_kinds(a.plan_policies, device)
+        if text is None and batch is None:  # the demo's context is known now; a prompt's once it is tokenized
+            room = prompt_room(args, name, a.max_new_tokens, a.ctx)
+            check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds, floor=64)
 
     llm = LLM(a.model, a.device, a.dtype, log=log)
     if plan is not None:

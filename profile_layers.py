@@ -192,7 +192,8 @@ def run(a: argparse.Namespace) -> int:
     w = harm_weights(stats[0])
     print("\nKL per unit of attention-output error, relative to evict and offload's (the planner's weights): "
           + ", ".join(f"{k} {v:.2f}" for k, v in w.items()) + ("" if stats[0].harm else " (not calibrated)"))
-    print(f"\nplan ({a.mode}): {fmt_bytes(used)} of a {fmt_bytes(budget)} budget ({used / full:.1%} of FullKV "
+    target = f"mean retention {a.tau}" if a.mode == "xkv-tau" else f"a {fmt_bytes(budget)} budget"  # tau: no budget
+    print(f"\nplan ({a.mode}): {fmt_bytes(used)} for {target} ({used / full:.1%} of FullKV "
           f"{fmt_bytes(full)}), mean quality {plan.header['mean_quality']:.3f}; "
           f"host {fmt_bytes(sum(o.host_bytes for o in plan.layers))}")
     plan.save(a.out)

@@ -202,7 +202,8 @@ class LLM:
                   "full_kv_bytes": full, "device_bytes": used,
                   "mean_quality": round(sum(o.quality for o in layers) / len(layers), 4)}
         plan = Plan(layers, header, stats)
-        self.log(f"plan for {fmt_bytes(budget)} ({used / full:.1%} of FullKV): {plan.summary()}")
+        target = f"mean retention {tau}" if mode == "xkv-tau" else fmt_bytes(budget)  # xkv-tau has no budget
+        self.log(f"plan for {target}: {fmt_bytes(used)} ({used / full:.1%} of FullKV), {plan.summary()}")
         return plan
 
     # ---- generation ---------------------------------------------------------------------------------------

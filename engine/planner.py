@@ -106,7 +106,11 @@ def plan_kinds(kinds: str | tuple[str, ...], device: torch.device) -> tuple[str,
     three on CUDA and evict, offload on CPU, where unpacking codes costs more time than reading floats."""
     if kinds == "auto":
         return ("quant", "evict", "offload") if device.type == "cuda" else ("evict", "offload")
-    return tuple(filter(None, kinds.split(","))) if isinstance(kinds, str) else tuple(kinds)
+    kinds = tuple(filter(None, kinds.split(","))) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown plan policies {unknown}; choose from quant, evict, offload (full is always allowed)")
+    return kinds
 
 
 def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, elem: int, mode: str,
@@ -121,8 +125,8 @@ def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, e
         least = budget_floor(args, context, new_tokens, elem, ProfileConfig(), floor, kinds + ("full",))
         if budget < least:
             raise ValueError(f"KV budget {fmt_bytes(budget)} is below the least a plan for {context} tokens can "
-                             f"take, {fmt_bytes(least)} (every layer at its cheapest option, at least --floor "
-                             f"{floor} tokens)")
+                             f"take, {fmt_bytes(least)} (every layer at its cheapest option, keeping at least "
+                             f"{floor} prompt tokens)")
     return budget
 
 

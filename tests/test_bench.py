@@ -115,6 +115,9 @@ def test_parse_policy_and_peers():
     (["--throughput", "--depths", "0.5"], "--depths does nothing in a --throughput run"),
     (["--suite", "--continuation", "64"], "--continuation does nothing in a --suite run"),
     (["--suite", "--no-quality"], "--suite measures answers, which --no-quality turns off"),
+    (["--suite", "--throughput", "--depths", "0.5"], "give --suite or --throughput, not both"),
+    (["--model", "random:tiny", "--depths", "0.5"], "--depths does nothing in a run on random: weights"),
+    (["--no-quality", "--kv-fraction", "0.1,0.2"], "--kv-fraction: a --no-quality run uses only the first"),
 ])
 def test_bad_input_is_one_line(argv, fragment, capsys):
     assert_clean_error(call(bench.main, argv, capsys), fragment)

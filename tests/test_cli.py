@@ -155,6 +155,8 @@ def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
     (["--policy", "hybrid", "--kv-budget", "lots"], "not a KV budget: 'lots'"),
     (["--depth", "2"], "--depth must be in [0, 1], got 2.0"),
     (["--depth", "0.3", "--prompt", "hi"], "--depth places the demo's pass key"),
+    (["--policy", "hybrid", "--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
+    (["--policy", "hybrid", "--kv-budget", "0.1%", "--ctx", "2k"], "is below the least a plan for 2048 tokens"),
 ])
 def test_flags_that_would_change_nothing_are_refused_before_loading(gen, argv, fragment):
     """A planning flag given to a run that does not plan, or --depth to a run with no demo, would be
@@ -200,6 +202,7 @@ def prof(capsys):
     (["--mode", "xkv-tau", "--tau", "0"], "--tau is a mean retention"),
     (["--tau", "0.9"], "--tau is the target of --mode xkv-tau, not --mode hybrid"),  # ignored otherwise
     (["--mode", "xkv-tau", "--kv-budget", "0.3"], "it has no --kv-budget"),
+    (["--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
 ])
 def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
     ran = prof("--model", "random:tiny", *argv)

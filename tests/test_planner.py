@@ -212,3 +212,15 @@ def test_hybrid_reports_profiling_and_prefill_progress_apart():
     for _ in s:
         pass
     assert prefilled == [1] * llm.args.n_layers and len(profiled) == llm.args.n_layers
+
+
+def test_plan_kinds_refuses_unknown_names():
+    """A misspelt policy would otherwise be dropped by the byte floor and caught only by make_plan,
+    after the load and the profile."""
+    import torch
+    from engine.planner import plan_kinds
+    assert plan_kinds("auto", torch.device("cpu")) == ("evict", "offload")
+    assert plan_kinds("auto", torch.device("cuda")) == ("quant", "evict", "offload")
+    assert plan_kinds("quant,evict", torch.device("cpu")) == ("quant", "evict")
+    with pytest.raises(ValueError, match=r"unknown plan policies \['ofload'\]"):
+        plan_kinds("evict,ofload", torch.device("cpu"))
