@@ -163,25 +163,6 @@ def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
         log("plots: " + ", ".join(plots(results, a.plots)))
 
 
-def run_suite_all(m, cfg, tasks: list[str], peers: list[str], results: dict, save, log) -> None:
-    """The suite at every context; peers that cannot run here are noted in the results and skipped."""
-    from engine.eval.peers import skip_reason
-    from engine.eval.suite import run_suite
-    skips = {p: skip_reason(p) for p in peers}
-    results["meta"]["skipped_peers"] = {p: r for p, r in skips.items() if r}
-    for p, r in results["meta"]["skipped_peers"].items():
-        log(f"  {p}: skipped ({r})")
-    runnable = [p for p in peers if not skips[p]]
-    hf = None
-    if runnable:
-        from engine.eval.hf_view import hf_view
-        hf = hf_view(m.model)
-    for ctx in cfg.ctxs:
-        n = min(ctx, m.args.max_seq_len - 64)  # room for the longest answer
-        log(f"suite at {n} tokens: {len(tasks)} tasks x {cfg.seeds} seed(s), fractions {cfg.fractions}")
-        run_suite(m, hf, n, tasks, cfg.seeds, cfg.policies, runnable, cfg.fractions, results, save, log)
-
-
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if a.render:
@@ -290,6 +271,7 @@ def run(a: argparse.Namespace) -> int:
                 json.dump(results, f, indent=1)
 
     if a.suite:
+        from engine.eval.suite import run_suite_all
         run_suite_all(m, cfg, a.tasks, peers, results, save, log)
     elif a.throughput:
         from engine.cli import free_memory

@@ -119,6 +119,23 @@ def run_suite(m, hf, ctx: int, tasks: list[str], seeds: int, names: list[str], p
                 f"({task.answer_key(full['answer'])!r}), {len(rows)} answers in {time.perf_counter() - t:.0f} s")
 
 
+def run_suite_all(m, cfg, tasks: list[str], peers: list[str], results: dict, save, log) -> None:
+    """The suite at every context; peers that cannot run here are noted in the results and skipped."""
+    skips = {p: peer_mod.skip_reason(p) for p in peers}
+    results["meta"]["skipped_peers"] = {p: r for p, r in skips.items() if r}
+    for p, r in results["meta"]["skipped_peers"].items():
+        log(f"  {p}: skipped ({r})")
+    runnable = [p for p in peers if not skips[p]]
+    hf = None
+    if runnable:
+        from engine.eval.hf_view import hf_view
+        hf = hf_view(m.model)
+    for ctx in cfg.ctxs:
+        n = min(ctx, m.args.max_seq_len - 64)  # room for the longest answer
+        log(f"suite at {n} tokens: {len(tasks)} tasks x {cfg.seeds} seed(s), fractions {cfg.fractions}")
+        run_suite(m, hf, n, tasks, cfg.seeds, cfg.policies, runnable, cfg.fractions, results, save, log)
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Mean accuracy and agreement per (ctx, engine, policy, fraction), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
