@@ -189,18 +189,17 @@ def run(a: argparse.Namespace) -> int:
     # Flags the chosen run would ignore are refused. Without quality (--no-quality, --throughput, or
     # random: weights, which have no answers to score) the matrix's quality flags do nothing and only
     # the first --kv-fraction counts; the suite makes its own prompts; throughput runs ours only.
-    run = ("a --throughput run" if a.throughput else "a --suite run" if a.suite else
-           "a --no-quality run" if a.no_quality else
-           "a run on random: weights (no answers: quality is skipped)" if (a.model or "").startswith("random:")
-           else None)
-    quality_off = run is not None and not a.suite
-    given = {"--depths": a.depths, "--seeds": a.seeds, "--continuation": a.continuation, "--peers": a.peers}
-    unused = (("--depths", "--seeds", "--continuation") if quality_off else
-              ("--depths", "--continuation") if a.suite else ()) + (("--peers",) if a.throughput else ())
-    for flag in unused:
-        if given[flag] is not None:
+    quality = ("--depths", "--seeds", "--continuation")
+    runs = [(a.throughput, "a --throughput run", quality + ("--peers",)),  # (applies, the run, flags it ignores)
+            (a.suite, "a --suite run", ("--depths", "--continuation")),
+            (a.no_quality, "a --no-quality run", quality),
+            ((a.model or "").startswith("random:"), "a run on random: weights (no answers: quality is skipped)",
+             quality)]
+    run, ignored = next(((name, flags) for applies, name, flags in runs if applies), (None, ()))
+    for flag in ignored:
+        if getattr(a, flag[2:]) is not None:  # --depths -> a.depths
             raise ValueError(f"{flag} does nothing in {run}")
-    if quality_off and len(a.kv_fraction) > 1:
+    if run is not None and not a.suite and len(a.kv_fraction) > 1:  # a run without quality
         raise ValueError(f"--kv-fraction: {run} uses only the first fraction; give one")
     a.seeds = 1 if a.seeds is None else a.seeds
     a.peers = ["all"] if a.peers is None else a.peers

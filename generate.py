@@ -163,9 +163,7 @@ def run(a: argparse.Namespace) -> int:
     # Every value against the model's config, before the weights load
     name, args = model_config(a.model, log)
     if plan is not None or policy != "hybrid":
-        if plan is not None:
-            plan.check(name, args.n_layers, a.plan)
-        policy_specs(plan or policy, name, args)
+        policy_specs(plan or policy, name, args)  # a plan made for another model: an error naming the file
     else:
         kinds = plan_kinds(a.plan_policies, device)
         if text is None and batch is None:  # the demo's context is known now; a prompt's once it is tokenized

@@ -50,6 +50,7 @@ class Plan:
     layers: list[Option]
     header: dict = field(default_factory=dict)
     stats: list[LayerStats] | None = field(default=None, repr=False)
+    source: str = field(default="plan", repr=False)  # what errors name: the file it was loaded from
 
     @property
     def specs(self) -> list[dict]:
@@ -66,8 +67,9 @@ class Plan:
             counts[o.spec["policy"]] = counts.get(o.spec["policy"], 0) + 1
         return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " layers"
 
-    def check(self, model: str, n_layers: int, source: str = "plan") -> None:
-        """Refuse a plan made for another model or depth."""
+    def check(self, model: str, n_layers: int, source: str | None = None) -> None:
+        """Refuse a plan made for another model or depth (the error names `source`, default self.source)."""
+        source = source or self.source
         if self.header.get("model") != model:
             raise ValueError(f"{source}: plan was made for model {self.header.get('model')!r}, not {model!r}")
         if len(self.layers) != n_layers:
@@ -103,7 +105,7 @@ class Plan:
             raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a KV plan ({type(e).__name__}: {e})") from None
-        return cls(layers, {k: v for k, v in raw.items() if k != "layers"})
+        return cls(layers, {k: v for k, v in raw.items() if k != "layers"}, source=path)
 
 
 def policy_specs(policy, model: str, args: ModelArgs) -> list[dict]:
@@ -115,11 +117,9 @@ def policy_specs(policy, model: str, args: ModelArgs) -> list[dict]:
     if isinstance(policy, str) and policy.strip() == "hybrid":
         raise ValueError("policy 'hybrid' needs a prompt to profile")
     if isinstance(policy, str) and policy.startswith("plan:"):
-        path = policy[len("plan:"):]
-        policy = Plan.load(path)
-        policy.check(model, args.n_layers, path)
+        policy = Plan.load(policy[len("plan:"):])
     if isinstance(policy, Plan):
-        policy.check(model, args.n_layers)
+        policy.check(model, args.n_layers)  # an error names the file a loaded plan came from
         specs = policy.specs
     elif isinstance(policy, (str, dict)):
         specs = [parse_policy(policy) if isinstance(policy, str) else dict(policy)] * args.n_layers
