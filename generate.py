@@ -168,7 +168,7 @@ def run(a: argparse.Namespace) -> int:
         kinds = plan_kinds(a.plan_policies, device)
         if text is None and batch is None:  # the demo's context is known now; a prompt's once it is tokenized
             room = prompt_room(args, name, a.max_new_tokens, a.ctx)
-            check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds, floor=64)
+            check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds)
 
     llm = LLM(a.model, a.device, a.dtype, log=log)
     if plan is not None:

@@ -14,7 +14,7 @@ import sys
 
 from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
 from engine.eval.haystack import make_haystack
-from engine.planner import check_kv_budget, harm_weights, parse_kv_budget, plan_kinds
+from engine.planner import FLOOR, check_kv_budget, harm_weights, parse_kv_budget, plan_kinds
 from engine.profile import FRACTIONS, stats_from_json, stats_to_json
 from engine.runner import prompt_room
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "xkv-tau: fewest tokens reaching mean retention --tau; uniform: same eviction budget "
                         "in every layer (default hybrid)")
     p.add_argument("--tau", type=float, help="xkv-tau: mean retention target (default 0.95)")
-    p.add_argument("--floor", type=int, default=64, help="fewest prompt tokens any layer keeps (default 64)")
+    p.add_argument("--floor", type=int, default=FLOOR, help=f"fewest prompt tokens any layer keeps (default {FLOOR})")
     p.add_argument("--stats", metavar="FILE", help="per-layer statistics JSON: loaded if it exists (no profiling, "
                    "so plans at other budgets or modes cost nothing), else written after profiling")
     p.add_argument("--out", default="plan.json", help="plan JSON path (default plan.json)")

@@ -22,7 +22,7 @@ import torch
 from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import spec_cost
 from engine.plan import Plan, policy_specs
-from engine.planner import check_kv_budget, make_plan, plan_kinds
+from engine.planner import FLOOR, check_kv_budget, make_plan, plan_kinds
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, fit_prompt, prompt_room, stream_batch
@@ -163,7 +163,7 @@ class LLM:
         return plan_kinds(kinds, self.device)
 
     def check_budget(self, kv_budget, context: int, new_tokens: int = 32, mode: str = "hybrid",
-                     kinds: str | tuple[str, ...] = "auto", floor: int = 64) -> int:
+                     kinds: str | tuple[str, ...] = "auto", floor: int = FLOOR) -> int:
         """kv_budget in bytes for a plan of `context` + new_tokens tokens; a ValueError when no
         hybrid plan can meet it. Needs no profile: run it before profiling."""
         return check_kv_budget(self.args, kv_budget, context, new_tokens, self.model.head.element_size(), mode,
@@ -171,7 +171,7 @@ class LLM:
 
     def plan(self, prompt: str | list[int] | list[str] | None = None, kv_budget=0.2, new_tokens: int = 32,
              context: int | None = None, mode: str = "hybrid", kinds: str | tuple[str, ...] = "auto",
-             floor: int = 64, tau: float | None = None, profile_tokens: int | str | None = "auto",
+             floor: int = FLOOR, tau: float | None = None, profile_tokens: int | str | None = "auto",
              stats: list[LayerStats] | None = None, on_layer: Callable[[int], None] | None = None) -> Plan:
         """Profile the prompt(s) (or use `stats`) and plan every layer's policy for a `context`-token
         prompt (default: the prompt's length) plus `new_tokens`, under `kv_budget` device bytes: an

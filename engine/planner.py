@@ -34,6 +34,11 @@ from engine.plan import Option
 from engine.profile import FRACTIONS, QUANT_BITS, LayerStats, ProfileConfig
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
+# The fewest prompt tokens a plan's evict or offload option keeps in any layer (no layer is left with
+# nothing; each option also keeps at least its own window, e.g. offload's sink + recent = 80). The API,
+# profile_layers.py's --floor and the CLIs' budget checks all default to it. At 128k, 32 layers x 64
+# tokens is 0.05% of FullKV: the floor only binds on very short prompts or tiny budgets.
+FLOOR = 64
 
 
 def make_option(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int, quality: float) -> Option:
@@ -114,7 +119,7 @@ def plan_kinds(kinds: str | tuple[str, ...], device: torch.device) -> tuple[str,
 
 
 def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, elem: int, mode: str,
-                    kinds: tuple[str, ...], floor: int) -> int:
+                    kinds: tuple[str, ...], floor: int = FLOOR) -> int:
     """kv_budget (bytes, '512MiB', or a fraction of FullKV: 0.2, '20%') in bytes for a plan of
     `context` + new_tokens tokens; a ValueError when no `mode` plan can meet it. Needs neither a
     profile nor the weights: the CLIs run it before loading them."""
@@ -171,7 +176,7 @@ def greedy_choose(hulls: list[list[Option]], budget: int) -> list[int]:
 
 
 def plan_hybrid(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,
-                cfg: ProfileConfig | None = None, floor: int = 64,
+                cfg: ProfileConfig | None = None, floor: int = FLOOR,
                 kinds: tuple[str, ...] = KINDS) -> list[Option]:
     cfg = cfg or ProfileConfig()
     check_calibrated(stats, kinds)
@@ -263,7 +268,7 @@ def parse_kv_budget(text: str, full_bytes: int) -> int:
 
 
 def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,
-              mode: str = "hybrid", cfg: ProfileConfig | None = None, floor: int = 64,
+              mode: str = "hybrid", cfg: ProfileConfig | None = None, floor: int = FLOOR,
               tau: float | None = None, kinds: tuple[str, ...] = KINDS) -> list[Option]:
     """mode 'hybrid': every option, greedy per byte. 'xkv': Evict only, XKV's token allocation of the
     same byte budget ('xkv-tau': the fewest tokens reaching mean retention tau; budget ignored).
