@@ -57,9 +57,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_p
 
 def dense_decode_attention_ref(q, k, v, pos: torch.Tensor, offset: int = 0):
     """The reference: read the position on the host (a sync on a GPU) and attend over rows
-    [0, pos + offset]."""
+    [0, pos + offset]. A cache stored in another dtype than q's (FullKV's `store`) is read as q's:
+    only the live rows are converted."""
     n = int(pos.reshape(-1)[0]) + offset + 1
-    return decode_attention(q, k[:, :, :n], v[:, :, :n])
+    return decode_attention(q, k[:, :, :n].to(q.dtype), v[:, :, :n].to(q.dtype))
 
 
 def write_row_ref(k, v, k_new, v_new, pos: torch.Tensor, offset: int = 0) -> None:
@@ -114,17 +115,19 @@ def _dense_decode_kernel(Q, K, V, POS, offset, M_out, L_out, Acc_out, sm_scale, 
     for start in range(0, split_len, BLOCK_T):
         t = lo + start + tl.arange(0, BLOCK_T)  # int32 within the head: the wrapper checks it fits
         live = t < length
-        k = tl.load(k_base + t[None, :] * sk_t + d[:, None], mask=live[None, :], other=0.0)  # (D, BLOCK_T)
+        # (D, BLOCK_T), in q's dtype: a cache stored in another (FullKV's store) is converted as it is read
+        k = tl.load(k_base + t[None, :] * sk_t + d[:, None], mask=live[None, :], other=0.0).to(Q.dtype.element_ty)
         s = tl.dot(q, k, input_precision="ieee") * sm_scale  # (NREP_PAD, BLOCK_T)
-        vt = tl.load(v_base + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0)  # (BLOCK_T, D)
+        vt = tl.load(v_base + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0).to(Q.dtype.element_ty)
         m, l, acc = attend_block(m, l, acc, tl.where(live[None, :], s, float("-inf")), vt)  # noqa: E741
     store_split(M_out, L_out, Acc_out, m, l, acc, n_rep, NREP_PAD, D)
 
 
 def dense_decode_attention_triton(q, k, v, pos: torch.Tensor, offset: int = 0, *, n_splits: int | None = None,
                                   block_t: int = 32):
-    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers, rows [0, pos + offset] live; pos a (1,) int
-    device tensor -> (B, H, 1, D). Every launch parameter depends only on the shapes."""
+    """q (B, H, 1, D); k, v (B, H_kv, N, D) buffers (in q's dtype or another), rows [0, pos + offset]
+    live; pos a (1,) int device tensor -> (B, H, 1, D). Every launch parameter depends only on the
+    shapes."""
     B, H, _, D = q.shape
     H_kv, N = k.shape[1], k.shape[2]
     n_rep = H // H_kv

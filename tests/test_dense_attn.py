@@ -11,20 +11,28 @@ import os, torch
 from kernels.dense_attn import dense_decode_attention_ref, dense_decode_attention_triton
 DEV = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
 bad = 0
-# (B, H, H_kv, D, buffer rows N, live rows n, offset, splits): a length of 1, splits past the live
-# length (empty), GQA groups of 1..4, a position ahead of its row (offset < 0, as OffloadKV's)
+# (B, H, H_kv, D, buffer rows N, live rows n, offset, splits, q dtype, cache dtype): a length of 1,
+# splits past the live length (empty), GQA groups of 1..4, a position ahead of its row (offset < 0,
+# as OffloadKV's), a cache stored in another dtype than q's (FullKV's store).
 # bfloat16 compiled only: the interpreter's bfloat16 tl.dot is wrong (triton-lang/triton#11584)
-cases = [(1, 4, 2, 32, 100, 37, 0, None, torch.float32), (2, 6, 3, 64, 300, 300, 0, 4, torch.float32),
-         (1, 8, 8, 16, 80, 1, 0, 3, torch.float32), (1, 32, 8, 128, 200, 150, -90, 5, torch.float32)]
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+cases = [(1, 4, 2, 32, 100, 37, 0, None, f32, f32), (2, 6, 3, 64, 300, 300, 0, 4, f32, f32),
+         (1, 8, 8, 16, 80, 1, 0, 3, f32, f32), (1, 32, 8, 128, 200, 150, -90, 5, f32, f32),
+         (1, 4, 2, 32, 100, 60, 0, 2, f32, f16)]
 if DEV != "cpu":
-    cases.append((2, 32, 8, 128, 3000, 2900, 0, None, torch.bfloat16))
-for B, H, H_kv, D, N, n, off, splits, dt in cases:
+    cases += [(2, 32, 8, 128, 3000, 2900, 0, None, bf16, bf16), (1, 32, 8, 128, 1000, 700, 0, None, bf16, f32)]
+for B, H, H_kv, D, N, n, off, splits, dt, store in cases:
     g = torch.Generator().manual_seed(N + n)
     q = torch.randn(B, H, 1, D, generator=g).to(DEV, dt)
-    k, v = torch.randn(B, H_kv, N, D, generator=g).to(DEV, dt), torch.randn(B, H_kv, N, D, generator=g).to(DEV, dt)
+    k, v = (torch.randn(B, H_kv, N, D, generator=g).to(DEV, store) for _ in range(2))
     pos = torch.tensor([n - 1 - off], device=DEV)  # rows [0, pos + off] = [0, n - 1] live
     ref = dense_decode_attention_ref(q.float(), k.float(), v.float(), pos, off)
-    tri = dense_decode_attention_triton(q, k, v, pos, off, n_splits=splits).float()
+    tri = dense_decode_attention_triton(q, k, v, pos, off, n_splits=splits)
+    if tri.dtype != dt or not torch.equal(dense_decode_attention_ref(q, k, v, pos, off).float(),
+                                          dense_decode_attention_ref(q, k.to(dt), v.to(dt), pos, off).float()):
+        bad += 1  # the output, and the reference's reading of the store, in q's dtype
+        print("DTYPE", dt, store, tri.dtype)
+    tri = tri.float()
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4  # bfloat16: the probabilities and output rounded
     if not torch.allclose(ref, tri, rtol=tol, atol=tol * 0.1):
         bad += 1

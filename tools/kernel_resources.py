@@ -126,10 +126,11 @@ def _specs() -> list[tuple]:
         out.append((_unpack_kernel, dict(codes_ptr=U8, scale_ptr=BF16, mn_ptr=BF16, out_ptr=BF16),
                     dict(D=128, GROUP=32, BITS=4, PER=2, LEVELS=15, PER_CHANNEL=per_channel, BLOCK_T=32, BLOCK_B=64),
                     dict(enable_fp_fusion=False), dict(R=H_KV * 16384)))
-    out.append((_dense_decode_kernel, dict(Q=BF16, K=BF16, V=BF16, POS=I64, M_out=F32, L_out=F32, Acc_out=F32),
-                dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
-                dict(offset=0, n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
-                     **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
+    for kv in (BF16, F32):  # the model's dtype; FullKV's store=float32 under a bfloat16 model
+        out.append((_dense_decode_kernel, dict(Q=BF16, K=kv, V=kv, POS=I64, M_out=F32, L_out=F32, Acc_out=F32),
+                    dict(D=128, NREP_PAD=16, BLOCK_T=32), dict(num_warps=4),
+                    dict(offset=0, n_rep=N_REP, H_kv=H_KV, split_len=2048, sq_b=N_REP * H_KV * D, sq_h=D,  # 64 splits
+                         **strides("sk", 1, H_KV, T, D, last=False), **strides("sv", 1, H_KV, T, D, last=False))))
     out.append((_write_row_kernel, dict(K=BF16, V=BF16, KN=BF16, VN=BF16, POS=I64), dict(D=128, BLOCK_D=128), {},
                 dict(offset=0, N=T + 64, H_kv=H_KV, **strides("sk", 1, H_KV, T, D, last=False),
                      **strides("sv", 1, H_KV, T, D, last=False), skn_b=(N_REP + 2) * H_KV * D, skn_h=D,
