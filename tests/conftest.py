@@ -25,8 +25,9 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def gguf_parsed_once():
     """The gguf package parses a file's metadata item by item: about 3 s for the default model's
-    49k-token vocabulary, and our importer, our tokenizer and transformers' model and tokenizer
-    loaders each parse that file (transformers twice). Within a session each unchanged file is
+    49k-token vocabulary, and our importer, the reference readings of tests/test_gguf_meta.py and
+    transformers' model and tokenizer loaders each parse that file (transformers twice; our
+    tokenizer reads the header itself, weights/gguf_meta.py). Within a session each unchanged file is
     parsed once (a reader is a read-only memory map), and the tensor-name table transformers builds
     per tensor is built once. The code under test runs unchanged on the shared reader."""
     try:

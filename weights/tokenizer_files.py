@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 from weights.chat import LLAMA3_CHAT_TEMPLATE, find_chat_template
+from weights.gguf_meta import read_gguf_metadata
 from weights.tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 # llama.cpp token types (GGUF tokenizer.ggml.token_type); sentencepiece uses the same numbering.
@@ -60,12 +61,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    import gguf
-    try:
-        reader = gguf.GGUFReader(path)
-        f = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.")}
-    except Exception as e:  # truncated/corrupt file: gguf raises assorted errors
-        raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+    f = read_gguf_metadata(str(path), "tokenizer.")  # 0.04 s where gguf's reader took 2.5 s (see there)
     if "tokenizer.ggml.tokens" not in f:
         raise ValueError(f"GGUF file has no embedded tokenizer: {path}")
     model, tokens = f.get("tokenizer.ggml.model"), f["tokenizer.ggml.tokens"]
