@@ -77,7 +77,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", choices=["none", "layer", "step"],
                    help="offload: pick each step's tokens with this step's query (none: exact), an approximate "
                         "query one layer early (layer), or the previous step's query (step); the last two let "
-                        "the copy overlap compute (default none: it measured as fast on an H100, see README)")
+                        "the copy overlap compute (default none: it measured as fast on an H100, see docs/RESULTS.md)")
     p.add_argument("--host-store", choices=["model", "8bit"],
                    help="offload: keep the offloaded tokens in host memory as the model's values or as 8-bit "
                         "codes (half the PCIe bytes and host memory of bfloat16, a small error; "

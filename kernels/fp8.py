@@ -6,7 +6,7 @@ against group 64's 0.099 on the default model) costs 3. Stored as two e4m3 bytes
 32 costs what group 64 did. Screened first with a prototype that rounded both to nearest
 (tools/quant_ablation.py, 2-bit, 2k pass-key prompts, relative attention-output error): group 64
 0.099 -> 0.100, group 32 0.080 -> 0.080, group 16 0.063 -> 0.061; end to end with this module's
-rounding, README ("8-bit ranges"): 2-bit KL 0.112 (group 64, bf16-sized float ranges) -> 0.051
+rounding, docs/RESULTS.md ("8-bit ranges"): 2-bit KL 0.112 (group 64, bf16-sized float ranges) -> 0.051
 (group 32, 8-bit: the same bytes).
 
 Format: e4m3 ("fn": no infinities, max 448) holds 3 mantissa bits: a stored range is off by at most

@@ -164,7 +164,7 @@ def test_shipped_tailorkv_shaped_plan():
 
 @pytest.mark.parametrize("name", ["smollm2_1bit_layers", "smollm2_1bit_clip_layers", "smollm2_hybrid_quant_10pct"])
 def test_shipped_smollm2_plans_price_as_recorded(name):
-    """The README's measured SmolLM2 plans run as they were measured: a default that changed since
+    """The measured SmolLM2 plans of docs/RESULTS.md run as they were measured: a default that changed since
     (QuantKV's 8-bit ranges at 1-2 bits, OffloadKV's 8-bit host store) is pinned in the file, so
     every layer's spec still prices (float32) to the bytes recorded beside it."""
     import os

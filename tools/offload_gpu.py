@@ -1,7 +1,7 @@
 """OffloadKV on a CUDA GPU: decode ms/token per chunk size and lookahead mode, CUDA graphs on and
 off, the time the copy and selection kernels take, the bytes moved and the reuse rate (the share of
 selected rows already on the device), next to FullKV and BudgetedEvictKV at the same budget. What
-bench.py's matrix does not separate; the README's "OffloadKV on the H100" table comes from this script.
+bench.py's matrix does not separate; docs/RESULTS.md's "OffloadKV on the H100" table comes from this script.
 
     python tools/offload_gpu.py --ctx 32k,128k --budget 2048 --chunks 1,8,16
     python tools/offload_gpu.py --ctx 128k --lookahead none,layer,step --overlap-off
