@@ -122,6 +122,32 @@ def run_batch(llm, a: argparse.Namespace, prompts: list[str], news: list[int], p
     return 0
 
 
+def check_hybrid_budget(a: argparse.Namespace, name: str, args, device, dtype, text, batch, log):
+    """A hybrid's KV budget against the context it plans for, before the weights load: the demo's
+    haystack fills --ctx; a prompt of one's own is counted by the model's tokenizer, read without
+    the weights. -> the prompt (a batch: each prompt) as token ids, or None for the demo."""
+    from engine.planner import check_kv_budget, plan_kinds
+    from engine.runner import encode_prompt, prompt_room
+    from weights.load import model_tokenizer
+    kinds = plan_kinds(a.plan_policies, device)
+    if text is None and batch is None:
+        room = prompt_room(args, name, a.max_new_tokens, a.ctx)
+        check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds)
+        return None
+    tokenizer = model_tokenizer(a.model, log)
+    prompts, news = batch if batch is not None else ([text], [a.max_new_tokens])
+    out = []
+    for i, (prompt, new) in enumerate(zip(prompts, news)):
+        try:
+            ids = encode_prompt(tokenizer, args.vocab_size, prompt, a.chat, a.allow_special)
+            context = min(len(ids), prompt_room(args, name, new, a.ctx))  # a longer prompt loses its middle
+            check_kv_budget(args, a.kv_budget, context, new, dtype.itemsize, "hybrid", kinds)
+        except ValueError as e:  # a batch's error names its prompt, as the API's does
+            raise ValueError(f"prompt {i}: {e}" if batch is not None else str(e)) from None
+        out.append(ids)
+    return out if batch is not None else out[0]
+
+
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     # Everything the flags can get wrong is checked before the model loads.
@@ -156,19 +182,18 @@ def run(a: argparse.Namespace) -> int:
     cap_gpu_memory(a.gpu_memory, device)
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
     from engine.plan import policy_specs
-    from engine.planner import check_kv_budget, plan_kinds
-    from engine.runner import prompt_room
     from weights.load import model_config
     plan = Plan.load(a.plan) if policy == "hybrid" and a.plan else None  # its layers checked here
     # Every value against the model's config, before the weights load
     name, args = model_config(a.model, log)
     if plan is not None or policy != "hybrid":
         policy_specs(plan or policy, name, args)  # a plan made for another model: an error naming the file
-    else:
-        kinds = plan_kinds(a.plan_policies, device)
-        if text is None and batch is None:  # the demo's context is known now; a prompt's once it is tokenized
-            room = prompt_room(args, name, a.max_new_tokens, a.ctx)
-            check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds)
+    else:  # the prompts come back as token ids, tokenized once: the stream takes them as they are
+        ids = check_hybrid_budget(a, name, args, device, dtype, text, batch, log)
+        if ids is not None and batch is not None:
+            batch = (ids, batch[1])
+        elif ids is not None:
+            text = ids
 
     llm = LLM(a.model, a.device, a.dtype, log=log)
     if plan is not None:

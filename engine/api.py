@@ -25,7 +25,7 @@ from engine.plan import Plan, policy_specs
 from engine.planner import FLOOR, check_kv_budget, make_plan, plan_kinds
 from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
 from engine.outputs import Output, Stream, is_batch
-from engine.runner import GenerationResult, fit_prompt, prompt_room, stream_batch
+from engine.runner import GenerationResult, encode_prompt, fit_prompt, prompt_room, stream_batch
 from engine.sampling import SamplingParams
 from kernels.prefetch import pinned_bytes, release_pinned_cache
 
@@ -56,18 +56,7 @@ class LLM:
         """Text (wrapped in the chat template if chat) or token ids -> token ids, checked. Text a user
         wrote stays text: "<|im_end|>" in it is not a control token unless allow_special (raw prompts
         only; in a chat the template alone writes control tokens)."""
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError("empty prompt")
-            if chat:  # the template writes its own special tokens, BOS included
-                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(prompt, allow_special=allow_special)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("empty prompt")
-        if not all(isinstance(t, int) and 0 <= t < self.args.vocab_size for t in ids):
-            raise ValueError(f"token ids must be ints in [0, {self.args.vocab_size})")
-        return ids
+        return encode_prompt(self.tokenizer, self.args.vocab_size, prompt, chat, allow_special)
 
     def room(self, max_new_tokens: int, ctx: int | None = None) -> int:
         """The most prompt tokens that fit `ctx` and the model's context with max_new_tokens after them."""

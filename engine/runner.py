@@ -55,6 +55,25 @@ def prompt_room(args: ModelArgs, name: str, max_new_tokens: int, ctx: int | None
     return limit
 
 
+def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int], chat: bool = False,
+                  allow_special: bool = False) -> list[int]:
+    """Text (wrapped in the chat template if chat) or token ids -> token ids, checked. Text a user
+    wrote stays text: "<|im_end|>" in it is not a control token unless allow_special (raw prompts
+    only; in a chat the template alone writes control tokens)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        if chat:  # the template writes its own special tokens, BOS included
+            return tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return tokenizer.encode(prompt, allow_special=allow_special)
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("empty prompt")
+    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"token ids must be ints in [0, {vocab_size})")
+    return ids
+
+
 def fit_prompt(ids: list[int], limit: int) -> tuple[list[int], int]:
     """Cut the middle of a prompt longer than `limit` tokens (the start holds the instructions and
     the end holds the question, so both are kept). Returns (ids, number of tokens cut)."""

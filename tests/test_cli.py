@@ -166,6 +166,21 @@ def test_flags_that_would_change_nothing_are_refused_before_loading(gen, argv, f
     assert "loaded" not in ran.stderr
 
 
+def test_a_hybrid_budget_is_checked_against_the_prompts_own_tokens_before_loading(gen, tmp_path):
+    """A prompt of one's own is counted by the model's tokenizer, read without the weights, so a
+    budget below every plan for it fails before the load (16 GB at 8B), as the demo's does. A
+    batch's error names its prompt, as the API's does."""
+    text = "The quick brown fox jumps over the lazy dog. " * 40  # 401 tokens with BOS
+    ran = gen("--model", "random:tiny", "--policy", "hybrid", "--kv-budget", "1%", "--prompt", text)
+    assert_clean_error(ran, "is below the least a plan for 401 tokens can take")
+    assert "loaded" not in ran.stderr
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(json.dumps({"prompt": text, "max_new_tokens": 4}) + "\n" + json.dumps("hi there") + "\n")
+    ran = gen("--model", "random:tiny", "--policy", "hybrid", "--kv-budget", "20%", "--prompts-file", str(batch))
+    assert_clean_error(ran, "prompt 1: KV budget")  # 20% of 401 tokens is a plan; of 3 tokens, none
+    assert "loaded" not in ran.stderr
+
+
 def test_policy_flags_reach_the_policy():
     import generate
     a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",

@@ -80,16 +80,28 @@ def model_config(spec: str | None, log=print) -> tuple[str, ModelArgs]:
     return name, (preset(source) if tokenizer is None else read_config(source))
 
 
+def _random_weights_tokenizer(name: str, args: ModelArgs) -> Tokenizer:
+    try:  # any real tokenizer will do for random weights
+        tok = load_tokenizer(default_gguf_path())
+    except ValueError:  # e.g. a GPU machine without the default model: bytes are enough
+        tok = ByteTokenizer()
+    if tok.vocab_size > args.vocab_size:
+        raise ValueError(f"{name}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
+    return tok
+
+
+def model_tokenizer(spec: str | None, log=print) -> Tokenizer:
+    """The tokenizer load_model gives `--model`, without the weights: generate.py counts a hybrid's
+    prompt tokens with it before the load, to check the KV budget against them."""
+    name, source, tokenizer = _locate(spec, log)
+    return _random_weights_tokenizer(name, preset(source)) if tokenizer is None else load_tokenizer(tokenizer)
+
+
 def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype, log=print) -> Loaded:
     name, source, tokenizer = _locate(spec, log)
     if tokenizer is None:  # random weights at a preset's shapes
         args = preset(source)
-        try:  # any real tokenizer will do for random weights
-            tok = load_tokenizer(default_gguf_path())
-        except ValueError:  # e.g. a GPU machine without the default model: bytes are enough
-            tok = ByteTokenizer()
-        if tok.vocab_size > args.vocab_size:
-            raise ValueError(f"{name}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
+        tok = _random_weights_tokenizer(name, args)
         check_fits(args, device, dtype, name)
         return Loaded(name, args, Llama.random(args, device, dtype), tok)
     args, model = load_hf(source, device, dtype)
