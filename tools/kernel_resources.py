@@ -215,6 +215,8 @@ def main() -> None:
     for fn, ptrs, consts, options, ints in SPECS:
         regs, spill = resources(compile_spec(fn, ptrs, consts, options, ints))
         label = ", ".join(f"{k}={v}" for k, v in consts.items() if k in switches)
+        if fn is _dense_decode_kernel and ptrs["K"] != BF16:  # a cache stored in another dtype than q's
+            label += f", cache {ptrs['K'].lstrip('*')}"
         print(f"| {fn.__name__} | {label} | {regs} | {spill} |", flush=True)
 
 
