@@ -72,3 +72,32 @@ def test_bad_parameters():
         BudgetedEvictKV(ARGS, 0, 100, "cpu", torch.float32, pool=4)
     with pytest.raises(ValueError, match=">= 1"):
         BudgetedEvictKV(ARGS, 0, 100, "cpu", torch.float32, budget=0)
+
+
+def test_decode_eviction_attends_over_numbers_in_its_free_rows(monkeypatch):
+    """On CUDA, decode eviction multiplies every row of the buffer by its probability, 0 for a free
+    row; 0 x NaN (or inf) is NaN, so free rows must not be uninitialised memory, which on a GPU is
+    often a freed block of -inf scores. Simulated here: torch.empty hands back NaN, and a CPU query
+    that says is_cuda takes the CUDA branch, which must then equal the CPU branch."""
+    class CudaLike(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    g = torch.Generator().manual_seed(0)
+    H, D, T = ARGS.n_kv_heads, ARGS.head_dim, 20
+    k, v, q_win = torch.randn(1, H, T, D, generator=g), torch.randn(1, H, T, D, generator=g), torch.randn(1, 4, 8, D, generator=g)
+    q, k_new, v_new = torch.randn(1, 4, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g), torch.randn(1, H, 1, D, generator=g)
+    outs = []
+    for query in (q, q.as_subclass(CudaLike)):
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+            m.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
+            pol = BudgetedEvictKV(ARGS, 0, 64, "cpu", torch.float32, budget=40, window=8, evict_during_decode=True)
+            pol.prefill(k, v, q_win)  # 20 tokens in 40 rows: 20 free
+        pol.before_step()
+        outs.append(torch.Tensor(pol.attend(query, k_new, v_new, torch.tensor([T]))))
+        assert torch.isfinite(pol.acc).all()
+    assert torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=0)

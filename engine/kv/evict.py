@@ -74,8 +74,10 @@ class BudgetedEvictKV(KVPolicy):
     def prefill(self, k, v, q_window=None):
         B, H_kv, T, D = k.shape
         n_max = self._rows(self.capacity, T, self.budget, self.evict_during_decode)
-        self.k = torch.empty(B, H_kv, n_max, D, device=self.device, dtype=self.dtype)
-        self.v = torch.empty_like(self.k)
+        # Decode eviction on CUDA multiplies every row by its probability, 0 for a free row, and 0 times
+        # whatever an uninitialised row holds may be NaN (0 * inf): free rows must hold numbers.
+        alloc = torch.zeros if self.evict_during_decode else torch.empty
+        self.k, self.v = (alloc(B, H_kv, n_max, D, device=self.device, dtype=self.dtype) for _ in range(2))
         if T <= self.budget:  # everything fits: keep it all, in order
             keep = torch.arange(T, device=k.device).expand(B, H_kv, T)
             self.k[:, :, :T], self.v[:, :, :T] = k, v
