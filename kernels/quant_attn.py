@@ -41,7 +41,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import use_triton
+from kernels.dense_attn import runs_triton
 from kernels.e4m3 import decode
 from kernels.quant_attn_triton import quant_decode_attention_triton
 
@@ -60,12 +60,14 @@ def quant_decode_attention(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v
     (kernels/fp8.py). rot (D, D): the cache holds k R and v R ("kv") or v R ("v"), so the query is
     q R and the output comes back by R^T (engine/kv/quant.py); the caller passes q and gets the
     output as if nothing were rotated. Triton on CUDA tensors (the rotations inside the kernel),
-    the torch path elsewhere."""
-    if use_triton(q) and ROTATE_IN_KERNEL:
+    the torch path elsewhere and for a head_dim the kernel cannot tile (not a power of two >= 16,
+    e.g. 100: such models decode eagerly, engine/graphs.py)."""
+    triton_ok = runs_triton(q, q.shape[-1])
+    if triton_ok and ROTATE_IN_KERNEL:
         return quant_decode_attention_triton(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos,
                                              bits, group, sm_scale, k_held, v_held, held_mask, k_sup, v_sup,
                                              rot, rotate)
-    fn = quant_decode_attention_triton if use_triton(q) else quant_decode_attention_torch
+    fn = quant_decode_attention_triton if triton_ok else quant_decode_attention_torch
     if rotate == "kv":
         q = q @ rot  # (qR).(kR) = q.k
     out = fn(q, k_codes, k_scale, k_mn, k_res, v_codes, v_scale, v_mn, v_res, pos, bits, group, sm_scale,

@@ -58,6 +58,20 @@ print("cases failed:", bad)
 """
 
 
+ODD_HEAD_CHECK = DEVICE_FORM_CHECK.replace(
+    "model = Llama.random(ARGS,", "model = Llama.random(preset('tiny', vocab_size=300, n_heads=4, n_kv_heads=2, dim=192, "
+                                  "n_layers=1),").replace(  # head_dim 48
+    "for spec in SPECS:", "for spec in [SPECS[i] for i in (0, 1, 3, 4)]:").replace(  # full, evict, quant, offload
+    "(1, TOTAL)", "(1, 36)")  # 6 steps: QuantKV packs a key block at 32
+
+
+def test_a_head_dim_the_kernels_cannot_tile_decodes_on_the_torch_path():
+    """head_dim 48 (the kernels' tl.arange and tl.dot tile powers of two >= 16) under the GPU's
+    dispatch (interpreted): every policy falls back to its torch attention and decodes as the CPU
+    does. QuantKV's attention failed an assertion instead (a model with head_dim 100 would have)."""
+    check_interpreted(ODD_HEAD_CHECK)
+
+
 def test_graphs_only_on_the_triton_kernels(monkeypatch):
     """The graph path needs the Triton kernels (their torch references sync on the host): not for a
     head_dim they do not take, nor with LAYERKV_KERNELS=torch. (CPU tensors stand in for CUDA ones
