@@ -2,6 +2,7 @@
 prefill agreeing with each policy's own run."""
 import math
 
+import pytest
 import torch
 
 from engine.eval.quality import fidelity, kl_divergence, perplexity, teacher_forced, top1_agreement
@@ -52,13 +53,17 @@ def test_fidelity_is_measured_against_fullkv():
     assert fids[0].h2d_bytes_per_token == 0 < fids[1].h2d_bytes_per_token  # only offloading copies to the device
 
 
-def test_shared_prefill_equals_separate_runs():
-    """Policies measured from one shared prefill get exactly what their own prefill would give."""
+@pytest.mark.parametrize("T", [100, 20])
+def test_shared_prefill_equals_separate_runs(T):
+    """Policies measured from one shared prefill get exactly what their own prefill would give,
+    also the last queries each asks for (QuantKV's heavy hitters are picked by the last 32) when
+    the prompt is shorter than that window: then all of them (the slice once wrapped around)."""
     model = Llama.random(TINY, "cpu", torch.float32, seed=4)
-    prompt, cont = list(range(5, 105)), list(range(105, 125))
+    prompt, cont = list(range(5, 5 + T)), list(range(105, 125))
     specs = [{"policy": "evict", "budget": 40, "window": 8},
              {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8},
-             {"policy": "quant", "bits": 2, "group": 32, "residual": 32}]
+             {"policy": "quant", "bits": 2, "group": 32, "residual": 32},
+             {"policy": "quant", "bits": 2, "group": 32, "residual": 32, "heavy": 0.25}]
     shared = teacher_forced(model, prompt, cont, specs)
     for spec, (logits, _) in zip(specs, shared):
         alone, _ = decode_logits(model, torch.tensor([prompt + cont[:-1]]), spec, len(prompt))

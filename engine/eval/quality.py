@@ -34,7 +34,7 @@ class FanOut(KVPolicy):
 
     def prefill(self, k, v, q_window=None):
         for p in self.policies:  # each gets the last q_window queries it asked for
-            p.prefill(k, v, q_window[:, :, q_window.shape[2] - p.q_window:] if p.q_window else None)
+            p.prefill(k, v, q_window[:, :, -p.q_window:] if p.q_window else None)  # all of a shorter prompt's
 
 
 @torch.inference_mode()
