@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.config import preset
+from engine.kv import build_policies, spec_cost
 from engine.kv.offload import OffloadKV
 from engine.model import Llama
 from interpreted import check_interpreted
@@ -55,6 +56,11 @@ def test_device_and_host_bytes(model_and_tokens):
     for host, elem, ranges in (("model", 4, 0), ("8bit", 1, 4 * H * D * 4)):  # 8-bit: step, min of K, V
         _, policies = decode_logits(model, tokens[:, :101], {**spec, "host": host}, 100)
         assert policies[0].nbytes() == {"device": dev + ranges, "host": 2 * H * M * D * elem}
+        # after the prefill alone (max_new_tokens 1: no decode step) too, as the planner prices it
+        policies = build_policies(ARGS, {**spec, "host": host}, 101, "cpu", torch.float32)
+        model.prefill(tokens[:, :100], policies)
+        assert policies[0].nbytes() == spec_cost(ARGS, {**spec, "host": host}, 100, 1, 4) == \
+            {"device": dev + ranges, "host": 2 * H * M * D * elem}
 
 
 def test_chunk_bounds_hold_every_token():

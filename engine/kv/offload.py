@@ -115,7 +115,8 @@ class OffloadKV(KVPolicy):
         self.mn = self.mx = None        # (B, H_kv, N, C) sketch: per chunk, min and max of each channel
         self.chan = None                # (B, H_kv, C) the sketch's channel ids
         self.fetcher: RowFetcher | None = None
-        self.slots = None               # (B, H_kv, k) the middle chunk held in each device slot
+        self.slots = None               # (B, H_kv, k) the middle chunk held in each device slot (-1: free)
+        self.selected = False           # whether a decode step has selected chunks yet
 
     @staticmethod
     def layout(T: int, budget: int, sink: int, recent: int, chunk: int) -> tuple[int, int, int, int]:
@@ -149,7 +150,10 @@ class OffloadKV(KVPolicy):
             self.fetcher = RowFetcher(mid_k, mid_v, self.device, self.copy_programs, self.host)
             self.chan = rank_channels(mid_k, q_window, self.channels)
             self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
-            self.slots = None  # (B, H_kv, top // chunk) chunk ids, filled by the first decode step's query
+            # chunk ids per device slot, all free until the first decode step's query selects (allocated
+            # here so that the cache's bytes are what _cost says from the prefill on)
+            self.slots = torch.full((B, H_kv, self.top // self.chunk), -1, device=self.device, dtype=torch.long)
+            self.selected = False
         self.row_offset = n_prompt - T  # buffer row of decode position p is p + row_offset
         self.length = T
 
@@ -167,8 +171,7 @@ class OffloadKV(KVPolicy):
     def _choose_and_copy(self, q: torch.Tensor, programs: int) -> None:
         scores = approx_scores(q, self.mn, self.mx, self.chan)  # (B, H_kv, N) one per chunk
         new = select_topk(scores, self.top // self.chunk)  # (B, H_kv, k) sorted chunk ids
-        if self.slots is None:  # first step: every slot free, filled with the selected chunks in order
-            self.slots = torch.full_like(new, -1)
+        self.selected = True  # (on the first step every slot is free: filled with the selected chunks in order)
         # Slots whose chunk is still selected keep it; only new chunks' rows cross the bus
         # (kernels/slots.py, with a worked example).
         rows, wanted = assign_slots(self.slots, new, self.chunk, self.reuse)  # (B, H_kv, top) each
@@ -185,7 +188,7 @@ class OffloadKV(KVPolicy):
 
     def _before_attention(self, q) -> bool:
         """Make sure this step's rows are in place; True on the first decode step."""
-        first = self.slots is None
+        first = not self.selected
         if self.lookahead == "none" or first or (self.lookahead == "layer" and not self.prepared):
             self._select(q, overlap=False)  # exact: this query, copy on the critical path
         self.prepared = False
