@@ -30,6 +30,9 @@ from engine.sampling import SamplingParams
 from kernels.prefetch import pinned_bytes, release_pinned_cache
 
 
+PLAN_OPTIONS = frozenset({"mode", "kinds", "floor", "tau", "profile_tokens"})  # stream() passes them to plan()
+
+
 class LLM:
     def __init__(self, model: str | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, log: Callable[[str], None] | None = None):
@@ -170,6 +173,8 @@ class LLM:
         quant, evict, offload on CUDA; evict, offload on CPU, where unpacking codes costs time).
         on_layer: the profiling pass's progress, as in profile()."""
         kinds = self._kinds(kinds)
+        if mode == "xkv-tau" and not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+            raise ValueError(f"mode xkv-tau needs tau, the mean retention it reaches, in (0, 1]; got {tau!r}")
         prompts = None
         if stats is None:
             if prompt is None:
@@ -211,11 +216,15 @@ class LLM:
         news = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
         if len(news) != len(prompts):
             raise ValueError(f"{len(news)} max_new_tokens values for {len(prompts)} prompts")
-        if any(not isinstance(n, int) or n < 0 for n in news):
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in news):
             raise ValueError(f"max_new_tokens must be ints >= 0, got {max_new_tokens}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if not (isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool) and prefill_chunk >= 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
+        unknown = sorted(set(plan_options) - PLAN_OPTIONS)  # a misspelt option would be ignored
+        if unknown:
+            raise ValueError(f"unknown option {', '.join(map(repr, unknown))} (the plan's options besides generate()'s "
+                             f"own: {', '.join(sorted(PLAN_OPTIONS))})")
         fitted = []  # (ids, tokens cut, max_new_tokens) per prompt: all checked before any profiling
         for i, (p, new) in enumerate(zip(prompts, news)):
             try:
@@ -227,6 +236,12 @@ class LLM:
                          f"of {len(ids)}; cut {cut} tokens from its middle")
             fitted.append((ids, cut, new))
         hybrid = isinstance(policy, str) and policy.strip() == "hybrid"  # profile and plan each prompt
+        for i, (ids, _, new) in enumerate(fitted if hybrid else []):  # every budget before any profiling
+            try:
+                self.check_budget(kv_budget, len(ids), new, **{k: v for k, v in plan_options.items()
+                                                               if k in ("mode", "kinds", "floor")})
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}" if batch else str(e)) from None
         plans = [self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), on_layer=on_profile_layer,
                            **plan_options) if hybrid else None for ids, _, new in fitted]
         specs = [self.policy_specs(plan or policy, ids, new, kv_budget) for (ids, _, new), plan in zip(fitted, plans)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Callable, Iterator
 
 from engine.plan import Plan
@@ -40,4 +41,4 @@ class Stream:
 
 def is_batch(prompt) -> bool:
     """A list of prompts (texts or token-id lists), as opposed to one prompt (a text or one id list)."""
-    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], int)
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], Integral)

@@ -124,6 +124,8 @@ def policy_specs(policy, model: str, args: ModelArgs) -> list[dict]:
     elif isinstance(policy, (str, dict)):
         specs = [parse_policy(policy) if isinstance(policy, str) else dict(policy)] * args.n_layers
     elif isinstance(policy, (list, tuple)):
+        if not all(isinstance(p, (str, dict)) for p in policy):
+            raise ValueError("per-layer specs are strings or dicts, e.g. ['quant:bits=4', {'policy': 'full'}]")
         specs = [parse_policy(p) if isinstance(p, str) else dict(p) for p in policy]
     else:
         raise ValueError(f"not a KV policy: {policy!r}")

@@ -34,6 +34,7 @@ from engine.plan import Option
 from engine.profile import FRACTIONS, QUANT_BITS, LayerStats, ProfileConfig
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
+MODES = ("hybrid", "xkv", "xkv-tau", "uniform")  # make_plan's modes
 # The fewest prompt tokens a plan's evict or offload option keeps in any layer (no layer is left with
 # nothing; each option also keeps at least its own window, e.g. offload's sink + recent = 80). The API,
 # profile_layers.py's --floor and the CLIs' budget checks all default to it. At 128k, 32 layers x 64
@@ -123,15 +124,22 @@ def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, e
     """kv_budget (bytes, '512MiB', or a fraction of FullKV: 0.2, '20%') in bytes for a plan of
     `context` + new_tokens tokens; a ValueError when no `mode` plan can meet it. Needs neither a
     profile nor the weights: the CLIs run it before loading them."""
+    if mode not in MODES:
+        raise ValueError(f"unknown plan mode {mode!r}; choose from {', '.join(MODES)}")
     if new_tokens < 0:
         raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
     budget = parse_kv_budget(str(kv_budget), args.kv_bytes_per_token(elem) * (context + new_tokens))
     if mode == "hybrid":
         least = budget_floor(args, context, new_tokens, elem, ProfileConfig(), floor, kinds + ("full",))
-        if budget < least:
-            raise ValueError(f"KV budget {fmt_bytes(budget)} is below the least a plan for {context} tokens can "
-                             f"take, {fmt_bytes(least)} (every layer at its cheapest option, keeping at least "
-                             f"{floor} prompt tokens)")
+    elif mode in ("xkv", "uniform"):  # evict only: every layer keeps the floor's prompt tokens and the new ones
+        least = (min(floor, context) + new_tokens) * args.kv_bytes_per_token(elem)
+    else:
+        return budget  # xkv-tau: the fewest tokens reaching its retention target, whatever the budget
+    if budget < least:
+        what = {"hybrid": "a plan", "xkv": "an xkv plan", "uniform": "a uniform plan"}[mode]
+        raise ValueError(f"KV budget {fmt_bytes(budget)} is below the least {what} for {context} tokens can take, "
+                         f"{fmt_bytes(least)} (every layer at its cheapest option, keeping at least "
+                         f"{min(floor, context)} prompt tokens)")
     return budget
 
 
@@ -288,7 +296,9 @@ def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, e
         if mode == "xkv":
             tokens = allocate_tokens([s.evict for s in stats], prompt, total, floor)
         elif mode == "uniform":
-            tokens = [max(floor, total // L)] * L
+            if total < L * min(floor, prompt):  # check_kv_budget refuses such budgets before profiling
+                raise ValueError(f"token budget {total} is below the floor of {L} layers x {min(floor, prompt)} tokens")
+            tokens = [max(min(floor, prompt), total // L)] * L
         else:
             raise ValueError(f"unknown plan mode {mode!r}")
     out = []

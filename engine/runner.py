@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Callable, Iterator
 
 import torch
@@ -48,7 +49,9 @@ def sync(device: torch.device) -> None:  # GPU work is asynchronous: wait before
 
 def prompt_room(args: ModelArgs, name: str, max_new_tokens: int, ctx: int | None = None) -> int:
     """The most prompt tokens that fit `ctx` and the model's context with max_new_tokens after them."""
-    limit = min(ctx or args.max_seq_len, args.max_seq_len - max_new_tokens)
+    if ctx is not None and not (isinstance(ctx, Integral) and not isinstance(ctx, bool) and ctx >= 1):
+        raise ValueError(f"ctx must be an int >= 1 (tokens), got {ctx!r}")
+    limit = min(args.max_seq_len if ctx is None else ctx, args.max_seq_len - max_new_tokens)
     if limit <= 0:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in {name}'s "
                          f"{args.max_seq_len}-token context")
@@ -66,12 +69,13 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: str | list[int], chat: boo
         if chat:  # the template writes its own special tokens, BOS included
             return tokenizer.encode_chat([{"role": "user", "content": prompt}])
         return tokenizer.encode(prompt, allow_special=allow_special)
-    ids = list(prompt)
-    if not ids:
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"a prompt is text or a list of token ids, not {type(prompt).__name__}")
+    if not prompt:
         raise ValueError("empty prompt")
-    if not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+    if not all(isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size for t in prompt):
         raise ValueError(f"token ids must be ints in [0, {vocab_size})")
-    return ids
+    return [int(t) for t in prompt]  # numpy or torch ints become Python ints
 
 
 def fit_prompt(ids: list[int], limit: int) -> tuple[list[int], int]:
