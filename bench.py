@@ -33,7 +33,8 @@ import json
 import shlex
 import sys
 
-from engine.cli import Parser, cap_gpu_memory, check_writable, cli, gpu_memory, parse_tokens, resolve_device
+from engine.cli import (Parser, cap_gpu_memory, check_dir_writable, check_writable, cli, gpu_memory, parse_tokens,
+                        resolve_device)
 from engine.kv import parse_policy
 from engine.plan import Plan
 
@@ -166,8 +167,8 @@ def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if a.render:
-        for path, flag in ((a.markdown, "--markdown"),):
-            check_writable(path, flag)
+        check_writable(a.markdown, "--markdown")
+        check_dir_writable(a.plots, "--plots")
         try:
             with open(a.render) as f:
                 results = json.load(f)
@@ -240,6 +241,7 @@ def run(a: argparse.Namespace) -> int:
             raise ValueError(f"unknown policy {name!r}; choose from {', '.join(OUR_POLICIES)}, name:key=value or plan:PATH")
     for path, flag in ((a.json, "--json"), (a.markdown, "--markdown")):
         check_writable(path, flag)
+    check_dir_writable(a.plots, "--plots")
     fractions = a.kv_fraction
     if a.suite and fractions == [0.2]:  # the default: the suite draws curves
         fractions = [0.2] if a.quick else [0.05, 0.1, 0.2, 0.35, 0.5]

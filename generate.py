@@ -164,6 +164,12 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError("--out is for --prompts-file (a single prompt streams to stdout)")
     if a.depth is not None and (text is not None or batch is not None):
         raise ValueError("--depth places the demo's pass key: give it without --prompt, --prompt-file or --prompts-file")
+    for flag in ("chat", "allow_special"):  # the demo's haystack is token ids: neither would apply
+        if getattr(a, flag) and text is None and batch is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is for a prompt of your own (--prompt, --prompt-file, "
+                             "--prompts-file), not the pass-key demo")
+    if a.chat and a.allow_special:
+        raise ValueError("--allow-special is for a raw prompt: with --chat only the template writes control tokens")
     a.depth = 0.5 if a.depth is None else a.depth
     if not 0 <= a.depth <= 1:
         raise ValueError(f"--depth must be in [0, 1], got {a.depth}")

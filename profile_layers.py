@@ -53,15 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prompts(a, tok) -> list[tuple[str, list[int]]]:
+def read_prompt_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(name, text) of each --prompt-file, read before the model loads: an unreadable or empty file is
+    an error then (an empty one would give no tokens to profile)."""
     out = []
-    for path in a.prompt_file:
+    for path in paths:
         try:
             with open(path, encoding="utf-8") as f:
-                out.append((os.path.basename(path), tok.encode(f.read(), allow_special=False)))
+                text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not a.prompt_file:
+        if not text.strip():
+            raise ValueError(f"prompt file {path} is empty")
+        out.append((os.path.basename(path), text))
+    return out
+
+
+def prompts(a, tok, files: list[tuple[str, str]]) -> list[tuple[str, list[int]]]:
+    out = [(name, tok.encode(text, allow_special=False)) for name, text in files]
+    if not files:
         out += [(f"haystack@{d}", make_haystack(tok, a.ctx, depth=d, seed=i).ids) for i, d in enumerate((0.25, 0.75))]
         if os.path.exists(NATURAL_TEXT):
             out.append((os.path.basename(NATURAL_TEXT), tok.encode(open(NATURAL_TEXT).read())))
@@ -133,6 +143,7 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f"--stats {a.stats} exists, so its statistics are used and --prompt-file would profile "
                          "nothing: give another --stats path, or none")
     parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model
+    files = read_prompt_files(a.prompt_file)
     for path, flag in ((a.out, "--out"), (a.png, "--png"), (a.stats, "--stats")):
         if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
             check_writable(path, flag)
@@ -160,7 +171,7 @@ def run(a: argparse.Namespace) -> int:
     if stats is not None:
         log(f"loaded statistics from {a.stats}")
     else:
-        named = prompts(a, llm.tokenizer)
+        named = prompts(a, llm.tokenizer, files)
         profiled = [f"{name} ({len(ids)} tokens)" for name, ids in named]
         from tqdm import tqdm
         bar = tqdm(total=llm.args.n_layers * len(named), desc="profile", unit="layer", file=sys.stderr, leave=False,

@@ -85,6 +85,21 @@ def check_writable(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: not writable")
 
 
+def check_dir_writable(path: str | None, flag: str) -> None:
+    """An output directory (made if missing, with its parents) is checked before the work too."""
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: not a directory")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest folder that exists: makedirs writes in it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+
+
 def gpu_memory(text: str) -> str:
     """argparse type of --gpu-memory: the syntax now, the device check once the device is known."""
     from engine.planner import parse_bytes

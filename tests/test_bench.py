@@ -136,6 +136,16 @@ def test_policy_values_are_refused_before_loading(policy, fragment, capsys):
     assert "loaded" not in ran.stderr
 
 
+def test_an_unusable_plots_directory_is_refused_before_loading(tmp_path, capsys):
+    """--plots is written after the whole run: a file in its place is refused before the load."""
+    (tmp_path / "afile").write_text("")
+    for plots in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        ran = call(bench.main, ["--model", "random:tiny", "--ctx", "256", "--policies", "full", "--peers", "none",
+                                "--no-quality", "--plots", str(plots)], capsys)
+        assert_clean_error(ran, "is not a directory" if plots.name == "sub" else "not a directory")
+        assert "loaded" not in ran.stderr
+
+
 def test_suite_agreement_and_tables(reuse_models, capsys, monkeypatch, tmp_path):
     """bench.py --suite on two short tasks: FullKV agrees with itself; eviction whose budget covers
     the whole prompt (fraction 1.0) and transformers' full cache on the same weights give FullKV's

@@ -157,6 +157,9 @@ def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
     (["--depth", "0.3", "--prompt", "hi"], "--depth places the demo's pass key"),
     (["--policy", "hybrid", "--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
     (["--policy", "hybrid", "--kv-budget", "0.1%", "--ctx", "2k"], "is below the least a plan for 2048 tokens"),
+    (["--chat"], "--chat is for a prompt of your own"),  # the demo's haystack is token ids
+    (["--allow-special"], "--allow-special is for a prompt of your own"),
+    (["--chat", "--allow-special", "--prompt", "hi"], "--allow-special is for a raw prompt"),
 ])
 def test_flags_that_would_change_nothing_are_refused_before_loading(gen, argv, fragment):
     """A planning flag given to a run that does not plan, or --depth to a run with no demo, would be
@@ -218,6 +221,9 @@ def prof(capsys):
     (["--tau", "0.9"], "--tau is the target of --mode xkv-tau, not --mode hybrid"),  # ignored otherwise
     (["--mode", "xkv-tau", "--kv-budget", "0.3"], "it has no --kv-budget"),
     (["--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
+    (["--prompt-file", os.devnull], "is empty"),  # once a loop doubling no tokens, forever
+    (["--mode", "uniform", "--kv-budget", "4KiB", "--ctx", "1k"], "is below the least a uniform plan"),  # once 6x over
+    (["--mode", "xkv", "--kv-budget", "4KiB", "--ctx", "1k"], "is below the least an xkv plan"),  # once after profiling
 ])
 def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
     ran = prof("--model", "random:tiny", *argv)
