@@ -81,6 +81,39 @@ def gguf_args(reader, name: str) -> ModelArgs:
         head_dim=int(_field(reader, "llama.rope.dimension_count", dim // n_heads)))
 
 
+def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict | None:
+    """Llama-3.1's RoPE rescaling ("rope_type": "llama3") from the tensor llama.cpp stores it as.
+
+    llama.cpp's converter does not keep the four numbers of the rescaling (factor, low and high
+    frequency factors, original context) but a tensor `rope_freqs`: the divisor of each frequency,
+    1 for short wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) in between (engine/
+    rope.py has the formula). There s = old / (high - low) / wavelength - low / (high - low) is a line
+    in 1 / wavelength, so two blended frequencies fix it, and with low = 1 (Llama's convention) old
+    and high follow: Llama-3.1-8B's divisors give factor 8, high 4, old 8192. The numbers found
+    must reproduce every divisor, else the file is refused; all divisors 1: no rescaling (None)."""
+    from engine.rope import inv_frequencies
+    f = factors.astype(np.float64)
+    if f.shape != (head_dim // 2,) or not np.all(np.isfinite(f)) or f.min() <= 0:
+        raise ValueError(f"rope_freqs has {f.shape} entries for head_dim {head_dim}, or non-positive ones")
+    if np.allclose(f, 1.0):
+        return None
+    factor = float(f.max())
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    candidates = [dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)]
+    mid = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))  # blended frequencies
+    if mid.sum() >= 2:
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(inv[mid] / (2 * np.pi), s, 1)  # s = a / wavelength + b
+        if b < 0:  # low = 1 means -b = 1 / (high - low)
+            candidates.insert(0, dict(low_freq_factor=1.0, high_freq_factor=round(float((b - 1) / b), 4),
+                                      original_max_position_embeddings=int(round(-a / b))))
+    for c in candidates:
+        scaling = {"rope_type": "llama3", "factor": factor, **c}
+        if np.allclose(inv / f, inv_frequencies(head_dim, theta, scaling).double().numpy(), rtol=1e-4, atol=0):
+            return scaling
+    raise ValueError("rope_freqs is not a Llama-3 (llama3) RoPE rescaling this importer can reproduce")
+
+
 def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -96,6 +129,12 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
         raise ValueError(f"{gguf_path}: GGUF metadata incomplete ({e})") from None
     tensors = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # not a weight: Llama-3.1's RoPE rescaling, into config.json
+            try:
+                args.rope_scaling = llama3_scaling(np.asarray(t.data), args.head_dim, args.rope_theta)
+            except ValueError as e:
+                raise ValueError(f"{gguf_path}: {e}") from None
+            continue
         hf = _hf_name(t.name)
         try:
             w = dequantize(t.data, t.tensor_type).astype(np.float32)

@@ -1,0 +1,86 @@
+"""GGUF import of a Llama-3.1-style file: llama.cpp keeps its RoPE rescaling as a tensor of per-
+frequency divisors (rope_freqs), which the importer turns back into config.json's rope_scaling."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import LLAMA31_ROPE
+from engine.rope import inv_frequencies
+from weights.gguf_import import import_gguf, llama3_scaling
+
+gguf = pytest.importorskip("gguf")
+THETA = 500000.0
+
+
+def divisors(head_dim: int, scaling: dict) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs: float32 divisors of each frequency."""
+    return (inv_frequencies(head_dim, THETA, None).double()
+            / inv_frequencies(head_dim, THETA, scaling).double()).float().numpy()
+
+
+@pytest.mark.parametrize("head_dim, scaling", [
+    (128, LLAMA31_ROPE),  # Llama-3.1-8B/70B
+    (64, {**LLAMA31_ROPE, "factor": 32.0}),  # Llama-3.2-1B
+    (128, {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+           "original_max_position_embeddings": 4096}),  # not Llama's numbers: found from the blend
+    (16, LLAMA31_ROPE),  # one blended frequency only: Llama's numbers, checked
+])
+def test_the_rescaling_is_recovered_from_its_divisors(head_dim, scaling):
+    found = llama3_scaling(divisors(head_dim, scaling), head_dim, THETA)
+    assert found == {**scaling, "factor": float(scaling["factor"])}
+    torch.testing.assert_close(inv_frequencies(head_dim, THETA, found), inv_frequencies(head_dim, THETA, scaling))
+
+
+def test_no_rescaling_and_unknown_ones():
+    assert llama3_scaling(np.ones(64, np.float32), 128, THETA) is None
+    with pytest.raises(ValueError, match="not a Llama-3"):
+        llama3_scaling(np.linspace(1, 3, 64).astype(np.float32), 128, THETA)
+    with pytest.raises(ValueError, match="entries for head_dim 128"):
+        llama3_scaling(np.ones(32, np.float32), 128, THETA)
+
+
+def write_gguf(path, rope_freqs=None):
+    dim, heads, kv_heads, ffn, vocab = 128, 2, 1, 64, 32  # head_dim 64
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(dim)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_feed_forward_length(ffn)
+    w.add_context_length(131072)
+    w.add_rope_freq_base(THETA)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(dim // heads)
+    w.add_vocab_size(vocab)
+    rng = np.random.default_rng(0)
+    r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    for name, shape in [("token_embd", (vocab, dim)), ("output_norm", (dim,)), ("output", (vocab, dim)),
+                        ("blk.0.attn_norm", (dim,)), ("blk.0.attn_q", (dim, dim)), ("blk.0.attn_k", (64, dim)),
+                        ("blk.0.attn_v", (64, dim)), ("blk.0.attn_output", (dim, dim)), ("blk.0.ffn_norm", (dim,)),
+                        ("blk.0.ffn_gate", (ffn, dim)), ("blk.0.ffn_up", (ffn, dim)), ("blk.0.ffn_down", (dim, ffn))]:
+        w.add_tensor(f"{name}.weight", r(*shape))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        write()
+
+
+def test_a_llama31_gguf_imports_with_its_rope_scaling(tmp_path, monkeypatch):
+    """Every Llama-3.1/3.2 GGUF has rope_freqs: it was refused as an unknown tensor."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "llama31.gguf"
+    write_gguf(path, divisors(64, LLAMA31_ROPE))
+    entry = import_gguf(str(path), log=lambda _: None)
+    with open(os.path.join(entry, "config.json")) as f:
+        assert json.load(f)["rope_scaling"] == LLAMA31_ROPE
+    from safetensors import safe_open
+    with safe_open(os.path.join(entry, "model.safetensors"), "pt") as f:
+        assert not any("rope" in k for k in f.keys())  # a divisor table, not a weight
+    bad = tmp_path / "bad.gguf"
+    write_gguf(bad, np.linspace(1, 3, 32).astype(np.float32))
+    with pytest.raises(ValueError, match="bad.gguf: rope_freqs is not a Llama-3"):
+        import_gguf(str(bad), log=lambda _: None)
+    assert len(os.listdir(os.path.join(str(tmp_path / "cache"), "layerkv", "gguf"))) == 1  # nothing left of it
