@@ -154,6 +154,8 @@ def run(a: argparse.Namespace) -> int:
     if a.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
     SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
+    if a.temperature == 0 and (a.top_k != 0 or a.top_p != 1.0):  # greedy decoding ignores both
+        raise ValueError(f"--{'top-k' if a.top_k != 0 else 'top-p'} applies when sampling: give --temperature > 0")
     text = read_prompt(a)
     batch = None
     if a.prompts_file is not None:

@@ -158,6 +158,8 @@ def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
     (["--policy", "hybrid", "--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
     (["--policy", "hybrid", "--kv-budget", "0.1%", "--ctx", "2k"], "is below the least a plan for 2048 tokens"),
     (["--chat"], "--chat is for a prompt of your own"),  # the demo's haystack is token ids
+    (["--top-k", "5"], "--top-k applies when sampling: give --temperature > 0"),  # greedy ignores it
+    (["--top-p", "0.9"], "--top-p applies when sampling"),
     (["--allow-special"], "--allow-special is for a prompt of your own"),
     (["--chat", "--allow-special", "--prompt", "hi"], "--allow-special is for a raw prompt"),
 ])
