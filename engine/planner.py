@@ -132,6 +132,7 @@ def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, e
     if mode == "hybrid":
         least = budget_floor(args, context, new_tokens, elem, ProfileConfig(), floor, kinds + ("full",))
     elif mode in ("xkv", "uniform"):  # evict only: every layer keeps the floor's prompt tokens and the new ones
+        floor = max(floor, ProfileConfig().evict["window"])  # an evict layer keeps its window at least
         least = (min(floor, context) + new_tokens) * args.kv_bytes_per_token(elem)
     else:
         return budget  # xkv-tau: the fewest tokens reaching its retention target, whatever the budget
@@ -172,9 +173,13 @@ def greedy_choose(hulls: list[list[Option]], budget: int) -> list[int]:
                          f"cheapest option)")
     steps = []
     for layer, h in enumerate(hulls):
+        slope = math.inf
         for j in range(1, len(h)):
             cost = h[j].device_bytes - h[j - 1].device_bytes
-            steps.append(((h[j].quality - h[j - 1].quality) / cost, layer, j, cost))
+            # A hull's slopes decrease, but dividing can round two nearly equal ones out of order, and
+            # step j + 1 taken before step j would move the layer back: keep them in order.
+            slope = min(slope, (h[j].quality - h[j - 1].quality) / cost)
+            steps.append((slope, layer, j, cost))
     steps.sort(key=lambda s: (-s[0], s[1], s[2]))  # within a layer, hull order is efficiency order
     for _, layer, j, cost in steps:
         if spent + cost > budget:
@@ -192,11 +197,32 @@ def plan_hybrid(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int,
     return [h[j] for h, j in zip(hulls, greedy_choose(hulls, budget))]
 
 
+def _concave(xs: list[float], ys: list[float]) -> list[float]:
+    """The least concave curve on or above the points (xs increasing), at xs. Example: (0, 0),
+    (1, .2), (2, .8), (3, .9) -> 0, .4, .8, .9 (the dip at 1 is bridged from 0 to 2)."""
+    hull: list[int] = []
+    for i in range(len(xs)):  # drop a point below the chord from the one before it to point i
+        while len(hull) >= 2 and (ys[hull[-1]] - ys[hull[-2]]) * (xs[i] - xs[hull[-2]]) <= \
+                (ys[i] - ys[hull[-2]]) * (xs[hull[-1]] - xs[hull[-2]]):
+            hull.pop()
+        hull.append(i)
+    out = []
+    for x in xs:
+        j = max(n for n in range(len(hull)) if xs[hull[n]] <= x)
+        a, b = hull[j], hull[min(j + 1, len(hull) - 1)]
+        out.append(ys[a] if a == b else ys[a] + (ys[b] - ys[a]) * (x - xs[a]) / (xs[b] - xs[a]))
+    return out
+
+
 def _token_gains(curve: list[float], prompt: int) -> torch.Tensor:
     """Marginal retention of the k-th kept token, k = 1..prompt, by linear interpolation of the
-    profiled curve (sampled at FRACTIONS of the prompt)."""
-    ks = torch.tensor([f * prompt for f in FRACTIONS], dtype=torch.float64)
-    r = torch.tensor(curve, dtype=torch.float64)
+    profiled curve (sampled at FRACTIONS of the prompt), made concave: the profile ranks tokens by
+    the prompt's last queries and measures what they keep with the decode queries', so a curve can
+    dip, and taking the largest gains first is optimal only when each layer's gains never increase
+    (on the default model all 30 layers' curves dipped somewhere at 1k tokens)."""
+    ks = [f * prompt for f in FRACTIONS]
+    r = torch.tensor(_concave(ks, list(curve)), dtype=torch.float64)
+    ks = torch.tensor(ks, dtype=torch.float64)
     at = torch.arange(prompt + 1, dtype=torch.float64)
     idx = torch.searchsorted(ks, at, right=True).clamp(1, len(ks) - 1)
     x0, x1 = ks[idx - 1], ks[idx]
@@ -289,6 +315,7 @@ def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, e
         return plan_hybrid(args, stats, prompt, new, elem, budget, cfg, floor, tuple(kinds) + ("full",))
     per_tok = 2 * args.n_kv_heads * args.head_dim * elem
     L = args.n_layers
+    floor = max(floor, cfg.evict["window"])  # each evict spec keeps its window: fewer would be priced wrong
     if mode == "xkv-tau":
         tokens = allocate_tau([s.evict for s in stats], prompt, tau, floor)
     else:
