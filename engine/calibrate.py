@@ -57,8 +57,9 @@ def _kl_of_runs(model, specs: list[dict], prompt_kv: list[tuple], T: int, tokens
 
 @torch.inference_mode()
 def calibrate(model, prompt_kv: list[tuple], T: int, tokens: list[torch.Tensor], logits: list[torch.Tensor],
-              runs: dict[str, tuple[dict, list[float]]], batch: bool | None = None) -> dict[str, float]:
-    """-> {kind: KL(FullKV || every layer on `spec`) / sum of the layers' errors}.
+              runs: dict[str, tuple[dict, list[float]]], batch: bool | None = None) -> dict[str, float | None]:
+    """-> {kind: KL(FullKV || every layer on `spec`) / sum of the layers' errors}, None for a kind
+    whose errors are rounding noise.
 
     prompt_kv: per layer (k, v, q_window) with k, v (B, H_kv, >= T, D) holding the T-token prompt
     and q_window (B, H, w, D) its last queries (what the policies choose by); tokens: the probe's
@@ -76,4 +77,8 @@ def calibrate(model, prompt_kv: list[tuple], T: int, tokens: list[torch.Tensor],
         kls = _kl_of_runs(model, specs, prompt_kv, T, tokens, logits)
     else:
         kls = [_kl_of_runs(model, [spec], prompt_kv, T, tokens, logits)[0] for spec in specs]
-    return {kind: kl / max(sum(errs), 1e-9) for (kind, (_, errs)), kl in zip(runs.items(), kls)}
+    # A kind whose layers hardly err (QuantKV on a prompt shorter than its full-precision window keeps
+    # every token exact) measures rounding noise in both its KL (even below 0) and its errors: their
+    # ratio means nothing, and once priced QuantKV above FullKV. Such a kind stays uncalibrated (None).
+    return {kind: max(kl, 0.0) / sum(errs) if sum(errs) > 1e-4 * len(errs) else None
+            for (kind, (_, errs)), kl in zip(runs.items(), kls)}
