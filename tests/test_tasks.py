@@ -77,3 +77,12 @@ def test_bad_requests(tok):
     for name in TASKS:
         with pytest.raises(ValueError, match="tokens"):
             make_task(name, tok, 60)
+
+
+def test_a_word_needles_value_is_none_of_its_keys_words(tok):
+    """Task.score finds answers as substrings: a value that is a word of its own key ("island" for
+    island-glacier, seed 18) scored an answer that only echoed the key as right."""
+    for seed in range(40):
+        t = make_task("niah-word", tok, 600, seed)
+        key = tok.decode(t.ids).rsplit("magic word for ", 1)[1].split(" ")[0]
+        assert t.answers[0] not in key.split("-"), (seed, key, t.answers)

@@ -149,9 +149,9 @@ def _value(kind: str, rng: random.Random, taken: set[str]) -> str:
 def _niah(name: str, tok, n_tokens: int, rng: random.Random) -> Task:
     kind = {"niah-word": "word", "niah-uuid": "uuid"}.get(name, "number")
     keys_taken, values_taken = set(WORDS), set(WORDS)  # keys and values never collide with each other
-    if kind == "word":
-        values_taken = set()
     keys = [_key(rng, keys_taken) for _ in range({"niah-multikey": 4, "niah-multiquery": 4}.get(name, 1))]
+    if kind == "word":  # a value is a word, but none of the keys' words: an answer echoing a key scores 0
+        values_taken = {w for k in keys for w in k.split("-")}
     if name == "niah-multivalue":
         pairs = [(keys[0], _value(kind, rng, values_taken)) for _ in range(4)]
     else:
