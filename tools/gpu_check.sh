@@ -46,6 +46,7 @@ LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 MODEL=(--model random:llama-3.1-8b --device cuda --dtype bfloat16)
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")  # pytest-xdist, if the image has it
 
 step() {  # step NAME LIMIT COMMAND...: run it under `timeout`, its output appended to the log
     local name=$1 limit=$2 start rc
@@ -69,7 +70,9 @@ run() {
     case $1 in
     # kernels against their references, then whole decode paths, each under its own limit: one
     # running long does not cut the other short
-    tests) step tests-kernels 75 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_pack.py tests/test_fp8.py \
+    # The kernel checks compile every specialization cold (~105 s of compiling on one core, estimated):
+    # 6 workers when the image has pytest-xdist. The decode paths stay serial: one times an overlap.
+    tests) step tests-kernels 75 "$PY" -m pytest -v -rs -p no:cacheprovider $XDIST tests/test_pack.py tests/test_fp8.py \
         tests/test_quant_attn.py tests/test_dense_attn.py tests/test_splits.py tests/test_norm.py \
         tests/test_rotary.py tests/test_swiglu.py tests/test_quant_append.py -k "cuda or compiled or gpu"
         step tests-paths 105 "$PY" -m pytest -v -rs -p no:cacheprovider tests/test_graphs.py \

@@ -34,14 +34,16 @@ def configs(budget: int, chunks: list[int], lookaheads: list[str], overlap_off: 
             programs: list[int], hosts: list[str] = ("model",)) -> list[tuple[str, dict, bool]]:
     rows = [("full eager", {"policy": "full"}, False), ("full graph", {"policy": "full"}, True),
             ("evict graph", {"policy": "evict", "budget": budget}, True)]
+    # Every offload row names its host store: OffloadKV's default is 8bit, and rows compared with each
+    # other (eager vs graph, overlap on vs off) must hold the same one. The first of `hosts` is untagged.
+    tag = lambda host: "" if host == hosts[0] else f"/{host}"  # noqa: E731
     for c in chunks:
-        off = {"policy": "offload", "budget": budget, "chunk": c}
+        off = {"policy": "offload", "budget": budget, "chunk": c, "host": hosts[0]}
         rows.append((f"offload/chunk{c} eager", {**off, "lookahead": "none"}, False))  # profiled: kernel times
         for la in lookaheads:  # the program cap applies to overlapped copies only: not to "none"
             for n in programs if la != "none" else [0]:
                 for host in hosts:
-                    tag = (f"/{n}prog" if n else "") + ("" if host == "model" else f"/{host}")
-                    rows.append((f"offload/chunk{c}/{la}{tag} graph",
+                    rows.append((f"offload/chunk{c}/{la}{f'/{n}prog' if n else ''}{tag(host)} graph",
                                  {**off, "lookahead": la, "copy_programs": n, "host": host}, True))
         if overlap_off:
             rows += [(f"offload/chunk{c}/{la} graph no-overlap", {**off, "lookahead": la, "overlap": False}, True)
@@ -71,7 +73,8 @@ def main() -> None:
     p.add_argument("--copy-programs", default="0",
                    help="program caps for the overlapped copy, comma-separated; 0 = none (default 0)")
     p.add_argument("--host", default="model",
-                   help="OffloadKV host stores to run, comma-separated: model, 8bit (default model)")
+                   help="OffloadKV host stores to run, comma-separated: model, 8bit (default model; every row "
+                        "names its store, the first one untagged)")
     a = p.parse_args()
     programs = [int(n) for n in a.copy_programs.split(",") if n.isdigit()]
     if len(programs) != len(a.copy_programs.split(",")):
