@@ -17,9 +17,7 @@ option per layer under a budget is a multiple-choice knapsack (NP-hard); this gr
 relaxation exactly and the integer problem to within one upgrade's gain, and more budget never
 lowers the total quality (the prefix only grows).
 
-XKV's own modes allocate tokens to Evict layers: a total token budget (maximise mean retention) or
-a retention target tau (least tokens). Sorted scores make R(k) concave, so taking the largest
-marginal gains token by token is optimal there.
+XKV's own modes allocate tokens to Evict layers (engine/xkv.py).
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ from engine.config import ModelArgs
 from engine.kv import spec_cost
 from engine.plan import Option
 from engine.profile import FRACTIONS, QUANT_BITS, LayerStats, ProfileConfig
+from engine.xkv import allocate_tau, allocate_tokens
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among
 MODES = ("hybrid", "xkv", "xkv-tau", "uniform")  # make_plan's modes
@@ -195,75 +194,6 @@ def plan_hybrid(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int,
     check_calibrated(stats, kinds)
     hulls = [upper_hull(layer_options(args, s, prompt, new, elem, cfg, floor, kinds)) for s in stats]
     return [h[j] for h, j in zip(hulls, greedy_choose(hulls, budget))]
-
-
-def _concave(xs: list[float], ys: list[float]) -> list[float]:
-    """The least concave curve on or above the points (xs increasing), at xs. Example: (0, 0),
-    (1, .2), (2, .8), (3, .9) -> 0, .4, .8, .9 (the dip at 1 is bridged from 0 to 2)."""
-    hull: list[int] = []
-    for i in range(len(xs)):  # drop a point below the chord from the one before it to point i
-        while len(hull) >= 2 and (ys[hull[-1]] - ys[hull[-2]]) * (xs[i] - xs[hull[-2]]) <= \
-                (ys[i] - ys[hull[-2]]) * (xs[hull[-1]] - xs[hull[-2]]):
-            hull.pop()
-        hull.append(i)
-    out = []
-    for x in xs:
-        j = max(n for n in range(len(hull)) if xs[hull[n]] <= x)
-        a, b = hull[j], hull[min(j + 1, len(hull) - 1)]
-        out.append(ys[a] if a == b else ys[a] + (ys[b] - ys[a]) * (x - xs[a]) / (xs[b] - xs[a]))
-    return out
-
-
-def _token_gains(curve: list[float], prompt: int) -> torch.Tensor:
-    """Marginal retention of the k-th kept token, k = 1..prompt, by linear interpolation of the
-    profiled curve (sampled at FRACTIONS of the prompt), made concave: the profile ranks tokens by
-    the prompt's last queries and measures what they keep with the decode queries', so a curve can
-    dip, and taking the largest gains first is optimal only when each layer's gains never increase
-    (on the default model all 30 layers' curves dipped somewhere at 1k tokens)."""
-    ks = [f * prompt for f in FRACTIONS]
-    r = torch.tensor(_concave(ks, list(curve)), dtype=torch.float64)
-    ks = torch.tensor(ks, dtype=torch.float64)
-    at = torch.arange(prompt + 1, dtype=torch.float64)
-    idx = torch.searchsorted(ks, at, right=True).clamp(1, len(ks) - 1)
-    x0, x1 = ks[idx - 1], ks[idx]
-    vals = r[idx - 1] + (r[idx] - r[idx - 1]) * (at - x0) / (x1 - x0).clamp_min(1e-12)
-    return vals.diff()  # (prompt,)
-
-
-def allocate_tokens(curves: list[list[float]], prompt: int, total: int, floor: int) -> list[int]:
-    """XKV: tokens per layer maximising mean retention with `total` tokens, each layer >= floor."""
-    L = len(curves)
-    floor = min(floor, prompt)
-    if total < L * floor:
-        raise ValueError(f"token budget {total} is below the floor of {L} layers x {floor} tokens")
-    gains = torch.stack([_token_gains(c, prompt)[floor:] for c in curves])  # (L, prompt - floor)
-    extra = min(total - L * floor, gains.numel())
-    picked = torch.zeros_like(gains, dtype=torch.bool).view(-1)
-    picked[gains.view(-1).topk(extra).indices] = True
-    return [floor + int(n) for n in picked.view(L, -1).sum(-1)]
-
-
-def allocate_tau(curves: list[list[float]], prompt: int, tau: float, floor: int) -> list[int]:
-    """XKV: the fewest tokens per layer whose mean retention reaches tau, each layer >= floor.
-
-    Every layer starts at `floor` tokens; then the single largest marginal gains, over all layers,
-    are taken until the mean retention reaches tau. Example, 2 layers, floor 1, retention after
-    1/2/3 tokens A: .5/.8/.9, B: .2/.4/.6 (both 0 at 0 tokens), tau = 0.6:
-        start: A 1, B 1 -> retention .5 + .2 = .7 (mean .35); gains left, best first:
-        A's 2nd token +.3 (mean .50), B's 2nd +.2 (mean .60 >= tau: stop) -> [2, 2].
-    Sorted scores make each layer's gains non-increasing, so no other choice of 4 tokens does better."""
-    L = len(curves)
-    floor = min(floor, prompt)
-    gains = torch.stack([_token_gains(c, prompt)[floor:] for c in curves])
-    base = sum(float(_token_gains(c, prompt)[:floor].sum()) + c[0] for c in curves)
-    order = gains.view(-1).sort(descending=True)
-    reached = (base + order.values.cumsum(0)) / L >= tau
-    n = int(reached.nonzero()[0]) + 1 if reached.any() else gains.numel()
-    if base / L >= tau:
-        n = 0
-    picked = torch.zeros(gains.numel(), dtype=torch.bool)
-    picked[order.indices[:n]] = True
-    return [floor + int(c) for c in picked.view(L, -1).sum(-1)]
 
 
 _UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}

@@ -10,7 +10,8 @@ import torch
 from engine.config import preset
 from engine.kv import build_policies, spec_cost
 from engine.plan import Option, Plan
-from engine.planner import allocate_tau, allocate_tokens, greedy_choose, upper_hull, _token_gains
+from engine.planner import greedy_choose, upper_hull
+from engine.xkv import allocate_tau, allocate_tokens, token_gains
 from engine.profile import FRACTIONS
 from stepping import attend_next
 
@@ -33,15 +34,15 @@ def random_curve(rng, prompt, concave=True):
 
 
 def retention_at(curve, prompt, k):
-    return curve[0] + float(_token_gains(curve, prompt)[:k].sum())
+    return curve[0] + float(token_gains(curve, prompt)[:k].sum())
 
 
 def test_concave_majorant():
-    from engine.planner import _concave
-    assert _concave([0, 1, 2, 3], [0, 0.2, 0.8, 0.9]) == pytest.approx([0, 0.4, 0.8, 0.9])  # the dip bridged
+    from engine.xkv import concave_majorant
+    assert concave_majorant([0, 1, 2, 3], [0, 0.2, 0.8, 0.9]) == pytest.approx([0, 0.4, 0.8, 0.9])  # the dip bridged
     rng = random.Random(5)
     ys = random_curve(rng, 9, concave=False)
-    hull = _concave(FRACTIONS, ys)
+    hull = concave_majorant(FRACTIONS, ys)
     assert all(h >= y - 1e-12 for h, y in zip(hull, ys)) and hull[0] == ys[0] and hull[-1] == ys[-1]
     gains = [b - a for a, b in zip(hull, hull[1:])]
     assert all(g2 <= g1 + 1e-12 for g1, g2 in zip(gains, gains[1:]))  # concave: gains never increase
@@ -49,7 +50,7 @@ def test_concave_majorant():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_token_allocation_is_optimal(seed):
-    """Optimal for every layer's concave majorant (what _token_gains measures), also for curves
+    """Optimal for every layer's concave majorant (what token_gains measures), also for curves
     that dip: the greedy once took a layer's gains out of order there, and its counts then kept
     other tokens than the gains it had summed (on the default model: retention 0.910 where a grid
     search found 0.917)."""
