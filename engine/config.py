@@ -54,18 +54,16 @@ class ModelArgs:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported activation {act!r} (Llama uses silu)")
-        scaling = cfg.get("rope_scaling")
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind == "default":
-                scaling = None
-            elif kind != "llama3":
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (only 'llama3')")
-        # transformers >= 5 may nest rope settings in rope_parameters
+        # transformers >= 5 may nest rope settings in rope_parameters (with rope_theta beside them)
         rope_params = cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        if scaling is None and rope_params.get("rope_type") == "llama3":
-            scaling = dict(rope_params)
+        scaling = None
+        for source in (cfg.get("rope_scaling"), rope_params):  # either layout: the same check
+            kind = (source or {}).get("rope_type", (source or {}).get("type"))
+            if kind not in (None, "default", "llama3"):  # linear, dynamic, yarn...: once silently dropped
+                raise ValueError(f"unsupported rope_scaling type {kind!r} (only 'llama3')")
+            if scaling is None and kind == "llama3":
+                scaling = dict(source)
         try:
             return cls(
                 dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],

@@ -1,5 +1,6 @@
-"""GGUF import of a Llama-3.1-style file: llama.cpp keeps its RoPE rescaling as a tensor of per-
-frequency divisors (rope_freqs), which the importer turns back into config.json's rope_scaling."""
+"""RoPE rescaling read from model files: a Llama-3.1-style GGUF, whose rescaling llama.cpp keeps as a
+tensor of per-frequency divisors (rope_freqs) that the importer turns back into config.json's
+rope_scaling, and HF configs in either layout."""
 import json
 import os
 
@@ -84,3 +85,18 @@ def test_a_llama31_gguf_imports_with_its_rope_scaling(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="bad.gguf: rope_freqs is not a Llama-3"):
         import_gguf(str(bad), log=lambda _: None)
     assert len(os.listdir(os.path.join(str(tmp_path / "cache"), "layerkv", "gguf"))) == 1  # nothing left of it
+
+
+@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
+def test_hf_configs_rope_scaling_in_either_layout(layout):
+    """transformers >= 5 writes rope settings as rope_parameters: llama3 there is read as in
+    rope_scaling, and a rescaling we do not implement is refused in both (rope_parameters' was
+    dropped, and the model ran with plain RoPE: wrong logits, no error)."""
+    from engine.config import ModelArgs
+    base = dict(model_type="llama", hidden_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=32,
+                intermediate_size=64, rope_theta=THETA)
+    assert ModelArgs.from_hf_config({**base, layout: LLAMA31_ROPE}).rope_scaling == LLAMA31_ROPE
+    assert ModelArgs.from_hf_config({**base, layout: {"rope_type": "default"}}).rope_scaling is None
+    for kind in ("linear", "dynamic", "yarn"):
+        with pytest.raises(ValueError, match=f"unsupported rope_scaling type '{kind}'"):
+            ModelArgs.from_hf_config({**base, layout: {"rope_type": kind, "factor": 2.0}})
