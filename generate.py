@@ -90,14 +90,15 @@ def run_batch(llm, a: argparse.Namespace, prompts: list[str], news: list[int], p
     if policy == "hybrid":  # each prompt is profiled (and planned) before the batch starts
         profiling = tqdm(total=llm.args.n_layers * len(prompts), desc="profile", unit="layer", file=sys.stderr,
                          leave=False, disable=None)
-    stream = llm.stream(prompts, news, policy, a.kv_budget,
+    # the bar below counts tokens as they are generated (text pieces can lag a token behind)
+    stream = llm.stream(prompts, news, policy, a.kv_budget, on_token=lambda _: bar.update(),
                         on_profile_layer=None if profiling is None else profiling.update, **options)
     if profiling is not None:
         profiling.close()
     bar = tqdm(total=sum(news), desc=f"batch of {len(prompts)}", unit="tok", file=sys.stderr, leave=False, disable=None)
     t = time.perf_counter()
     for _ in stream:  # pieces are per prompt; the JSONL is written once all have finished
-        bar.update()
+        pass
     wall = time.perf_counter() - t
     bar.close()
     outs = stream.outputs

@@ -205,12 +205,14 @@ class LLM:
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                chat: bool = False, allow_special: bool = False, ctx: int | None = None, cuda_graphs: bool = True,
                prefill_chunk: int = 2048, on_layer: Callable[[int], None] | None = None,
-               on_profile_layer: Callable[[int], None] | None = None, **plan_options) -> Stream:
+               on_profile_layer: Callable[[int], None] | None = None,
+               on_token: Callable[[int], None] | None = None, **plan_options) -> Stream:
         """Like generate(), but returns a Stream: iterate it for text pieces as tokens come (a batch:
         (index, piece) pairs); `.output` (`.outputs`) is filled when the iteration ends. Everything
         is checked, and a hybrid's prompts profiled and planned, before this returns. Progress:
         on_profile_layer(1) after each layer of a profiling prefill, on_layer(1) after each layer
-        of the prefill itself."""
+        of the prefill itself, on_token(i) after each token generated for prompt i (a piece of text
+        may wait for the next token: a character split across two)."""
         batch = is_batch(prompt)
         prompts = list(prompt) if batch else [prompt]
         news = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
@@ -247,7 +249,7 @@ class LLM:
         specs = [self.policy_specs(plan or policy, ids, new, kv_budget) for (ids, _, new), plan in zip(fitted, plans)]
         self.check_kv_fits([(s, len(ids), new) for s, (ids, _, new) in zip(specs, fitted)])
         run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
-        return Stream(lambda s: self._pieces(s, fitted, specs, plans, batch, sampling, run))
+        return Stream(lambda s: self._pieces(s, fitted, specs, plans, batch, sampling, run, on_token))
 
     def generate(self, prompt, max_new_tokens: int | list[int] = 32, policy="full", kv_budget=0.2,
                  **options) -> Output | list[Output]:
@@ -263,13 +265,15 @@ class LLM:
             pass
         return s.outputs if is_batch(prompt) else s.output
 
-    def _pieces(self, stream: Stream, fitted, specs, plans, batch: bool, sampling, run_options):
+    def _pieces(self, stream: Stream, fitted, specs, plans, batch: bool, sampling, run_options, on_token=None):
         from weights.stream_decoder import StreamDecoder
         eos = self.tokenizer.eos_ids
         results = [GenerationResult(len(ids)) for ids, _, _ in fitted]
         texts = [StreamDecoder(self.tokenizer) for _ in fitted]
         for b, tid in stream_batch(self.model, [f[0] for f in fitted], [f[2] for f in fitted], sampling, specs,
                                    results, eos, **run_options):
+            if on_token is not None:
+                on_token(b)
             piece = texts[b].push(tid) if tid not in eos else ""  # the end-of-turn token itself is not shown
             if piece:
                 yield (b, piece) if batch else piece

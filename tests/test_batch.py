@@ -72,14 +72,17 @@ def test_generate_batch_equals_each_prompt_alone(policy):
 
 def test_stream_batch_pieces_and_own_limits():
     """stream() of a batch yields (index, piece) pairs whose concatenation per index is that
-    output's text; each prompt stops at its own max_new_tokens while the others go on."""
+    output's text; each prompt stops at its own max_new_tokens while the others go on; on_token
+    counts every generated token (what generate.py's batch bar shows), pieces or not."""
     llm = LLM(device="cpu", dtype="float32")
     prompts = _prompts(llm)
-    s = llm.stream(prompts, max_new_tokens=[2, 9, 3], chat=True)  # chat: answers longer than the limits
+    counted = [0, 0, 0]
+    s = llm.stream(prompts, max_new_tokens=[2, 9, 3], chat=True,  # chat: answers longer than the limits
+                   on_token=lambda i: counted.__setitem__(i, counted[i] + 1))
     texts = ["", "", ""]
     for i, piece in s:
         texts[i] += piece
-    assert [len(o.token_ids) for o in s.outputs] == [2, 9, 3]
+    assert [len(o.token_ids) for o in s.outputs] == [2, 9, 3] == counted
     assert [o.stop_reason for o in s.outputs] == ["length"] * 3
     assert texts == [o.text for o in s.outputs]
     assert s.outputs[1].token_ids == llm.generate(prompts[1], max_new_tokens=9, chat=True).token_ids
