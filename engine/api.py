@@ -15,6 +15,7 @@ any expensive work: the CLIs print that line as it is.
 from __future__ import annotations
 
 import time
+from numbers import Real
 from typing import Callable
 
 import torch
@@ -156,8 +157,8 @@ class LLM:
 
     def check_budget(self, kv_budget, context: int, new_tokens: int = 32, mode: str = "hybrid",
                      kinds: str | tuple[str, ...] = "auto", floor: int = FLOOR) -> int:
-        """kv_budget in bytes for a plan of `context` + new_tokens tokens; a ValueError when no
-        hybrid plan can meet it. Needs no profile: run it before profiling."""
+        """kv_budget in bytes for a plan of `context` + new_tokens tokens; a ValueError when no `mode`
+        plan can meet it (xkv-tau has no budget: not checked). Needs no profile: run it before profiling."""
         return check_kv_budget(self.args, kv_budget, context, new_tokens, self.model.head.element_size(), mode,
                                self._kinds(kinds), floor)
 
@@ -173,7 +174,7 @@ class LLM:
         quant, evict, offload on CUDA; evict, offload on CPU, where unpacking codes costs time).
         on_layer: the profiling pass's progress, as in profile()."""
         kinds = self._kinds(kinds)
-        if mode == "xkv-tau" and not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+        if mode == "xkv-tau" and not (isinstance(tau, Real) and not isinstance(tau, bool) and 0 < tau <= 1):
             raise ValueError(f"mode xkv-tau needs tau, the mean retention it reaches, in (0, 1]; got {tau!r}")
         prompts = None
         if stats is None:

@@ -60,6 +60,8 @@ class ModelArgs:
         scaling = None
         for source in (cfg.get("rope_scaling"), rope_params):  # either layout: the same check
             kind = (source or {}).get("rope_type", (source or {}).get("type"))
+            if kind is None and set(source or {}) - {"rope_theta"}:  # settings of no named type
+                raise ValueError(f"rope_scaling without a type: {source} (only 'llama3' is supported)")
             if kind not in (None, "default", "llama3"):  # linear, dynamic, yarn...: once silently dropped
                 raise ValueError(f"unsupported rope_scaling type {kind!r} (only 'llama3')")
             if scaling is None and kind == "llama3":

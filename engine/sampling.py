@@ -26,8 +26,8 @@ class SamplingParams:
             raise ValueError(f"top-k must be an int >= 0, got {self.top_k!r}")
         if not (isinstance(self.top_p, Real) and 0 < self.top_p <= 1):  # NaN fails the comparison too
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):  # torch's seed range
-            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):  # manual_seed's
+            raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:

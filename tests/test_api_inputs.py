@@ -34,8 +34,8 @@ def no_profiling(monkeypatch):
     ({"temperature": None}, "temperature must be a finite number >= 0"),
     ({"top_k": 2.5}, "top-k must be an int >= 0"),
     ({"top_p": float("nan")}, "top-p must be in (0, 1]"),
-    ({"seed": 1.5}, "seed must be an int in [0, 2**64)"),
-    ({"seed": 2**64}, "seed must be an int in [0, 2**64)"),
+    ({"seed": 1.5}, "seed must be an int in [-2**63, 2**64)"),
+    ({"seed": 2**64}, "seed must be an int in [-2**63, 2**64)"),
     ({"ctx": 0}, "ctx must be an int >= 1"),  # 0 once meant "no cap"
     ({"ctx": -1}, "ctx must be an int >= 1"),  # once blamed max_new_tokens
     ({"ctx": "4k"}, "ctx must be an int >= 1"),
@@ -60,6 +60,12 @@ def test_bad_options_are_one_value_error(llm, no_profiling, options, fragment):
 def test_bad_prompts_are_one_value_error(llm, prompt, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
         llm.generate(prompt, max_new_tokens=2)
+
+
+def test_negative_seeds_are_seeds(llm):
+    """torch's manual_seed takes [-2**63, 2**64): a negative seed samples as before the checks."""
+    a = llm.generate(PROMPT, max_new_tokens=3, temperature=0.8, seed=-1).token_ids
+    assert a == llm.generate(PROMPT, max_new_tokens=3, temperature=0.8, seed=-1).token_ids
 
 
 def test_numpy_token_ids_are_token_ids(llm):

@@ -43,7 +43,7 @@ def test_no_rescaling_and_unknown_ones():
         llama3_scaling(np.ones(32, np.float32), 128, THETA)
 
 
-def write_gguf(path, rope_freqs=None):
+def write_gguf(path, rope_freqs=None, linear=None):
     dim, heads, kv_heads, ffn, vocab = 128, 2, 1, 64, 32  # head_dim 64
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
@@ -65,6 +65,9 @@ def write_gguf(path, rope_freqs=None):
         w.add_tensor(f"{name}.weight", r(*shape))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
+    if linear is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(linear)
     for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
         write()
 
@@ -85,6 +88,13 @@ def test_a_llama31_gguf_imports_with_its_rope_scaling(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="bad.gguf: rope_freqs is not a Llama-3"):
         import_gguf(str(bad), log=lambda _: None)
     assert len(os.listdir(os.path.join(str(tmp_path / "cache"), "layerkv", "gguf"))) == 1  # nothing left of it
+    # a rescaling named in the metadata (linear x2) would be lost: refused; linear x1 is none
+    write_gguf(tmp_path / "linear2.gguf", linear=2.0)
+    with pytest.raises(ValueError, match="unsupported RoPE scaling 'linear' x2.0"):
+        import_gguf(str(tmp_path / "linear2.gguf"), log=lambda _: None)
+    write_gguf(tmp_path / "linear1.gguf", linear=1.0)
+    with open(os.path.join(import_gguf(str(tmp_path / "linear1.gguf"), log=lambda _: None), "config.json")) as f:
+        assert json.load(f)["rope_scaling"] is None
 
 
 @pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
@@ -97,6 +107,9 @@ def test_hf_configs_rope_scaling_in_either_layout(layout):
                 intermediate_size=64, rope_theta=THETA)
     assert ModelArgs.from_hf_config({**base, layout: LLAMA31_ROPE}).rope_scaling == LLAMA31_ROPE
     assert ModelArgs.from_hf_config({**base, layout: {"rope_type": "default"}}).rope_scaling is None
+    assert ModelArgs.from_hf_config({**base, layout: {"rope_theta": THETA}}).rope_scaling is None
+    with pytest.raises(ValueError, match="rope_scaling without a type"):
+        ModelArgs.from_hf_config({**base, layout: {"factor": 8.0}})
     for kind in ("linear", "dynamic", "yarn"):
         with pytest.raises(ValueError, match=f"unsupported rope_scaling type '{kind}'"):
             ModelArgs.from_hf_config({**base, layout: {"rope_type": kind, "factor": 2.0}})

@@ -62,6 +62,13 @@ def test_damaged_files_are_one_value_error(tmp_path):
     cut.write_bytes(data[:i] + (99).to_bytes(4, "little") + data[i + 4:])
     with pytest.raises(ValueError, match="KeyError: 99"):
         read_gguf_metadata(str(cut))
+    # arrays of arrays thousands deep (no real file nests any): still one ValueError, not a RecursionError
+    deep = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    deep += (1).to_bytes(8, "little") + b"a" + (9).to_bytes(4, "little") + ((9).to_bytes(4, "little")
+                                                                         + (1).to_bytes(8, "little")) * 5000
+    cut.write_bytes(deep + (4).to_bytes(4, "little") + (0).to_bytes(8, "little"))
+    with pytest.raises(ValueError, match="GGUF header unreadable"):
+        read_gguf_metadata(str(cut))
     (tmp_path / "text.gguf").write_text("not a model")
     with pytest.raises(ValueError, match="no GGUF magic"):
         read_gguf_metadata(str(tmp_path / "text.gguf"))

@@ -69,6 +69,10 @@ def gguf_args(reader, name: str) -> ModelArgs:
     n_heads = int(_field(reader, "llama.attention.head_count"))
     dim = int(_field(reader, "llama.embedding_length"))
     tensor_names = {t.name for t in reader.tensors}
+    # Llama-3.1's rescaling comes as a tensor (llama3_scaling); one named here would be silently lost
+    scaling, factor = _field(reader, "llama.rope.scaling.type"), _field(reader, "llama.rope.scaling.factor", 1.0)
+    if scaling not in (None, "none") and not (scaling == "linear" and factor == 1.0):  # linear x1: none
+        raise ValueError(f"unsupported RoPE scaling {scaling!r} x{factor} in GGUF (only llama3's rope_freqs)")
     vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
     return ModelArgs(
         name=name, dim=dim, n_layers=int(_field(reader, "llama.block_count")), n_heads=n_heads,

@@ -29,7 +29,8 @@ def read_gguf_metadata(path: str, prefix: str = "") -> dict:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _parse(buf, prefix)
-    except (OSError, ValueError, struct.error, KeyError, IndexError) as e:  # ValueError: an empty file
+    # ValueError: an empty file too; RecursionError: arrays nested thousands deep (real files nest none)
+    except (OSError, ValueError, struct.error, KeyError, IndexError, RecursionError) as e:
         raise ValueError(f"{path}: GGUF header unreadable ({type(e).__name__}: {e})") from None
 
 
