@@ -118,6 +118,12 @@ def plan_kinds(kinds: str | tuple[str, ...], device: torch.device) -> tuple[str,
     return kinds
 
 
+def evict_floor(floor: int, cfg: ProfileConfig) -> int:
+    """The fewest prompt tokens an evict-only plan (xkv, xkv-tau, uniform) gives a layer: the floor,
+    and at least the evict window each spec keeps anyway (a plan priced for fewer would go over)."""
+    return max(floor, cfg.evict["window"])
+
+
 def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, elem: int, mode: str,
                     kinds: tuple[str, ...], floor: int = FLOOR) -> int:
     """kv_budget (bytes, '512MiB', or a fraction of FullKV: 0.2, '20%') in bytes for a plan of
@@ -131,7 +137,7 @@ def check_kv_budget(args: ModelArgs, kv_budget, context: int, new_tokens: int, e
     if mode == "hybrid":
         least = budget_floor(args, context, new_tokens, elem, ProfileConfig(), floor, kinds + ("full",))
     elif mode in ("xkv", "uniform"):  # evict only: every layer keeps the floor's prompt tokens and the new ones
-        floor = max(floor, ProfileConfig().evict["window"])  # an evict layer keeps its window at least
+        floor = evict_floor(floor, ProfileConfig())
         least = (min(floor, context) + new_tokens) * args.kv_bytes_per_token(elem)
     else:
         return budget  # xkv-tau: the fewest tokens reaching its retention target, whatever the budget
@@ -245,7 +251,7 @@ def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, e
         return plan_hybrid(args, stats, prompt, new, elem, budget, cfg, floor, tuple(kinds) + ("full",))
     per_tok = 2 * args.n_kv_heads * args.head_dim * elem
     L = args.n_layers
-    floor = max(floor, cfg.evict["window"])  # each evict spec keeps its window: fewer would be priced wrong
+    floor = evict_floor(floor, cfg)
     if mode == "xkv-tau":
         tokens = allocate_tau([s.evict for s in stats], prompt, tau, floor)
     else:

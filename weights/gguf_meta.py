@@ -71,7 +71,8 @@ def _parse(buf, prefix: str) -> dict:
         a, pos = string(pos)
         key = buf[a:pos].decode("utf-8")
         (kind,) = u32.unpack_from(buf, pos)
-        val, pos = value(kind, pos + 4, key.startswith(prefix))
-        if key.startswith(prefix):
+        keep = key.startswith(prefix)
+        val, pos = value(kind, pos + 4, keep)
+        if keep:
             out[key] = val
     return out

@@ -80,29 +80,32 @@ def model_config(spec: str | None, log=print) -> tuple[str, ModelArgs]:
     return name, (preset(source) if tokenizer is None else read_config(source))
 
 
-def _random_weights_tokenizer(name: str, args: ModelArgs) -> Tokenizer:
-    try:  # any real tokenizer will do for random weights
+def _tokenizer(name: str, source: str, tokenizer: str | None) -> Tokenizer:
+    """A located model's tokenizer (_locate's triple); for random weights any real one will do."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    try:
         tok = load_tokenizer(default_gguf_path())
     except ValueError:  # e.g. a GPU machine without the default model: bytes are enough
         tok = ByteTokenizer()
-    if tok.vocab_size > args.vocab_size:
-        raise ValueError(f"{name}: vocabulary {args.vocab_size} smaller than the tokenizer's {tok.vocab_size}")
+    vocab = preset(source).vocab_size
+    if tok.vocab_size > vocab:
+        raise ValueError(f"{name}: vocabulary {vocab} smaller than the tokenizer's {tok.vocab_size}")
     return tok
 
 
 def model_tokenizer(spec: str | None, log=print) -> Tokenizer:
     """The tokenizer load_model gives `--model`, without the weights: generate.py counts a hybrid's
     prompt tokens with it before the load, to check the KV budget against them."""
-    name, source, tokenizer = _locate(spec, log)
-    return _random_weights_tokenizer(name, preset(source)) if tokenizer is None else load_tokenizer(tokenizer)
+    return _tokenizer(*_locate(spec, log))
 
 
 def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype, log=print) -> Loaded:
     name, source, tokenizer = _locate(spec, log)
+    tok = _tokenizer(name, source, tokenizer)  # before the weights: its errors come first
     if tokenizer is None:  # random weights at a preset's shapes
         args = preset(source)
-        tok = _random_weights_tokenizer(name, args)
         check_fits(args, device, dtype, name)
         return Loaded(name, args, Llama.random(args, device, dtype), tok)
     args, model = load_hf(source, device, dtype)
-    return Loaded(name, args, model, load_tokenizer(tokenizer))
+    return Loaded(name, args, model, tok)
