@@ -99,17 +99,30 @@ class LLM:
         return self._kv_tiers([(specs, prompt, new)])["device"]
 
     def check_kv_fits(self, runs: list[tuple[list[dict], int, int]]) -> None:
-        """Refuse, in one line and before any work, caches that cannot fit together: runs are
-        (specs, prompt tokens, new tokens), one per sequence, against the free memory."""
+        """Refuse, in one line and before any work, caches that cannot fit together, or beside
+        which a prompt's prefill cannot run: runs are (specs, prompt tokens, new tokens), one per
+        sequence, against the free memory."""
         need = self._kv_tiers(runs)
         on_device = need["device"]
         free = free_memory(self.device)
         what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
                 f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
+        hint = "a smaller --ctx or budget, fewer prompts, or another policy would fit"
         if on_device > free:
             raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device}; "
-                             f"{fmt_bytes(free)} is free (a smaller --ctx or budget, fewer prompts, or another "
-                             f"policy would fit)")
+                             f"{fmt_bytes(free)} is free ({hint})")
+        # Sequences prefill one at a time, each beside the caches of those before it and its own:
+        # the peak is the worst such moment, with prefill's floor (ModelArgs.prefill_bytes) on top.
+        elem, held, peak, worst = self.model.head.element_size(), 0, 0, 0
+        for specs, prompt, new in runs:
+            held += self._kv_tiers([(specs, prompt, new)])["device"]
+            transient = self.args.prefill_bytes(prompt, elem)
+            if held + transient > peak:
+                peak, worst = held + transient, transient
+        if peak > free:
+            raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device} and prefill at "
+                             f"least {fmt_bytes(worst)} more (residual stream, one layer's full K/V); "
+                             f"{fmt_bytes(free)} is free ({hint})")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
             on_host = need["pinned"]
             free_host = free_memory(torch.device("cpu"))

@@ -41,6 +41,14 @@ class ModelArgs:
         """Bytes a full (uncompressed) cache spends per token across all layers: K and V."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_size
 
+    def prefill_bytes(self, tokens: int, elem_size: int) -> int:
+        """The least transient memory one sequence's prefill of `tokens` takes besides the caches
+        (engine/model.py's prefill): the residual stream (T, dim), the RoPE tables (2 x (T, head_dim))
+        and one layer's full K and V (2 x (T, n_kv_heads, head_dim)). The per-chunk activations and
+        a policy's own scoring or quantizing temporaries come on top, so this is a floor, not an
+        estimate: e.g. Llama-3.1-8B in bf16 at 128k: 131072 x (4096 + 256 + 2048) x 2 B = 1.56 GiB."""
+        return tokens * (self.dim + 2 * self.head_dim + 2 * self.n_kv_heads * self.head_dim) * elem_size
+
     @classmethod
     def from_hf_config(cls, cfg: dict, name: str = "custom") -> "ModelArgs":
         """Build from a Hugging Face LlamaForCausalLM config.json (already parsed)."""

@@ -120,8 +120,22 @@ def test_prefill_transient_memory_grows_only_by_the_residual_stream():
         with LiveBytes() as lb:
             model.prefill(tokens, policies)
         transient[T] = lb.peak - lb.now  # lb.now: the FullKV cache and the logits, kept
+        # the up-front check's floor (LLM.check_kv_fits) is one, and a close one at this length
+        assert 0.8 * transient[T] <= args.prefill_bytes(T, 4) <= transient[T], (T, transient)
     residual_32k = 32768 * args.dim * 4
     assert transient[32768] - transient[16384] <= residual_32k, transient
+
+
+@pytest.mark.parametrize("spec", [{"policy": "quant", "bits": 4}, {"policy": "evict", "budget": 512},
+                                  {"policy": "offload", "budget": 256}])
+def test_prefill_floor_holds_for_every_policy(spec):
+    """ModelArgs.prefill_bytes is a floor whatever the policy: each adds its own temporaries."""
+    args = preset("tiny", vocab_size=256, n_layers=1, n_heads=4, n_kv_heads=1, dim=128)
+    model = Llama.random(args, "cpu", torch.float32)
+    policies = build_policies(args, spec, 4097, "cpu", torch.float32)
+    with LiveBytes() as lb:
+        model.prefill(torch.randint(0, args.vocab_size, (1, 4096)), policies)
+    assert args.prefill_bytes(4096, 4) <= lb.peak - lb.now
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the fused bottom-right kernel")
