@@ -80,6 +80,32 @@ def test_tau_allocation_is_the_fewest_tokens(seed):
         assert sum(alloc) == min(sum(ks) for ks in feasible)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_tau_is_reached_on_curves_that_dip(seed):
+    """On its majorants the allocation met tau, while curves with dips kept less: up to 0.0023 below
+    tau. Layers inside a dip now move out of it: tau holds on the curves themselves."""
+    from engine.xkv import interpolate
+    rng = random.Random(200 + seed)
+    L, prompt, floor = 4, 300, 8
+    curves = [random_curve(rng, prompt, concave=False) for _ in range(L)]
+    for tau in (0.2, 0.4, 0.6, 0.8, 0.9):
+        alloc = allocate_tau(curves, prompt, tau, floor)
+        assert sum(float(interpolate(c, prompt)[k]) for c, k in zip(curves, alloc)) / L >= tau - 1e-9
+
+
+def test_out_of_dip_moves_to_where_the_curve_holds_the_majorant():
+    from engine.xkv import interpolate, out_of_dip
+    prompt = 100
+    curve = random_curve(random.Random(7), prompt, concave=False)
+    raw, moved = interpolate(curve, prompt), 0
+    for k in range(prompt + 1):
+        j = out_of_dip(curve, prompt, k)
+        assert j >= k and raw[j] >= retention_at(curve, prompt, k) - 1e-12
+        assert j == k or raw[j - 1] < retention_at(curve, prompt, k) - 1e-12  # the first such count
+        moved += j > k
+    assert moved  # the curve dips
+
+
 def test_greedy_keeps_a_layers_steps_in_order_when_slopes_round_out_of_order():
     """Nearly collinear options: dividing rounds the second slope above the first, and taking step 2
     before step 1 once left the layer at option 1 with option 2's bytes spent."""
