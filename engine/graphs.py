@@ -50,6 +50,12 @@ class Decoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output buffer
 
+    @property
+    def settling(self) -> bool:
+        """True when the last step was not a steady one: a Decoder's first (eager warm-up; the very
+        first also compiles kernels) or, graphed, its second (the capture)."""
+        return self.steps == 1 or (self.graphed and self.steps == 2)
+
     @torch.inference_mode()
     def step(self, token: torch.Tensor, pos: int | list[int]) -> torch.Tensor:
         """token (B,) at positions pos (one int per sequence; an int for one sequence) -> logits

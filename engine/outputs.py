@@ -14,7 +14,7 @@ class Output:
     token_ids: list[int]              # generated ids (an end-of-turn token included when it ended the text)
     prompt_tokens: int
     prefill_s: float
-    decode_ms_per_token: float        # median decode step
+    decode_ms_per_token: float        # median steady decode step (warm-up and graph capture left out)
     kv_bytes: dict[str, int]          # {"device": ..., "host": ...}, summed from the policies' tensors
     full_kv_bytes: int                # what FullKV would hold for the same tokens
     layers: list[dict]                # each layer's policy, described

@@ -25,14 +25,19 @@ class GenerationResult:
     generated_ids: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_times_s: list[float] = field(default_factory=list)  # one per decode step
+    settling: list[bool] = field(default_factory=list)  # per step: a warm-up or capture step (Decoder.settling)
     stop_reason: str = "length"  # "eos" | "length"
     policies: list[KVPolicy] = field(default_factory=list, repr=False)
     cuda_graphs: bool = False  # decode steps replayed from a CUDA graph
 
     @property
     def decode_ms_per_token(self) -> float:
-        """Median decode step time (robust to a stray slow step on a shared machine); 0 if none."""
-        return 1000 * statistics.median(self.decode_times_s) if self.decode_times_s else 0.0
+        """Median steady decode step time (robust to a stray slow step on a shared machine); 0 if
+        none. Warm-up and capture steps are left out: a batch whose sequences end at staggered
+        steps takes two more of them after each end (a new Decoder), and a sequence late in such a
+        batch could otherwise have as many of them as steady steps."""
+        steady = [t for t, s in zip(self.decode_times_s, self.settling) if not s] or self.decode_times_s
+        return 1000 * statistics.median(steady) if steady else 0.0
 
     def kv_bytes(self) -> dict[str, int]:
         total = {"device": 0, "host": 0}
@@ -161,6 +166,7 @@ def stream_batch(model: Llama, prompts: list[list[int]], max_new_tokens: list[in
         keep = []  # batch rows whose sequence goes on
         for j, (b, tid) in enumerate(zip(running, tids)):
             results[b].decode_times_s.append(dt)
+            results[b].settling.append(decoder.settling)
             if emit(b, tid):
                 keep.append(j)
             yield b, tid

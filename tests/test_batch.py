@@ -109,6 +109,16 @@ def test_a_sequence_ending_on_eos_leaves_the_batch():
     cut = next((i + 1 for i, t in enumerate(alone[1]) if t in eos), 8)
     assert r1.generated_ids == alone[1][:cut]
     assert len(r1.decode_times_s) == len(r1.generated_ids) - 1
+    # its first step warmed a Decoder up, and so did its second: the batch had shrunk to it alone
+    assert r1.settling == [True, True] + [False] * (len(r1.decode_times_s) - 2)
+
+
+def test_decode_time_leaves_warm_up_and_capture_steps_out():
+    r = GenerationResult(5, decode_times_s=[0.5, 0.4, 0.01, 0.5, 0.4, 0.02, 0.03],
+                         settling=[True, True, False, True, True, False, False])
+    assert r.decode_ms_per_token == pytest.approx(20.0)  # the steady steps' median, not 400
+    r.settling = [True] * 7  # no steady step: all of them
+    assert r.decode_ms_per_token == pytest.approx(400.0)
 
 
 def test_bad_batches_fail_before_any_work(monkeypatch):
