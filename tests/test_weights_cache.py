@@ -4,6 +4,7 @@ removed, those of running ones kept. The import itself is replaced by a small fa
 real one is exercised by the default-model tests), so only the cache logic runs."""
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -93,3 +94,30 @@ def test_temporary_dirs_of_dead_imports_are_removed(cache):
     assert sum("did not finish" in n for n in notes) == 2
     leftovers = [n for n in os.listdir(root) if n.startswith(".importing-")]
     assert leftovers == [os.path.basename(alive)]  # the import's own temporary dir was renamed away
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streamed_safetensors_read_back_and_make_one_tensor_at_a_time(tmp_path, dtype):
+    """The import writes its file tensor by tensor (an 8B model's float32 weights, gathered first,
+    were 32 GB of memory): safetensors reads it back exactly, and each tensor is made only after
+    the one before it has been written."""
+    from safetensors.torch import load_file
+    g = torch.Generator().manual_seed(0)
+    want = {"w": torch.randn(3, 5, generator=g), "norm": torch.randn(7, generator=g), "e": torch.randn(2, 3, 4, generator=g)}
+    path, alive, seen = str(tmp_path / "m.safetensors"), set(), []
+
+    def make(name):
+        seen.append(len(alive))  # tensors made before and still held when this one is made
+        t = want[name].clone()
+        alive.add(name)
+        weakref.finalize(t, alive.discard, name)
+        return t
+    gi.write_safetensors(path, [(k, tuple(v.shape), lambda k=k: make(k)) for k, v in want.items()], dtype)
+    got = load_file(path)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype))
+    assert seen == [0, 0, 0]
+    assert gi.entry_problem(str(tmp_path)) is not None  # no config.json: only the weights were written
+    with pytest.raises(ValueError, match="made \\(3, 5\\), the header says \\(5, 3\\)"):
+        gi.write_safetensors(path, [("w", (5, 3), lambda: want["w"])], dtype)

@@ -12,11 +12,13 @@ with a one-line note if not, and temporary directories of dead processes are rem
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,7 +123,6 @@ def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict | N
 def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from safetensors.torch import save_file
 
     try:
         reader = GGUFReader(gguf_path)
@@ -131,7 +132,7 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
         args = gguf_args(reader, name)
     except (TypeError, KeyError) as e:
         raise ValueError(f"{gguf_path}: GGUF metadata incomplete ({e})") from None
-    tensors = {}
+    weights = []  # (HF name, shape, the GGUF tensor): every name checked before the long part
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # not a weight: Llama-3.1's RoPE rescaling, into config.json
             try:
@@ -139,7 +140,9 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
             except ValueError as e:
                 raise ValueError(f"{gguf_path}: {e}") from None
             continue
-        hf = _hf_name(t.name)
+        weights.append((_hf_name(t.name), tuple(int(n) for n in reversed(t.shape)), t))  # GGUF lists dims fastest first
+
+    def dequantized(t) -> torch.Tensor:
         try:
             w = dequantize(t.data, t.tensor_type).astype(np.float32)
         except Exception as e:
@@ -148,11 +151,42 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
             w = _reverse_permute(w, args.n_heads)
         elif t.name.endswith("attn_k.weight"):
             w = _reverse_permute(w, args.n_kv_heads)
-        tensors[hf] = torch.from_numpy(np.ascontiguousarray(w))
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    write_safetensors(os.path.join(out_dir, "model.safetensors"),
+                      [(name, shape, lambda t=t: dequantized(t)) for name, shape, t in weights], torch.float32)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}, f, indent=1)
     _sync(out_dir)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]],
+                      dtype: torch.dtype) -> None:
+    """Write a safetensors file one tensor at a time: tensors are (name, shape, make), and make()
+    is called only when its bytes are due, so one dequantized tensor is in memory at a time
+    (collecting them all first took 32 GB of float32 for an 8B model). The header goes first: an
+    8-byte length, then JSON giving each tensor's dtype, shape and [begin, end) in the data that
+    follows, padded with spaces to a multiple of 8 bytes."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    header, at = {}, 0
+    for name, shape, _ in tensors:
+        size = math.prod(shape) * elem
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
+        at += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, make in tensors:
+            t = make().to(dtype).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: made {tuple(t.shape)}, the header says {tuple(shape)}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+            del t  # before the next make()
 
 
 def _sync(directory: str) -> None:
