@@ -257,7 +257,7 @@ def run(a: argparse.Namespace) -> int:
     from engine.eval.matrix import run_matrix
     from engine.plan import policy_specs
     from weights.load import model_config
-    config = model_config(a.model, log)  # (name, shapes): read without the 16 GB of an 8B model's weights
+    config = model_config(a.model)  # (name, shapes): read without the 16 GB of an 8B model's weights
     for name in policies:
         if ":" in name:
             policy_specs(name, *config)  # plan for this model? parameter values in range?

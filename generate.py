@@ -135,7 +135,7 @@ def check_hybrid_budget(a: argparse.Namespace, name: str, args, device, dtype, t
         room = prompt_room(args, name, a.max_new_tokens, a.ctx)
         check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds)
         return None
-    tokenizer = model_tokenizer(a.model, log)
+    tokenizer = model_tokenizer(a.model)
     prompts, news = batch if batch is not None else ([text], [a.max_new_tokens])
     out = []
     for i, (prompt, new) in enumerate(zip(prompts, news)):
@@ -194,7 +194,7 @@ def run(a: argparse.Namespace) -> int:
     from weights.load import model_config
     plan = Plan.load(a.plan) if policy == "hybrid" and a.plan else None  # its layers checked here
     # Every value against the model's config, before the weights load
-    name, args = model_config(a.model, log)
+    name, args = model_config(a.model)
     if plan is not None or policy != "hybrid":
         policy_specs(plan or policy, name, args)  # a plan made for another model: an error naming the file
     else:  # the prompts come back as token ids, tokenized once: the stream takes them as they are

@@ -150,7 +150,7 @@ def run(a: argparse.Namespace) -> int:
     device, dtype = resolve_device(a.device, a.dtype)
     # The budget, and a --stats file's model, against the model's config: before the weights load
     from weights.load import model_config
-    name, args = model_config(a.model, log)
+    name, args = model_config(a.model)
     ctx = prompt_room(args, name, a.new_tokens, a.ctx)
     check_kv_budget(args, a.kv_budget, ctx, a.new_tokens, dtype.itemsize, a.mode, plan_kinds(a.plan_policies, device),
                     a.floor)

@@ -51,9 +51,22 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def lower_right_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same attention through torch's bottom-right causal bias: one fused kernel on CUDA; on
-    CPU it materialises the (C, S) mask (used there only by the tests, as a second reference)."""
-    mask = causal_lower_right(q.shape[2], k.shape[2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    CPU it materialises the (C, S) mask (used there only by the tests, as a second reference).
+
+    The bias runs fused in flash attention (16-bit dtypes, which take GQA) or in memory-efficient
+    attention, which takes no GQA; anything else materialises the mask, and the math fallback then
+    holds (B, H, C, S) scores: 32 GiB per chunk for Llama-3.1-8B in float32 at 128k. So float32
+    with GQA runs one KV head's query group at a time, that head's K/V broadcast over the group as
+    a zero-stride view (no copy), which memory-efficient attention accepts."""
+    B, H, C, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    mask = causal_lower_right(C, S)
+    if H == H_kv or q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv)
+    rep = H // H_kv
+    return torch.cat([F.scaled_dot_product_attention(q[:, g * rep:(g + 1) * rep], k[:, g:g + 1].expand(B, rep, S, D),
+                                                     v[:, g:g + 1].expand(B, rep, S, D), attn_mask=mask)
+                      for g in range(H_kv)], dim=1)  # (B, H, C, D)
 
 
 def _attention_lse(q, k, v, causal: bool):

@@ -187,7 +187,6 @@ def test_a_hybrid_budget_is_checked_against_the_prompts_own_tokens_before_loadin
 
 
 def test_policy_flags_reach_the_policy():
-    import generate
     a = generate.build_parser().parse_args(["--policy", "quant", "--kv-bits", "2", "--kv-rotate", "none",
                                             "--kv-sink", "4", "--kv-clip", "kv"])
     assert generate.policy_arg(a) == "quant:bits=2,rotate=none,sink=4,clip=kv"

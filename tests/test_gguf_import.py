@@ -97,6 +97,32 @@ def test_a_llama31_gguf_imports_with_its_rope_scaling(tmp_path, monkeypatch):
         assert json.load(f)["rope_scaling"] is None
 
 
+def test_config_without_import_and_an_entry_per_dtype(tmp_path, monkeypatch):
+    """model_config reads a GGUF's config without dequantizing it (the same config.json the import
+    then writes), and each dtype a model runs in gets its own entry, holding exactly the weights
+    the loader made from float32 before: the float32 entry's, rounded."""
+    from safetensors.torch import load_file
+    import weights.gguf_import as gi
+    from weights.load import model_config
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = str(tmp_path / "llama31.gguf")
+    write_gguf(path, divisors(64, LLAMA31_ROPE))
+    imports = []
+    real = gi._write_import
+    monkeypatch.setattr(gi, "_write_import", lambda *a: imports.append(a[-1]) or real(*a))
+    before = gi.gguf_config(path)
+    name, args = model_config(path)
+    assert imports == [] and name == "llama31.gguf" and args.rope_scaling == LLAMA31_ROPE
+    f32 = import_gguf(path, log=lambda _: None)
+    with open(os.path.join(f32, "config.json")) as f:
+        assert json.load(f) == before
+    bf16 = import_gguf(path, log=lambda _: None, dtype=torch.bfloat16)
+    assert imports == [torch.float32, torch.bfloat16] and bf16 == f32 + "-bfloat16"
+    assert import_gguf(path, log=lambda _: None, dtype=torch.bfloat16) == bf16 and len(imports) == 2  # reused
+    a, b = load_file(os.path.join(f32, "model.safetensors")), load_file(os.path.join(bf16, "model.safetensors"))
+    assert set(a) == set(b) and all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].bfloat16()) for k in a)
+
+
 @pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
 def test_hf_configs_rope_scaling_in_either_layout(layout):
     """transformers >= 5 writes rope settings as rope_parameters: llama3 there is read as in

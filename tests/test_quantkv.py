@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from engine.config import preset
-from engine.kv import build_policies
 from engine.graphs import Decoder
 from engine.kv.base import KVPolicy
 from engine.kv.quant import QuantKV

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import weights.gguf_import as gi
+from weights.safetensors_write import write_safetensors
 
 
 def write_entry(directory: str) -> None:
@@ -29,7 +30,7 @@ def cache(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF fake")
     calls = []
 
-    def fake_write(path, out_dir, name):
+    def fake_write(path, out_dir, name, dtype):
         calls.append(out_dir)
         write_entry(out_dir)
         gi._sync(out_dir)
@@ -112,7 +113,7 @@ def test_streamed_safetensors_read_back_and_make_one_tensor_at_a_time(tmp_path, 
         alive.add(name)
         weakref.finalize(t, alive.discard, name)
         return t
-    gi.write_safetensors(path, [(k, tuple(v.shape), lambda k=k: make(k)) for k, v in want.items()], dtype)
+    write_safetensors(path, [(k, tuple(v.shape), lambda k=k: make(k)) for k, v in want.items()], dtype)
     got = load_file(path)
     assert set(got) == set(want)
     for k, v in want.items():
@@ -120,4 +121,4 @@ def test_streamed_safetensors_read_back_and_make_one_tensor_at_a_time(tmp_path, 
     assert seen == [0, 0, 0]
     assert gi.entry_problem(str(tmp_path)) is not None  # no config.json: only the weights were written
     with pytest.raises(ValueError, match="made \\(3, 5\\), the header says \\(5, 3\\)"):
-        gi.write_safetensors(path, [("w", (5, 3), lambda: want["w"])], dtype)
+        write_safetensors(path, [("w", (5, 3), lambda: want["w"])], dtype)

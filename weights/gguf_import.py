@@ -1,7 +1,8 @@
 """Import a llama.cpp GGUF file (the default model ships as one) into an HF-layout directory.
 
-The file is dequantized once with the `gguf` package and written as config.json + model.safetensors
-into the cache directory; later runs load the cached copy like any HF checkpoint. The import is
+The file is dequantized once per dtype the model runs in (float32 on CPU, bfloat16 on a GPU) with the
+`gguf` package, a tensor at a time, and written as config.json + model.safetensors into the cache
+directory; later runs load the cached copy like any HF checkpoint. The import is
 atomic: it writes into a temporary directory, syncs it to disk and renames it into place, so a
 failure (corrupt file, disk full, Ctrl-C) never leaves a half-written cache entry behind. What other
 mishaps leave (a disk that lost the data anyway, an entry copied in by hand and cut short, the
@@ -12,18 +13,17 @@ with a one-line note if not, and temporary directories of dead processes are rem
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
 import tempfile
 import time
-from typing import Callable
 
 import numpy as np
 import torch
 
 from engine.config import ModelArgs
+from weights.safetensors_write import SAFETENSORS_DTYPES, write_safetensors
 
 CACHE_VERSION = 1  # bump when the import format changes, so stale cache entries are not reused
 
@@ -120,9 +120,10 @@ def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict | N
     raise ValueError("rope_freqs is not a Llama-3 (llama3) RoPE rescaling this importer can reproduce")
 
 
-def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
+def _open(gguf_path: str, name: str):
+    """-> (the GGUF reader, ModelArgs with the RoPE rescaling of a rope_freqs tensor). The reader
+    maps the file: nothing is dequantized here."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
         reader = GGUFReader(gguf_path)
@@ -132,13 +133,22 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
         args = gguf_args(reader, name)
     except (TypeError, KeyError) as e:
         raise ValueError(f"{gguf_path}: GGUF metadata incomplete ({e})") from None
-    weights = []  # (HF name, shape, the GGUF tensor): every name checked before the long part
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # not a weight: Llama-3.1's RoPE rescaling, into config.json
             try:
                 args.rope_scaling = llama3_scaling(np.asarray(t.data), args.head_dim, args.rope_theta)
             except ValueError as e:
                 raise ValueError(f"{gguf_path}: {e}") from None
+    return reader, args
+
+
+def _write_import(gguf_path: str, out_dir: str, name: str, dtype: torch.dtype) -> None:
+    from gguf.quants import dequantize
+
+    reader, args = _open(gguf_path, name)
+    weights = []  # (HF name, shape, the GGUF tensor): every name checked before the long part
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # in config.json (_open)
             continue
         weights.append((_hf_name(t.name), tuple(int(n) for n in reversed(t.shape)), t))  # GGUF lists dims fastest first
 
@@ -154,39 +164,10 @@ def _write_import(gguf_path: str, out_dir: str, name: str) -> None:
         return torch.from_numpy(np.ascontiguousarray(w))
 
     write_safetensors(os.path.join(out_dir, "model.safetensors"),
-                      [(name, shape, lambda t=t: dequantized(t)) for name, shape, t in weights], torch.float32)
+                      [(name, shape, lambda t=t: dequantized(t)) for name, shape, t in weights], dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}, f, indent=1)
+        json.dump(_hf_config(args, gguf_path), f, indent=1)
     _sync(out_dir)
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]],
-                      dtype: torch.dtype) -> None:
-    """Write a safetensors file one tensor at a time: tensors are (name, shape, make), and make()
-    is called only when its bytes are due, so one dequantized tensor is in memory at a time
-    (collecting them all first took 32 GB of float32 for an 8B model). The header goes first: an
-    8-byte length, then JSON giving each tensor's dtype, shape and [begin, end) in the data that
-    follows, padded with spaces to a multiple of 8 bytes."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    header, at = {}, 0
-    for name, shape, _ in tensors:
-        size = math.prod(shape) * elem
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
-        at += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, make in tensors:
-            t = make().to(dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: made {tuple(t.shape)}, the header says {tuple(shape)}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
-            del t  # before the next make()
 
 
 def _sync(directory: str) -> None:
@@ -247,16 +228,42 @@ def _remove_stale_imports(root: str, log) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def import_gguf(gguf_path: str, log=print) -> str:
-    """Return the cache directory holding the dequantized HF-layout copy of `gguf_path`,
-    importing it first if needed."""
+def _entries(gguf_path: str) -> tuple[str, dict[torch.dtype, str]]:
+    """(the file's name stem, its cache entry's directory per dtype). An entry is keyed by the
+    file's size and modification time, so an edited file is imported afresh; float32 entries keep
+    the key they had before entries had a dtype."""
     if not os.path.isfile(gguf_path):
         raise ValueError(f"{gguf_path}: no such GGUF file")
     st = os.stat(gguf_path)
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    key = f"{stem}-{st.st_size:x}-{int(st.st_mtime):x}-v{CACHE_VERSION}"
-    root = os.path.join(cache_root(), "gguf")
-    final = os.path.join(root, key)
+    key = os.path.join(cache_root(), "gguf", f"{stem}-{st.st_size:x}-{int(st.st_mtime):x}-v{CACHE_VERSION}")
+    return stem, {d: key + ("" if d == torch.float32 else "-" + str(d).removeprefix("torch."))
+                  for d in SAFETENSORS_DTYPES}
+
+
+def gguf_config(gguf_path: str) -> dict:
+    """The config.json an import of `gguf_path` writes, without importing (dequantizing) it: from
+    a cache entry of any dtype when there is one, else read from the file's metadata."""
+    stem, entries = _entries(gguf_path)
+    for entry in entries.values():
+        if os.path.isdir(entry) and entry_problem(entry) is None:
+            with open(os.path.join(entry, "config.json")) as f:
+                return json.load(f)
+    return _hf_config(_open(gguf_path, stem)[1], gguf_path)
+
+
+def _hf_config(args: ModelArgs, gguf_path: str) -> dict:
+    return {**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}
+
+
+def import_gguf(gguf_path: str, log=print, dtype: torch.dtype = torch.float32) -> str:
+    """Return the cache directory holding the dequantized HF-layout copy of `gguf_path` in `dtype`,
+    importing it first if needed. The copy is in the dtype the model will run in: rounding to it
+    once here gives the weights the loader would make from float32, and for an 8B model half the
+    disk (16 GB in bfloat16) and half the bytes to read on every load."""
+    stem, entries = _entries(gguf_path)
+    final = entries[dtype]
+    root = os.path.dirname(final)
     if os.path.isdir(final):
         problem = entry_problem(final)
         if problem is None:
@@ -268,7 +275,7 @@ def import_gguf(gguf_path: str, log=print) -> str:
     tmp = tempfile.mkdtemp(prefix=f".importing-{os.getpid()}-", dir=root)
     try:
         log(f"importing {os.path.basename(gguf_path)} (dequantizing once, cached in {final})")
-        _write_import(gguf_path, tmp, stem)
+        _write_import(gguf_path, tmp, stem, dtype)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same import first: use theirs

@@ -10,7 +10,7 @@ import torch
 
 from engine.config import ModelArgs, preset
 from engine.model import Llama
-from weights.gguf_import import import_gguf
+from weights.gguf_import import gguf_config, import_gguf
 from weights.hf import check_fits, load_hf, read_config
 from weights.tokenizer import Tokenizer
 from weights.tokenizer_files import load_tokenizer
@@ -51,14 +51,15 @@ def default_gguf_path() -> str:
     return path
 
 
-def _locate(spec: str | None, log) -> tuple[str, str, str | None]:
-    """`--model` -> (name, config source, tokenizer source): an HF directory (a GGUF file is imported
-    into one, once, and cached) and the file or directory the tokenizer comes from; for a random
-    preset, its preset name and None. Every problem is a one-line ValueError."""
+def _locate(spec: str | None) -> tuple[str, str, str | None]:
+    """`--model` -> (name, weights source, tokenizer source): an HF directory or a GGUF file (imported
+    into one by load_model, in the dtype it runs in, and cached), and the file or directory the
+    tokenizer comes from; for a random preset, its preset name and None. Every problem is a
+    one-line ValueError."""
     spec = spec or DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         path = default_gguf_path()
-        return DEFAULT_MODEL, import_gguf(path, log=log), path
+        return DEFAULT_MODEL, path, path
     if spec.startswith("random:"):
         preset(spec.split(":", 1)[1])  # an unknown preset fails here
         return spec, spec.split(":", 1)[1], None
@@ -68,16 +69,20 @@ def _locate(spec: str | None, log) -> tuple[str, str, str | None]:
     if os.path.isfile(spec):
         if not spec.endswith(".gguf"):
             raise ValueError(f"{spec}: a model file must be .gguf (or give an HF directory)")
-        return os.path.basename(spec), import_gguf(spec, log=log), spec
+        return os.path.basename(spec), spec, spec
     return os.path.basename(os.path.normpath(spec)), spec, spec
 
 
-def model_config(spec: str | None, log=print) -> tuple[str, ModelArgs]:
+def model_config(spec: str | None) -> tuple[str, ModelArgs]:
     """(name, ModelArgs) of `--model` without its weights: what the CLIs check policies and plans
-    against before the load, which reads every weight (16 GB for an 8B model). A GGUF file not yet
-    in the cache is imported here, as load_model would import it."""
-    name, source, tokenizer = _locate(spec, log)
-    return name, (preset(source) if tokenizer is None else read_config(source))
+    against before the load, which reads every weight (16 GB for an 8B model). A GGUF file's comes
+    from its metadata (or an earlier import's config.json): nothing is dequantized here."""
+    name, source, tokenizer = _locate(spec)
+    if tokenizer is None:
+        return name, preset(source)
+    if os.path.isfile(source):
+        return name, ModelArgs.from_hf_config(gguf_config(source), name=name)
+    return name, read_config(source)
 
 
 def _tokenizer(name: str, source: str, tokenizer: str | None) -> Tokenizer:
@@ -94,18 +99,20 @@ def _tokenizer(name: str, source: str, tokenizer: str | None) -> Tokenizer:
     return tok
 
 
-def model_tokenizer(spec: str | None, log=print) -> Tokenizer:
+def model_tokenizer(spec: str | None) -> Tokenizer:
     """The tokenizer load_model gives `--model`, without the weights: generate.py counts a hybrid's
     prompt tokens with it before the load, to check the KV budget against them."""
-    return _tokenizer(*_locate(spec, log))
+    return _tokenizer(*_locate(spec))
 
 
 def load_model(spec: str | None, device: torch.device | str, dtype: torch.dtype, log=print) -> Loaded:
-    name, source, tokenizer = _locate(spec, log)
+    name, source, tokenizer = _locate(spec)
     tok = _tokenizer(name, source, tokenizer)  # before the weights: its errors come first
     if tokenizer is None:  # random weights at a preset's shapes
         args = preset(source)
         check_fits(args, device, dtype, name)
         return Loaded(name, args, Llama.random(args, device, dtype), tok)
+    if os.path.isfile(source):  # a GGUF file
+        source = import_gguf(source, log, dtype)
     args, model = load_hf(source, device, dtype)
     return Loaded(name, args, model, tok)
