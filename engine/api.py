@@ -120,9 +120,9 @@ class LLM:
             if held + transient > peak:
                 peak, worst = held + transient, transient
         if peak > free:
-            raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device} and prefill at "
-                             f"least {fmt_bytes(worst)} more (residual stream, one layer's full K/V); "
-                             f"{fmt_bytes(free)} is free ({hint})")
+            raise ValueError(f"the KV cache for {what} and a prefill beside it need {fmt_bytes(peak)} on "
+                             f"{self.device} at the peak, {fmt_bytes(worst)} of it the prefill's least (residual "
+                             f"stream, one layer's full K/V); {fmt_bytes(free)} is free ({hint})")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
             on_host = need["pinned"]
             free_host = free_memory(torch.device("cpu"))

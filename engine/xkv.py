@@ -99,5 +99,5 @@ def out_of_dip(curve: list[float], prompt: int, k: int) -> int:
     reaches it. Example: samples 0, .2, .8, .9 at 0..3 tokens, majorant 0, .4, .8, .9: k = 1 holds
     .2 where .4 was counted, so 2 tokens (.8) are kept (the real samples are at FRACTIONS)."""
     want = float(interpolate(concave_majorant([f * prompt for f in FRACTIONS], list(curve)), prompt)[k])
-    have = interpolate(curve, prompt)[k:]
-    return k + int((have >= want - 1e-12).nonzero()[0])
+    hits = (interpolate(curve, prompt)[k:] >= want - 1e-12).nonzero()
+    return k + int(hits[0]) if len(hits) else k  # none: a curve that falls (hand-made), left as counted

@@ -123,7 +123,7 @@ def test_prefill_that_cannot_run_beside_the_caches_is_refused_up_front(monkeypat
     floor = llm.args.prefill_bytes(600, 4)
     assert floor > cache  # so "the caches fit" and "the prefill fits" are different checks here
     monkeypatch.setattr(engine.api, "free_memory", lambda device: cache + floor - 1)
-    with pytest.raises(ValueError, match=r"needs .* and prefill at least .* more \(residual stream"):
+    with pytest.raises(ValueError, match=r"a prefill beside it need .* at the peak, .* of it the prefill's least"):
         llm.generate([1] * 600, max_new_tokens=4)
     monkeypatch.setattr(engine.api, "free_memory", lambda device: cache + floor)
     with pytest.raises(pytest.fail.Exception, match="work started"):  # the check passed
@@ -132,5 +132,5 @@ def test_prefill_that_cannot_run_beside_the_caches_is_refused_up_front(monkeypat
     monkeypatch.setattr(engine.api, "free_memory", lambda device: short + cache + floor - 1)
     with pytest.raises(pytest.fail.Exception, match="work started"):  # the long prompt first: fits
         llm.generate([[1] * 600, [1] * 10], max_new_tokens=4)
-    with pytest.raises(ValueError, match="2 sequences .* and prefill at least"):  # last: it does not
+    with pytest.raises(ValueError, match="2 sequences .* and a prefill beside it"):  # last: it does not
         llm.generate([[1] * 10, [1] * 600], max_new_tokens=4)

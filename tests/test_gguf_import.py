@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import LLAMA31_ROPE
+from engine.config import LLAMA31_ROPE, ModelArgs
 from engine.rope import inv_frequencies
 from weights.gguf_import import import_gguf, llama3_scaling
 
@@ -110,15 +110,19 @@ def test_config_without_import_and_an_entry_per_dtype(tmp_path, monkeypatch):
     imports = []
     real = gi._write_import
     monkeypatch.setattr(gi, "_write_import", lambda *a: imports.append(a[-1]) or real(*a))
-    before = gi.gguf_config(path)
     name, args = model_config(path)
     assert imports == [] and name == "llama31.gguf" and args.rope_scaling == LLAMA31_ROPE
     f32 = import_gguf(path, log=lambda _: None)
     with open(os.path.join(f32, "config.json")) as f:
-        assert json.load(f) == before
+        assert ModelArgs.from_hf_config(json.load(f), name=name) == args
     bf16 = import_gguf(path, log=lambda _: None, dtype=torch.bfloat16)
     assert imports == [torch.float32, torch.bfloat16] and bf16 == f32 + "-bfloat16"
     assert import_gguf(path, log=lambda _: None, dtype=torch.bfloat16) == bf16 and len(imports) == 2  # reused
+    assert import_gguf(path, log=lambda _: None, dtype=torch.float64) == f32  # no float64 entry: float32's
+    for entry in (f32, bf16):  # damaged configs: read from the metadata again
+        with open(os.path.join(entry, "config.json"), "w") as f:
+            f.write("[]")
+    assert model_config(path) == (name, args) and len(imports) == 2
     a, b = load_file(os.path.join(f32, "model.safetensors")), load_file(os.path.join(bf16, "model.safetensors"))
     assert set(a) == set(b) and all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].bfloat16()) for k in a)
 

@@ -104,6 +104,8 @@ def test_out_of_dip_moves_to_where_the_curve_holds_the_majorant():
         assert j == k or raw[j - 1] < retention_at(curve, prompt, k) - 1e-12  # the first such count
         moved += j > k
     assert moved  # the curve dips
+    falling = [min(f, 1.5 - f) if f < 0.75 or f > 0.8 else 0.6 for f in FRACTIONS]  # hand-made: it falls
+    assert all(k <= out_of_dip(falling, prompt, k) <= prompt for k in range(prompt + 1))
 
 
 def test_greedy_keeps_a_layers_steps_in_order_when_slopes_round_out_of_order():

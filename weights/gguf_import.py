@@ -166,7 +166,7 @@ def _write_import(gguf_path: str, out_dir: str, name: str, dtype: torch.dtype) -
     write_safetensors(os.path.join(out_dir, "model.safetensors"),
                       [(name, shape, lambda t=t: dequantized(t)) for name, shape, t in weights], dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(_hf_config(args, gguf_path), f, indent=1)
+        json.dump({**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}, f, indent=1)
     _sync(out_dir)
 
 
@@ -241,19 +241,19 @@ def _entries(gguf_path: str) -> tuple[str, dict[torch.dtype, str]]:
                   for d in SAFETENSORS_DTYPES}
 
 
-def gguf_config(gguf_path: str) -> dict:
-    """The config.json an import of `gguf_path` writes, without importing (dequantizing) it: from
-    a cache entry of any dtype when there is one, else read from the file's metadata."""
+def gguf_config(gguf_path: str, name: str) -> ModelArgs:
+    """The ModelArgs an import of `gguf_path` gives, without importing (dequantizing) it: from a
+    cache entry of any dtype whose config.json reads as one, else from the file's metadata."""
     stem, entries = _entries(gguf_path)
     for entry in entries.values():
-        if os.path.isdir(entry) and entry_problem(entry) is None:
+        try:
             with open(os.path.join(entry, "config.json")) as f:
-                return json.load(f)
-    return _hf_config(_open(gguf_path, stem)[1], gguf_path)
-
-
-def _hf_config(args: ModelArgs, gguf_path: str) -> dict:
-    return {**args.to_hf_config(), "imported_from": os.path.abspath(gguf_path)}
+                return ModelArgs.from_hf_config(json.load(f), name=name)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none, or damaged: the next
+            continue
+    args = _open(gguf_path, stem)[1]
+    args.name = name
+    return args
 
 
 def import_gguf(gguf_path: str, log=print, dtype: torch.dtype = torch.float32) -> str:
@@ -262,6 +262,8 @@ def import_gguf(gguf_path: str, log=print, dtype: torch.dtype = torch.float32) -
     once here gives the weights the loader would make from float32, and for an 8B model half the
     disk (16 GB in bfloat16) and half the bytes to read on every load."""
     stem, entries = _entries(gguf_path)
+    if dtype not in entries:  # e.g. float64, for a direct caller: loaded from float32
+        dtype = torch.float32
     final = entries[dtype]
     root = os.path.dirname(final)
     if os.path.isdir(final):

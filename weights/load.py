@@ -81,7 +81,7 @@ def model_config(spec: str | None) -> tuple[str, ModelArgs]:
     if tokenizer is None:
         return name, preset(source)
     if os.path.isfile(source):
-        return name, ModelArgs.from_hf_config(gguf_config(source), name=name)
+        return name, gguf_config(source, name)
     return name, read_config(source)
 
 
