@@ -15,7 +15,7 @@ import sys
 from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
 from engine.eval.haystack import make_haystack
 from engine.planner import FLOOR, check_kv_budget, harm_weights, parse_kv_budget, plan_kinds
-from engine.profile import FRACTIONS, stats_from_json, stats_to_json
+from engine.layer_stats import FRACTIONS, stats_from_json, stats_to_json
 from engine.runner import prompt_room
 
 NATURAL_TEXT = "/usr/share/common-licenses/GPL-3"  # long plain English on Debian machines

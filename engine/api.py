@@ -24,7 +24,8 @@ from engine.cli import fmt_bytes, free_memory, resolve_device
 from engine.kv import spec_cost
 from engine.plan import Plan, policy_specs
 from engine.planner import FLOOR, check_kv_budget, make_plan, plan_kinds
-from engine.profile import LayerStats, ProfileConfig, average, profile_prompt
+from engine.layer_stats import LayerStats, average
+from engine.profile import ProfileConfig, profile_prompt
 from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, encode_prompt, fit_prompt, prompt_room, stream_batch
 from engine.sampling import SamplingParams

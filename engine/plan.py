@@ -27,7 +27,7 @@ import torch
 
 from engine.config import ModelArgs
 from engine.kv import build_policies, check_spec, parse_policy
-from engine.profile import LayerStats
+from engine.layer_stats import LayerStats
 
 
 @dataclass

@@ -29,7 +29,8 @@ from engine.cli import fmt_bytes
 from engine.config import ModelArgs
 from engine.kv import spec_cost
 from engine.plan import Option
-from engine.profile import FRACTIONS, QUANT_BITS, LayerStats, ProfileConfig
+from engine.layer_stats import FRACTIONS, QUANT_BITS, LayerStats
+from engine.profile import ProfileConfig
 from engine.xkv import allocate_tau, allocate_tokens
 
 KINDS = ("full", "quant", "evict", "offload")  # the policies a hybrid plan chooses among

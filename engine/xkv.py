@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.profile import FRACTIONS
+from engine.layer_stats import FRACTIONS
 
 
 def concave_majorant(xs: list[float], ys: list[float]) -> list[float]:

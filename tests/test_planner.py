@@ -12,7 +12,7 @@ from engine.kv import build_policies, spec_cost
 from engine.plan import Option, Plan
 from engine.planner import greedy_choose, upper_hull
 from engine.xkv import allocate_tau, allocate_tokens, token_gains
-from engine.profile import FRACTIONS
+from engine.layer_stats import FRACTIONS
 from stepping import attend_next
 
 
@@ -287,7 +287,7 @@ def test_evict_only_plans_stay_within_a_budget_at_the_least_they_can_take(mode):
     """Every evict layer keeps its window (32) whatever --floor says: a floor of 8 once let a plan
     priced for 8 tokens per layer allocate 32 and go 2.5x over its budget, silently."""
     from engine.planner import check_kv_budget, make_plan
-    from engine.profile import LayerStats
+    from engine.layer_stats import LayerStats
     args = preset("tiny", vocab_size=300)
     prompt, new = 400, 8
     curve = [min(1.0, 4 * f) for f in FRACTIONS]  # concave: most of the mass in the first quarter

@@ -11,7 +11,8 @@ from engine.config import preset
 from engine.kv.evict import BudgetedEvictKV
 from engine.kv.offload import OffloadKV
 from engine.planner import harm_weights, layer_options, plan_hybrid
-from engine.profile import CAL, FRACTIONS, LayerStats, ProfileConfig, calibration_specs, layer_stats, profile_prompt
+from engine.layer_stats import FRACTIONS, LayerStats
+from engine.profile import CAL, ProfileConfig, calibration_specs, layer_stats, profile_prompt
 from engine.runner import generate
 from engine.sampling import SamplingParams
 from stepping import attend_next, decode_logits
