@@ -150,6 +150,10 @@ def test_sentencepiece_model(tmp_path):
         assert t.encode(text) == [sp.bos_id()] + sp.encode(text)
     assert t.decode(t.encode("hello world")) == "<s>hello world"
     assert t.encode("<s>hello</s>", bos=False) == [sp.bos_id()] + sp.encode("hello") + [sp.eos_id()]
+    # user text is encoded whole, as sentencepiece encodes it: cut at "<s>", every piece got a space
+    user = "This is <s>wrong</s> <unk> right"
+    assert t.encode(user, bos=False, allow_special=False) == sp.encode(user)
+    assert t.decode(t.encode(user, bos=False, allow_special=False)) == user
     ids = t.encode("naïve llama über world 字", bos=False)
     sd = StreamDecoder(t)
     assert "".join([sd.push(i) for i in ids] + [sd.flush()]) == t.decode(ids)
@@ -209,6 +213,25 @@ def test_user_text_never_becomes_control_tokens(tok, ref):
     assert sorted(t for t in chat if t in specials) == sorted(t for t in benign if t in specials)  # the template's
     assert INJECTION in tok.decode(chat)
     for messages in ([{"role": "user", "content": "What is 2+2?"}],
-                     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": " Hi there "}]):
+                     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": " Hi there "}],
+                     *([{"role": "user", "content": c}] for c in ("\n\nhi", " \nhi", "  hi  ", "\tcode\n"))):
         rendered = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert tok.encode_chat(messages) == tok.encode(rendered, bos=False)
+        assert tok.encode_chat(messages) == tok.encode(rendered, bos=False)  # contents once split BPE words
+        assert tok.encode_chat(messages) == ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                                    return_dict=False)
+    for text in ("Use <|endoftext|> to end.", INJECTION, "a<repo_name>b", " <|im_start|>x"):
+        literal = tok.encode(text, bos=False, allow_special=False)  # once cut at each special's text
+        assert literal == ref.encode(text, add_special_tokens=False, split_special_tokens=True), text
+
+
+def test_gguf_pre_tokenizer_splits_match_transformers():
+    """A GGUF names its pre-tokenizer (tokenizer.ggml.pre); a name we lacked fell back to GPT-2's split
+    (Mistral-Nemo's "tekken": 406 of 1,000 fuzz strings tokenized apart from transformers)."""
+    from weights.tokenizer_files import GGUF_PRE_PATTERNS
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    theirs = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", None)
+    if theirs is None:
+        pytest.skip("this transformers has no GGUF pre-tokenizer table")
+    shared = set(theirs) & set(GGUF_PRE_PATTERNS)
+    assert {"llama-bpe", "qwen2", "tekken", "gpt-4o"} <= shared
+    assert all(GGUF_PRE_PATTERNS[k] == theirs[k] for k in shared), [k for k in shared if GGUF_PRE_PATTERNS[k] != theirs[k]]

@@ -50,37 +50,59 @@ class Tokenizer:
         return ids
 
     def _encode_literal(self, text: str) -> list[int]:
-        """Ids of `text` with no special token: each occurrence of a special's text is encoded in
-        two pieces ("<" and "|im_end|>"), which no backend matches as the special; should a piece
-        still map to a special id (HF tokenizers and sentencepiece match added tokens inside plain
-        text), it is encoded one character at a time."""
-        parts = self._literal_re.split(text) if self._literal_re else [text]
-        special_ids, ids = set(self.specials.values()), []
+        """Ids of `text` with no special token, encoded in one pass as the model's own tokenizer
+        would encode it with specials switched off (`_encode_text`): splitting it at each special's
+        text gave other ids ("Use <|endoftext|>" as " ", "<" ... instead of " <" ...) and, for
+        sentencepiece, a space before every piece. Should a backend still return a special id (an
+        added token matched inside plain text), each special's text is encoded in two pieces ("<"
+        and "|im_end|>"), and a piece still mapping to one is encoded a character at a time."""
+        special_ids = set(self.specials.values())
+        ids = self._encode_text(text)
+        if not special_ids.intersection(ids):
+            return ids
+        parts, ids = self._literal_re.split(text), []
         for i, part in enumerate(parts):
-            pieces = [part[:1], part[1:]] if i % 2 else [part]
-            for piece in filter(None, pieces):
+            for piece in filter(None, [part[:1], part[1:]] if i % 2 else [part]):
                 got = self._encode_plain(piece)
                 if special_ids.intersection(got):
                     got = [t for ch in piece for t in self._encode_plain(ch)]
                 ids.extend(got)
         return ids
 
+    def _encode_text(self, text: str) -> list[int]:
+        """`text` in one pass, special-token text encoded as ordinary text (backends override)."""
+        return self._encode_plain(text)
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The chat template's ids, every message's content encoded as plain text (allow_special=False):
-        the template is rendered with a marker per message, its own text parsed with specials, and the
-        contents spliced in. A template that trims contents (Llama-3's `| trim`) eats the spaces around
-        the marker; the content is then stripped the same way. No BOS is added: the template writes it.
-        E.g. SmolLM2, content "hi": "<|im_start|>user\n" + "hi" + "<|im_end|>\n<|im_start|>assistant\n"."""
+        """The chat template's ids, every message's content kept as plain text (allow_special=False):
+        the template is rendered with a marker per message and the contents put in their places;
+        then control tokens are parsed only outside the contents, and the text between two of them
+        is encoded in one pass, as the model's own tokenizer encodes a rendered template (encoding
+        template and content apart split BPE words across the seam: content "\n\nhi" after the
+        template's "user\n" gave "\n", "\n", "\n" where the model's tokenizer has "\n\n", "\n").
+        A template that trims contents (Llama-3's `| trim`) eats the spaces around the marker; the
+        content is then stripped the same way. No BOS is added: the template writes it. E.g.
+        SmolLM2, content "hi": "<|im_start|>" "user\nhi" "<|im_end|>" "\n" "<|im_start|>" "assistant\n"."""
         marked = [{**m, "content": f" \x00{i}\x00 "} for i, m in enumerate(messages)]
         text = self.apply_chat_template(marked, add_generation_prompt)
-        ids, pos = [], 0
+        pieces, spans, pos, at = [], [], 0, 0  # spans: each content's [start, end) in the joined text
         for m in re.finditer(r"( ?)\x00(\d+)\x00( ?)", text):
-            ids += self.encode(text[pos:m.start()], bos=False)
             content = messages[int(m.group(2))]["content"]
-            trimmed = not (m.group(1) and m.group(3))
-            ids += self._encode_literal(content.strip() if trimmed else content)
-            pos = m.end()
-        return ids + self.encode(text[pos:], bos=False)
+            if not (m.group(1) and m.group(3)):  # trimmed by the template
+                content = content.strip()
+            pieces += [text[pos:m.start()], content]
+            at += m.start() - pos
+            spans.append((at, at + len(content)))
+            at, pos = at + len(content), m.end()
+        full = "".join(pieces) + text[pos:]
+        ids, start = [], 0
+        for m in self._literal_re.finditer(full) if self._literal_re else ():
+            if any(a < m.end() and m.start() < b for a, b in spans):
+                continue  # special-token text inside a message: the user's text
+            ids += self._encode_literal(full[start:m.start()]) if m.start() > start else []
+            ids.append(self.specials[m.group()])
+            start = m.end()
+        return ids + (self._encode_literal(full[start:]) if start < len(full) else [])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         if not self.chat_template:
@@ -130,6 +152,13 @@ class HFTokenizer(Tokenizer):
 
     def _encode_plain(self, text):
         return self._tk.encode(text, add_special_tokens=False).ids
+
+    def _encode_text(self, text):
+        self._tk.encode_special_tokens = True  # special tokens' text is text (HF's split_special_tokens)
+        try:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tk.encode_special_tokens = False
 
     def decode(self, ids):
         return self._tk.decode(ids, skip_special_tokens=False)
