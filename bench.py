@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", type=parse_policies, default=None,
                    help="our policies: full, quant (4-bit), evict, offload, hybrid, or name:key=value / plan:PATH "
                         "(default all five)")
-    p.add_argument("--kv-fraction", type=parse_list(fraction), default=[0.2],
+    p.add_argument("--kv-fraction", type=parse_list(fraction), default=None,
                    help="kept-KV fraction(s), e.g. 0.2 or 0.1,0.2,0.4: the first sets the latency matrix; quality is "
-                        "measured at each (accuracy-vs-fraction plot) (default 0.2)")
+                        "measured at each (accuracy-vs-fraction plot) (default 0.2; with --suite 0.05,0.1,0.2,0.35,0.5)")
     p.add_argument("--peers", type=parse_list(str),
                    help="transformers, kvpress, all, none, or single ones: hf-dynamic, hf-quanto4, hf-quanto2, "
                         "kvpress-snapkv, kvpress-pyramidkv, kvpress-adakv, kvpress-streamingllm, kvpress-tova, "
@@ -200,7 +200,7 @@ def run(a: argparse.Namespace) -> int:
     for flag in ignored:
         if getattr(a, flag[2:]) is not None:  # --depths -> a.depths
             raise ValueError(f"{flag} does nothing in {run}")
-    if run is not None and not a.suite and len(a.kv_fraction) > 1:  # a run without quality
+    if run is not None and not a.suite and len(a.kv_fraction or []) > 1:  # a run without quality
         raise ValueError(f"--kv-fraction: {run} uses only the first fraction; give one")
     a.seeds = 1 if a.seeds is None else a.seeds
     a.peers = ["all"] if a.peers is None else a.peers
@@ -242,9 +242,9 @@ def run(a: argparse.Namespace) -> int:
     for path, flag in ((a.json, "--json"), (a.markdown, "--markdown")):
         check_writable(path, flag)
     check_dir_writable(a.plots, "--plots")
-    fractions = a.kv_fraction
-    if a.suite and fractions == [0.2]:  # the default: the suite draws curves
-        fractions = [0.2] if a.quick else [0.05, 0.1, 0.2, 0.35, 0.5]
+    fractions = a.kv_fraction  # None: the default; the suite's draws curves
+    if fractions is None:
+        fractions = [0.05, 0.1, 0.2, 0.35, 0.5] if a.suite and not a.quick else [0.2]
     cfg = BenchConfig(ctxs=a.ctx or ([1024] if a.quick else [2048, 4096, 8192]), policies=policies,
                       fractions=fractions, steps=a.steps, warmup=a.warmup,
                       depths=a.depths or ([0.5] if a.quick else [0.25, 0.5, 0.75]), seeds=a.seeds,

@@ -85,6 +85,15 @@ def test_cache_bytes_counts_a_dynamic_cache():
     assert cache_bytes(cache) == TINY.kv_bytes_per_token(4) * 40
 
 
+def test_peer_greedy_counts_the_cache_after_its_decode():
+    """The suite prices a peer's cache as ours: after the decode, decoded tokens included (it once
+    read it after the prefill, which made a peer look smaller than our policy keeping the same)."""
+    from engine.eval.peers import greedy
+    hf = hf_view(Llama.random(TINY, "cpu", torch.float32))
+    ids, held = greedy(hf, "hf-dynamic", list(range(10, 50)), 1.0, 6, set())
+    assert len(ids) == 6 and held == TINY.kv_bytes_per_token(4) * (40 + 5)  # the last token is not fed
+
+
 def test_parse_policy_and_peers():
     assert bench.parse_policies("full,quant:bits=2,residual=128,plan:p.json") == [
         "full", "quant:bits=2,residual=128", "plan:p.json"]
@@ -255,3 +264,40 @@ def test_throughput_batches_fill_the_memory_cap(reuse_models, capsys, tmp_path):
     (["--throughput", "--suite"], "not both"), (["--throughput", "--kv-memory=-1GiB"], "positive")])
 def test_throughput_bad_input_is_one_line(argv, fragment, capsys):
     assert_clean_error(call(bench.main, argv, capsys), fragment)
+
+
+def test_matrix_quality_survives_a_policy_that_cannot_plan(reuse_models, capsys, tmp_path):
+    """At 5% of a 256-token prompt no hybrid plan fits: only the hybrid's rows say so (all of ours
+    once carried its error, and the peers' rows were dropped). A name:key=value spec keeps what it
+    says at any fraction: measured once, its cell's fraction None."""
+    out = tmp_path / "m.json"
+    argv = ["--ctx", "256", "--kv-fraction", "0.5,0.05", "--policies", "full,evict,hybrid,evict:budget=64",
+            "--peers", "hf-dynamic", "--steps", "16", "--warmup", "0", "--no-warmup", "--continuation", "4",
+            "--depths", "0.5", "--seeds", "1", "--json", str(out)]
+    ran = call(bench.main, argv, capsys)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    res = json.loads(out.read_text())
+    sweep = {(r["policy"], r["fraction"]): r["quality"] for r in res["sweep"]}
+    assert "error" in sweep[("hybrid", 0.05)] and "error" not in sweep[("hybrid", 0.5)]
+    assert "error" not in sweep[("evict", 0.05)] and "kl" in sweep[("evict", 0.05)]
+    assert ("evict:budget=64", 0.5) in sweep and ("evict:budget=64", 0.05) not in sweep
+    cells = {c["policy"]: c for c in res["cells"]}
+    assert cells["evict:budget=64"]["fraction"] is None and cells["evict"]["fraction"] == 0.5
+    assert ("hf-dynamic", 0.5) in sweep and "kl" in sweep[("hf-dynamic", 0.5)]
+
+
+@pytest.mark.parametrize("argv, fractions", [
+    (["--suite"], [0.05, 0.1, 0.2, 0.35, 0.5]),  # the suite's default draws curves
+    (["--suite", "--kv-fraction", "0.2"], [0.2]),  # asked for: kept (it was taken for the default)
+    ([], [0.2]),
+])
+def test_kv_fraction_default_and_asked(reuse_models, argv, fractions, capsys, monkeypatch):
+    import engine.eval.matrix
+    import engine.eval.suite
+    seen = []
+    capture = lambda m, cfg, *rest: seen.append(cfg.fractions)  # noqa: E731
+    monkeypatch.setattr(engine.eval.suite, "run_suite_all", capture)
+    monkeypatch.setattr(engine.eval.matrix, "run_matrix", capture)
+    ran = call(bench.main, ["--ctx", "256", "--peers", "none", "--policies", "full", *argv], capsys)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert seen == [fractions]

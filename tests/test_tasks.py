@@ -50,6 +50,19 @@ def test_scoring(tok):
     assert t.score("I do not know.") == 0.0
     w = make_task("niah-word", tok, 1024, 0)
     assert w.score(w.answers[0].upper()) == 1.0  # words case-insensitively
+    # whole items only: a degraded cache's longer number or word is not the answer
+    n = make_task("niah-number", tok, 1024, 0)
+    key = n.answers[0]
+    assert n.score(f": {key}.") == n.score(f"({key})") == 1.0
+    assert n.score(f": {key}9.") == n.score(f": 1{key}") == n.score(f"x{key}") == 0.0
+    assert w.score("w" + w.answers[0]) == w.score(w.answers[0] + "s") == 0.0
+
+
+def test_pass_key_is_found_as_a_whole_number():
+    from engine.eval.haystack import Haystack
+    h = Haystack(ids=[], key="27611", depth=0.5)
+    assert h.found(" 27611. Remember") and h.found("is 27611")
+    assert not h.found(" 276111.") and not h.found(" 127611") and not h.found("a27611")
 
 
 def test_answer_items():

@@ -8,6 +8,7 @@ chat phrasing fails beyond ~1k, so this isolates what the KV policy does to retr
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -19,6 +20,11 @@ NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
+def contains_item(text: str, item: str) -> bool:
+    """`item` occurs in `text` (case aside) with no letter or digit right before or after it."""
+    return re.search(rf"(?<![^\W_]){re.escape(item.lower())}(?![^\W_])", text.lower()) is not None
+
+
 @dataclass
 class Haystack:
     ids: list[int]
@@ -26,7 +32,8 @@ class Haystack:
     depth: float  # where the needle sits, as a fraction of the filler
 
     def found(self, generated_text: str) -> bool:
-        return self.key in generated_text
+        """The key as a whole number: " 604941." or " 960494" is not key 60494."""
+        return contains_item(generated_text, self.key)
 
 
 def make_haystack(tok, n_tokens: int, depth: float = 0.5, seed: int = 0, key: str | None = None) -> Haystack:

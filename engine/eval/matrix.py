@@ -14,6 +14,11 @@ from engine.eval import peers as peer_mod
 FRACTION_FREE = ("full", "quant", "hf-dynamic", "hf-quanto4", "hf-quanto2")  # what a kept fraction does not change
 
 
+def fraction_free(name: str) -> bool:
+    """Also name:key=value specs and plan:PATH: they keep what they say, whatever the fraction."""
+    return name in FRACTION_FREE or ":" in name
+
+
 @dataclass
 class Context:
     """What every cell of one context length shares."""
@@ -28,7 +33,7 @@ class Context:
 
 def _cell(engine: str, policy: str, c: Context) -> dict:
     return {"engine": engine, "policy": policy, "ctx": c.ctx, "prompt_tokens": len(c.ids),
-            "fraction": c.cfg.fractions[0], "status": "pending", "quality": None}
+            "fraction": None if fraction_free(policy) else c.cfg.fractions[0], "status": "pending", "quality": None}
 
 
 def _ours_latency(c: Context, name: str, specs: dict, cell: dict) -> dict:
@@ -45,8 +50,16 @@ def _ours_latency(c: Context, name: str, specs: dict, cell: dict) -> dict:
 
 
 def _ours_quality(c: Context, specs: dict, names: list[str], f: float, out: dict) -> dict:
-    todo = {k: specs.get(k) or cells.policy_specs(k, c.m, c.ids, f, len(c.cont)) for k in names}
+    """A policy that cannot be built at f (no hybrid plan fits a small fraction) gets its own error
+    row; the others, and the FullKV reference the peers are compared with, are measured anyway."""
+    todo, failed = {}, {}
+    for k in names:
+        try:  # planned for the new tokens the latency cell planned for: one plan per fraction
+            todo[k] = specs.get(k) or cells.policy_specs(k, c.m, c.ids, f, max(c.cfg.new_tokens, len(c.cont)))
+        except ValueError as e:
+            failed[k] = {"error": str(e)}
     out["ours"], out["ref"] = cells.quality_cells(c.m, c.ids, c.cont, todo, f, c.cfg, c.log)
+    out["ours"].update(failed)
     return {}
 
 
@@ -115,7 +128,7 @@ def _quality_at(c: Context, f: float, specs: dict, by_name: dict, peers: list[st
     """Quality at kept fraction f: our policies (one shared prefill per prompt), then each peer
     against the same FullKV reference. Fraction-free entries are measured at the first only."""
     first = f == c.cfg.fractions[0]
-    names = [k for k in c.cfg.policies if k in by_name and (first or k not in FRACTION_FREE)]
+    names = [k for k in c.cfg.policies if k in by_name and (first or not fraction_free(k))]
     out: dict = {}
     probe = {"engine": "layerkv", "policy": "quality", "ctx": c.ctx}
     cells.guarded(probe, device, partial(_ours_quality, c, specs, names, f, out), c.log)
@@ -124,7 +137,7 @@ def _quality_at(c: Context, f: float, specs: dict, by_name: dict, peers: list[st
     if "ref" not in out:
         return
     for peer in peers:
-        if not first and peer in FRACTION_FREE:
+        if not first and fraction_free(peer):
             continue
         row: dict = {}
         probe = {"engine": peer, "policy": "quality", "ctx": c.ctx}

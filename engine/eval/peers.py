@@ -156,13 +156,13 @@ def latency_cell(hf, peer: str, ids: list[int], fraction: float, cfg) -> dict:
 @torch.inference_mode()
 def greedy(hf, peer: str, prompt: list[int], fraction: float, max_new_tokens: int, eos_ids) -> tuple[list[int], int]:
     """Greedy tokens after `prompt` under `peer` at `fraction`, as engine/eval/quality.greedy does for
-    our policies -> (tokens, bytes the cache held after the prefill)."""
+    our policies -> (tokens, bytes the cache holds after the decode: the tokens it decoded are
+    counted, as our policies count the room they keep for them)."""
     cache = make_cache(peer, hf)
     ids = [int(prefill(hf, prompt, cache, make_press(peer, fraction)).argmax(-1))]
-    held = cache_bytes(cache)
     while ids[-1] not in eos_ids and len(ids) < max_new_tokens:
         ids.append(int(forward(hf, ids[-1:], cache, len(prompt) + len(ids) - 1)[-1].argmax(-1)))
-    return ids, held
+    return ids, cache_bytes(cache)
 
 
 @torch.inference_mode()

@@ -27,15 +27,15 @@ def table(results: dict) -> str:
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in results["cells"]:
         lead = f"| {c['engine']} | {c['policy']} | {_ctx_label(c['ctx'])} | {c.get('prompt_tokens', '–')} "
-        if c["status"] != "ok":
-            rows.append(lead + f"| {c['status']}: {c.get('reason', '')} |" + " |" * 9)
-            continue
         q = c.get("quality") or {}
         pk = f"{q['passkey_found']}/{q['passkey_trials']}" if "passkey_found" in q else "–"
+        quality = f" {pk} | {_q(c, 'kl', '.4f')} | {_q(c, 'top1', '.3f')} | {_q(c, 'ppl', '.2f')} |"
+        if c["status"] != "ok":  # the latency run failed or was skipped; quality may still stand
+            rows.append(lead + f"| {c['status']}: {c.get('reason', '')} |" + " |" * 5 + (quality if q else " |" * 4))
+            continue
         rows.append(lead + f"| {c['prefill_s']:.2f} | {c['decode_ms_per_token']:.1f} "
                     f"| {c['kv_bytes']['device'] / MiB:.1f} | {c['kv_bytes']['host'] / MiB:.1f} "
-                    f"| {c['kv_ratio']:.3f} | {c['peak_memory_bytes'] / MiB:.0f} | {pk} "
-                    f"| {_q(c, 'kl', '.4f')} | {_q(c, 'top1', '.3f')} | {_q(c, 'ppl', '.2f')} |")
+                    f"| {c['kv_ratio']:.3f} | {c['peak_memory_bytes'] / MiB:.0f} |" + quality)
     return "\n".join(rows)
 
 

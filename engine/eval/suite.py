@@ -82,7 +82,7 @@ def peer(hf, name: str, tok, task, fractions: list[float]) -> list[dict]:
         ids, held = peer_mod.greedy(hf, name, task.ids, f or 1.0, task.max_new_tokens, tok.eos_ids)
         engine = "kvpress" if name.startswith("kvpress-") else "transformers"
         rows.append(_row(engine, name.removeprefix("kvpress-"), f, task, _text(tok, ids),
-                         held / (per_token * len(task.ids))))
+                         held / (per_token * (len(task.ids) + task.max_new_tokens))))  # as ours(): FullKV of both
     return rows
 
 
