@@ -80,6 +80,16 @@ def test_chat_template_matches_transformers(tok, ref, messages):
         messages, tokenize=False, add_generation_prompt=False)
 
 
+def test_generation_blocks_render_their_body():
+    """Templates that mark the assistant's turns with {% generation %} (for transformers' training
+    masks) failed with "unknown tag"; rendered as transformers renders them."""
+    from weights.chat import render_chat_template
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}"
+                "{% endgeneration %}{% else %}U: {{ m.content }}{% endif %} {% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert render_chat_template(template, messages) == "U: hi A: yo "  # as transformers 5.17 renders it
+
+
 def test_stream_decoder(tok):
     text = "Héllo wörld — 日本語 🦙👍🏽 e\u0301 ok"
     ids = tok.encode(text)

@@ -8,8 +8,9 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Meta-Llama-3-Instruct's template, for checkpoints that come as a bare `tokenizer.model` (Meta's
@@ -55,6 +56,17 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens with it
+    (for training masks); rendered, it is its body as is."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
                          bos_token: str = "", eos_token: str = "", **extra) -> str:
     """Render `template` like transformers' apply_chat_template(..., tokenize=False).
@@ -63,7 +75,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     templates in the wild rely on loopcontrols ({% break %}), raise_exception and strftime_now.
     A fresh environment per call keeps this free of shared state; compiling a template is ~1 ms.
     """
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
