@@ -10,17 +10,31 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script: str, **env: str) -> None:
-    """Run `script` in a fresh interpreter with `env` set (an empty value removes the variable)."""
+def _run(script: str, shards: int = 1, **env: str) -> None:
+    """Run `script` in a fresh interpreter with `env` set (an empty value removes the variable). With
+    shards > 1, that many interpreters run at once, each told its part in CHECK_SHARD ("i/n"; the
+    script takes its cases[i::n]) and given one thread: the interpreter runs Python a case at a
+    time, so on CI's 2 cores two shards take half the time."""
     full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          env={k: v for k, v in full.items() if v}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "cases failed: 0" in proc.stdout, proc.stdout
+    if shards > 1:
+        full["OMP_NUM_THREADS"] = "1"
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={k: v for k, v in {**full, "CHECK_SHARD": f"{i}/{shards}"}.items() if v})
+             for i in range(shards)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert "cases failed: 0" in out, out
 
 
-def check_interpreted(script: str) -> None:
-    _run(script, TRITON_INTERPRET="1", KERNEL_TEST_DEVICE="cpu")
+def shard_of(cases: list) -> list:
+    """This interpreter's part of `cases` (CHECK_SHARD "i/n"; all of them when unset)."""
+    i, n = map(int, os.environ.get("CHECK_SHARD", "0/1").split("/"))
+    return cases[i::n]
+
+
+def check_interpreted(script: str, shards: int = 1) -> None:
+    _run(script, shards, TRITON_INTERPRET="1", KERNEL_TEST_DEVICE="cpu")
 
 
 def check_compiled(script: str) -> None:

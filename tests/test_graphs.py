@@ -41,11 +41,12 @@ import os, torch
 from engine.config import preset
 from engine.model import Llama
 from stepping import decode_logits
+from interpreted import shard_of
 from test_graphs import ARGS, PROMPT, SPECS, TOTAL
 model = Llama.random(ARGS, "cpu", torch.float32, seed=7)
 tokens = torch.randint(0, 300, (1, TOTAL), generator=torch.Generator().manual_seed(0))
 bad = 0
-for spec in SPECS:
+for spec in shard_of(SPECS):
     out = {}
     for mode in ("torch", "triton"):
         os.environ["LAYERKV_KERNELS"] = mode
@@ -61,7 +62,7 @@ print("cases failed:", bad)
 ODD_HEAD_CHECK = DEVICE_FORM_CHECK.replace(
     "model = Llama.random(ARGS,", "model = Llama.random(preset('tiny', vocab_size=300, n_heads=4, n_kv_heads=2, dim=192, "
                                   "n_layers=1),").replace(  # head_dim 48
-    "for spec in SPECS:", "for spec in [SPECS[i] for i in (0, 1, 3, 4)]:").replace(  # full, evict, quant, offload
+    "for spec in shard_of(SPECS):", "for spec in [SPECS[i] for i in (0, 1, 3, 4)]:").replace(  # full, evict, quant, offload
     "(1, TOTAL)", "(1, 36)")  # 6 steps: QuantKV packs a key block at 32
 
 
@@ -88,7 +89,7 @@ def test_graphs_only_on_the_triton_kernels(monkeypatch):
 
 def test_device_position_kernels_equal_the_cpu_path():
     """Every policy, decoded with the kernels a GPU runs (interpreted) == the torch path."""
-    check_interpreted(DEVICE_FORM_CHECK)
+    check_interpreted(DEVICE_FORM_CHECK, shards=2)
 
 
 @pytest.mark.parametrize("spec", CUDA_SPECS, ids=spec_id)

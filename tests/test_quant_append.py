@@ -16,6 +16,7 @@ from interpreted import check_compiled, check_interpreted
 
 APPEND_CHECK = r"""
 import os, torch
+from interpreted import shard_of
 from kernels.fp8 import superscale
 from kernels.quant_append import quant_append_ref, quant_append_triton
 DEV = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
@@ -30,7 +31,7 @@ CASES = [(4, 64, False, False, torch.float32, 8, "kv"), (2, 32, False, True, tor
          (4, 64, False, False, torch.float32, 0, "none")]
 # interpreted 8-bit range searches are slow: each case runs once (the float32 ones against torch)
 runs = [("torch" if not c[2] and c[4] == torch.float32 else "triton", c) for c in CASES]
-for mode, (bits, group, clip, fp8, dtype, n_rows, rotate) in runs:
+for mode, (bits, group, clip, fp8, dtype, n_rows, rotate) in shard_of(runs):
     os.environ["LAYERKV_KERNELS"] = mode  # which quantize the reference calls (kernels.use_triton)
     g = torch.Generator().manual_seed(bits * 100 + n_rows)
     ranges = torch.uint8 if fp8 else dtype
@@ -71,7 +72,7 @@ print("cases failed:", bad)
 
 
 def test_quant_append_matches_reference_interpreted():
-    check_interpreted(APPEND_CHECK)
+    check_interpreted(APPEND_CHECK, shards=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
