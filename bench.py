@@ -26,6 +26,11 @@ Progress goes to stderr; the markdown table to stdout.
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (~2 s) ends the program quietly, not in a
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # traceback; cli() takes it over ("interrupted", exit 130)
+
 import argparse
 import datetime
 import importlib.metadata

@@ -7,6 +7,11 @@ results come out as JSONL, one line per prompt, in the file's order.
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (~2 s) ends the program quietly, not in a
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # traceback; cli() takes it over ("interrupted", exit 130)
+
 import argparse
 import json
 import resource
@@ -15,8 +20,8 @@ import time
 
 import torch
 
-from engine.cli import (Parser, cap_gpu_memory, check_writable, cli, fmt_bytes, gpu_memory, parse_tokens,
-                        read_prompts_file, resolve_device)
+from engine.cli import (Parser, cap_gpu_memory, check_distinct, check_writable, cli, fmt_bytes, gpu_memory,
+                        parse_tokens, read_prompts_file, resolve_device)
 from engine.eval.haystack import make_haystack
 from engine.cli_policy import add_policy_flags, policy_arg
 from engine.kv import parse_policy
@@ -187,6 +192,9 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     check_writable(a.stats_json, "--stats-json")
     check_writable(a.out, "--out")
+    check_distinct({"--out": a.out, "--stats-json": a.stats_json},
+                   [(flag, path) for flag, path in (("--prompt-file", a.prompt_file), ("--prompts-file", a.prompts_file),
+                                                    ("--plan", a.plan)) if path])
     device, dtype = resolve_device(a.device, a.dtype)
     cap_gpu_memory(a.gpu_memory, device)
     from engine import LLM, Plan  # heavy imports after the argument checks: errors come fast
@@ -240,8 +248,9 @@ def run(a: argparse.Namespace) -> int:
     peak = peak_memory_bytes(llm.device)
     reserved = torch.cuda.max_memory_reserved(llm.device) if llm.device.type == "cuda" else None
     log(f"prompt {out.prompt_tokens} tokens | prefill {out.prefill_s:.2f} s "
-        f"({out.prompt_tokens / max(out.prefill_s, 1e-9):.0f} tok/s) | decode {out.decode_ms_per_token:.1f} ms/token "
-        f"({len(out.token_ids)} tokens, {out.stop_reason}{', CUDA graph' if out.cuda_graphs else ''}) | "
+        f"({out.prompt_tokens / max(out.prefill_s, 1e-9):.0f} tok/s) | decode "
+        + (f"{out.decode_ms_per_token:.1f} ms/token" if out.decode_steps else "none (the prefill chose every token)")
+        + f" ({len(out.token_ids)} tokens, {out.stop_reason}{', CUDA graph' if out.cuda_graphs else ''}) | "
         f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})"
         + (f" | peak GPU {fmt_bytes(peak)} allocated, {fmt_bytes(reserved)} reserved (the whole run, profiling "
            f"included)" if reserved is not None else ""))
@@ -252,7 +261,7 @@ def run(a: argparse.Namespace) -> int:
             "model": llm.name, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
             "policy": a.policy, "ctx": a.ctx, "prompt_tokens": out.prompt_tokens,
             "generated_ids": out.token_ids, "text": out.text, "stop_reason": out.stop_reason,
-            "prefill_s": out.prefill_s, "decode_ms_per_token": out.decode_ms_per_token,
+            "prefill_s": out.prefill_s, "decode_ms_per_token": out.decode_ms_per_token if out.decode_steps else None,
             "decode_steps": out.decode_steps, "cuda_graphs": out.cuda_graphs,
             "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak, "peak_reserved_bytes": reserved,
             "layers": out.layers,

@@ -7,12 +7,18 @@ plan (JSON, for `generate.py --policy hybrid --plan FILE`) and a PNG of the stat
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (~2 s) ends the program quietly, not in a
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # traceback; cli() takes it over ("interrupted", exit 130)
+
 import argparse
 import json
 import os
 import sys
 
-from engine.cli import Parser, check_writable, cli, fmt_bytes, parse_tokens, resolve_device
+from engine.cli import (Parser, check_distinct, check_figure_format, check_writable, cli, fmt_bytes, parse_tokens,
+                        resolve_device)
 from engine.eval.haystack import make_haystack
 from engine.planner import FLOOR, check_kv_budget, harm_weights, parse_kv_budget, plan_kinds
 from engine.layer_stats import FRACTIONS, stats_from_json, stats_to_json
@@ -144,9 +150,15 @@ def run(a: argparse.Namespace) -> int:
                          "nothing: give another --stats path, or none")
     parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model
     files = read_prompt_files(a.prompt_file)
-    for path, flag in ((a.out, "--out"), (a.png, "--png"), (a.stats, "--stats")):
+    for path, flag in ((a.out, "--out"), (a.png or None, "--png"), (a.stats, "--stats")):  # --png '': none
         if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
             check_writable(path, flag)
+    check_distinct({"--out": a.out, "--png": a.png, "--stats": a.stats},
+                   [("--prompt-file", f) for f in a.prompt_file or []])
+    if a.png:
+        check_figure_format(a.png)
+    if a.plan_policies != "auto" and a.mode != "hybrid":
+        raise ValueError(f"--plan-policies chooses among a hybrid plan's policies; --mode {a.mode} evicts only")
     device, dtype = resolve_device(a.device, a.dtype)
     # The budget, and a --stats file's model, against the model's config: before the weights load
     from weights.load import model_config

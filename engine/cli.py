@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -20,6 +21,7 @@ class Parser(argparse.ArgumentParser):
 def cli(parser: argparse.ArgumentParser, run_fn, argv: list[str] | None) -> int:
     """Parse, run, and turn bad input (ValueError) or file trouble (OSError) into one line; our
     warnings print as one line too; a closed stdout (`generate.py | head`) ends quietly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a script ends quietly on Ctrl-C while importing
     a = parser.parse_args(argv)
     said: set[str] = set()
 
@@ -73,9 +75,11 @@ def fmt_bytes(n: float) -> str:
 
 
 def check_writable(path: str | None, flag: str) -> None:
-    """An output path is checked before any expensive work, not after it."""
-    if path is None or path == "":
+    """An output path is checked before any expensive work, not after it (None: not asked for)."""
+    if path is None:
         return
+    if not path:
+        raise ValueError(f"{flag}: an empty path")
     folder = os.path.dirname(path) or "."
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path}: is a directory")
@@ -83,6 +87,32 @@ def check_writable(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: no such directory {folder}")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f"{flag} {path}: not writable")
+
+
+def check_distinct(outputs: dict[str, str | None], inputs: list[tuple[str, str]] = ()) -> None:
+    """Outputs ({flag: path}) that are one file would overwrite each other, and an output that is an
+    input ((flag, path) pairs) would replace it: refused before any work."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        for other, other_path in inputs:
+            if other_path and os.path.realpath(other_path) == real:
+                raise ValueError(f"{flag} {path} is the {other} file: it would be overwritten")
+        if real in seen:
+            raise ValueError(f"{flag} and {seen[real]} are both {path}: one would overwrite the other")
+        seen[real] = flag
+
+
+def check_figure_format(path: str) -> None:
+    """A figure's file extension names its format: one matplotlib cannot write fails before the work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in formats:
+        raise ValueError(f"--png {path}: {'no extension' if not ext else f'.{ext} is not a figure format'} "
+                         f"(one of {', '.join(sorted(formats))})")
 
 
 def check_dir_writable(path: str | None, flag: str) -> None:

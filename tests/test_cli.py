@@ -209,6 +209,34 @@ def test_closed_stdout_ends_quietly():
     assert "Traceback" not in err and "Broken pipe" not in err, err
 
 
+def test_ctrl_c_while_importing_ends_without_a_traceback():
+    """Ctrl-C in the first second (torch still importing, before cli() handles it) printed a
+    traceback; now the program ends quietly there, and with "interrupted" later."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "generate.py", "--model", "random:tiny"], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in err, err
+
+
+def test_outputs_never_replace_an_input_and_an_unused_decode_is_not_timed(gen, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    assert_clean_error(gen("--model", "random:tiny", "--prompts-file", str(prompts), "--out", str(prompts)),
+                       "is the --prompts-file file: it would be overwritten")
+    assert_clean_error(gen("--model", "random:tiny", "--stats-json", ""), "--stats-json: an empty path")
+    stats = tmp_path / "s.json"  # one new token: chosen by the prefill, no decode step to time
+    ran = gen("--model", "random:tiny", "--ctx", "256", "--max-new-tokens", "1", "--stats-json", str(stats))
+    assert ran.returncode == 0 and "decode none" in ran.stderr
+    got = json.loads(stats.read_text())
+    assert got["decode_steps"] == 0 and got["decode_ms_per_token"] is None
+
+
 @pytest.fixture
 def prof(capsys):
     import profile_layers
@@ -225,6 +253,12 @@ def prof(capsys):
     (["--prompt-file", os.devnull], "is empty"),  # once a loop doubling no tokens, forever
     (["--mode", "uniform", "--kv-budget", "4KiB", "--ctx", "1k"], "is below the least a uniform plan"),  # once 6x over
     (["--mode", "xkv", "--kv-budget", "4KiB", "--ctx", "1k"], "is below the least an xkv plan"),  # once after profiling
+    # outputs: once overwriting each other, or failing after the profiling pass
+    (["--out", "x.png", "--png", "x.png"], "--png and --out are both x.png"),
+    (["--out", "s.json", "--stats", "s.json"], "--stats and --out are both s.json"),
+    (["--png", "prof.xyz"], ".xyz is not a figure format"),
+    (["--out", ""], "--out: an empty path"),
+    (["--mode", "xkv", "--plan-policies", "quant"], "--mode xkv evicts only"),  # once ignored
 ])
 def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
     ran = prof("--model", "random:tiny", *argv)
