@@ -203,6 +203,15 @@ def run(a: argparse.Namespace) -> int:
     plan = Plan.load(a.plan) if policy == "hybrid" and a.plan else None  # its layers checked here
     # Every value against the model's config, before the weights load
     name, args = model_config(a.model)
+    haystack = None
+    if text is None and batch is None:  # the demo's haystack: a --ctx too short for one fails here
+        from engine.runner import prompt_room
+        from weights.load import model_tokenizer
+        room = prompt_room(args, name, a.max_new_tokens, a.ctx)
+        if room < a.ctx:
+            log(f"warning: --ctx {a.ctx} + {a.max_new_tokens} new tokens exceeds {name}'s context of "
+                f"{args.max_seq_len}; using a {room}-token haystack")
+        haystack = make_haystack(model_tokenizer(a.model), room, depth=a.depth, seed=a.seed)
     if plan is not None or policy != "hybrid":
         policy_specs(plan or policy, name, args)  # a plan made for another model: an error naming the file
     else:  # the prompts come back as token ids, tokenized once: the stream takes them as they are
@@ -221,13 +230,7 @@ def run(a: argparse.Namespace) -> int:
                    prefill_chunk=a.prefill_chunk, kinds=a.plan_policies, profile_tokens=a.profile_tokens)
     if batch is not None:
         return run_batch(llm, a, *batch, policy, options, log)
-    haystack = None
-    if text is None:
-        room = llm.room(a.max_new_tokens, a.ctx)
-        if room < a.ctx:
-            log(f"warning: --ctx {a.ctx} + {a.max_new_tokens} new tokens exceeds {llm.name}'s context of "
-                f"{llm.args.max_seq_len}; using a {room}-token haystack")
-        haystack = make_haystack(llm.tokenizer, room, depth=a.depth, seed=a.seed)
+    if haystack is not None:
         log(f"pass-key demo: {len(haystack.ids)}-token haystack, key {haystack.key} at depth {haystack.depth:.2f}")
 
     from tqdm import tqdm

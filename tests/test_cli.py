@@ -237,6 +237,14 @@ def test_outputs_never_replace_an_input_and_an_unused_decode_is_not_timed(gen, t
     assert got["decode_steps"] == 0 and got["decode_ms_per_token"] is None
 
 
+@pytest.mark.parametrize("policy", ["full", "hybrid"])
+def test_a_demo_context_too_short_for_a_haystack_fails_before_loading(gen, policy):
+    """It failed after the weights loaded, and a hybrid's budget check blamed the budget instead."""
+    ran = gen("--model", "random:tiny", "--ctx", "60", "--policy", policy)
+    assert_clean_error(ran, "a pass-key prompt needs at least")
+    assert "loaded" not in ran.stderr
+
+
 @pytest.fixture
 def prof(capsys):
     import profile_layers
