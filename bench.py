@@ -172,6 +172,11 @@ def write_outputs(a: argparse.Namespace, results: dict, log) -> None:
 def run(a: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if a.render:
+        defaults = vars(build_parser().parse_args([]))
+        ignored = [k for k, v in vars(a).items() if k not in ("render", "markdown", "plots") and v != defaults[k]]
+        if ignored:
+            raise ValueError(f"--render measures nothing: --{ignored[0].replace('_', '-')} would change nothing "
+                             "(only --markdown and --plots go with it)")
         check_writable(a.markdown, "--markdown")
         check_dir_writable(a.plots, "--plots")
         try:
@@ -181,6 +186,8 @@ def run(a: argparse.Namespace) -> int:
                 raise KeyError("meta.command")
             from engine.eval.report import markdown
             markdown(results)  # every field the table needs is there and of the right kind
+        except OSError as e:
+            raise ValueError(f"--render {a.render}: {e.strerror or e}") from None
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError,
                 ValueError) as e:
             raise ValueError(f"{a.render}: not a bench.py --json file ({type(e).__name__}: {e})") from None

@@ -111,6 +111,9 @@ def test_parse_policy_and_peers():
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--kv-fraction", "1.5"], "must be in (0, 1]"),
+    (["--render", "docs/bench/cpu_smollm2.json", "--json", "x.json"], "--render measures nothing: --json"),  # was ignored
+    (["--render", "docs/bench/cpu_smollm2.json", "--ctx", "8k"], "--render measures nothing: --ctx"),
+    (["--render", "/nonexistent.json"], "--render /nonexistent.json: No such file"),
     (["--ctx", "abc"], "not a token count"),
     (["--steps", "4"], "--steps must be >= 16"),
     (["--policies", "full,magic"], "unknown policy"),
