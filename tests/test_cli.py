@@ -267,6 +267,7 @@ def prof(capsys):
     (["--png", "prof.xyz"], ".xyz is not a figure format"),
     (["--out", ""], "--out: an empty path"),
     (["--mode", "xkv", "--plan-policies", "quant"], "--mode xkv evicts only"),  # once ignored
+    (["--stats", os.path.dirname(os.path.abspath(__file__))], "is a directory"),  # once a bare [Errno 21]
 ])
 def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
     ran = prof("--model", "random:tiny", *argv)
