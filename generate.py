@@ -128,18 +128,14 @@ def run_batch(llm, a: argparse.Namespace, prompts: list[str], news: list[int], p
     return 0
 
 
-def check_hybrid_budget(a: argparse.Namespace, name: str, args, device, dtype, text, batch, log):
-    """A hybrid's KV budget against the context it plans for, before the weights load: the demo's
-    haystack fills --ctx; a prompt of one's own is counted by the model's tokenizer, read without
-    the weights. -> the prompt (a batch: each prompt) as token ids, or None for the demo."""
+def check_hybrid_budget(a: argparse.Namespace, name: str, args, device, dtype, text, batch):
+    """A hybrid's KV budget against the context it plans for, before the weights load: each prompt
+    (text counted by the model's tokenizer, read without the weights; the demo's haystack is token
+    ids already). -> the prompt (a batch: each prompt) as token ids."""
     from engine.planner import check_kv_budget, plan_kinds
     from engine.runner import encode_prompt, prompt_room
     from weights.load import model_tokenizer
     kinds = plan_kinds(a.plan_policies, device)
-    if text is None and batch is None:
-        room = prompt_room(args, name, a.max_new_tokens, a.ctx)
-        check_kv_budget(args, a.kv_budget, room, a.max_new_tokens, dtype.itemsize, "hybrid", kinds)
-        return None
     tokenizer = model_tokenizer(a.model)
     prompts, news = batch if batch is not None else ([text], [a.max_new_tokens])
     out = []
@@ -215,10 +211,10 @@ def run(a: argparse.Namespace) -> int:
     if plan is not None or policy != "hybrid":
         policy_specs(plan or policy, name, args)  # a plan made for another model: an error naming the file
     else:  # the prompts come back as token ids, tokenized once: the stream takes them as they are
-        ids = check_hybrid_budget(a, name, args, device, dtype, text, batch, log)
-        if ids is not None and batch is not None:
+        ids = check_hybrid_budget(a, name, args, device, dtype, haystack.ids if haystack else text, batch)
+        if batch is not None:
             batch = (ids, batch[1])
-        elif ids is not None:
+        elif haystack is None:
             text = ids
 
     llm = LLM(a.model, a.device, a.dtype, log=log)

@@ -150,10 +150,8 @@ def run(a: argparse.Namespace) -> int:
                          "nothing: give another --stats path, or none")
     parse_kv_budget(a.kv_budget, 1)  # the syntax; the bytes follow from the model
     files = read_prompt_files(a.prompt_file)
-    if a.stats and os.path.isdir(a.stats):
-        raise ValueError(f"--stats {a.stats}: is a directory")
     for path, flag in ((a.out, "--out"), (a.png or None, "--png"), (a.stats, "--stats")):  # --png '': none
-        if not (flag == "--stats" and os.path.exists(path or "")):  # an existing --stats file is read
+        if not (flag == "--stats" and os.path.isfile(path or "")):  # an existing --stats file is read
             check_writable(path, flag)
     check_distinct({"--out": a.out, "--png": a.png, "--stats": a.stats},
                    [("--prompt-file", f) for f in a.prompt_file or []])

@@ -116,7 +116,7 @@ class LLM:
         # the peak is the worst such moment, with prefill's floor (ModelArgs.prefill_bytes) on top.
         elem, held, peak, worst = self.model.head.element_size(), 0, 0, 0
         for specs, prompt, new in runs:
-            held += self._kv_tiers([(specs, prompt, new)])["device"]
+            held += self.kv_footprint(specs, prompt, new)
             transient = self.args.prefill_bytes(prompt, elem)
             if held + transient > peak:
                 peak, worst = held + transient, transient

@@ -80,8 +80,9 @@ def allocate_tau(curves: list[list[float]], prompt: int, tau: float, floor: int)
     better on the majorants; a layer left inside a dip then takes the tokens out of it."""
     L = len(curves)
     floor = min(floor, prompt)
-    gains = torch.stack([token_gains(c, prompt)[floor:] for c in curves])
-    base = sum(float(token_gains(c, prompt)[:floor].sum()) + c[0] for c in curves)
+    per_layer = [token_gains(c, prompt) for c in curves]  # (prompt,) each
+    gains = torch.stack([g[floor:] for g in per_layer])
+    base = sum(float(g[:floor].sum()) + c[0] for g, c in zip(per_layer, curves))
     order = gains.view(-1).sort(descending=True)
     reached = (base + order.values.cumsum(0)) / L >= tau
     n = int(reached.nonzero()[0]) + 1 if reached.any() else gains.numel()

@@ -1,6 +1,6 @@
-"""generate.py and profile_layers.py end to end: the demo on a random 2-layer model, a plan written by
-profile_layers.py and used by generate.py, and every bad input giving a clear one-line error with
-exit code 2, never a traceback. The cases call each script's main(argv) in this process (the
+"""generate.py end to end: the demo on a random 2-layer model, a plan written by profile_layers.py
+and used by generate.py, and every bad input giving a clear one-line error with exit code 2, never a
+traceback (profile_layers.py's own: test_profile_layers_cli.py). The cases call each script's main(argv) in this process (the
 default model and tokenizer loaded once, see conftest.reuse_models); one test per script runs it
 as a subprocess, as a user would."""
 import json
@@ -9,7 +9,7 @@ import os
 import pytest
 
 import generate
-from helpers import TINY, assert_clean_error, call, script
+from helpers import TINY, assert_clean_error, script
 
 pytestmark = pytest.mark.usefixtures("reuse_models")
 
@@ -245,62 +245,6 @@ def test_a_demo_context_too_short_for_a_haystack_fails_before_loading(gen, polic
     assert "loaded" not in ran.stderr
 
 
-@pytest.fixture
-def prof(capsys):
-    import profile_layers
-    return lambda *argv: call(profile_layers.main, list(argv), capsys)
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--floor", "-5"], "--floor must be >= 1"),
-    (["--mode", "xkv-tau", "--tau", "5"], "--tau is a mean retention"),
-    (["--mode", "xkv-tau", "--tau", "0"], "--tau is a mean retention"),
-    (["--tau", "0.9"], "--tau is the target of --mode xkv-tau, not --mode hybrid"),  # ignored otherwise
-    (["--mode", "xkv-tau", "--kv-budget", "0.3"], "it has no --kv-budget"),
-    (["--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
-    (["--prompt-file", os.devnull], "is empty"),  # once a loop doubling no tokens, forever
-    (["--mode", "uniform", "--kv-budget", "4KiB", "--ctx", "1k"], "is below the least a uniform plan"),  # once 6x over
-    (["--mode", "xkv", "--kv-budget", "4KiB", "--ctx", "1k"], "is below the least an xkv plan"),  # once after profiling
-    # outputs: once overwriting each other, or failing after the profiling pass
-    (["--out", "x.png", "--png", "x.png"], "--png and --out are both x.png"),
-    (["--out", "s.json", "--stats", "s.json"], "--stats and --out are both s.json"),
-    (["--png", "prof.xyz"], ".xyz is not a figure format"),
-    (["--out", ""], "--out: an empty path"),
-    (["--mode", "xkv", "--plan-policies", "quant"], "--mode xkv evicts only"),  # once ignored
-    (["--stats", os.path.dirname(os.path.abspath(__file__))], "is a directory"),  # once a bare [Errno 21]
-])
-def test_profile_layers_numbers_checked_before_loading(prof, argv, fragment):
-    ran = prof("--model", "random:tiny", *argv)
-    assert_clean_error(ran, fragment)
-    assert "loaded" not in ran.stderr  # refused before the model loads
-
-
-def test_profile_layers_prompt_file_with_an_existing_stats_file_is_refused(prof, tmp_path):
-    """An existing --stats file replaces profiling: a --prompt-file beside it would be silently unused."""
-    stats, text = tmp_path / "stats.json", tmp_path / "t.txt"
-    stats.write_text("{}")
-    text.write_text("some text to profile")
-    ran = prof("--model", "random:tiny", "--stats", str(stats), "--prompt-file", str(text))
-    assert_clean_error(ran, f"--stats {stats} exists, so its statistics are used and --prompt-file would profile nothing")
-    assert "loaded" not in ran.stderr
-
-
-@pytest.mark.parametrize("content", ["[1, 2]", "garbage", '{"model": "random:tiny", "layers": [{"x": 1}, {}]}', "\xff"])
-def test_profile_layers_bad_stats_file_names_the_file(prof, tmp_path, content):
-    path = tmp_path / "stats.json"
-    path.write_bytes(content.encode("latin-1"))
-    assert_clean_error(prof("--model", "random:tiny", "--stats", str(path), "--out", str(tmp_path / "p.json")),
-                       f"{path}: not a --stats file")
-
-
-def test_profile_layers_stats_of_another_model_refused_before_loading(prof, tmp_path):
-    path = tmp_path / "stats.json"
-    path.write_text(json.dumps({"model": "random:llama-3.1-8b", "profiled": [], "layers": []}))
-    ran = prof("--model", "random:tiny", "--stats", str(path), "--out", str(tmp_path / "p.json"))
-    assert_clean_error(ran, "statistics of another model ('random:llama-3.1-8b')")
-    assert "loaded" not in ran.stderr
-
-
 def test_special_token_text_in_a_prompt_stays_text(gen, tmp_path):
     """'<|im_end|>' typed in a prompt is several text tokens; --allow-special makes it the control token."""
     counts = {}
@@ -329,13 +273,6 @@ def test_bad_plan_layers_are_refused_before_loading(gen, tmp_path, layer0, fragm
     assert "loaded" not in ran.stderr
 
 
-def test_profile_layers_budget_below_the_floor_fails_before_loading(prof):
-    ran = prof("--model", "random:tiny", "--ctx", "256")  # 20% of 256 tokens is under the 64-token floor
-    assert_clean_error(ran, "is below the least a plan for 256 tokens can take")
-    assert "loaded" not in ran.stderr and "profiled" not in ran.stderr
-
-
-# -- batches: --prompts-file ----------------------------------------------------------------------------------------
 def test_prompts_file_writes_one_result_per_prompt_in_order(gen, tiny_model_dir, tmp_path):
     """Three prompts of different lengths and limits, generated as one batch: the JSONL results come
     back in the file's order, each equal to that prompt generated alone."""

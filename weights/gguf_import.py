@@ -244,16 +244,13 @@ def _entries(gguf_path: str) -> tuple[str, dict[torch.dtype, str]]:
 def gguf_config(gguf_path: str, name: str) -> ModelArgs:
     """The ModelArgs an import of `gguf_path` gives, without importing (dequantizing) it: from a
     cache entry of any dtype whose config.json reads as one, else from the file's metadata."""
-    stem, entries = _entries(gguf_path)
-    for entry in entries.values():
+    for entry in _entries(gguf_path)[1].values():
         try:
             with open(os.path.join(entry, "config.json")) as f:
                 return ModelArgs.from_hf_config(json.load(f), name=name)
         except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none, or damaged: the next
             continue
-    args = _open(gguf_path, stem)[1]
-    args.name = name
-    return args
+    return _open(gguf_path, name)[1]
 
 
 def import_gguf(gguf_path: str, log=print, dtype: torch.dtype = torch.float32) -> str:
