@@ -71,7 +71,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, help=f"offload: first prompt tokens always kept ({_default('offload', 'sink')})")
     p.add_argument("--recent", type=int, help=f"offload: last prompt tokens always kept ({_default('offload', 'recent')})")
     p.add_argument("--channels", type=int, help="offload: key channels per KV head in the on-device sketch that "
-                   f"ranks tokens ({_default('offload', 'channels')})")
+                   f"ranks tokens, as 4-bit codes ({_default('offload', 'channels')}: head_dim / 4)")
     p.add_argument("--chunk", type=int, help="offload: rank and fetch the prompt in chunks of this many tokens "
                    f"({_default('offload', 'chunk')})")
     p.add_argument("--lookahead", choices=["none", "layer", "step"],

@@ -33,11 +33,11 @@ from engine.calibrate import calibrate
 from engine.graphs import Decoder
 from engine.kv.evict import BudgetedEvictKV, window_scores
 from engine.kv.full import FullKV
-from engine.kv.offload import OffloadKV, chunk_sketch, rank_channels
+from engine.kv.offload import OffloadKV, rank_channels
 from engine.kv.quant import QuantKV
 from engine.layer_stats import FRACTIONS, QUANT_BITS, LayerStats
 from kernels.prefetch import dequantize_channels, quantize_channels
-from kernels.sparse_attn import sketch_scores
+from kernels.sparse_attn import make_sketch, sketch_scores
 
 def _pick(defaults: dict, *keys: str) -> dict:
     return {k: defaults[k] for k in keys}
@@ -152,11 +152,12 @@ def layer_stats(k: torch.Tensor, v: torch.Tensor, T: int, q_prompt: torch.Tensor
     err = torch.zeros(len(FRACTIONS))
     if any(t is not None and t >= 0 for t in tops):
         mid_k = k[:, :, S:S + M].float()
-        chan = rank_channels(mid_k, q_prompt[:, :, -OffloadKV.q_window:], cfg.offload["channels"])  # (B, H_kv, C)
-        mn, mx = chunk_sketch(mid_k, chan, c)  # (B, H_kv, N, C), N = M // c chunks
+        channels = OffloadKV.sketch_channels(args, cfg.offload["channels"])
+        chan = rank_channels(mid_k, q_prompt[:, :, -OffloadKV.q_window:], channels)  # (B, H_kv, C)
+        sketch = make_sketch(mid_k, chan, c)  # N = M // c chunks
         qg = q_dec.reshape(B, H_kv, -1, D)  # (B, H_kv, n_rep * n, D), rows (head, query)
         qc = qg.gather(-1, chan[:, :, None, :].expand(-1, -1, qg.shape[2], -1))
-        approx = sketch_scores(qc, mn, mx).view(B, H_kv, -1, n, M // c).amax(dim=2)  # (B, H_kv, n, N)
+        approx = sketch_scores(qc, sketch).view(B, H_kv, -1, n, M // c).amax(dim=2)  # (B, H_kv, n, N)
         fixed = torch.cat([torch.arange(S), torch.arange(S + M, T + n)]).to(k.device)
         # Fetched rows come back from the host store: with 8-bit codes, attention reads those
         # (the selection does not change: the sketch is made from the exact keys)

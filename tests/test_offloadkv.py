@@ -11,7 +11,7 @@ from engine.kv.offload import OffloadKV
 from engine.model import Llama
 from interpreted import check_interpreted
 from stepping import attend_next, decode_logits
-from kernels.sparse_attn import approx_scores_ref, select_topk
+from kernels.sparse_attn import _pack, approx_scores_ref, make_sketch, select_topk, sketch_scores, unpack
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)  # head_dim 32
 
@@ -52,7 +52,8 @@ def test_device_and_host_bytes(model_and_tokens):
     spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12, "channels": 8}
     D, H = ARGS.head_dim, ARGS.n_kv_heads
     M = 100 - 4 - 12
-    dev = 2 * H * (48 + 1) * D * 4 + H * M * 8 * 4 + H * 8 * 8 + H * 32 * 8  # buffer, sketch, chan, selected
+    # buffer; sketch: 4 bytes of codes per token, base, step (float32) and id (int64) per channel; selected
+    dev = 2 * H * (48 + 1) * D * 4 + H * M * 4 + H * 8 * (4 + 4 + 8) + H * 32 * 8
     for host, elem, ranges in (("model", 4, 0), ("8bit", 1, 4 * H * D * 4)):  # 8-bit: step, min of K, V
         _, policies = decode_logits(model, tokens[:, :101], {**spec, "host": host}, 100)
         assert policies[0].nbytes() == {"device": dev + ranges, "host": 2 * H * M * D * elem}
@@ -64,20 +65,37 @@ def test_device_and_host_bytes(model_and_tokens):
 
 
 def test_chunk_bounds_hold_every_token():
-    """The chunk score is an upper bound of q[C].k[C] for each of its tokens, exact with chunk 1."""
-    from engine.kv.offload import chunk_sketch
-    from kernels.sparse_attn import sketch_scores
+    """The 4-bit chunk score is an upper bound of the exact q[C].k[C] of each of its tokens; with
+    chunk 1 it is q[C].k[C] within half a grid step per channel."""
     g = torch.Generator().manual_seed(3)
     k, q = torch.randn(1, 2, 96, 32, generator=g), torch.randn(1, 2, 5, 32, generator=g)
     chan = torch.tensor([[[0, 3, 5, 9, 11, 20, 30, 31]] * 2])
     qc = q.gather(-1, chan[:, :, None, :].expand(-1, -1, 5, -1))  # (1, 2, 5, 8)
     exact = qc @ k.gather(-1, chan[:, :, None, :].expand(-1, -1, 96, -1)).transpose(-1, -2)  # (1, 2, 5, 96)
-    mn, mx = chunk_sketch(k, chan, 1)
-    assert mn is mx and torch.allclose(sketch_scores(qc, mn, mx), exact, atol=1e-5)
-    mn, mx = chunk_sketch(k, chan, 8)
-    bound = sketch_scores(qc, mn, mx)  # (1, 2, 5, 12)
+    sk = make_sketch(k, chan, 1)
+    assert sk.lo is sk.hi and sk.hi.shape == (1, 2, 96, 4) and sk.hi.dtype == torch.uint8
+    half_steps = (qc.abs() * sk.step[:, :, None]).sum(-1, keepdim=True) / 2  # (1, 2, 5, 1)
+    err = (sketch_scores(qc, sk) - exact).abs()
+    assert (err <= half_steps + 1e-5).all() and err.max() > 1e-3  # rounded, never by more
+    sk = make_sketch(k, chan, 8)
+    bound = sketch_scores(qc, sk)  # (1, 2, 5, 12)
     per_chunk_max = exact.view(1, 2, 5, 12, 8).amax(-1)
     assert (bound >= per_chunk_max - 1e-5).all() and (bound > per_chunk_max + 1e-3).any()
+
+
+def test_sketch_codes_pack_two_channels_a_byte():
+    """Byte j holds channel j in its low nibble and channel j + ceil(C/2) in its high one (the
+    module docstring's example); an odd C leaves the last high nibble 0."""
+    codes = torch.tensor([[3, 7, 0, 15]])
+    assert _pack(codes).tolist() == [[3, 247]]
+    assert unpack(_pack(codes), 4).tolist() == [[3.0, 7.0, 0.0, 15.0]]
+    odd = torch.tensor([[1, 2, 3, 4, 5]])
+    assert _pack(odd).tolist() == [[1 | 4 << 4, 2 | 5 << 4, 3]] and unpack(_pack(odd), 5).tolist() == [[1, 2, 3, 4, 5]]
+    # a channel whose keys are all equal gets step 1 and code 0: exact
+    k = torch.zeros(1, 1, 6, 4)
+    k[..., 1] = torch.arange(6.0)
+    sk = make_sketch(k, torch.tensor([[[0, 1]]]), 1)
+    assert sk.step[0, 0].tolist() == [1.0, pytest.approx(5 / 15)] and unpack(sk.hi, 2)[0, 0, :, 1].tolist() == [0, 3, 6, 9, 12, 15]
 
 
 def test_chunks_are_selected_by_their_bound_and_copied_whole():
@@ -93,9 +111,12 @@ def test_chunks_are_selected_by_their_bound_and_copied_whole():
     q = torch.randn(1, 4, 1, 32, generator=g)
     attend_next(p, q, k[:, :, :1], v[:, :, :1])
     mid = k[:, :, S:S + 88]
-    kc = mid.gather(-1, p.chan[:, :, None, :].expand(-1, -1, 88, -1)).view(1, 2, 22, c, 8)
-    qc = q.reshape(1, 2, 2, 32).gather(-1, p.chan[:, :, None, :].expand(-1, -1, 2, -1))  # (1, 2, 2, 8)
-    bound = (qc.clamp(min=0) @ kc.amax(3).transpose(-1, -2) + qc.clamp(max=0) @ kc.amin(3).transpose(-1, -2)).amax(2)
+    chan, base, step = p.sketch.chan, p.sketch.base[:, :, None], p.sketch.step[:, :, None]  # (1, 2, 1, 8)
+    kc = mid.gather(-1, chan[:, :, None, :].expand(-1, -1, 88, -1)).view(1, 2, 22, c, 8)
+    grid_lo = torch.floor((kc.amin(3) - base) / step) * step + base  # (1, 2, 22, 8) the chunk's range, widened
+    grid_hi = torch.ceil((kc.amax(3) - base) / step) * step + base   # to the 4-bit grid
+    qc = q.reshape(1, 2, 2, 32).gather(-1, chan[:, :, None, :].expand(-1, -1, 2, -1))  # (1, 2, 2, 8)
+    bound = (qc.clamp(min=0) @ grid_hi.transpose(-1, -2) + qc.clamp(max=0) @ grid_lo.transpose(-1, -2)).amax(2)
     want = bound.topk(6, -1).indices.sort(-1).values  # (1, 2, 6)
     assert torch.equal(p.slots.sort(-1).values, want)
     for h in range(2):
@@ -121,6 +142,16 @@ def test_8bit_host_store_decodes_close_to_the_model_values(model_and_tokens):
     assert (coded.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
 
 
+def test_default_sketch_is_a_quarter_of_head_dim(model_and_tokens):
+    """channels=0 (the default) is head_dim // 4: 8 of ARGS' 32; priced and held the same."""
+    model, tokens = model_and_tokens
+    spec = {"policy": "offload", "budget": 48, "sink": 4, "recent": 12}
+    _, policies = decode_logits(model, tokens[:, :101], spec, 100)
+    assert policies[0].channels == 8 and policies[0].sketch.chan.shape == (1, 2, 8)
+    assert policies[0].describe()["channels"] == 8
+    assert policies[0].nbytes() == spec_cost(ARGS, spec, 100, 1, 4) == spec_cost(ARGS, {**spec, "channels": 8}, 100, 1, 4)
+
+
 def test_bad_parameters():
     with pytest.raises(ValueError, match="budget"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, budget=10, sink=8, recent=8)
@@ -128,6 +159,8 @@ def test_bad_parameters():
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, chunk=0)
     with pytest.raises(ValueError, match="channels"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, channels=ARGS.head_dim + 1)
+    with pytest.raises(ValueError, match="channels"):
+        OffloadKV(ARGS, 0, 100, "cpu", torch.float32, channels=-1)
     with pytest.raises(ValueError, match="copy_programs"):
         OffloadKV(ARGS, 0, 100, "cpu", torch.float32, copy_programs=-1)
     with pytest.raises(ValueError, match="host"):
@@ -184,27 +217,29 @@ def test_select_topk_sorted_positions():
     assert select_topk(scores, 3).tolist() == [[[1, 3, 5]]]
 
 
-def test_approx_scores_reference_is_exact_with_all_channels():
+def test_approx_scores_reference_is_exact_on_the_grid():
+    """Keys that lie on each channel's 4-bit grid are coded exactly: then every channel gives the
+    exact q.k, and the score is the max over the KV head's query heads."""
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 1, 32, generator=g), torch.randn(1, 2, 50, 32, generator=g)
-    chan = torch.arange(32).expand(1, 2, 32)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    k = torch.randint(0, 16, (1, 2, 50, 32), generator=g).float() * 0.25 - 1.0  # base -1, step 0.25
+    k[:, :, 0], k[:, :, 1] = -1.0, 2.75  # every channel spans the whole grid
     exact = (q.reshape(1, 2, 2, 32) @ k.transpose(-1, -2)).amax(2)
-    torch.testing.assert_close(approx_scores_ref(q, k, k, chan), exact)
+    torch.testing.assert_close(approx_scores_ref(q, make_sketch(k, torch.arange(32).expand(1, 2, 32), 1)), exact)
 
 
 TRITON_CHECK = r"""
 import torch
-from engine.kv.offload import chunk_sketch
-from kernels.sparse_attn import approx_scores_ref, approx_scores_triton
+from kernels.sparse_attn import approx_scores_ref, approx_scores_triton, make_sketch
 bad = 0
-for B, H, H_kv, D, M, C in [(1, 4, 4, 64, 37, 8), (2, 9, 3, 64, 300, 8), (1, 32, 8, 128, 129, 16), (1, 8, 2, 128, 5, 4)]:
+for B, H, H_kv, D, M, C in [(1, 4, 4, 64, 37, 16), (2, 9, 3, 64, 300, 8), (1, 32, 8, 128, 129, 32), (1, 8, 2, 128, 5, 4)]:
     g = torch.Generator().manual_seed(M)
     q = torch.randn(B, H, 1, D, generator=g)
     k = torch.randn(B, H_kv, M, D, generator=g)
     chan = torch.rand(B, H_kv, D, generator=g).topk(C, -1).indices.sort(-1).values
-    for c in (1, 4):  # token sketch (mn is mx), then chunks of 4 (min/max bounds)
-        mn, mx = chunk_sketch(k[:, :, :M - M % c], chan, c)
-        ref, tri = approx_scores_ref(q, mn, mx, chan), approx_scores_triton(q, mn, mx, chan)
+    for c in (1, 4):  # token sketch (lo is hi), then chunks of 4 (min/max bounds)
+        sk = make_sketch(k[:, :, :M - M % c], chan, c)
+        ref, tri = approx_scores_ref(q, sk), approx_scores_triton(q, sk)
         if not torch.allclose(ref, tri, rtol=1e-5, atol=1e-5):
             bad += 1
             print("MISMATCH", B, H, H_kv, D, M, C, c, (ref - tri).abs().max().item())

@@ -222,7 +222,9 @@ def test_shipped_tailorkv_shaped_plan():
 def test_shipped_smollm2_plans_price_as_recorded(name):
     """The measured SmolLM2 plans of docs/RESULTS.md run as they were measured: a default that changed since
     (QuantKV's 8-bit ranges at 1-2 bits, OffloadKV's 8-bit host store) is pinned in the file, so
-    every layer's spec still prices (float32) to the bytes recorded beside it."""
+    every layer's spec still prices (float32) to the bytes recorded beside it. One change could not be
+    pinned: OffloadKV's key sketch is 4-bit codes since 2026-11-29 (it was float32 values), so the
+    one offload layer of smollm2_hybrid_quant_10pct was re-priced (732480 -> 395328 bytes)."""
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plans",
                         f"{name}.json")

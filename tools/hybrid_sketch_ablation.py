@@ -2,9 +2,10 @@
 
 At 10% of FullKV's device bytes an OffloadKV layer pays for its budget rows and for its on-device
 sketch of the prompt's keys (`channels` of head_dim per token, min and max per `chunk` of tokens:
-2 x channels / chunk values per token when chunk > 1, channels when chunk = 1). With the default 8
-of 64 channels the sketch alone is 6% of FullKV, so at 5% no layer can be offloaded. A smaller
-sketch makes offloading affordable; its approximate scores then pick worse tokens. This tool lets
+2 x channels / chunk 4-bit codes per token when chunk > 1, channels when chunk = 1). Before the
+codes (2026-11-29) the sketch held float values, and the default 8 of 64 channels alone was 6% of
+a float32 FullKV, so at 5% no layer could be offloaded; the default 16 of 64 channels as codes is
+1.6%. A smaller sketch makes offloading affordable; its approximate scores then pick worse tokens. This tool lets
 the profile and the planner see each setting (the profile judges OffloadKV with the setting's
 parameters, and the plan's offload layers get them), then runs the plans on the pass-key grid.
 

@@ -145,11 +145,13 @@ def _specs() -> list[tuple]:
     for n_splits in (50, 64):  # the quant and FullKV kernels' splits at 128k (8 KV heads, 132 SMs)
         out.append((_merge_kernel, dict(M=F32, L=F32, ACC=F32, OUT=BF16), dict(D=D, SPLITS=64, NREP_PAD=4, BLOCK_D=32),
                     dict(num_warps=4), dict(n_splits=n_splits, n_rep=N_REP)))
-    for bounds in (False, True):
-        out.append((_approx_scores_kernel, dict(q_ptr=BF16, mn_ptr=BF16, mx_ptr=BF16, ch_ptr=I64, out_ptr=F32),
-                    dict(N_REP=4, C=8, BLOCK_M=128, BOUNDS=bounds), {},  # N: chunks of 16 tokens, C=8 channels
-                    dict(N=T // 16, H_KV=H_KV, s_qb=N_REP * H_KV * D, s_qh=D, s_sb=H_KV * T // 16 * 8, s_sh=T // 16 * 8,
-                         s_sm=8, s_cb=H_KV * 8, s_ch=8, s_ob=H_KV * T // 16, s_oh=T // 16)))
+    for bounds in (False, True):  # the sketch of single tokens (the default), then of chunks of 16
+        N = T // 16 if bounds else T  # 32 channels (the default, head_dim / 4) as 4-bit codes: 16 bytes a row
+        out.append((_approx_scores_kernel, dict(q_ptr=BF16, lo_ptr=U8, hi_ptr=U8, base_ptr=F32, step_ptr=F32,
+                                                ch_ptr=I64, out_ptr=F32),
+                    dict(N_REP=4, HALF=16, BLOCK_M=128, BOUNDS=bounds), {},
+                    dict(N=N, H_KV=H_KV, s_qb=N_REP * H_KV * D, s_qh=D, s_sb=H_KV * N * 16, s_sh=N * 16,
+                         s_sm=16, s_cb=H_KV * 32, s_ch=32, s_ob=H_KV * N, s_oh=N)))
     for slots, codes, stages in ((False, False, 1), (True, False, 1), (False, True, 1), (False, False, 3),
                                  (True, False, 3), (False, True, 3)):
         src = U8 if codes else BF16  # the host store: 8-bit codes (widened with float32 ranges) or values

@@ -6,8 +6,11 @@ token, the `budget - sink - recent` prompt tokens selected at the last step, and
 the middle of the prompt. The middle is cut into chunks of `chunk` consecutive tokens, selected
 whole (ShadowKV, Quest): chunk x fewer candidates to score and rank, and each selected chunk is one
 contiguous run of rows to copy. The sketch keeps, per chunk, the min and max of the `channels`
-most important key channels (kernels/sparse_attn.py: with chunk 1 these are the keys' channels
-themselves, about C/D of the keys, e.g. 8/64). Each step:
+most important key channels as 4-bit codes (kernels/sparse_attn.py: with chunk 1 these are the
+keys' channels themselves). By default channels is a quarter of head_dim, half a byte each: a
+sixteenth of a bfloat16 key row per token (Llama-3.1-8B: 32 of 128 channels, 16 bytes, what the 8
+channels in bfloat16 of the sketch before 2026-11-29 took; they ranked worse: kernels/sparse_attn.py).
+Each step:
   1. approximate scores over the middle's chunks from the sketch (no host traffic);
   2. top-k chunks per KV head (the max over the query heads that share it);
   3. a slot whose chunk is still selected keeps it; only the newly selected chunks' rows cross the
@@ -53,7 +56,7 @@ from engine.kv.base import KVPolicy, tensor_bytes
 from kernels.dense_attn import dense_decode_attention, write_row
 from kernels.prefetch import HOST, RowFetcher
 from kernels.slots import assign_slots
-from kernels.sparse_attn import approx_scores, select_topk
+from kernels.sparse_attn import Sketch, approx_scores, make_sketch, select_topk, sketch_bytes
 
 
 def rank_channels(mid_k: torch.Tensor, q_window: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -67,19 +70,6 @@ def rank_channels(mid_k: torch.Tensor, q_window: torch.Tensor | None, channels: 
     return weight.topk(channels, dim=-1).indices.sort(dim=-1).values
 
 
-def chunk_sketch(mid_k: torch.Tensor, chan: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mid_k (B, H_kv, M, D) with M a multiple of chunk, chan (B, H_kv, C) -> (mn, mx), each
-    (B, H_kv, M // chunk, C): per chunk, the min and max of the keys at the chosen channels.
-    With chunk 1 both are the same tensor (the keys' channels), stored once."""
-    B, H_kv, M, _ = mid_k.shape
-    kc = mid_k.gather(-1, chan[:, :, None, :].expand(-1, -1, M, -1))  # (B, H_kv, M, C)
-    if chunk == 1:
-        kc = kc.contiguous()
-        return kc, kc
-    kc = kc.view(B, H_kv, M // chunk, chunk, -1)
-    return kc.amin(dim=3).contiguous(), kc.amax(dim=3).contiguous()
-
-
 LOOKAHEAD = ("none", "layer", "step")
 
 
@@ -88,7 +78,7 @@ class OffloadKV(KVPolicy):
     q_window = 32  # prompt queries used to rank channels
 
     def __init__(self, args, layer, capacity, device, dtype, budget: int = 512, sink: int = 16,
-                 recent: int = 64, channels: int = 8, chunk: int = 1, reuse: bool = True,
+                 recent: int = 64, channels: int = 0, chunk: int = 1, reuse: bool = True,
                  lookahead: str = "none", overlap: bool = True, copy_programs: int = 0, host: str = "8bit"):
         super().__init__(args, layer, capacity, device, dtype)
         if min(budget, sink, recent) < 0:
@@ -97,8 +87,10 @@ class OffloadKV(KVPolicy):
             raise ValueError(f"OffloadKV chunk must be >= 1, got {chunk}")
         if budget < sink + recent:
             raise ValueError(f"OffloadKV budget {budget} < sink {sink} + recent {recent}")
+        channels = self.sketch_channels(args, channels)
         if not 1 <= channels <= args.head_dim:
-            raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}], got {channels}")
+            raise ValueError(f"OffloadKV channels must be in [1, head_dim={args.head_dim}] (0: head_dim // 4), "
+                             f"got {channels}")
         if copy_programs < 0:
             raise ValueError(f"OffloadKV copy_programs must be >= 0 (0: no cap), got {copy_programs}")
         if host not in HOST:
@@ -112,11 +104,15 @@ class OffloadKV(KVPolicy):
         self.host = host  # the host store: the model's values or 8-bit codes (kernels/prefetch.py)
         self.prepared = False           # "layer": this step's rows were selected one layer early
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
-        self.mn = self.mx = None        # (B, H_kv, N, C) sketch: per chunk, min and max of each channel
-        self.chan = None                # (B, H_kv, C) the sketch's channel ids
+        self.sketch: Sketch | None = None  # per chunk, min and max of C key channels (4-bit codes)
         self.fetcher: RowFetcher | None = None
         self.slots = None               # (B, H_kv, k) the middle chunk held in each device slot (-1: free)
         self.selected = False           # whether a decode step has selected chunks yet
+
+    @staticmethod
+    def sketch_channels(args, channels: int) -> int:
+        """The sketch's channel count: `channels`, or a quarter of head_dim for 0 (the default)."""
+        return channels if channels else max(1, args.head_dim // 4)
 
     @staticmethod
     def layout(T: int, budget: int, sink: int, recent: int, chunk: int) -> tuple[int, int, int, int]:
@@ -148,8 +144,7 @@ class OffloadKV(KVPolicy):
         else:
             mid_k, mid_v = k[:, :, S:T - W], v[:, :, S:T - W]  # (B, H_kv, M, D)
             self.fetcher = RowFetcher(mid_k, mid_v, self.device, self.copy_programs, self.host)
-            self.chan = rank_channels(mid_k, q_window, self.channels)
-            self.mn, self.mx = chunk_sketch(mid_k, self.chan, self.chunk)
+            self.sketch = make_sketch(mid_k, rank_channels(mid_k, q_window, self.channels), self.chunk)
             # chunk ids per device slot, all free until the first decode step's query selects (allocated
             # here so that the cache's bytes are what _cost says from the prefill on)
             self.slots = torch.full((B, H_kv, self.top // self.chunk), -1, device=self.device, dtype=torch.long)
@@ -169,7 +164,7 @@ class OffloadKV(KVPolicy):
             self._choose_and_copy(q, 0)
 
     def _choose_and_copy(self, q: torch.Tensor, programs: int) -> None:
-        scores = approx_scores(q, self.mn, self.mx, self.chan)  # (B, H_kv, N) one per chunk
+        scores = approx_scores(q, self.sketch)  # (B, H_kv, N) one per chunk
         new = select_topk(scores, self.top // self.chunk)  # (B, H_kv, k) sorted chunk ids
         self.selected = True  # (on the first step every slot is free: filled with the selected chunks in order)
         # Slots whose chunk is still selected keep it; only new chunks' rows cross the bus
@@ -212,9 +207,7 @@ class OffloadKV(KVPolicy):
             self.fetcher.wait()
 
     def nbytes(self):
-        device = tensor_bytes(self.k, self.v, self.mx, self.chan, self.slots)
-        if self.mn is not self.mx:
-            device += tensor_bytes(self.mn)
+        device = tensor_bytes(self.k, self.v, self.slots) + (self.sketch.nbytes() if self.sketch else 0)
         store = self.fetcher.nbytes() if self.fetcher is not None else {"device": 0, "host": 0}
         return {"device": device + store["device"], "host": store["host"]}
 
@@ -225,8 +218,8 @@ class OffloadKV(KVPolicy):
         device = (S + top + W + new) * 2 * H * D * elem
         if top == M:  # nothing offloaded
             return {"device": device, "host": 0}
-        # + the sketch (one or two rows of C per chunk), the channel ids and the slots' chunk ids (int64)
-        device += H * (M // chunk) * channels * elem * (1 if chunk == 1 else 2) + H * channels * 8 + H * (top // chunk) * 8
+        # + the sketch (kernels/sparse_attn.py) and the slots' chunk ids (int64)
+        device += sketch_bytes(H, M // chunk, cls.sketch_channels(args, channels), chunk > 1) + H * (top // chunk) * 8
         if host == "8bit":  # one byte per element on the host; a step and a min per channel of K and V on the device
             return {"device": device + 4 * H * D * 4, "host": 2 * H * M * D}
         return {"device": device, "host": 2 * H * M * D * elem}
