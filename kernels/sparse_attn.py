@@ -97,18 +97,25 @@ def make_sketch(mid_k: torch.Tensor, chan: torch.Tensor, chunk: int) -> Sketch:
     return Sketch(_pack(lo), _pack(hi), base, step, chan)
 
 
+def _dot(w: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """w (..., n, C) float32, packed (..., N, ceil(C/2)) codes -> (..., n, N): w . codes, one matmul
+    per nibble (on CPU, concatenating the two halves into one (N, C) tensor costs more than the
+    product)."""
+    half = packed.shape[-1]
+    low, high = (packed & 15).float(), (packed >> 4)[..., :w.shape[-1] - half].float()  # (..., N, half)
+    return w[..., :half] @ low.transpose(-1, -2) + w[..., half:] @ high.transpose(-1, -2)
+
+
 def sketch_scores(qc: torch.Tensor, sk: Sketch) -> torch.Tensor:
     """qc (B, H_kv, n, C) queries at the sketch channels -> (B, H_kv, n, N) float32 scores of every
     chunk for each query: upper bounds of the chunks' q.k on the grid (q.k itself, on the grid,
     when hi is lo)."""
     qc = qc.float()
-    C = qc.shape[-1]
     const = (qc * sk.base[:, :, None]).sum(-1, keepdim=True)  # (B, H_kv, n, 1)
     w = qc * sk.step[:, :, None]  # (B, H_kv, n, C)
-    hi = unpack(sk.hi, C).transpose(-1, -2)  # (B, H_kv, C, N)
     if sk.lo is sk.hi:
-        return const + w @ hi
-    return const + w.clamp(min=0) @ hi + w.clamp(max=0) @ unpack(sk.lo, C).transpose(-1, -2)
+        return const + _dot(w, sk.hi)
+    return const + _dot(w.clamp(min=0), sk.hi) + _dot(w.clamp(max=0), sk.lo)
 
 
 def approx_scores_ref(q: torch.Tensor, sk: Sketch) -> torch.Tensor:
