@@ -86,9 +86,10 @@ def make_sketch(mid_k: torch.Tensor, chan: torch.Tensor, chunk: int) -> Sketch:
     base = kc.amin(dim=2)  # (B, H_kv, C)
     step = (kc.amax(dim=2) - base) / LEVELS
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant channel: every code 0
-    y = (kc - base[:, :, None]) / step[:, :, None]  # (B, H_kv, M, C) in [0, 15]
+    # in place: at 128k tokens (Llama-3.1-8B, 32 channels) kc is 134 MB, allocated once during prefill
+    y = kc.sub_(base[:, :, None]).div_(step[:, :, None])  # (B, H_kv, M, C) in [0, 15]
     if chunk == 1:
-        lo = _pack(torch.floor(y + 0.5).clamp(0, LEVELS))
+        lo = _pack(y.add_(0.5).floor_().clamp_(0, LEVELS))
         return Sketch(lo, lo, base, step, chan)
     y = y.view(B, H_kv, M // chunk, chunk, -1)
     # down for minima, up for maxima: the grid values enclose the chunk
