@@ -149,7 +149,7 @@ def _specs() -> list[tuple]:
         N = T // 16 if bounds else T  # 32 channels (the default, head_dim / 4) as 4-bit codes: 16 bytes a row
         out.append((_approx_scores_kernel, dict(q_ptr=BF16, lo_ptr=U8, hi_ptr=U8, base_ptr=F32, step_ptr=F32,
                                                 ch_ptr=I64, out_ptr=F32),
-                    dict(N_REP=4, HALF=16, BLOCK_M=128, BOUNDS=bounds), {},
+                    dict(N_REP=4, HALF=16, BLOCK_M=64, BOUNDS=bounds), {},
                     dict(N=N, H_KV=H_KV, s_qb=N_REP * H_KV * D, s_qh=D, s_sb=H_KV * N * 16, s_sh=N * 16,
                          s_sm=16, s_cb=H_KV * 32, s_ch=32, s_ob=H_KV * N, s_oh=N)))
     for slots, codes, stages in ((False, False, 1), (True, False, 1), (False, True, 1), (False, False, 3),

@@ -71,6 +71,7 @@ def recorder_class():
 
     class _Recorder(FullKV):
         q_window = 32  # OffloadKV's: the queries it ranks channels by
+        graphable = False  # attend() records on the host: every step eager (a graph would replay without it)
 
         def prefill(self, k, v, q_window=None):
             super().prefill(k, v, q_window)
@@ -87,7 +88,7 @@ def layer_masses(rec, sketches, sink: int, recent: int, fraction: float) -> list
     k = rec.prompt_k  # (1, H_kv, T, D)
     _, H_kv, T, D = k.shape
     mid = k[:, :, sink:T - recent]  # the middle OffloadKV ranks (chunk 1)
-    top = max(1, round(fraction * T) - sink - recent)  # what its budget leaves for the middle
+    top = int(fraction * T) - sink - recent  # what its budget leaves for the middle (as the suite prices it)
     fns = [scorer(kind, C, mid, rec.q_prompt) for kind, C in sketches]
     totals = [0.0] * len(sketches)
     for q in rec.queries:  # (1, H, 1, D)
@@ -123,9 +124,20 @@ def run(a: argparse.Namespace) -> int:
     llm = LLM(log=lambda m: print(m, file=sys.stderr))
     Rec = recorder_class()
     d = OffloadKV.defaults()
+    too_many = [c for _, c in a.sketches if c > llm.args.head_dim]
+    if too_many:
+        raise ValueError(f"--sketches: {too_many[0]} channels, but head_dim is {llm.args.head_dim}")
     per_layer = [[0.0] * len(a.sketches) for _ in range(llm.args.n_layers)]
-    for name in a.tasks:
-        task = make_task(name, llm.tokenizer, a.ctx)
+    tasks = [make_task(name, llm.tokenizer, a.ctx) for name in a.tasks]
+    for task in tasks:  # every prompt checked before the first decode
+        if len(task.ids) > llm.room(task.max_new_tokens):
+            raise ValueError(f"--ctx {a.ctx}: the {task.name} prompt and its answer do not fit "
+                             f"{llm.name}'s {llm.args.max_seq_len}-token context")
+        if int(a.fraction * len(task.ids)) <= d["sink"] + d["recent"]:
+            raise ValueError(f"--fraction {a.fraction}: {int(a.fraction * len(task.ids))} tokens of the "
+                             f"{len(task.ids)}-token {task.name} prompt leave nothing past OffloadKV's sink "
+                             f"{d['sink']} + recent {d['recent']}")
+    for name, task in zip(a.tasks, tasks):
         cap = len(task.ids) + task.max_new_tokens
         recs = [Rec(llm.args, i, cap, llm.device, llm.dtype) for i in range(llm.args.n_layers)]
         first = llm.model.prefill(torch.tensor([task.ids], device=llm.device), recs)

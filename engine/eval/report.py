@@ -93,7 +93,7 @@ def suite_tables(results: dict) -> str:
             cells = {r["fraction"]: r for r in rs if (r["engine"], r["policy"]) == method}
             pct = lambda r: f"{r['agreement']:.0%} / {r['accuracy']:.0%}".replace("%", "")  # noqa: E731
             # A method whose device KV is off its nominal fraction by more than 10% shows what it held:
-            # OffloadKV's on-device sketch adds ~6% of FullKV, kvpress's AdaKV masks instead of evicting.
+            # OffloadKV's on-device sketch adds ~1.6% of a float32 FullKV, kvpress's AdaKV masks instead of evicting.
             held = lambda r, f: pct(r) + (f" ({r['kv_ratio']:.2f})" if abs(r["kv_ratio"] - f) > 0.1 * f else "")  # noqa: E731
             fixed = f"{pct(cells[None])} ({cells[None]['kv_ratio']:.2f})" if None in cells else ""
             name = method[1] if method[0] == "layerkv" else f"{method[0]} {method[1]}"
