@@ -73,11 +73,6 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def unpack(packed: torch.Tensor, channels: int) -> torch.Tensor:
-    """(..., ceil(C/2)) uint8 -> (..., C) float32 codes."""
-    return torch.cat([packed & 15, packed >> 4], dim=-1)[..., :channels].float()
-
-
 def make_sketch(mid_k: torch.Tensor, chan: torch.Tensor, chunk: int) -> Sketch:
     """mid_k (B, H_kv, M, D) with M a multiple of chunk, chan (B, H_kv, C) sorted channel ids -> the
     4-bit sketch of the keys at those channels, M // chunk chunks (see the module docstring)."""

@@ -11,7 +11,7 @@ from engine.kv.offload import OffloadKV
 from engine.model import Llama
 from interpreted import check_interpreted
 from stepping import attend_next, decode_logits
-from kernels.sparse_attn import _pack, approx_scores_ref, make_sketch, select_topk, sketch_scores, unpack
+from kernels.sparse_attn import _dot, _pack, approx_scores_ref, make_sketch, select_topk, sketch_scores
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)  # head_dim 32
 
@@ -81,6 +81,11 @@ def test_chunk_bounds_hold_every_token():
     bound = sketch_scores(qc, sk)  # (1, 2, 5, 12)
     per_chunk_max = exact.view(1, 2, 5, 12, 8).amax(-1)
     assert (bound >= per_chunk_max - 1e-5).all() and (bound > per_chunk_max + 1e-3).any()
+
+
+def unpack(packed, channels):
+    """(..., ceil(C/2)) uint8 -> (..., C) codes, as the scoring reads them: _dot with the identity."""
+    return _dot(torch.eye(channels), packed).transpose(-1, -2)
 
 
 def test_sketch_codes_pack_two_channels_a_byte():

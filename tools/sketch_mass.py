@@ -85,10 +85,12 @@ def recorder_class():
 
 def layer_masses(rec, sketches, sink: int, recent: int, fraction: float) -> list[float]:
     """Mean captured mass per sketch for one layer of one prompt (over steps and query heads)."""
+    from engine.kv.offload import OffloadKV
     k = rec.prompt_k  # (1, H_kv, T, D)
     _, H_kv, T, D = k.shape
-    mid = k[:, :, sink:T - recent]  # the middle OffloadKV ranks (chunk 1)
-    top = int(fraction * T) - sink - recent  # what its budget leaves for the middle (as the suite prices it)
+    # OffloadKV's split at chunk 1, with the budget the suite gives it (int(f x T) tokens)
+    S, M, _, top = OffloadKV.layout(T, int(fraction * T), sink, recent, 1)
+    mid = k[:, :, S:S + M]  # the middle it ranks
     fns = [scorer(kind, C, mid, rec.q_prompt) for kind, C in sketches]
     totals = [0.0] * len(sketches)
     for q in rec.queries:  # (1, H, 1, D)
