@@ -235,6 +235,8 @@ def parse_kv_budget(text: str, full_bytes: int) -> int:
         raise ValueError(f"not a KV budget: {text!r} (examples: 512MiB, 2GiB, 0.2, 20%)") from None
     if not (math.isfinite(x) and x > 0):
         raise ValueError(f"KV budget must be positive and finite, got {text!r}")
+    if t.endswith("%") and x > 1:  # bytes above FullKV's buy nothing: the plan is FullKV everywhere
+        raise ValueError(f"KV budget {text!r} is more than FullKV's bytes; a fraction is at most 100%")
     return int(x * full_bytes) if x <= 1 or t.endswith("%") else int(x)
 
 
