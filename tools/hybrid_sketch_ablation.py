@@ -5,12 +5,18 @@ sketch of the prompt's keys (`channels` of head_dim per token, min and max per `
 2 x channels / chunk 4-bit codes per token when chunk > 1, channels when chunk = 1). Before the
 codes (2026-11-29) the sketch held float values, and the default 8 of 64 channels alone was 6% of
 a float32 FullKV, so at 5% no layer could be offloaded; the default 16 of 64 channels as codes is
-1.6%. A smaller sketch makes offloading affordable; its approximate scores then pick worse tokens. This tool lets
-the profile and the planner see each setting (the profile judges OffloadKV with the setting's
-parameters, and the plan's offload layers get them), then runs the plans on the pass-key grid.
+1.6%. A smaller sketch makes offloading affordable; its approximate scores then pick worse
+tokens. This tool lets the profile and the planner see each setting (the profile judges OffloadKV
+with the setting's parameters, and the plan's offload layers get them), then runs the plans on the
+pass-key grid.
 
     python tools/hybrid_sketch_ablation.py --ctx 4k --fractions 0.05,0.1,0.2 \\
-        --settings chunk=1+channels=8,chunk=8+channels=8,chunk=1+channels=2 --json out.json
+        --settings chunk=1,chunk=8,chunk=1+channels=8 --json out.json
+
+(a setting without channels= keeps OffloadKV's default, a quarter of head_dim.) Its "same answer as
+FullKV" column compares the whole first line of 8 greedy tokens, so it also counts the token after
+the key: on the default model most differences there are FullKV's "\\n" against the needle's next
+sentence, " Remember" (docs/RESULTS.md, "OffloadKV's sketch: 4-bit codes").
 """
 from __future__ import annotations
 
@@ -89,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=lambda t: [float(x) for x in t.split(",")], default=[0.05, 0.1, 0.2],
                    help="device KV budgets as fractions of FullKV (default 0.05,0.1,0.2)")
     p.add_argument("--settings", type=lambda t: [(x, setting(x)) for x in t.split(",")],
-                   default=[(x, setting(x)) for x in ("chunk=1+channels=8", "chunk=8+channels=8", "chunk=1+channels=2")],
-                   help="OffloadKV sketch settings, comma-separated")
+                   default=[(x, setting(x)) for x in ("chunk=1", "chunk=8", "chunk=1+channels=8")],
+                   help="OffloadKV sketch settings, comma-separated: chunk=N, channels=N (default: a quarter "
+                        "of head_dim), pool=N (eviction's pooling kernel), joined by + (default "
+                        "chunk=1,chunk=8,chunk=1+channels=8)")
     p.add_argument("--seeds", type=int, default=4, help="pass keys per depth (5 depths; default 4)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return cli(p, run, argv)
