@@ -92,7 +92,10 @@ PLANNING_FLAGS = {"kv_budget": "0.2", "plan_policies": "auto", "profile_tokens":
 def policy_arg(a: argparse.Namespace) -> str:
     """--policy and the per-parameter flags -> one 'name:key=value,...' policy for the API. Fills
     in the planning flags' defaults."""
+    a.policy = a.policy.strip()
     name = a.policy.partition(":")[0]
+    if name not in POLICIES and name != "hybrid":
+        raise ValueError(f"unknown --policy {name!r}; choose from {', '.join(POLICIES)} or hybrid")
     if a.plan is not None and name != "hybrid":
         raise ValueError(f"--plan is for --policy hybrid, not {a.policy!r}")
     for flag, default in PLANNING_FLAGS.items():

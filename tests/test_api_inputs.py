@@ -43,6 +43,7 @@ def no_profiling(monkeypatch):
     ({"prefill_chunk": 1.5}, "prefill_chunk must be an int >= 1"),
     ({"max_new_tokens": True}, "max_new_tokens must be ints >= 0"),
     ({"policy": [1] * 30}, "per-layer specs are strings or dicts"),
+    ({"policy": "bogus:x=1"}, "unknown KV policy 'bogus'; choose from full, quant, offload, evict, hybrid or plan:PATH"),
 ])
 def test_bad_options_are_one_value_error(llm, no_profiling, options, fragment):
     with pytest.raises(ValueError) as e:

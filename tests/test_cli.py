@@ -153,6 +153,7 @@ def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
     (["--policy", "hybrid", "--plan", "p.json", "--profile-tokens", "1k"], "--profile-tokens is for --policy hybrid "
                                                                            "without --plan, not --plan"),
     (["--policy", "hybrid", "--kv-budget", "lots"], "not a KV budget: 'lots'"),
+    (["--policy", "bogus"], "unknown --policy 'bogus'; choose from full, quant, offload, evict or hybrid"),
     (["--policy", "hybrid", "--kv-budget", "150%"], "KV budget '150%' is more than FullKV's bytes"),
     (["--depth", "2"], "--depth must be in [0, 1], got 2.0"),
     (["--depth", "0.3", "--prompt", "hi"], "--depth places the demo's pass key"),
