@@ -296,12 +296,12 @@ class LLM:
             tail = text.flush()
             if tail:
                 yield (b, tail) if batch else tail
-        for (ids, cut, _), plan, r in zip(fitted, plans, results):
+        for (ids, cut, new), plan, r in zip(fitted, plans, results):
             stream.outputs.append(Output(
                 text=self.tokenizer.decode([t for t in r.generated_ids if t not in eos]),
                 token_ids=r.generated_ids, prompt_tokens=len(ids), prefill_s=r.prefill_s,
                 decode_ms_per_token=r.decode_ms_per_token, kv_bytes=r.kv_bytes(),
-                full_kv_bytes=self.full_kv_bytes(len(ids) + len(r.generated_ids)),
+                full_kv_bytes=self.full_kv_bytes(len(ids) + new),  # caches hold room for every new token
                 layers=[p.describe() for p in r.policies], stop_reason=r.stop_reason,
                 cuda_graphs=r.cuda_graphs, decode_steps=len(r.decode_times_s),
                 h2d_bytes=sum(p.transfer_bytes() for p in r.policies), prompt_cut=cut, plan=plan))

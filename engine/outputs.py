@@ -16,7 +16,7 @@ class Output:
     prefill_s: float
     decode_ms_per_token: float        # median steady decode step (warm-up and graph capture left out)
     kv_bytes: dict[str, int]          # {"device": ..., "host": ...}, summed from the policies' tensors
-    full_kv_bytes: int                # what FullKV would hold for the same tokens
+    full_kv_bytes: int                # what FullKV holds for this run: prompt + max_new_tokens
     layers: list[dict]                # each layer's policy, described
     stop_reason: str                  # "eos" | "length"
     cuda_graphs: bool = False         # decode replayed a CUDA graph

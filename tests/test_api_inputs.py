@@ -99,3 +99,13 @@ def test_plan_options_are_checked_before_profiling(llm, no_profiling, options, f
     long = "The quick brown fox jumps over the lazy dog. " * 80
     with pytest.raises(ValueError, match=fragment):
         llm.plan(long, **options)
+
+
+def test_full_kv_bytes_is_what_fullkv_holds_when_a_run_ends_early(llm, monkeypatch):
+    """Caches are allocated for prompt + max_new_tokens; a run that ends at an end-of-turn token
+    still holds that, and FullKV's own cache is the yardstick (it once counted only the tokens made)."""
+    first = llm.generate(PROMPT, max_new_tokens=1).token_ids[0]
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", {first})
+    out = llm.generate(PROMPT, max_new_tokens=8)
+    assert out.stop_reason == "eos" and len(out.token_ids) == 1
+    assert out.kv_bytes["device"] == out.full_kv_bytes == llm.full_kv_bytes(out.prompt_tokens + 8)

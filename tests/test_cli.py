@@ -28,7 +28,7 @@ def test_demo_writes_stats(tiny_model_dir, tmp_path):
         assert key in s
     assert s["prompt_tokens"] == 300 and len(s["generated_ids"]) == 5
     assert set(s["kv_bytes"]) == {"device", "host"} and s["kv_bytes"]["host"] == 0
-    assert s["kv_bytes"]["device"] >= s["full_kv_bytes"] > 0
+    assert s["kv_bytes"]["device"] == s["full_kv_bytes"] > 0  # FullKV is FullKV, whenever the run stops
     assert len(s["layers"]) == 2 and s["layers"][0]["policy"] == "full"
 
 
