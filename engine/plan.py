@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelArgs
-from engine.kv import POLICIES, build_policies, check_spec, parse_policy
+from engine.kv import build_policies, check_spec, parse_policy
 from engine.layer_stats import LayerStats
 
 
@@ -122,10 +122,8 @@ def policy_specs(policy, model: str, args: ModelArgs) -> list[dict]:
         policy.check(model, args.n_layers)  # an error names the file a loaded plan came from
         specs = policy.specs
     elif isinstance(policy, (str, dict)):
-        name = policy.strip().partition(":")[0] if isinstance(policy, str) else None
-        if name is not None and name not in POLICIES:  # the whole model's policy: hybrid and plans too
-            raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}, hybrid or plan:PATH")
-        specs = [parse_policy(policy) if isinstance(policy, str) else dict(policy)] * args.n_layers
+        spec = parse_policy(policy, others="hybrid or plan:PATH") if isinstance(policy, str) else dict(policy)
+        specs = [spec] * args.n_layers
     elif isinstance(policy, (list, tuple)):
         if not all(isinstance(p, (str, dict)) for p in policy):
             raise ValueError("per-layer specs are strings or dicts, e.g. ['quant:bits=4', {'policy': 'full'}]")

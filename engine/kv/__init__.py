@@ -68,13 +68,15 @@ def spec_cost(args: ModelArgs, spec: dict, prompt: int, new: int, elem: int) -> 
     return policy_class(spec).cost(args, prompt, new, elem, **{k: v for k, v in spec.items() if k != "policy"})
 
 
-def parse_policy(text: str) -> dict:
+def parse_policy(text: str, others: str = "") -> dict:
     """A policy as written on a command line -> a spec for build_policies:
     'full', 'quant:bits=2,residual=128', 'offload:budget=256,lookahead=layer'. Keys and value
-    types are checked against the policy's constructor (the one place its defaults live)."""
+    types are checked against the policy's constructor (the one place its defaults live).
+    `others`: what the caller also accepts, for the error's list (e.g. "hybrid or plan:PATH")."""
     name, _, params = text.strip().partition(":")
     if name not in POLICIES:
-        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}")
+        also = f", {others}" if others else ""
+        raise ValueError(f"unknown KV policy {name!r}; choose from {', '.join(POLICIES)}{also}")
     spec: dict = {"policy": name}
     defaults = POLICIES[name].defaults()
     for kv in filter(None, (p.strip() for p in params.split(","))):
