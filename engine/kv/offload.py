@@ -10,6 +10,8 @@ most important key channels as 4-bit codes (kernels/sparse_attn.py: with chunk 1
 keys' channels themselves). By default channels is a quarter of head_dim, half a byte each: a
 sixteenth of a bfloat16 key row per token (Llama-3.1-8B: 32 of 128 channels, 16 bytes, what the 8
 channels in bfloat16 of the sketch before 2026-11-29 took; they ranked worse: kernels/sparse_attn.py).
+Half of head_dim answered no better on the default model's task suite, 64 prompts at 4k and 8k
+(docs/RESULTS.md, "16 against 32 channels"), for twice the bytes.
 Each step:
   1. approximate scores over the middle's chunks from the sketch (no host traffic);
   2. top-k chunks per KV head (the max over the query heads that share it);
