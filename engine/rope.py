@@ -11,13 +11,6 @@ import math
 
 import torch
 
-# The process's first vectorized cos or sin on the CPU, split across threads, can run one thread's
-# share at a much lower accuracy: on torch 2.13 (MKL), in 7 of 24 fresh processes, cos of a 120 x 32
-# table of angles was off by up to 1.5e-4 on the second thread's rows (3.5e-8 otherwise), so the first
-# prefill of a process differed from every later one. One call on one thread first (a single
-# element) sets the library up; from then on every call measured the same.
-torch.ones(1).cos()
-
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """(head_dim/2,) float32 angular frequencies, exactly as transformers computes them."""

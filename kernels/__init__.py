@@ -11,6 +11,14 @@ import os
 
 import torch
 
+# The process's first vectorized exp, cos, sin or tanh on the CPU, split across threads, can run one
+# thread's share at a much lower accuracy (torch 2.13, MKL): in fresh processes, cos of a 120 x 32
+# table of RoPE angles was off by up to 1.5e-4 on the second thread's rows (3.5e-8 otherwise) in 7 of
+# 24, exp 1 of 12, tanh 2 of 12; so the first prefill of a process differed from every later one.
+# One call on one thread first (a single element) sets the library up for all of them; from then on
+# every call measured the same. Here, because every kernel and the whole engine import this package.
+torch.ones(1).cos()
+
 
 def use_triton(t: torch.Tensor) -> bool:
     mode = os.environ.get("LAYERKV_KERNELS", "auto").lower()

@@ -51,8 +51,8 @@ def test_rope_compiled_on_cuda():
     check_compiled(ROPE_CHECK)
 
 
-# A fresh process's first table of angles, the first cos/sin it computes (engine/rope.py's import
-# sets the CPU library up first): within float32 rounding of float64's on every row.
+# A fresh process's first table of angles, the first cos/sin it computes (importing kernels/ sets
+# the CPU library up first): within float32 rounding of float64's on every row.
 FIRST_TABLE = r"""
 import torch
 from engine.rope import inv_frequencies, rope_cos_sin
@@ -66,7 +66,7 @@ print(max((cos.double() - ang.cos()).abs().max().item(), (sin.double() - ang.sin
 
 def test_first_rope_table_of_a_process_is_accurate():
     """The first vectorized cos of a torch 2.13 CPU process could run one thread's rows at ~1e-4
-    error (in 7 of 24 fresh processes; this test failed 2 of 4 times without engine/rope.py's
+    error (in 7 of 24 fresh processes; this test failed 2 of 4 times without kernels/__init__.py's
     set-up call), so four processes: a return of that fails."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
