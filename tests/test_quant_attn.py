@@ -304,7 +304,7 @@ def test_rotated_output_float16_does_not_overflow():
 
 
 def test_torch_path_matches_reference():
-    """The CPU path (lookup-table unpack, scale folded into q and the weights) equals the spec."""
+    """The CPU path (codes read field by field, scale folded into q and the weights) equals the spec."""
     from kernels.quant_attn import quant_decode_attention_ref, quant_decode_attention_torch
     g = torch.Generator().manual_seed(0)
     for bits, G, H, H_kv, D, R, pos, S in [(2, 64, 9, 3, 64, 128, 299, 0),  # 256 keys, 172 values packed
@@ -313,7 +313,8 @@ def test_torch_path_matches_reference():
                                            (4, 32, 6, 2, 64, 64, 19, 0),  # nothing packed
                                            (2, 64, 9, 3, 64, 128, 299, 4),  # 4 held, in the store or windows
                                            (4, 32, 6, 2, 64, 64, 19, 2),  # 2 held, in the windows
-                                           (2, 32, 9, 3, 64, 128, 299, -3)]:  # 8-bit ranges, 3 held
+                                           (2, 32, 9, 3, 64, 128, 299, -3),  # 8-bit ranges, 3 held
+                                           (1, 4, 4, 2, 32, 32, 70, 0)]:  # value groups narrower than a byte
         per, cap = 8 // bits, 320
         args = dict(
             k_codes=torch.randint(0, 256, (1, H_kv, cap, D // per), generator=g, dtype=torch.uint8),
