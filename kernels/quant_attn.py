@@ -36,8 +36,8 @@ field 0 = (1, 3) = channels 0 and 2, field 1 = (2, 4) = channels 1 and 3, and
 q . k = q[0::2] . (1, 3) + q[1::2] . (2, 4). On 2 CPU threads at 4k tokens (SmolLM2-135M's
 3 KV heads, 2026-11-30) one layer's call takes 1.3 ms at 4 bits and 2.0 at 2, against 4.3 and
 3.4 with the 256-entry lookup table that unpacked every byte into its codes before (indexing a
-table by a byte tensor is a slow gather on the CPU); decoding at 4 bits went from 173 to 79
-ms/token.
+table by a byte tensor is a slow gather on the CPU); bench.py's 4-bit decode at 4k went from 167
+to 80 ms/token (docs/RESULTS.md, "Today's code at 4k").
 quant_decode_attention_triton (kernels/quant_attn_triton.py) never materialises dequantized K/V:
 each program loads packed tiles, dequantizes them in registers and runs flash-decoding (online
 softmax over a slice of the tokens) for all query heads of one KV head; a small merge kernel
