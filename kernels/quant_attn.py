@@ -153,8 +153,9 @@ def quant_decode_attention_torch(q, k_codes, k_scale, k_mn, k_res, v_codes, v_sc
     fields = _fields(v_codes[:, :, :n_vq], bits)  # per x (B, H_kv, n_vq, D / per)
     if G % per == 0:  # group g's channels are columns [g G / per, (g + 1) G / per) of every field
         Gp = G // per
-        out = torch.stack([torch.stack([torch.matmul(w[:, :, g], c[..., g * Gp:(g + 1) * Gp]) for c in fields], -1)
-                           for g in range(gv)], 3)  # (B, H_kv, n_rep, gv, G / per, per)
+        parts = [[torch.matmul(w[:, :, g], c[..., g * Gp:(g + 1) * Gp]) for c in fields]  # (B, H_kv, n_rep, Gp)
+                 for g in range(gv)]
+        out = torch.stack([torch.stack(row, dim=-1) for row in parts], dim=3)  # (B, H_kv, n_rep, gv, Gp, per)
     else:  # groups narrower than a byte's codes (e.g. G 4 at 1 bit): interleave the fields first
         vc = torch.stack(fields, dim=-1).view(B, H_kv, n_vq, gv, G).transpose(2, 3)  # (B, H_kv, gv, n_vq, G)
         out = torch.matmul(w, vc).transpose(2, 3)  # (B, H_kv, n_rep, gv, G)
