@@ -51,6 +51,18 @@ def test_window_scores_are_causal_and_pooled():
     assert abs(pooled[4].item() - (mass[3] + mass[4] + mass[5]).item() / 3) < 1e-6
 
 
+@pytest.mark.parametrize("T, w, block", [(100, 32, 8192), (100, 32, 7), (40, 40, 16), (5, 3, 2)])
+def test_window_scores_in_blocks_equal_one_softmax(T, w, block):
+    """Keys scored a block at a time (the softmax's max and denominator first, then the shares)
+    == one softmax over all of them, whether a block boundary falls inside the window or not."""
+    g = torch.Generator().manual_seed(T + block)
+    k, q = torch.randn(2, 3, T, 16, generator=g) * 3, torch.randn(2, 6, w, 16, generator=g) * 3
+    logits = q.view(2, 3, 2 * w, 16) @ k.transpose(-1, -2) / 4.0  # (2, 3, 2w, T): rows (head, query)
+    future = torch.arange(T) > torch.arange(T - w, T).repeat(2)[:, None]
+    want = logits.masked_fill(future, float("-inf")).softmax(-1).sum(2)  # (2, 3, T)
+    torch.testing.assert_close(window_scores(k, q, pool=1, block=block), want, rtol=1e-5, atol=1e-6)
+
+
 def test_high_attention_token_is_kept():
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, 2, 200, 32, generator=g) * 0.1

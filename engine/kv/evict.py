@@ -26,19 +26,41 @@ from engine.kv.base import KVPolicy, tensor_bytes
 from kernels.dense_attn import decode_attention, dense_decode_attention, write_row
 
 
-def window_scores(k: torch.Tensor, q_window: torch.Tensor, pool: int) -> torch.Tensor:
+SCORE_BLOCK = 8192  # keys scored at a time by window_scores
+
+
+def window_scores(k: torch.Tensor, q_window: torch.Tensor, pool: int, block: int = SCORE_BLOCK) -> torch.Tensor:
     """k (B, H_kv, T, D), q_window (B, H, w, D): the last w queries of the prompt
-    -> (B, H_kv, T) float32 pooled attention mass per key, summed over the window and the group."""
+    -> (B, H_kv, T) float32 pooled attention mass per key, summed over the window and the group.
+
+    One KV head at a time, its keys `block` at a time, in two passes: each query's softmax max
+    and denominator first (rescaled as the max grows, as flash attention does), then each key's
+    share of it. So no (n_rep*w, T) matrix of logits exists: for Llama-3.1-8B at 128k tokens one
+    was 64 MiB a head, and softmax's copies made it ~256 MiB, as much as the rest of a prefill
+    chunk's activations; a block of 8192 keys is 4 MiB, whatever T."""
     B, H_kv, T, D = k.shape
     H, w = q_window.shape[1], q_window.shape[2]
     qg = q_window.reshape(B, H_kv, (H // H_kv) * w, D).float()  # (B, H_kv, n_rep*w, D), rows (head, query)
-    # window query i sits at position T - w + i and must not see keys after it
-    q_pos = torch.arange(T - w, T, device=k.device).repeat(H // H_kv)  # (n_rep*w,)
-    future = torch.arange(T, device=k.device)[None, :] > q_pos[:, None]  # (n_rep*w, T)
+    q_pos = torch.arange(T - w, T, device=k.device).repeat(H // H_kv)  # (n_rep*w,): query i at T - w + i
+
+    def logits(h: int, a: int) -> torch.Tensor:  # (B, n_rep*w, n): head h's window vs keys a .. a+n-1
+        out = torch.matmul(qg[:, h], k[:, h, a:a + block].float().transpose(-1, -2)).div_(math.sqrt(D))
+        if a + block > T - w:  # the block reaches the window: a query must not see keys after it
+            future = torch.arange(a, min(a + block, T), device=k.device)[None, :] > q_pos[:, None]
+            out.masked_fill_(future, float("-inf"))
+        return out
+
     mass = torch.empty(B, H_kv, T, device=k.device, dtype=torch.float32)
-    for h in range(H_kv):  # one KV head at a time: at 128k tokens, 128 rows of logits are 64 MB a head
-        logits = torch.matmul(qg[:, h], k[:, h].float().transpose(-1, -2)) / math.sqrt(D)  # (B, n_rep*w, T)
-        mass[:, h] = logits.masked_fill(future, float("-inf")).softmax(dim=-1).sum(dim=1)
+    for h in range(H_kv):
+        top = torch.full((B, qg.shape[2], 1), float("-inf"), device=k.device)  # running max per query
+        denom = torch.zeros_like(top)  # sum of exp(logit - top) so far
+        for a in range(0, T, block):
+            part = logits(h, a)
+            new_top = torch.maximum(top, part.amax(-1, keepdim=True))
+            denom = denom * (top - new_top).exp() + part.sub_(new_top).exp_().sum(-1, keepdim=True)
+            top = new_top
+        for a in range(0, T, block):  # every query sees key 0, so top is finite and denom > 0
+            mass[:, h, a:a + block] = logits(h, a).sub_(top).exp_().div_(denom).sum(dim=1)
     if pool > 1:
         mass = F.avg_pool1d(mass.reshape(B * H_kv, 1, T), pool, stride=1, padding=pool // 2,
                             count_include_pad=False).reshape(B, H_kv, T)
