@@ -56,17 +56,30 @@ def cuda_view_of_pinned(host: torch.Tensor, device: torch.device | str = "cuda")
     return torch.as_tensor(_Pointer(), device=device).view(host.dtype)
 
 
-def quantize_channels(x: torch.Tensor, block: int = 16384) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+STORE_BLOCK = 8192  # offloaded tokens quantized and copied to the host store at a time
+
+
+def channel_ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H_kv, M, D) -> (step, min), each (B, H_kv, D) float32: the 8-bit store's ranges
+    (module docstring)."""
+    mn, mx = x.amin(dim=2).float(), x.amax(dim=2).float()  # (B, H_kv, D)
+    return ((mx - mn) / 255).clamp(min=torch.finfo(torch.float32).tiny), mn  # a constant channel: any step
+
+
+def channel_codes(x: torch.Tensor, step: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """x (B, H_kv, n, D), some of the tokens the ranges (B, H_kv, D) were taken over -> codes uint8."""
+    return ((x.float() - mn[:, :, None]) / step[:, :, None]).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def quantize_channels(x: torch.Tensor, block: int = STORE_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (B, H_kv, M, D) -> (codes (B, H_kv, M, D) uint8, step (B*H_kv, D) float32, min (B*H_kv, D)
     float32): the 8-bit host store (module docstring). Done `block` tokens at a time, so a 128k-token
     layer never exists in float32 at once (prefill's peak)."""
     B, H_kv, M, D = x.shape
-    mn, mx = x.amin(dim=2).float(), x.amax(dim=2).float()  # (B, H_kv, D)
-    step = ((mx - mn) / 255).clamp(min=torch.finfo(torch.float32).tiny)  # a constant channel: any step
+    step, mn = channel_ranges(x)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     for s in range(0, M, block):
-        part = (x[:, :, s:s + block].float() - mn[:, :, None]) / step[:, :, None]
-        codes[:, :, s:s + block] = part.round_().clamp_(0, 255)
+        codes[:, :, s:s + block] = channel_codes(x[:, :, s:s + block], step, mn)
     return codes, step.reshape(B * H_kv, D), mn.reshape(B * H_kv, D)
 
 
@@ -211,24 +224,34 @@ class RowFetcher:
         self.cuda = self.device.type == "cuda"
         B, H_kv, M, D = k.shape
         self.ranges = None  # (k_step, k_min, v_step, v_min) with 8-bit codes, each (B*H_kv, D)
+        k_ranges = v_ranges = None
         if host == "8bit":
-            (k, ks, km), (v, vs, vm) = quantize_channels(k), quantize_channels(v)
-            self.ranges = tuple(t.to(self.device) for t in (ks, km, vs, vm))
-        # Flattened to rows so one index serves every (batch, head) at once.
-        self.host_k = self._to_host(k.reshape(B * H_kv * M, D))
-        self.host_v = self._to_host(v.reshape(B * H_kv * M, D))
+            k_ranges, v_ranges = channel_ranges(k), channel_ranges(v)
+            self.ranges = tuple(t.reshape(B * H_kv, D).to(self.device) for t in (*k_ranges, *v_ranges))
+        self.host_k, self.host_v = self._to_host(k, k_ranges), self._to_host(v, v_ranges)  # (B*H_kv*M, D) each
         # What kernels read: the pinned store itself, seen from the GPU.
         self.src_k = cuda_view_of_pinned(self.host_k, self.device) if self.cuda else self.host_k
         self.src_v = cuda_view_of_pinned(self.host_v, self.device) if self.cuda else self.host_v
         self.stream = torch.cuda.Stream(self.device, priority=-1) if self.cuda else None  # high priority
         self.ready: torch.cuda.Event | None = None  # set while an overlapped fetch is in flight
-        self.row_bytes = 2 * D * k.element_size()  # one K row + one V row, as stored (what crosses the bus)
+        self.row_bytes = 2 * D * self.host_k.element_size()  # one K row + one V row, as stored (what crosses the bus)
         self.rows_copied = torch.zeros((), dtype=torch.int64, device=self.device)  # no sync to count
 
-    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.cuda)
-        host.copy_(x)
-        return host
+    def _to_host(self, x: torch.Tensor, ranges: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x (B, H_kv, M, D) (a view of the layer's K or V) -> the host store's rows (B*H_kv*M, D),
+        flattened so one index serves every (batch, head) at once: as they are, or as 8-bit codes
+        of `ranges`. Filled STORE_BLOCK tokens at a time, so neither a contiguous copy of the
+        middle nor its codes ever exist whole on the device (at 128k, 8 KV heads of 128: 256 MiB in
+        bfloat16, 128 MiB of codes, beside the prefill's other buffers)."""
+        B, H_kv, M, D = x.shape
+        host = torch.empty(x.shape, dtype=x.dtype if ranges is None else torch.uint8, pin_memory=self.cuda)
+        for s in range(0, M, STORE_BLOCK):
+            part = x[:, :, s:s + STORE_BLOCK]
+            part = part if ranges is None else channel_codes(part, *ranges)
+            for b in range(B):  # one (batch, head)'s rows are contiguous on both sides: a direct copy
+                for h in range(H_kv):  # each (torch stages a strided destination through pageable memory)
+                    host[b, h, s:s + STORE_BLOCK].copy_(part[b, h])
+        return host.view(B * H_kv * M, D)
 
     def fetch(self, tokens, wanted, slots, dst_k, dst_v, offset: int, overlap: bool = False) -> None:
         """Copy the wanted rows (see gather_rows_ref; slots None: entry j into slot j) into dst_k/dst_v.

@@ -20,6 +20,24 @@ def test_8bit_host_store_rounds_within_half_a_step():
     assert codes.amin() == 0 and codes.amax() == 255  # each channel's range spans all 256 codes
 
 
+@pytest.mark.parametrize("host", ["model", "8bit"])
+def test_host_store_is_filled_in_blocks(host, monkeypatch):
+    """RowFetcher writes the store STORE_BLOCK tokens at a time (no whole copy or whole codes of the
+    layer on the device): the same rows as one pass over a strided middle of K and V."""
+    import kernels.prefetch as prefetch
+    monkeypatch.setattr(prefetch, "STORE_BLOCK", 7)  # blocks that do not divide M
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 3, 60, 16, generator=g), torch.randn(2, 3, 60, 16, generator=g)
+    mid_k, mid_v = k[:, :, 5:55], v[:, :, 5:55]  # (2, 3, 50, 16), as OffloadKV hands it over
+    f = prefetch.RowFetcher(mid_k, mid_v, "cpu", host=host)
+    for got, x in ((f.host_k, mid_k), (f.host_v, mid_v)):
+        want = x if host == "model" else prefetch.quantize_channels(x)[0]
+        assert torch.equal(got, want.reshape(300, 16))
+    if host == "8bit":
+        assert torch.equal(f.ranges[0], prefetch.quantize_channels(mid_k)[1])
+    assert f.row_bytes == 2 * 16 * (4 if host == "model" else 1)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (prefetcher streams)")
 
 

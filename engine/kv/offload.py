@@ -66,7 +66,7 @@ def rank_channels(mid_k: torch.Tensor, q_window: torch.Tensor | None, channels: 
     matters for q.k when the query weighs it and the keys are large in it.
     mid_k (B, H_kv, M, D); q_window (B, H, w, D), |q| averaged over the window and the group."""
     B, H_kv, _, D = mid_k.shape
-    weight = mid_k.abs().amax(dim=2).float()  # (B, H_kv, D)
+    weight = torch.maximum(mid_k.amax(dim=2), -mid_k.amin(dim=2)).float()  # (B, H_kv, D) max|K|, no |K| copy
     if q_window is not None:
         weight = weight * q_window.abs().reshape(B, H_kv, -1, D).float().mean(dim=2)
     return weight.topk(channels, dim=-1).indices.sort(dim=-1).values
