@@ -117,8 +117,9 @@ class Llama(nn.Module):
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)
                 q, k[:, :, s:e], v[:, :, s:e] = layer.qkv(x[:, s:e], cos[s:e], sin[s:e])
-                if policy.q_window:
-                    q_tail = q if q_tail is None else torch.cat([q_tail, q], dim=2)
+                if policy.q_window:  # a copy of the chunk's last queries (a view would keep q alive)
+                    last = q[:, :, -policy.q_window:]
+                    q_tail = last.clone() if q_tail is None else torch.cat([q_tail, last], dim=2)
                     q_tail = q_tail[:, :, -policy.q_window:]
                 # Queries s..e-1 see keys 0..e-1, all computed by now: chunk j's keys come from
                 # x before this layer's update of chunk j, and chunks are updated in order.

@@ -80,9 +80,13 @@ def _round_ranges(x, scale, mn, bits: int, group: int, per_channel: bool, sup: t
     3 x 3 byte pairs around them (each rounded to nearest, down, up: `neighbours`) each group keeps
     the one that dequantizes it with the smallest squared error (the nearest pair on ties), and the
     codes are computed from it. The 9 candidates are one batch of tensor ops (a decode step packs
-    a token with the same few kernels), in slices of T so a long prompt's candidates stay small."""
+    a token with the same few kernels), in slices of T so a long prompt's candidates stay small:
+    each of the ~7 (9, ..., rows, D) float32 tensors alive at once holds ~2 MiB (at Llama-3.1-8B's
+    8 KV heads of 128, 64 tokens a slice; 2048 tokens a slice made them 72 MiB each, more than the
+    rest of a prefill chunk's activations in float32)."""
     levels, T = (1 << bits) - 1, x.shape[-2]
-    rows = group * max(1, 2048 // group)  # a whole number of groups along T either way
+    per_row = x[..., :1, :].numel()  # B * H * D values per token
+    rows = group * max(1, (1 << 16) // (group * per_row))  # a whole number of groups along T either way
     out = []
     for t in range(0, T, rows):
         xc = x[..., t:t + rows, :].float()

@@ -50,7 +50,9 @@ def clip_range(g: torch.Tensor, levels: int, dtype: torch.dtype) -> tuple[torch.
     squared error (module docstring). Candidates are scored as stored (cast to dtype)."""
     i = torch.arange(N_CLIP, device=g.device, dtype=torch.float32)  # (C,)
     scales, mns = [], []
-    step = max(1, (1 << 22) // (N_CLIP * g.shape[1]))  # groups per chunk: ~16 MB of candidates
+    # groups per chunk: ~4 MB of candidates, each of the 4 tensors alive at once (q, its error, the
+    # where/clamp steps), so the search stays far below a prefill chunk's activations
+    step = max(1, (1 << 20) // (N_CLIP * g.shape[1]))
     for c in range(0, g.shape[0], step):
         x = g[c:c + step]  # (n, G)
         mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # (n, 1)

@@ -101,7 +101,7 @@ HEAVY_WINDOW = 32  # prompt queries whose attention picks the heavy hitters
 
 class QuantKV(KVPolicy):
     name = "quant"
-    prefill_block = 16384  # prompt tokens rotated and packed at a time (prefill)
+    prefill_block = 8192  # prompt tokens rotated and packed at a time (prefill)
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
                  residual: int = 128, rotate: str = "auto", sink: int = 1, clip: str = "auto",
