@@ -38,8 +38,8 @@ import json
 import shlex
 import sys
 
-from engine.cli import (Parser, cap_gpu_memory, check_dir_writable, check_writable, cli, gpu_memory, parse_tokens,
-                        resolve_device)
+from engine.cli import (Parser, cap_gpu_memory, check_dir_writable, check_writable, cli, gpu_memory, parse_policies,
+                        parse_tokens, resolve_device)
 from engine.kv import parse_policy
 from engine.plan import Plan
 
@@ -51,20 +51,6 @@ def parse_list(kind):
             raise argparse.ArgumentTypeError(f"empty list: {text!r}")
         return [kind(t) for t in items]
     return parse
-
-
-def parse_policies(text: str) -> list[str]:
-    """'full,quant:bits=2,residual=128,evict' -> ['full', 'quant:bits=2,residual=128', 'evict']: a
-    piece that is only key=value belongs to the policy before it."""
-    out: list[str] = []
-    for piece in filter(None, (t.strip() for t in text.split(","))):
-        if "=" in piece and ":" not in piece and out:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    if not out:
-        raise argparse.ArgumentTypeError(f"empty list: {text!r}")
-    return out
 
 
 def unit_number(what: str, examples: str, label: str, zero_ok: bool):

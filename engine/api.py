@@ -99,10 +99,10 @@ class LLM:
         """Bytes one sequence's cache takes from the memory it must fit in (_kv_tiers' device)."""
         return self._kv_tiers([(specs, prompt, new)])["device"]
 
-    def check_kv_fits(self, runs: list[tuple[list[dict], int, int]]) -> None:
+    def check_kv_fits(self, runs: list[tuple[list[dict], int, int]], prefill_chunk: int = 2048) -> None:
         """Refuse, in one line and before any work, caches that cannot fit together, or beside
-        which a prompt's prefill cannot run: runs are (specs, prompt tokens, new tokens), one per
-        sequence, against the free memory."""
+        which a prompt's prefill (in query chunks of prefill_chunk) cannot run: runs are (specs,
+        prompt tokens, new tokens), one per sequence, against the free memory."""
         need = self._kv_tiers(runs)
         on_device = need["device"]
         free = free_memory(self.device)
@@ -113,17 +113,18 @@ class LLM:
             raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device}; "
                              f"{fmt_bytes(free)} is free ({hint})")
         # Sequences prefill one at a time, each beside the caches of those before it and its own:
-        # the peak is the worst such moment, with prefill's floor (ModelArgs.prefill_bytes) on top.
+        # the peak is the worst such moment, with the prefill's own peak (ModelArgs.prefill_bytes) on top.
         elem, held, peak, worst = self.model.head.element_size(), 0, 0, 0
         for specs, prompt, new in runs:
             held += self.kv_footprint(specs, prompt, new)
-            transient = self.args.prefill_bytes(prompt, elem)
+            transient = self.args.prefill_bytes(prompt, elem, prefill_chunk)
             if held + transient > peak:
                 peak, worst = held + transient, transient
         if peak > free:
             raise ValueError(f"the KV cache for {what} and a prefill beside it need {fmt_bytes(peak)} on "
-                             f"{self.device} at the peak, {fmt_bytes(worst)} of it the prefill's least (residual "
-                             f"stream, one layer's full K/V); {fmt_bytes(free)} is free ({hint})")
+                             f"{self.device} at the peak, {fmt_bytes(worst)} of it the prefill's own (residual "
+                             f"stream, one layer's full K/V, one chunk's activations); {fmt_bytes(free)} is "
+                             f"free ({hint})")
         if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
             on_host = need["pinned"]
             free_host = free_memory(torch.device("cpu"))
@@ -262,7 +263,7 @@ class LLM:
         plans = [self.plan(ids, kv_budget=kv_budget, new_tokens=new, context=len(ids), on_layer=on_profile_layer,
                            **plan_options) if hybrid else None for ids, _, new in fitted]
         specs = [self.policy_specs(plan or policy, ids, new, kv_budget) for (ids, _, new), plan in zip(fitted, plans)]
-        self.check_kv_fits([(s, len(ids), new) for s, (ids, _, new) in zip(specs, fitted)])
+        self.check_kv_fits([(s, len(ids), new) for s, (ids, _, new) in zip(specs, fitted)], prefill_chunk)
         run = dict(on_layer=on_layer, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
         return Stream(lambda s: self._pieces(s, fitted, specs, plans, batch, sampling, run, on_token))
 

@@ -67,6 +67,20 @@ def parse_tokens(text: str) -> int:
     return n * mult
 
 
+def parse_policies(text: str) -> list[str]:
+    """'full,quant:bits=2,residual=128,evict' -> ['full', 'quant:bits=2,residual=128', 'evict']: a
+    piece that is only key=value belongs to the policy before it."""
+    out: list[str] = []
+    for piece in filter(None, (t.strip() for t in text.split(","))):
+        if "=" in piece and ":" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    if not out:
+        raise argparse.ArgumentTypeError(f"empty list: {text!r}")
+    return out
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -41,13 +41,21 @@ class ModelArgs:
         """Bytes a full (uncompressed) cache spends per token across all layers: K and V."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_size
 
-    def prefill_bytes(self, tokens: int, elem_size: int) -> int:
-        """The least transient memory one sequence's prefill of `tokens` takes besides the caches
-        (engine/model.py's prefill): the residual stream (T, dim), the RoPE tables (2 x (T, head_dim))
-        and one layer's full K and V (2 x (T, n_kv_heads, head_dim)). The per-chunk activations and
-        a policy's own scoring or quantizing temporaries come on top, so this is a floor, not an
-        estimate: e.g. Llama-3.1-8B in bf16 at 128k: 131072 x (4096 + 256 + 2048) x 2 B = 1.56 GiB."""
-        return tokens * (self.dim + 2 * self.head_dim + 2 * self.n_kv_heads * self.head_dim) * elem_size
+    def prefill_bytes(self, tokens: int, elem_size: int, chunk: int = 2048) -> int:
+        """The transient memory one sequence's prefill of `tokens` takes besides the caches, at its
+        peak (engine/model.py's prefill, in query chunks of `chunk`): for the whole prompt, the
+        residual stream (T, dim), the RoPE tables (2 x (T, head_dim)) and one layer's full K and V
+        (2 x (T, n_kv_heads, head_dim)); per chunk of C tokens, at the MLP's peak, the q|k|v
+        projection (C, (H + 2 H_kv) D), the attention output (C, H D), and the MLP's gate|up
+        (C, 2 ffn), silu(gate) and its product with up (2 x (C, ffn); the fused kernel on CUDA
+        skips one of these, so there this is ~56 MiB high for Llama-3.1-8B). The policies' own
+        prefill temporaries come after the chunks are freed and stay below them (tested:
+        tests/test_prefill_chunks.py). E.g. Llama-3.1-8B in bf16 at 128k: 131072 x (4096 + 256 +
+        2048) x 2 B = 1.56 GiB, plus 2048 x (6144 + 4096 + 4 x 14336) x 2 B = 0.26 GiB."""
+        C, H, H_kv, D = min(chunk, tokens), self.n_heads, self.n_kv_heads, self.head_dim
+        whole = tokens * (self.dim + 2 * D + 2 * H_kv * D)
+        per_chunk = C * ((H + 2 * H_kv) * D + H * D + 4 * self.ffn_dim)
+        return (whole + per_chunk) * elem_size
 
     @classmethod
     def from_hf_config(cls, cfg: dict, name: str = "custom") -> "ModelArgs":

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+from engine.cli import parse_policies
 from engine.eval.hf_view import hf_view, shares_storage
 from engine.eval.peers import cache_bytes, expand_peers, with_cache
 from engine.kv import build_policies, parse_policy
@@ -95,7 +96,7 @@ def test_peer_greedy_counts_the_cache_after_its_decode():
 
 
 def test_parse_policy_and_peers():
-    assert bench.parse_policies("full,quant:bits=2,residual=128,plan:p.json") == [
+    assert parse_policies("full,quant:bits=2,residual=128,plan:p.json") == [
         "full", "quant:bits=2,residual=128", "plan:p.json"]
     assert parse_policy("quant:bits=2,residual=128") == {"policy": "quant", "bits": 2, "residual": 128}
     assert parse_policy("evict:budget=64,evict_during_decode=1")["evict_during_decode"] is True

@@ -112,7 +112,7 @@ def test_weights_and_caches_that_do_not_fit_are_refused_up_front(gen, monkeypatc
 
 
 def test_prefill_that_cannot_run_beside_the_caches_is_refused_up_front(monkeypatch):
-    """Each prompt's prefill needs its residual stream and one layer's full K/V besides the caches
+    """Each prompt's prefill needs its residual stream, one layer's full K/V and one chunk's activations
     (ModelArgs.prefill_bytes). Sequences prefill one at a time: the second of a batch runs beside
     the first's cache, so a long prompt last needs more than the same prompt first."""
     import engine.api
@@ -123,7 +123,7 @@ def test_prefill_that_cannot_run_beside_the_caches_is_refused_up_front(monkeypat
     floor = llm.args.prefill_bytes(600, 4)
     assert floor > cache  # so "the caches fit" and "the prefill fits" are different checks here
     monkeypatch.setattr(engine.api, "free_memory", lambda device: cache + floor - 1)
-    with pytest.raises(ValueError, match=r"a prefill beside it need .* at the peak, .* of it the prefill's least"):
+    with pytest.raises(ValueError, match=r"a prefill beside it need .* at the peak, .* of it the prefill's own"):
         llm.generate([1] * 600, max_new_tokens=4)
     monkeypatch.setattr(engine.api, "free_memory", lambda device: cache + floor)
     with pytest.raises(pytest.fail.Exception, match="work started"):  # the check passed

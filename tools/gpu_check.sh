@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu_check.sh tests capped    # the first run: 7.5 minutes at most (timeout_s 470)
 #   bash tools/gpu_check.sh full kernels    # the second, at once: 5 minutes at most (timeout_s 320)
-#   bash tools/gpu_check.sh offload         # the third, if device time is left: 185 s (timeout_s 200)
+#   bash tools/gpu_check.sh prefill offload # the third, if device time is left: 275 s (timeout_s 290)
 #   bash tools/gpu_check.sh overlap         # if device time is still left: 90 s
 #   bash tools/gpu_check.sh capped20        # likewise: 200 s
 # The limits are ceilings: 15 minutes of device time (the machine's start included) hold the first
@@ -34,6 +34,8 @@
 #                graph; one layer's
 #                zero-copy gather beside one layer's weight GEMVs, the copy on 4-32 programs or all;
 #                decode attention at 128k (FullKV, QuantKV 4/2-bit) as GB/s per BLOCK_T and split count
+#   prefill  90  tools/prefill_memory.py on the GPU: one layer's prefill at 32k and 128k per policy, the
+#                allocator's peak against ModelArgs.prefill_bytes (what the up-front check adds to the caches)
 #   offload 185  tools/offload_gpu.py at 128k: chunk sizes 1 and 16, host store bfloat16 or 8-bit,
 #                copy/selection kernel times (9 rows, each its own 128k prefill: ~15-17 s a row)
 #   overlap  90  tools/offload_gpu.py at 32k, chunk 16, lookahead layer and step, the overlapped copy
@@ -87,12 +89,13 @@ run() {
         --policies full --kv-fraction 0.1 --no-quality --steps 16 --json "$OUT/full_128k.json" --peers \
         hf-dynamic,kvpress-snapkv,kvpress-streamingllm,kvpress-tova,kvpress-knorm,kvpress-adakv,kvpress-pyramidkv ;;
     kernels) step kernels 100 "$PY" tools/kernel_timing.py ;;
+    prefill) step prefill 90 "$PY" tools/prefill_memory.py --device cuda --tokens 32k,128k ;;
     offload) step offload 185 "$PY" tools/offload_gpu.py --ctx 128k --budget 2048 --chunks 1,16 --host model,8bit ;;
     overlap) step overlap 90 "$PY" tools/offload_gpu.py --ctx 32k --budget 2048 --chunks 16 --lookahead layer,step \
         --copy-programs 0,8,32 --overlap-off ;;
     throughput) step throughput 200 "$PY" bench.py "${MODEL[@]}" --throughput --ctx 32k --gpu-memory 24GiB \
         --policies full,evict,offload,hybrid --json "$OUT/throughput_32k.json" ;;
-    *) echo "unknown step $1 (tests, capped, capped20, full, kernels, offload, overlap, throughput)" | tee -a "$LOG" ;;
+    *) echo "unknown step $1 (tests, capped, capped20, full, kernels, prefill, offload, overlap, throughput)" | tee -a "$LOG" ;;
     esac
 }
 
