@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from engine.cli import fmt_bytes, free_memory, resolve_device
-from engine.kv import spec_cost
+from engine.cli import fmt_bytes, resolve_device
+from engine.fit import check_kv_fits, kv_tiers, profile_limit
 from engine.plan import Plan, policy_specs
 from engine.planner import FLOOR, check_kv_budget, make_plan, plan_kinds
 from engine.layer_stats import LayerStats, average
@@ -29,7 +29,6 @@ from engine.profile import ProfileConfig, profile_prompt
 from engine.outputs import Output, Stream, is_batch
 from engine.runner import GenerationResult, encode_prompt, fit_prompt, prompt_room, stream_batch
 from engine.sampling import SamplingParams
-from kernels.prefetch import pinned_bytes, release_pinned_cache
 
 
 PLAN_OPTIONS = frozenset({"mode", "kinds", "floor", "tau", "profile_tokens"})  # stream() passes them to plan()
@@ -85,65 +84,19 @@ class LLM:
             policy = self.plan(ids, kv_budget=kv_budget, new_tokens=new_tokens, context=len(ids), **plan_options)
         return policy_specs(policy, self.name, self.args)
 
-    def _kv_tiers(self, runs: list[tuple[list[dict], int, int]]) -> dict[str, int]:
-        """{"device": ..., "host": ...} bytes the caches of runs (specs, prompt tokens, new tokens),
-        one per sequence, take together, as their policies price themselves. On a CPU host memory is
-        the device: the host bytes count on the device too."""
-        elem = self.model.head.element_size()
-        costs = [spec_cost(self.args, s, prompt, new, elem) for specs, prompt, new in runs for s in specs]
-        host = sum(c["host"] for c in costs)
-        return {"device": sum(c["device"] for c in costs) + (host if self.device.type == "cpu" else 0), "host": host,
-                "pinned": sum(pinned_bytes(c["host"]) for c in costs)}
-
     def kv_footprint(self, specs: list[dict], prompt: int, new: int) -> int:
-        """Bytes one sequence's cache takes from the memory it must fit in (_kv_tiers' device)."""
-        return self._kv_tiers([(specs, prompt, new)])["device"]
+        """Bytes one sequence's cache takes from the memory it must fit in (engine/fit.py)."""
+        return kv_tiers(self.args, self.device, self.model.head.element_size(), [(specs, prompt, new)])["device"]
 
     def check_kv_fits(self, runs: list[tuple[list[dict], int, int]], prefill_chunk: int = 2048) -> None:
         """Refuse, in one line and before any work, caches that cannot fit together, or beside
-        which a prompt's prefill (in query chunks of prefill_chunk) cannot run: runs are (specs,
-        prompt tokens, new tokens), one per sequence, against the free memory."""
-        need = self._kv_tiers(runs)
-        on_device = need["device"]
-        free = free_memory(self.device)
-        what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
-                f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
-        hint = "a smaller --ctx or budget, fewer prompts, or another policy would fit"
-        if on_device > free:
-            raise ValueError(f"the KV cache for {what} needs {fmt_bytes(on_device)} on {self.device}; "
-                             f"{fmt_bytes(free)} is free ({hint})")
-        # Sequences prefill one at a time, each beside the caches of those before it and its own:
-        # the peak is the worst such moment, with the prefill's own peak (ModelArgs.prefill_bytes) on top.
-        elem, held, peak, worst = self.model.head.element_size(), 0, 0, 0
-        for specs, prompt, new in runs:
-            held += self.kv_footprint(specs, prompt, new)
-            transient = self.args.prefill_bytes(prompt, elem, prefill_chunk)
-            if held + transient > peak:
-                peak, worst = held + transient, transient
-        if peak > free:
-            raise ValueError(f"the KV cache for {what} and a prefill beside it need {fmt_bytes(peak)} on "
-                             f"{self.device} at the peak, {fmt_bytes(worst)} of it the prefill's own (residual "
-                             f"stream, one layer's full K/V, one chunk's activations); {fmt_bytes(free)} is "
-                             f"free ({hint})")
-        if self.device.type != "cpu":  # OffloadKV's store is pinned host memory, which cannot swap
-            on_host = need["pinned"]
-            free_host = free_memory(torch.device("cpu"))
-            if on_host > free_host:  # short: give back what earlier stores (a hybrid's calibration)
-                release_pinned_cache()  # left in torch's host cache (otherwise it is reused, not re-pinned)
-                free_host = free_memory(torch.device("cpu"))
-            if on_host > free_host:
-                raise ValueError(f"the offloaded KV for {what} needs {fmt_bytes(on_host)} of host memory; "
-                                 f"{fmt_bytes(free_host)} is available (a smaller --ctx, fewer prompts or fewer "
-                                 f"offloaded layers would fit; host=8bit takes half of bfloat16's)")
+        which a prompt's prefill cannot run: runs are (specs, prompt tokens, new tokens), one per
+        sequence (engine/fit.py)."""
+        check_kv_fits(self.args, self.device, self.model.head.element_size(), runs, prefill_chunk)
 
     def profile_limit(self) -> int:
-        """The longest prompt a profiling pass profiles whole: its cache is a FullKV of every layer,
-        so the prompt's FullKV must fit in half the free device memory (the rest for the prefill's
-        activations); at least 4096 tokens. E.g. Llama-3.1-8B bf16 (128 KiB per token) on a 24 GB
-        card with ~8 GiB free: 32k tokens; on an 80 GB H100: a whole 128k prompt. Longer prompts lose
-        their middle (runner.fit_prompt), and with it whatever the middle held: at 8k on the default
-        model a 4096-token profile dropped the pass key and the plan then lost it (1/3 -> 3/3 whole)."""
-        return max(4096, free_memory(self.device) // 2 // self.full_kv_bytes(1))
+        """The longest prompt a profiling pass profiles whole (engine/fit.py)."""
+        return profile_limit(self.args, self.device, self.model.head.element_size())
 
     def profile(self, prompts: list[str | list[int]], profile_tokens: int | str | None = "auto",
                 cfg: ProfileConfig | None = None, kinds: str | tuple[str, ...] = "auto",

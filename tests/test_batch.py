@@ -130,8 +130,9 @@ def test_bad_batches_fail_before_any_work(monkeypatch):
     with pytest.raises(ValueError, match="2 max_new_tokens values for 3 prompts"):
         llm.generate(["a", "b", "c"], max_new_tokens=[1, 2])
     import engine.api
+    import engine.fit
     full_one = llm.full_kv_bytes(8 + 4)
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: int(2.5 * full_one))
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: int(2.5 * full_one))
     monkeypatch.setattr(engine.api, "stream_batch", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(ValueError, match=r"3 sequences .* needs .* is free"):
         llm.generate([[1] * 8] * 3, max_new_tokens=4)

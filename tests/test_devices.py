@@ -100,13 +100,13 @@ def test_float16_on_cpu_warns_once(gen):
 
 def test_weights_and_caches_that_do_not_fit_are_refused_up_front(gen, monkeypatch):
     """Sizes are compared with the free memory before allocating: a one-line error naming both."""
-    import engine.api
+    import engine.fit
     import weights.hf
     monkeypatch.setattr(weights.hf, "free_memory", lambda device: 10_000)
     ran = gen("--model", "random:tiny", "--prompt", "hi")
     assert_clean_error(ran, "needs 24.3 MiB for its weights as float32; cpu has 9.8 KiB free")
     monkeypatch.undo()
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: 8_000)  # FullKV of 1 + 32 tokens: 8.2 KiB
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: 8_000)  # FullKV of 1 + 32 tokens: 8.2 KiB
     assert_clean_error(gen("--model", "random:tiny", "--prompt", "hi"), "the KV cache for 1 + 32 tokens needs 8.2 KiB")
     assert gen("--model", "random:tiny", "--prompt", "hi", "--max-new-tokens", "8").returncode == 0  # 2.2 KiB fits
 
@@ -116,20 +116,21 @@ def test_prefill_that_cannot_run_beside_the_caches_is_refused_up_front(monkeypat
     (ModelArgs.prefill_bytes). Sequences prefill one at a time: the second of a batch runs beside
     the first's cache, so a long prompt last needs more than the same prompt first."""
     import engine.api
+    import engine.fit
     from engine import LLM
     llm = LLM("random:tiny", "cpu", "float32")
     monkeypatch.setattr(engine.api, "stream_batch", lambda *a, **k: pytest.fail("work started"))
     cache = llm.full_kv_bytes(600 + 4)
     floor = llm.args.prefill_bytes(600, 4)
     assert floor > cache  # so "the caches fit" and "the prefill fits" are different checks here
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: cache + floor - 1)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: cache + floor - 1)
     with pytest.raises(ValueError, match=r"a prefill beside it need .* at the peak, .* of it the prefill's own"):
         llm.generate([1] * 600, max_new_tokens=4)
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: cache + floor)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: cache + floor)
     with pytest.raises(pytest.fail.Exception, match="work started"):  # the check passed
         llm.generate([1] * 600, max_new_tokens=4)
     short = llm.full_kv_bytes(10 + 4)
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: short + cache + floor - 1)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: short + cache + floor - 1)
     with pytest.raises(pytest.fail.Exception, match="work started"):  # the long prompt first: fits
         llm.generate([[1] * 600, [1] * 10], max_new_tokens=4)
     with pytest.raises(ValueError, match="2 sequences .* and a prefill beside it"):  # last: it does not

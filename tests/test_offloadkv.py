@@ -176,7 +176,7 @@ def test_offloaded_kv_beyond_host_memory_is_refused_up_front(monkeypatch):
     """On a GPU the offloaded rows live in pinned host memory: checked against what the host has
     free, in one line, before any work (the device side as always). Pinned blocks are rounded up
     to a power of two by torch's allocator, and the check counts that."""
-    import engine.api
+    import engine.fit
     from engine import LLM
     from engine.kv import spec_cost
     llm = LLM("random:tiny", device="cpu")
@@ -186,7 +186,7 @@ def test_offloaded_kv_beyond_host_memory_is_refused_up_front(monkeypatch):
     assert need > sum(host) and all(2 * (1 << (h // 2 - 1).bit_length()) < 2 * h for h in host)
     llm.device = torch.device("cuda")  # only the check runs: nothing is allocated there
     for free_host, ok in ((need, True), (need - 1, False)):
-        monkeypatch.setattr(engine.api, "free_memory", lambda d: 1 << 40 if d.type == "cuda" else free_host)
+        monkeypatch.setattr(engine.fit, "free_memory", lambda d: 1 << 40 if d.type == "cuda" else free_host)
         if ok:
             llm.check_kv_fits([(specs, 4000, 32)])
         else:
@@ -195,8 +195,8 @@ def test_offloaded_kv_beyond_host_memory_is_refused_up_front(monkeypatch):
     # Pinned blocks that torch's host cache keeps (a hybrid's calibration freed them) are given back
     # before the host's free memory is read: 1 byte short until they are, enough after.
     freed = []
-    monkeypatch.setattr(engine.api, "release_pinned_cache", lambda: freed.append(1 << 30))
-    monkeypatch.setattr(engine.api, "free_memory", lambda d: 1 << 40 if d.type == "cuda" else need - 1 + sum(freed))
+    monkeypatch.setattr(engine.fit, "release_pinned_cache", lambda: freed.append(1 << 30))
+    monkeypatch.setattr(engine.fit, "free_memory", lambda d: 1 << 40 if d.type == "cuda" else need - 1 + sum(freed))
     llm.check_kv_fits([(specs, 4000, 32)])
     assert freed
 

@@ -240,18 +240,19 @@ def test_profile_takes_the_whole_prompt_when_it_fits(monkeypatch):
     memory (a middle cut once dropped the pass key at 8k and the plan lost it), else the middle is
     cut to what fits, never below 4096 tokens."""
     import engine.api
+    import engine.fit
     from engine import LLM
     llm = LLM("random:tiny", "cpu", "float32")
     per_token = llm.full_kv_bytes(1)
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: 2 * 6000 * per_token)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: 2 * 6000 * per_token)
     assert llm.profile_limit() == 6000
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: 1000)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: 1000)
     assert llm.profile_limit() == 4096
     seen = []
     monkeypatch.setattr(engine.api, "profile_prompt", lambda model, ids, cfg, progress: seen.append(len(ids)) or [])
     monkeypatch.setattr(engine.api, "average", lambda stats: stats)
     llm.profile([list(range(5000))])  # "auto": 4096 with so little memory
-    monkeypatch.setattr(engine.api, "free_memory", lambda device: 2 * 6000 * per_token)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: 2 * 6000 * per_token)
     llm.profile([list(range(5000))])  # fits: whole
     llm.profile([list(range(5000))], profile_tokens=1000)  # an explicit cut
     assert seen == [4096, 5000, 1000]
