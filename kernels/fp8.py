@@ -43,6 +43,7 @@ from kernels.pack_triton import quantize_pack_triton
 from kernels.ranges import quantize_codes
 
 SUPER_DIV = 32.0  # S = largest |x| / SUPER_DIV (module docstring)
+SLICE_VALUES = 1 << 16  # values (tokens x B x H x D) whose 9 range candidates _round_ranges weighs at once
 
 
 def superscale(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ def _round_ranges(x, scale, mn, bits: int, group: int, per_channel: bool, sup: t
     rest of a prefill chunk's activations in float32)."""
     levels, T = (1 << bits) - 1, x.shape[-2]
     per_row = x[..., :1, :].numel()  # B * H * D values per token
-    rows = group * max(1, (1 << 16) // (group * per_row))  # a whole number of groups along T either way
+    rows = group * max(1, SLICE_VALUES // (group * per_row))  # a whole number of groups along T either way
     out = []
     for t in range(0, T, rows):
         xc = x[..., t:t + rows, :].float()
