@@ -250,7 +250,9 @@ class RowFetcher:
             part = part if ranges is None else channel_codes(part, *ranges)
             for b in range(B):  # one (batch, head)'s rows are contiguous on both sides: a direct copy
                 for h in range(H_kv):  # each (torch stages a strided destination through pageable memory)
-                    host[b, h, s:s + STORE_BLOCK].copy_(part[b, h])
+                    host[b, h, s:s + STORE_BLOCK].copy_(part[b, h], non_blocking=self.cuda)
+        if self.cuda:  # the copies were queued without waiting (the sources' memory is reused in
+            torch.cuda.current_stream(self.device).synchronize()  # stream order); the store is read later
         return host.view(B * H_kv * M, D)
 
     def fetch(self, tokens, wanted, slots, dst_k, dst_v, offset: int, overlap: bool = False) -> None:

@@ -6,8 +6,10 @@ large blocks come and go with mmap), and on a GPU the caching allocator rounds e
 counts each new storage once, by its own size, when an op returns it, and subtracts it when its
 storage is freed (a weakref finalizer), so a view costs nothing and an in-place op nothing more.
 Tests use it to hold the prefill's peak to ModelArgs.prefill_bytes (tests/test_prefill_chunks.py),
-and tools/prefill_memory.py to measure it at Llama-3.1-8B's shapes. Only tensors made by torch ops
-under the mode count: those made before it (weights, a cache allocated earlier) do not.
+and tools/prefill_memory.py to measure it at Llama-3.1-8B's shapes. Tensors made before the mode
+(weights, a cache allocated earlier) count only when an op under it returns a view of one: then the
+viewed storage is counted whole (a tied model's embedding lookup through head.t() counts the head:
+0.6 MiB too many for SmolLM2-135M's prefill).
 
     with LiveBytes() as lb:
         a = torch.ones(1000)   # now 4000, peak 4000

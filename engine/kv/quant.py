@@ -101,7 +101,9 @@ HEAVY_WINDOW = 32  # prompt queries whose attention picks the heavy hitters
 
 class QuantKV(KVPolicy):
     name = "quant"
-    prefill_block = 8192  # prompt tokens rotated and packed at a time (prefill)
+    # prompt tokens rotated and packed at a time (prefill): the CPU quantizers hold ~9 float32 copies
+    # of a block, kept below a prefill chunk's activations even in bfloat16 (tests/test_prefill_chunks.py)
+    prefill_block = 4096
 
     def __init__(self, args, layer, capacity, device, dtype, bits: int = 2, group: int | None = None,
                  residual: int = 128, rotate: str = "auto", sink: int = 1, clip: str = "auto",
