@@ -33,7 +33,7 @@ from engine.eval.live_bytes import LiveBytes  # noqa: E402
 from engine.kv import build_policies, parse_policy  # noqa: E402
 from engine.model import Llama  # noqa: E402
 
-POLICIES = "full,evict,offload:budget=2048,offload:chunk=16,quant,quant:bits=2"
+POLICIES = "full,evict,offload:budget=2048,offload:chunk=16,quant:bits=4,quant:bits=2"
 
 
 def build_parser() -> argparse.ArgumentParser:
