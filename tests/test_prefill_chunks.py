@@ -75,6 +75,16 @@ def test_live_bytes_counts_a_peak():
         c = torch.ones(500)  # 2000, after both were freed
     assert (lb.peak, lb.now) == (8000, 2000)
     del c
+    w = torch.ones(1000)  # made before the mode: a view of it under the mode allocates nothing
+    with LiveBytes() as lb:
+        head = w.view(10, 100).t()[:5]
+        w.mul_(2)
+        rows = head[[0, 1]]  # an index copies: 2 x 10 floats
+    assert (lb.peak, lb.now) == (80, 80) and rows.shape == (2, 10)
+    out = torch.empty(0)
+    with LiveBytes() as lb:
+        torch.matmul(w.view(10, 100), w.view(100, 10), out=out)  # an out= argument resized: allocated
+    assert lb.now == 400
 
 
 def test_prefill_transient_memory_grows_only_by_the_residual_stream():

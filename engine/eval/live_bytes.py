@@ -4,12 +4,12 @@
 Why not the allocator or the process's RSS: on the CPU neither is exact (glibc keeps freed pages,
 large blocks come and go with mmap), and on a GPU the caching allocator rounds every block. This
 counts each new storage once, by its own size, when an op returns it, and subtracts it when its
-storage is freed (a weakref finalizer), so a view costs nothing and an in-place op nothing more.
+storage is freed (a weakref finalizer). A result in the storage of one of the op's inputs (a view
+such as `t()` or a slice, an in-place op) allocates nothing and is not counted, so tensors made
+before the mode (weights, a cache allocated earlier) never count, even through a view made under it.
+(The op's schema cannot tell: an `out=` variant aliases its output argument, yet may allocate it.)
 Tests use it to hold the prefill's peak to ModelArgs.prefill_bytes (tests/test_prefill_chunks.py),
-and tools/prefill_memory.py to measure it at Llama-3.1-8B's shapes. Tensors made before the mode
-(weights, a cache allocated earlier) count only when an op under it returns a view of one: then the
-viewed storage is counted whole (a tied model's embedding lookup through head.t() counts the head:
-0.6 MiB too many for SmolLM2-135M's prefill).
+and tools/prefill_memory.py to measure it at Llama-3.1-8B's shapes.
 
     with LiveBytes() as lb:
         a = torch.ones(1000)   # now 4000, peak 4000
@@ -36,12 +36,14 @@ class LiveBytes(TorchDispatchMode):
         self.now -= self.live.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # the inputs' storages before the op: an `out=` argument it resizes gets a new one, counted
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.live:  # a new allocation (views share their base's)
+                if key and key not in self.live and key not in inputs:  # new (a view shares its base's)
                     self.live[key] = storage.nbytes()
                     self.now += storage.nbytes()
                     weakref.finalize(storage, self._free, key)
