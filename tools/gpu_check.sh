@@ -22,7 +22,8 @@
 #                chunked prefill, the memory cap
 #   capped  270  bench.py under --gpu-memory 24GiB: QuantKV 4/2-bit, OffloadKV budget 2048,
 #                BudgetedEvictKV and the hybrid at 10%, the TailorKV-shaped plan (decode ms/token,
-#                peak GPU memory: does it fit a 24 GB card)
+#                peak GPU memory: does it fit a 24 GB card; the JSON's peak_estimate_bytes beside
+#                it is what the up-front check expected)
 #   capped20 200  the same cap at 20%: OffloadKV, BudgetedEvictKV and the hybrid (not in the default list)
 #   full    200  FullKV uncapped at 128k, the ms/token baseline (it cannot fit 24 GiB), and in the same
 #                run the peers at 10%: transformers' DynamicCache and kvpress's presses (wheels from
