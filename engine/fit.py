@@ -36,7 +36,8 @@ def check_kv_fits(args: ModelArgs, device: torch.device, elem: int, runs: list[R
     """ValueError, in one line, when the caches of `runs` cannot fit the free memory together, or
     a prompt's prefill (in query chunks of prefill_chunk) cannot run beside them, or OffloadKV's
     stores cannot be pinned in the host memory available."""
-    need = kv_tiers(args, device, elem, runs)
+    tiers = [kv_tiers(args, device, elem, [run]) for run in runs]  # each sequence's caches
+    need = {tier: sum(t[tier] for t in tiers) for tier in ("device", "pinned")}
     free = free_memory(device)
     what = (f"{runs[0][1]} + {runs[0][2]} tokens" if len(runs) == 1 else
             f"{len(runs)} sequences ({sum(r[1] + r[2] for r in runs)} tokens in all)")
@@ -47,8 +48,8 @@ def check_kv_fits(args: ModelArgs, device: torch.device, elem: int, runs: list[R
     # Sequences prefill one at a time, each beside the caches of those before it and its own:
     # the peak is the worst such moment, with the prefill's own peak on top.
     held, peak, worst = 0, 0, 0
-    for specs, prompt, new in runs:
-        held += kv_tiers(args, device, elem, [(specs, prompt, new)])["device"]
+    for (_, prompt, _), t in zip(runs, tiers):
+        held += t["device"]
         transient = args.prefill_bytes(prompt, elem, prefill_chunk)
         if held + transient > peak:
             peak, worst = held + transient, transient

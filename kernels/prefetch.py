@@ -78,9 +78,23 @@ def quantize_channels(x: torch.Tensor, block: int = STORE_BLOCK) -> tuple[torch.
     B, H_kv, M, D = x.shape
     step, mn = channel_ranges(x)
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    for s in range(0, M, block):
-        codes[:, :, s:s + block] = channel_codes(x[:, :, s:s + block], step, mn)
+    fill_store(codes, x, (step, mn), block)
     return codes, step.reshape(B * H_kv, D), mn.reshape(B * H_kv, D)
+
+
+def fill_store(dst: torch.Tensor, x: torch.Tensor, ranges: tuple[torch.Tensor, torch.Tensor] | None,
+               block: int = STORE_BLOCK, non_blocking: bool = False) -> None:
+    """dst (B, H_kv, M, D) <- x as it is, or its 8-bit codes of `ranges` (step, min), `block`
+    tokens at a time, one copy per (batch, head): a (batch, head)'s rows are contiguous on both
+    sides, so a copy to host memory goes straight there (torch stages a strided cross-device
+    destination through pageable memory)."""
+    B, H_kv, M, _ = x.shape
+    for s in range(0, M, block):
+        part = x[:, :, s:s + block]
+        part = part if ranges is None else channel_codes(part, *ranges)
+        for b in range(B):
+            for h in range(H_kv):
+                dst[b, h, s:s + block].copy_(part[b, h], non_blocking=non_blocking)
 
 
 def dequantize_channels(codes: torch.Tensor, step: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
@@ -245,12 +259,7 @@ class RowFetcher:
         bfloat16, 128 MiB of codes, beside the prefill's other buffers)."""
         B, H_kv, M, D = x.shape
         host = torch.empty(x.shape, dtype=x.dtype if ranges is None else torch.uint8, pin_memory=self.cuda)
-        for s in range(0, M, STORE_BLOCK):
-            part = x[:, :, s:s + STORE_BLOCK]
-            part = part if ranges is None else channel_codes(part, *ranges)
-            for b in range(B):  # one (batch, head)'s rows are contiguous on both sides: a direct copy
-                for h in range(H_kv):  # each (torch stages a strided destination through pageable memory)
-                    host[b, h, s:s + STORE_BLOCK].copy_(part[b, h], non_blocking=self.cuda)
+        fill_store(host, x, ranges, non_blocking=self.cuda)
         if self.cuda:  # the copies were queued without waiting (the sources' memory is reused in
             torch.cuda.current_stream(self.device).synchronize()  # stream order); the store is read later
         return host.view(B * H_kv * M, D)

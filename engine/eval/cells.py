@@ -171,10 +171,8 @@ def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(m.model.head.device)
         # what the up-front check (engine/fit.py) expects at the peak, beside the measured one: the
         # weights, every layer's cache, and the prefill's own peak (a hybrid's profiling pass aside)
-        layers = specs if isinstance(specs, list) else [specs] * m.args.n_layers
-        weights = sum(t.numel() * t.element_size() for t in m.model.parameters())
-        out["peak_estimate_bytes"] = (weights + m.kv_footprint(layers, len(ids), cfg.new_tokens)
-                                      + m.args.prefill_bytes(len(ids), elem))
+        out["peak_estimate_bytes"] = (m.args.n_params() * elem + m.kv_footprint(m.policy_specs(specs), len(ids),
+                                      cfg.new_tokens) + m.args.prefill_bytes(len(ids), elem))
     return out
 
 
