@@ -202,8 +202,10 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f"--kv-fraction: {run} uses only the first fraction; give one")
     a.seeds = 1 if a.seeds is None else a.seeds
     a.peers = ["all"] if a.peers is None else a.peers
-    if a.warmup < 0 or a.seeds < 1:
-        raise ValueError("--warmup must be >= 0 and --seeds >= 1")
+    if a.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {a.warmup}")
+    if a.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {a.seeds}")
     if a.continuation is not None and a.continuation < 2:
         raise ValueError(f"--continuation must be >= 2, got {a.continuation}")
     from engine.eval.cells import OUR_POLICIES, BenchConfig

@@ -248,13 +248,15 @@ def run(a: argparse.Namespace) -> int:
     reserved = torch.cuda.max_memory_reserved(llm.device) if llm.device.type == "cuda" else None
     log(f"prompt {out.prompt_tokens} tokens | prefill {out.prefill_s:.2f} s "
         f"({out.prompt_tokens / max(out.prefill_s, 1e-9):.0f} tok/s) | decode "
-        + (f"{out.decode_ms_per_token:.1f} ms/token" if out.decode_steps else "none (the prefill chose every token)")
+        + (f"{out.decode_ms_per_token:.1f} ms/token" if out.decode_steps
+           else "none (the prefill chose every token)" if out.token_ids else "none (no new tokens asked for)")
         + f" ({len(out.token_ids)} tokens, {out.stop_reason}{', CUDA graph' if out.cuda_graphs else ''}) | "
         f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})"
         + (f" | peak GPU {fmt_bytes(peak)} allocated, {fmt_bytes(reserved)} reserved (the whole run, profiling "
            f"included)" if reserved is not None else ""))
-    if haystack is not None:
-        log(f"pass key {haystack.key}: {'retrieved' if haystack.found(out.text) else 'NOT retrieved'}")
+    if haystack is not None:  # nothing generated: nothing to check
+        log(f"pass key {haystack.key}: " + ("not checked (no tokens generated)" if not out.token_ids
+                                            else "retrieved" if haystack.found(out.text) else "NOT retrieved"))
     if a.stats_json:
         stats = {
             "model": llm.name, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
@@ -265,7 +267,7 @@ def run(a: argparse.Namespace) -> int:
             "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak, "peak_reserved_bytes": reserved,
             "layers": out.layers,
             "passkey": None if haystack is None else {
-                "key": haystack.key, "depth": haystack.depth, "retrieved": haystack.found(out.text)},
+                "key": haystack.key, "depth": haystack.depth, "retrieved": haystack.found(out.text) if out.token_ids else None},
         }
         with open(a.stats_json, "w") as f:
             json.dump(stats, f, indent=1)

@@ -237,6 +237,9 @@ def parse_kv_budget(text: str, full_bytes: int) -> int:
         raise ValueError(f"KV budget must be positive and finite, got {text!r}")
     if t.endswith("%") and x > 1:  # bytes above FullKV's buy nothing: the plan is FullKV everywhere
         raise ValueError(f"KV budget {text!r} is more than FullKV's bytes; a fraction is at most 100%")
+    if x > 1 and not t.isdigit():  # '2.0', '1.5', '1e9': neither a fraction nor plainly a byte count
+        raise ValueError(f"KV budget {text!r}: a fraction of FullKV is at most 1; give bytes as a whole "
+                         f"number or with a unit (512MiB)")
     return int(x * full_bytes) if x <= 1 or t.endswith("%") else int(x)
 
 

@@ -305,3 +305,27 @@ def test_kv_fraction_default_and_asked(reuse_models, argv, fractions, capsys, mo
     ran = call(bench.main, ["--ctx", "256", "--peers", "none", "--policies", "full", *argv], capsys)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert seen == [fractions]
+
+
+def test_a_cell_that_cannot_fit_fails_before_its_prefill(reuse_models, capsys, monkeypatch, tmp_path):
+    """bench.py ran a cell's prefill whatever its cache needed: on a CPU the OOM killer ended the
+    whole bench (FullKV at 128k on an 8B model), on a GPU the error came after the prefill. Each of
+    our cells now makes generate.py's up-front check: here FullKV cannot fit, evict at 25% can."""
+    import engine.eval.cells
+    import engine.fit
+    out = tmp_path / "fit.json"
+    from engine.config import preset
+    args = preset("tiny")  # float32: FullKV of half the context and a whole prefill's peak are free
+    free = args.kv_bytes_per_token(4) * 128 + args.prefill_bytes(256, 4)
+    monkeypatch.setattr(engine.fit, "free_memory", lambda device: free)
+    prefills = []
+    real = engine.eval.cells.generate
+    monkeypatch.setattr(engine.eval.cells, "generate", lambda *a, **k: prefills.append(a[3]) or real(*a, **k))
+    ran = call(bench.main, ["--model", "random:tiny", "--ctx", "256", "--kv-fraction", "0.25", "--policies",
+                            "full,evict", "--peers", "none", "--steps", "16", "--warmup", "0", "--no-warmup",
+                            "--json", str(out)], capsys)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    cells = {c["policy"]: c for c in json.loads(out.read_text())["cells"]}
+    assert cells["full"]["status"] == "error" and "the KV cache for " in cells["full"]["reason"]
+    assert cells["evict"]["status"] == "ok"
+    assert len(prefills) == 1  # evict's alone: FullKV's was refused before it

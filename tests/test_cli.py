@@ -155,6 +155,7 @@ def test_bad_policy_parameters_are_refused_before_loading(gen, argv, fragment):
     (["--policy", "hybrid", "--kv-budget", "lots"], "not a KV budget: 'lots'"),
     (["--policy", "bogus"], "unknown --policy 'bogus'; choose from full, quant, offload, evict or hybrid"),
     (["--policy", "hybrid", "--kv-budget", "150%"], "KV budget '150%' is more than FullKV's bytes"),
+    (["--policy", "hybrid", "--kv-budget", "2.0"], "KV budget '2.0': a fraction of FullKV is at most 1"),
     (["--depth", "2"], "--depth must be in [0, 1], got 2.0"),
     (["--depth", "0.3", "--prompt", "hi"], "--depth places the demo's pass key"),
     (["--policy", "hybrid", "--plan-policies", "evict,ofload"], "unknown plan policies ['ofload']"),
@@ -237,6 +238,11 @@ def test_outputs_never_replace_an_input_and_an_unused_decode_is_not_timed(gen, t
     assert ran.returncode == 0 and "decode none" in ran.stderr
     got = json.loads(stats.read_text())
     assert got["decode_steps"] == 0 and got["decode_ms_per_token"] is None
+    # none asked for: nothing to time and no pass key to judge (it said "NOT retrieved")
+    ran = gen("--model", "random:tiny", "--ctx", "256", "--max-new-tokens", "0", "--stats-json", str(stats))
+    assert ran.returncode == 0 and "none (no new tokens asked for)" in ran.stderr
+    assert "not checked (no tokens generated)" in ran.stderr
+    assert json.loads(stats.read_text())["passkey"]["retrieved"] is None
 
 
 @pytest.mark.parametrize("policy", ["full", "hybrid"])

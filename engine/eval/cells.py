@@ -155,8 +155,17 @@ def latency_fields(prefill_s: float, step_s: list[float], kv: dict, full: int, p
             "kv_ratio": kv["device"] / full, "peak_memory_bytes": peak[0], "peak_memory_kind": peak[1]}
 
 
+def check_fits(m, specs: list, prompt: int, new: int) -> None:
+    """generate.py's up-front memory check for each of `specs` (run one at a time): a cell that
+    cannot fit fails in one line before its prefill, instead of after it on a GPU (at 128k on the
+    H100, ~15 s of prefill) or, on a CPU, by the kernel's OOM killer ending the whole bench."""
+    for spec in specs:
+        m.check_kv_fits([(m.policy_specs(spec), prompt, new)])
+
+
 def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
     """Prefill `ids`, decode cfg.new_tokens greedily; the first cfg.warmup steps are not timed."""
+    check_fits(m, [specs], len(ids), cfg.new_tokens)
     res = generate(m.model, ids, cfg.new_tokens, SamplingParams(), specs)
     elem = m.model.head.element_size()
     full = m.args.kv_bytes_per_token(elem) * (len(ids) + cfg.new_tokens)
@@ -184,6 +193,7 @@ def quality_cells(m, ids: list[int], cont: list[int], specs: dict, fraction: flo
     hybrid is planned per prompt, as generate.py --policy hybrid does: its KL uses the plan made
     from `ids`, and each haystack gets a plan from its own profiling pass."""
     names = list(specs)
+    check_fits(m, ["full"] + [specs[n] for n in names], len(ids), len(cont))  # FullKV: the reference
     t = time.perf_counter()
     ref, fids = fidelity_with_reference(m.model, ids, cont, [specs[n] for n in names])
     log(f"  quality: teacher-forced {len(cont)} tokens x {len(names) + 1} policies in {time.perf_counter() - t:.0f} s")
