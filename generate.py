@@ -254,9 +254,11 @@ def run(a: argparse.Namespace) -> int:
         f"KV device {fmt_bytes(kv['device'])}, host {fmt_bytes(kv['host'])} (FullKV {fmt_bytes(full)})"
         + (f" | peak GPU {fmt_bytes(peak)} allocated, {fmt_bytes(reserved)} reserved (the whole run, profiling "
            f"included)" if reserved is not None else ""))
-    if haystack is not None:  # nothing generated: nothing to check
-        log(f"pass key {haystack.key}: " + ("not checked (no tokens generated)" if not out.token_ids
-                                            else "retrieved" if haystack.found(out.text) else "NOT retrieved"))
+    # the pass key's verdict; None when nothing was generated (nothing to check)
+    retrieved = None if haystack is None or not out.token_ids else haystack.found(out.text)
+    if haystack is not None:
+        log(f"pass key {haystack.key}: " + {None: "not checked (no tokens generated)", True: "retrieved",
+                                            False: "NOT retrieved"}[retrieved])
     if a.stats_json:
         stats = {
             "model": llm.name, "device": str(llm.device), "dtype": str(llm.dtype).removeprefix("torch."),
@@ -267,7 +269,7 @@ def run(a: argparse.Namespace) -> int:
             "kv_bytes": kv, "full_kv_bytes": full, "peak_memory_bytes": peak, "peak_reserved_bytes": reserved,
             "layers": out.layers,
             "passkey": None if haystack is None else {
-                "key": haystack.key, "depth": haystack.depth, "retrieved": haystack.found(out.text) if out.token_ids else None},
+                "key": haystack.key, "depth": haystack.depth, "retrieved": retrieved},
         }
         with open(a.stats_json, "w") as f:
             json.dump(stats, f, indent=1)

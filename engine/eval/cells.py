@@ -155,17 +155,20 @@ def latency_fields(prefill_s: float, step_s: list[float], kv: dict, full: int, p
             "kv_ratio": kv["device"] / full, "peak_memory_bytes": peak[0], "peak_memory_kind": peak[1]}
 
 
-def check_fits(m, specs: list, prompt: int, new: int) -> None:
+def check_fits(m, specs: list, prompt: int, new: int) -> list[list[dict]]:
     """generate.py's up-front memory check for each of `specs` (run one at a time): a cell that
     cannot fit fails in one line before its prefill, instead of after it on a GPU (at 128k on the
-    H100, ~15 s of prefill) or, on a CPU, by the kernel's OOM killer ending the whole bench."""
-    for spec in specs:
-        m.check_kv_fits([(m.policy_specs(spec), prompt, new)])
+    H100, ~15 s of prefill) or, on a CPU, by the kernel's OOM killer ending the whole bench.
+    -> each spec as one spec per layer."""
+    layers = [m.policy_specs(spec) for spec in specs]
+    for one in layers:
+        m.check_kv_fits([(one, prompt, new)])
+    return layers
 
 
 def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
     """Prefill `ids`, decode cfg.new_tokens greedily; the first cfg.warmup steps are not timed."""
-    check_fits(m, [specs], len(ids), cfg.new_tokens)
+    [layers] = check_fits(m, [specs], len(ids), cfg.new_tokens)
     res = generate(m.model, ids, cfg.new_tokens, SamplingParams(), specs)
     elem = m.model.head.element_size()
     full = m.args.kv_bytes_per_token(elem) * (len(ids) + cfg.new_tokens)
@@ -180,7 +183,7 @@ def latency_cell(m, ids: list[int], specs, cfg: BenchConfig) -> dict:
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(m.model.head.device)
         # what the up-front check (engine/fit.py) expects at the peak, beside the measured one: the
         # weights, every layer's cache, and the prefill's own peak (a hybrid's profiling pass aside)
-        out["peak_estimate_bytes"] = (m.args.n_params() * elem + m.kv_footprint(m.policy_specs(specs), len(ids),
+        out["peak_estimate_bytes"] = (m.args.n_params() * elem + m.kv_footprint(layers, len(ids),
                                       cfg.new_tokens) + m.args.prefill_bytes(len(ids), elem))
     return out
 
