@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid: the policies the planner may choose besides full, e.g. quant,evict,offload "
                         "(default auto: all three on CUDA, evict,offload on CPU, where QuantKV saves bytes but "
                         "costs decode time: unpacking codes is slower than reading floats)")
-    p.add_argument("--kv-budget", help="device KV budget: bytes (512MiB, or a bare number above 1) or a "
+    p.add_argument("--kv-budget", help="device KV budget: bytes (512MiB, or a whole number above 1) or a "
                    "fraction of FullKV (0.2, 20%%; 1 is all of it) (default 0.2)")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "xkv", "xkv-tau", "uniform"],
                    help="hybrid: every policy, greedy per byte; xkv: eviction with XKV's token allocation; "

@@ -40,7 +40,7 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
                         "(default auto: all three on CUDA, evict,offload on CPU, where QuantKV saves bytes but "
                         "costs decode time: unpacking codes is slower than reading floats)")
     p.add_argument("--kv-budget",
-                   help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB, or a bare number above 1) "
+                   help="hybrid without --plan: device KV budget, bytes (512MiB, 2GiB, or a whole number above 1) "
                         "or a fraction of FullKV (0.2, 20%%; 1 is all of it) (default 0.2)")
     p.add_argument("--profile-tokens", type=lambda t: t if t == "auto" else parse_tokens(t),
                    help="hybrid without --plan: profile at most this many prompt tokens (middle cut); auto = the whole "
