@@ -240,7 +240,7 @@ def parse_kv_budget(text: str, full_bytes: int) -> int:
     if x > 1 and not t.isdigit():  # '2.0', '1.5', '1e9': neither a fraction nor plainly a byte count
         raise ValueError(f"KV budget {text!r}: a fraction of FullKV is at most 1; give bytes as a whole "
                          f"number or with a unit (512MiB)")
-    return int(x * full_bytes) if x <= 1 or t.endswith("%") else int(x)
+    return int(x * full_bytes) if x <= 1 else int(x)  # a fraction (a percentage is one by now), or bytes
 
 
 def make_plan(args: ModelArgs, stats: list[LayerStats], prompt: int, new: int, elem: int, budget: int,
