@@ -17,7 +17,7 @@ import torch
 from engine.cli import fmt_bytes, free_memory
 from engine.config import ModelArgs
 from engine.kv import spec_cost
-from kernels.prefetch import pinned_bytes, release_pinned_cache
+from kernels.host_store import pinned_bytes, release_pinned_cache
 
 Run = tuple[list[dict], int, int]  # (one spec per layer, prompt tokens, new tokens): one sequence
 

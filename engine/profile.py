@@ -36,7 +36,7 @@ from engine.kv.full import FullKV
 from engine.kv.offload import OffloadKV, rank_channels
 from engine.kv.quant import QuantKV
 from engine.layer_stats import FRACTIONS, QUANT_BITS, LayerStats
-from kernels.prefetch import dequantize_channels, quantize_channels
+from kernels.host_store import dequantize_channels, quantize_channels
 from kernels.sparse_attn import make_sketch, sketch_scores
 
 def _pick(defaults: dict, *keys: str) -> dict:
@@ -86,7 +86,7 @@ def _rel_err(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 def _host_stored(x: torch.Tensor, S: int, M: int) -> torch.Tensor:
     """x (B, H_kv, T + n, D) -> float32, its middle [S, S + M) as OffloadKV's 8-bit host store gives
-    it back (kernels/prefetch.py)."""
+    it back (kernels/host_store.py)."""
     out = x.float().clone()
     out[:, :, S:S + M] = dequantize_channels(*quantize_channels(x[:, :, S:S + M]))
     return out

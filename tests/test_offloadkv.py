@@ -204,7 +204,7 @@ def test_offloaded_kv_beyond_host_memory_is_refused_up_front(monkeypatch):
 def test_release_pinned_cache_calls_torch_when_cuda_runs(monkeypatch):
     """torch's private host-cache release, where this build has it and CUDA is initialised (a CPU
     build has neither: then it does nothing)."""
-    from kernels.prefetch import release_pinned_cache
+    from kernels.host_store import release_pinned_cache
     calls = []
     monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append(1), raising=False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)

@@ -1,6 +1,7 @@
-"""kernels/prefetch.py: OffloadKV's host store and row fetching. The 8-bit store's rounding; the
-zero-copy gather kernel against its reference (interpreted here; compiled, from pinned memory, on
-the side stream and beside compute on a GPU: those skip without one)."""
+"""kernels/host_store.py and kernels/prefetch.py: OffloadKV's host store and row fetching. The
+8-bit store's rounding; the zero-copy gather kernel against its reference (interpreted here;
+compiled, from pinned memory, on the side stream and beside compute on a GPU: those skip without
+one)."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from interpreted import check_compiled, check_interpreted
 
 
 def test_8bit_host_store_rounds_within_half_a_step():
-    from kernels.prefetch import dequantize_channels, quantize_channels
+    from kernels.host_store import dequantize_channels, quantize_channels
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 1000, 16, generator=g) * torch.logspace(-2, 1, 16)  # channels of very different scale
     x[0, 1, :, 5] = 0.25  # a constant channel
@@ -25,16 +26,17 @@ def test_host_store_is_filled_in_blocks(host, monkeypatch):
     """RowFetcher writes the store STORE_BLOCK tokens at a time (no whole copy or whole codes of the
     layer on the device): the same rows as one pass over a strided middle of K and V."""
     import kernels.prefetch as prefetch
+    from kernels.host_store import quantize_channels
     monkeypatch.setattr(prefetch, "STORE_BLOCK", 7)  # blocks that do not divide M
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(2, 3, 60, 16, generator=g), torch.randn(2, 3, 60, 16, generator=g)
     mid_k, mid_v = k[:, :, 5:55], v[:, :, 5:55]  # (2, 3, 50, 16), as OffloadKV hands it over
     f = prefetch.RowFetcher(mid_k, mid_v, "cpu", host=host)
     for got, x in ((f.host_k, mid_k), (f.host_v, mid_v)):
-        want = x if host == "model" else prefetch.quantize_channels(x)[0]
+        want = x if host == "model" else quantize_channels(x)[0]
         assert torch.equal(got, want.reshape(300, 16))
     if host == "8bit":
-        assert torch.equal(f.ranges[0], prefetch.quantize_channels(mid_k)[1])
+        assert torch.equal(f.ranges[0], quantize_channels(mid_k)[1])
     assert f.row_bytes == 2 * 16 * (4 if host == "model" else 1)
 
 

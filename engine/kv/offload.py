@@ -26,7 +26,7 @@ With reuse off (the baseline that refetches every selected row each step) the sl
 the same way, so reuse changes what is copied, never a result.
 
 The host store (`host`) holds the offloaded rows as 8-bit codes with a min and step per channel
-("8bit", the default; kernels/prefetch.py): half the bytes of bfloat16 per fetched row and half
+("8bit", the default; kernels/host_store.py): half the bytes of bfloat16 per fetched row and half
 the host memory. On the default model (4k pass-key grid, KL over 256 tokens) it changed nothing
 measurable: KL 0.0614 -> 0.0612 at budget 256, 0.1588 -> 0.1585 at 128, 20/20 pass keys either way.
 "model" keeps the model's values. The sketch, the sink, recent and generated tokens are made from
@@ -56,7 +56,8 @@ import torch
 
 from engine.kv.base import KVPolicy, tensor_bytes
 from kernels.dense_attn import dense_decode_attention, write_row
-from kernels.prefetch import HOST, RowFetcher
+from kernels.host_store import HOST
+from kernels.prefetch import RowFetcher
 from kernels.slots import assign_slots
 from kernels.sparse_attn import Sketch, approx_scores, make_sketch, select_topk, sketch_bytes
 
@@ -103,7 +104,7 @@ class OffloadKV(KVPolicy):
         self.chunk = chunk
         self.lookahead, self.overlap = lookahead, overlap
         self.copy_programs = copy_programs  # cap on the overlapped copy's programs (kernels/prefetch.py)
-        self.host = host  # the host store: the model's values or 8-bit codes (kernels/prefetch.py)
+        self.host = host  # the host store: the model's values or 8-bit codes (kernels/host_store.py)
         self.prepared = False           # "layer": this step's rows were selected one layer early
         self.k = self.v = None          # device buffer (B, H_kv, n_dev_max, D), token order
         self.sketch: Sketch | None = None  # per chunk, min and max of C key channels (4-bit codes)
