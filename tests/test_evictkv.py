@@ -37,6 +37,26 @@ def test_small_budget_differs_and_decode_eviction_stays_bounded():
     assert all(int(t) in p.pos[0, h].tolist() for h in range(2) for t in newest)
 
 
+
+def test_decode_eviction_spares_exactly_the_window_newest_tokens():
+    """Decode eviction takes the slot of least attention mass among all but the `window` newest
+    tokens, the one being written included: at position 4 with window 2, token 3 is spared and
+    token 2 (= 4 - window) is fair game."""
+    H, D = ARGS.n_kv_heads, ARGS.head_dim
+    k, v = torch.zeros(1, H, 4, D), torch.zeros(1, H, 4, D)
+    pol = BudgetedEvictKV(ARGS, 0, 8, "cpu", torch.float32, budget=4, window=2, pool=1, evict_during_decode=True)
+    pol.prefill(k, v, torch.zeros(1, ARGS.n_heads, 2, D))  # 4 tokens fit the budget: rows hold positions 0-3
+    q, new = torch.zeros(1, ARGS.n_heads, 1, D), torch.ones(1, H, 1, D)
+    for least, evicted in ((2, 2), (3, 0)):  # the least mass on token 2: it goes; on token 3: spared, 0 goes
+        pol.pos[:] = torch.arange(4)
+        pol.acc[:] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        pol.acc[..., least] = 0.0
+        pol.length = 4
+        pol.before_step()
+        pol.attend(q, new, new, torch.tensor([4]))
+        want = [4 if p == evicted else p for p in range(4)]
+        assert pol.pos.tolist() == [[want] * H], (least, pol.pos.tolist())
+
 def test_window_scores_are_causal_and_pooled():
     k = torch.zeros(1, 1, 6, 4)
     k[0, 0, 5, 0] = 50.0  # the last key would dominate any query that could see it

@@ -21,6 +21,17 @@ def test_8bit_host_store_rounds_within_half_a_step():
     assert codes.amin() == 0 and codes.amax() == 255  # each channel's range spans all 256 codes
 
 
+
+def test_pinned_bytes_rounds_each_table_up_to_a_power_of_two():
+    """torch's caching host allocator rounds every pinned block up to a power of two; the host
+    check counts the store as it will be pinned: two tables, each rounded on its own."""
+    from kernels.host_store import pinned_bytes
+    table = 100_000 * 8 * 128  # the docstring's example: 102.4 MB of 8-bit codes per table
+    assert pinned_bytes(2 * table) == 2 * 2**27  # 134 MB a table
+    assert pinned_bytes(2 * 2**20) == 2 * 2**20  # a table of exactly 1 MiB is not doubled
+    assert pinned_bytes(2 * (2**20 + 1)) == 2 * 2**21
+    assert pinned_bytes(0) == 0
+
 @pytest.mark.parametrize("host", ["model", "8bit"])
 def test_host_store_is_filled_in_blocks(host, monkeypatch):
     """RowFetcher writes the store STORE_BLOCK tokens at a time (no whole copy or whole codes of the

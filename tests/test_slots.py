@@ -16,12 +16,16 @@ def _assign_by_hand(slots: list[int], new: list[int]) -> tuple[list[int], list[b
 
 def _slot_cases():
     """(slots, new) pairs: the docstring's example, a first step (every slot free, -1), nothing
-    changing, everything changing, and random overlaps, with k from 1 to 37."""
+    changing, everything changing, a search that runs off its head's row, and random overlaps, with
+    k from 1 to 37."""
     g = torch.Generator().manual_seed(0)
     yield torch.tensor([[[7, 2, 9, 4]]]), torch.tensor([[[2, 4, 5, 8]]])
     yield torch.full((1, 2, 5), -1), torch.tensor([[[0, 3, 4, 8, 9], [1, 2, 3, 4, 5]]])
     yield torch.tensor([[[3, 1, 2]]]), torch.tensor([[[1, 2, 3]]])
     yield torch.tensor([[[3, 1, 2]]]), torch.tensor([[[4, 5, 6]]])
+    # a slot past every chunk of its head, equal to the next head's first: the search ends at k and
+    # must not read the next head's row as its own
+    yield torch.tensor([[[5, 0], [5, 6]]]), torch.tensor([[[0, 1], [5, 6]]])
     for B, H, k, N in [(1, 1, 1, 3), (2, 3, 8, 20), (1, 4, 37, 60), (2, 2, 16, 17)]:
         slots = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * H)]).view(B, H, k)
         new = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B * H)]).view(B, H, k).sort(-1).values
