@@ -1,7 +1,7 @@
 """OffloadKV: exact when the budget covers the prompt, reuse never changes results, chunk bounds and
-selection, bytes, the 8-bit host store's error, lookahead modes, approximate scores kernel vs
-reference, the CUDA path == the CPU path (skipped without a GPU), bad parameters. The row fetching
-and slot assignment kernels: tests/test_prefetch.py, tests/test_slots.py."""
+selection, the layout, channel ranking, bytes, the 8-bit host store's error, lookahead modes,
+approximate scores kernel vs reference, the CUDA path == the CPU path (skipped without a GPU), bad
+parameters. The row fetching and slot assignment kernels: tests/test_prefetch.py, tests/test_slots.py."""
 import pytest
 import torch
 
@@ -156,6 +156,27 @@ def test_default_sketch_is_a_quarter_of_head_dim(model_and_tokens):
     assert policies[0].describe()["channels"] == 8
     assert policies[0].nbytes() == spec_cost(ARGS, spec, 100, 1, 4) == spec_cost(ARGS, {**spec, "channels": 8}, 100, 1, 4)
 
+
+
+def test_layout_keeps_whole_chunks():
+    """layout: sink, middle, recent and the middle tokens held on the device, in whole chunks; the
+    middle's last tokens that do not fill a chunk join the recent part."""
+    # 103 tokens, sink 4, recent 8: a middle of 91 = 22 chunks of 4 + 3 tokens; 27 on the device = 6 chunks
+    assert OffloadKV.layout(103, 4 + 8 + 27, 4, 8, 4) == (4, 88, 11, 24)
+    assert OffloadKV.layout(103, 4 + 8 + 27, 4, 8, 1) == (4, 91, 8, 27)
+    assert OffloadKV.layout(103, 4 + 8 + 91, 4, 8, 4) == (4, 91, 8, 91)  # the whole middle fits: nothing offloaded
+    assert OffloadKV.layout(10, 4 + 8 + 27, 4, 8, 4) == (4, 0, 6, 0)  # shorter than sink + recent
+
+
+def test_rank_channels_by_key_magnitude_and_query_weight():
+    """A channel ranks by max|K| over the middle (a large negative key counts as much as a large
+    positive one), times the query's mean |q| over the window and the group when there is one."""
+    from engine.kv.offload import rank_channels
+    k = torch.tensor([[1.0, -1.0, 0.5, 0.2], [-0.5, -9.0, 3.0, 0.1], [0.2, -2.0, -1.0, -0.1]])  # (M 3, D 4)
+    mid_k = k.view(1, 1, 3, 4)
+    assert rank_channels(mid_k, None, 2).tolist() == [[[1, 2]]]  # max|K|: 1, 9, 3, 0.2
+    q = torch.tensor([1.0, 1.0, 1.0, 100.0]).expand(1, 2, 5, 4)  # (B, H 2, w 5, D): channel 3 weighs most
+    assert rank_channels(mid_k, q, 2).tolist() == [[[1, 3]]]  # weights: 1, 9, 3, 20
 
 def test_bad_parameters():
     with pytest.raises(ValueError, match="budget"):
