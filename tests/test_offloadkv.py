@@ -168,6 +168,17 @@ def test_layout_keeps_whole_chunks():
     assert OffloadKV.layout(10, 4 + 8 + 27, 4, 8, 4) == (4, 0, 6, 0)  # shorter than sink + recent
 
 
+
+def test_sketch_bytes_prices_what_make_sketch_holds():
+    """The planner prices a sketch from shapes alone (sketch_bytes); it must equal what make_sketch
+    builds, an odd channel count included (its last code sits alone in a byte)."""
+    from kernels.sparse_attn import sketch_bytes
+    mid_k = torch.randn(1, 2, 24, 32, generator=torch.Generator().manual_seed(5))
+    for C in (5, 8):
+        chan = torch.arange(C).expand(1, 2, C).contiguous()
+        for chunk in (1, 4):
+            assert make_sketch(mid_k, chan, chunk).nbytes() == sketch_bytes(2, 24 // chunk, C, chunk > 1), (C, chunk)
+
 def test_rank_channels_by_key_magnitude_and_query_weight():
     """A channel ranks by max|K| over the middle (a large negative key counts as much as a large
     positive one), times the query's mean |q| over the window and the group when there is one."""
