@@ -12,6 +12,8 @@ pytestmark = pytest.mark.usefixtures("reuse_models")
 @pytest.mark.parametrize("argv, fragment", [
     (["--gpu-memory", "lots"], "has no unit"),
     (["--gpu-memory", "nanGiB"], "positive and finite"),
+    (["--gpu-memory", "infGiB"], "positive and finite"),
+    (["--gpu-memory", "0GiB"], "positive and finite"),
     (["--gpu-memory", "24GiB", "--device", "cpu"], "caps a CUDA GPU"),
     (["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
     (["--kv-budget", "inf", "--policy", "hybrid"], "positive and finite"),

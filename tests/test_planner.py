@@ -157,6 +157,32 @@ def test_upper_hull_is_concave_and_increasing():
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=1)
 
 
+def test_layer_options_follow_the_kinds_and_the_floor():
+    """A layer's options: FullKV, then only the kinds asked for; an eviction budget never below the
+    floor or its window, an offload budget above both the floor and sink + recent (so it offloads
+    something). At 1024 tokens the profile's budgets are multiples of 16 (FRACTIONS = i / 64)."""
+    from engine.layer_stats import LayerStats
+    from engine.planner import layer_options
+    from engine.profile import ProfileConfig
+    n = len(FRACTIONS)
+    stats = LayerStats(0.1, [0.9] * n, [0.1] * n, [0.2] * n, {1: 0.1, 2: 0.05, 4: 0.01})
+    cfg = ProfileConfig()
+    assert cfg.evict["window"] == 32 and cfg.offload["sink"] + cfg.offload["recent"] == 80  # the defaults
+
+    def budgets(kinds, floor):
+        opts = layer_options(ARGS, stats, 1024, 0, 4, cfg, floor, kinds)
+        assert opts[0].spec == {"policy": "full"}
+        out = {}
+        for o in opts[1:]:
+            out.setdefault(o.spec["policy"], []).append(o.spec.get("budget", o.spec.get("bits")))
+        return out
+
+    assert budgets(("offload",), 64) == {"offload": list(range(96, 1024, 16))}
+    assert budgets(("evict", "quant"), 64) == {"evict": list(range(64, 1024, 16)), "quant": [1, 2, 4]}
+    assert budgets(("evict", "offload"), 16)["evict"][0] == 32  # the window, when the floor is lower
+    assert budgets(("evict", "offload"), 200)["offload"][0] == 208
+
+
 @pytest.mark.parametrize("spec", [
     {"policy": "full"},
     {"policy": "evict", "budget": 40, "window": 8},
