@@ -327,6 +327,23 @@ def test_evict_only_plans_stay_within_a_budget_at_the_least_they_can_take(mode):
     budget = check_kv_budget(args, least, prompt, new, 4, mode, (), floor=8)
     plan = make_plan(args, stats, prompt, new, 4, budget, mode, floor=8)
     assert sum(o.device_bytes for o in plan) <= budget
+    if mode == "uniform":  # 50 tokens a layer: each layer's budget, its quality the curve at 50 / 400 = 1 / 8
+        plan = make_plan(args, stats, prompt, new, 4, (50 + new) * args.kv_bytes_per_token(4), mode, floor=8)
+        assert [(o.spec["budget"], o.quality) for o in plan] == [(50, 0.5)] * args.n_layers
+
+
+def test_kv_budget_syntax():
+    """Bytes (with a unit, or a whole number above 1), or a fraction of FullKV (0.2, 20%; 1 and 100%
+    are FullKV itself)."""
+    from engine.planner import parse_kv_budget
+    full = 10_000
+    for text, want in [("0.2", 2000), ("20%", 2000), ("1", full), ("1.0", full), ("100%", full),
+                       ("2048", 2048), ("512MiB", 512 << 20), ("1.5 GiB", 3 << 29)]:
+        assert parse_kv_budget(text, full) == want, text
+    for text, why in [("150%", "more than FullKV"), ("2.0", "at most 1"), ("0", "positive"), ("-0.2", "positive"),
+                      ("infGiB", "positive and finite"), ("lots", "not a KV budget")]:
+        with pytest.raises(ValueError, match=why):
+            parse_kv_budget(text, full)
 
 
 def test_a_prompt_too_short_to_quantize_leaves_quant_uncalibrated():
