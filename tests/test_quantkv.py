@@ -82,6 +82,7 @@ def test_bookkeeping_across_block_boundaries(prompt_len, rotate, sink, heavy):
     p = QuantKV(ARGS, 0, T, "cpu", torch.float32, bits=4, group=16, residual=32, rotate=rotate, sink=sink,
                 heavy=heavy)
     p.prefill(k[:, :, :prompt_len], v[:, :, :prompt_len], q_window)
+    assert p.length - p.n_kq in range(1, 33)  # 1..R keys in full precision, a prompt of 32 included
     if held:
         from kernels.quant_attn import unpack_mask
         at = unpack_mask(p.held_mask, T).nonzero()[:, 2].view(2, -1)
