@@ -106,8 +106,8 @@ def test_bookkeeping_across_block_boundaries(prompt_len, rotate, sink, heavy):
 
 
 def test_invalid_parameters_fail_at_construction():
-    for kw, msg in [(dict(bits=3), "bits"), (dict(group=24), "divide"), (dict(residual=-1), "multiple"),
-                    (dict(residual=48), "multiple"), (dict(rotate="yes"), "rotate"), (dict(sink=-1), "sink"),
+    for kw, msg in [(dict(bits=3), "bits"), (dict(group=24), "divide"), (dict(group=0), "divide"),
+                    (dict(residual=-1), "multiple"), (dict(residual=48), "multiple"), (dict(rotate="yes"), "rotate"), (dict(sink=-1), "sink"),
                     (dict(sink=1.5), "sink"), (dict(heavy=1.0), "heavy"), (dict(heavy="x"), "heavy"),
                     (dict(scales="int8"), "scales")]:
         with pytest.raises(ValueError, match=msg):
