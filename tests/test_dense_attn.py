@@ -45,9 +45,10 @@ import os, torch
 from kernels.dense_attn import write_row_ref, write_row_triton
 DEV = os.environ.get("KERNEL_TEST_DEVICE", "cpu")
 bad = 0
-# new rows as views into a QKV projection's output, a store dtype other than theirs, an offset
+# new rows as views into a QKV projection's output, a store dtype other than theirs, an offset;
+# the first row (20 - 20) and the last (8 of 9)
 for B, H_kv, D, N, pos, off, store in [(1, 2, 64, 40, 17, 0, torch.float32), (2, 3, 32, 50, 60, -20, torch.float32),
-                                       (2, 2, 128, 9, 8, 0, torch.bfloat16)]:
+                                       (1, 1, 32, 5, 20, -20, torch.float32), (2, 2, 128, 9, 8, 0, torch.bfloat16)]:
     g = torch.Generator().manual_seed(N + pos)
     h = torch.randn(B, 1, 3 * H_kv * D, generator=g).to(DEV)  # [q | k | v] columns
     k_new, v_new = (h[..., a * H_kv * D:(a + 1) * H_kv * D].view(B, 1, H_kv, D).transpose(1, 2) for a in (1, 2))
@@ -61,8 +62,8 @@ for B, H_kv, D, N, pos, off, store in [(1, 2, 64, 40, 17, 0, torch.float32), (2,
     if not (same(ref[0], tri[0]) and same(ref[1], tri[1])) or torch.equal(ref[0], bufs[0]):
         bad += 1
         print("MISMATCH", B, H_kv, D, N, pos, off, store)
-# a row past the buffer (or before it) writes nothing, where index_copy_ would raise
-for row in (40, -1):
+# a row past the buffer (row N, just past it) or before it writes nothing, where index_copy_ would raise
+for row in (N, -1):
     tri = [t.clone() for t in bufs]
     write_row_triton(*tri, k_new, v_new, torch.tensor([row], device=DEV), 0)
     if not (torch.equal(tri[0], bufs[0]) and torch.equal(tri[1], bufs[1])):
