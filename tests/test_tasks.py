@@ -99,3 +99,18 @@ def test_a_word_needles_value_is_none_of_its_keys_words(tok):
         t = make_task("niah-word", tok, 600, seed)
         key = tok.decode(t.ids).rsplit("magic word for ", 1)[1].split(" ")[0]
         assert t.answers[0] not in key.split("-"), (seed, key, t.answers)
+
+
+def test_needles_sit_at_sentence_ends(tok):
+    """Each needle goes in right after a period of the filler (a cut mid-sentence would make the
+    task harder than RULER's), in seeded depth order, and the prompt is exactly as long as asked."""
+    import random
+    from engine.eval.tasks import _in_filler
+    period = tok.encode(".", bos=False)[-1]
+    head, question = tok.encode("Read this.", bos=False), tok.encode(" What was it?", bos=False)
+    for seed in range(5):
+        needles = [[-1, -1], [-2], [-3, -3, -3]]  # ids no tokenizer makes, to find them again
+        out = _in_filler(tok, 600, head, needles, question, random.Random(seed))
+        starts = [out.index(-i) for i in (1, 2, 3)]
+        assert len(out) == 600 and starts == sorted(starts)
+        assert all(out[s - 1] == period for s in starts), (seed, [tok.decode(out[s - 8:s]) for s in starts])
