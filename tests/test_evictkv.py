@@ -37,7 +37,6 @@ def test_small_budget_differs_and_decode_eviction_stays_bounded():
     assert all(int(t) in p.pos[0, h].tolist() for h in range(2) for t in newest)
 
 
-
 def test_decode_eviction_spares_exactly_the_window_newest_tokens():
     """Decode eviction takes the slot of least attention mass among all but the `window` newest
     tokens, the one being written included: at position 4 with window 2, token 3 is spared and
@@ -56,6 +55,7 @@ def test_decode_eviction_spares_exactly_the_window_newest_tokens():
         pol.attend(q, new, new, torch.tensor([4]))
         want = [4 if p == evicted else p for p in range(4)]
         assert pol.pos.tolist() == [[want] * H], (least, pol.pos.tolist())
+
 
 def test_window_scores_are_causal_and_pooled():
     k = torch.zeros(1, 1, 6, 4)

@@ -157,7 +157,6 @@ def test_default_sketch_is_a_quarter_of_head_dim(model_and_tokens):
     assert policies[0].nbytes() == spec_cost(ARGS, spec, 100, 1, 4) == spec_cost(ARGS, {**spec, "channels": 8}, 100, 1, 4)
 
 
-
 def test_layout_keeps_whole_chunks():
     """layout: sink, middle, recent and the middle tokens held on the device, in whole chunks; the
     middle's last tokens that do not fill a chunk join the recent part."""
@@ -166,7 +165,6 @@ def test_layout_keeps_whole_chunks():
     assert OffloadKV.layout(103, 4 + 8 + 27, 4, 8, 1) == (4, 91, 8, 27)
     assert OffloadKV.layout(103, 4 + 8 + 91, 4, 8, 4) == (4, 91, 8, 91)  # the whole middle fits: nothing offloaded
     assert OffloadKV.layout(10, 4 + 8 + 27, 4, 8, 4) == (4, 0, 6, 0)  # shorter than sink + recent
-
 
 
 def test_sketch_bytes_prices_what_make_sketch_holds():
@@ -179,6 +177,7 @@ def test_sketch_bytes_prices_what_make_sketch_holds():
         for chunk in (1, 4):
             assert make_sketch(mid_k, chan, chunk).nbytes() == sketch_bytes(2, 24 // chunk, C, chunk > 1), (C, chunk)
 
+
 def test_rank_channels_by_key_magnitude_and_query_weight():
     """A channel ranks by max|K| over the middle (a large negative key counts as much as a large
     positive one), times the query's mean |q| over the window and the group when there is one."""
@@ -188,6 +187,7 @@ def test_rank_channels_by_key_magnitude_and_query_weight():
     assert rank_channels(mid_k, None, 2).tolist() == [[[1, 2]]]  # max|K|: 1, 9, 3, 0.2
     q = torch.tensor([1.0, 1.0, 1.0, 100.0]).expand(1, 2, 5, 4)  # (B, H 2, w 5, D): channel 3 weighs most
     assert rank_channels(mid_k, q, 2).tolist() == [[[1, 3]]]  # weights: 1, 9, 3, 20
+
 
 def test_bad_parameters():
     with pytest.raises(ValueError, match="budget"):

@@ -21,7 +21,6 @@ def test_8bit_host_store_rounds_within_half_a_step():
     assert codes.amin() == 0 and codes.amax() == 255  # each channel's range spans all 256 codes
 
 
-
 def test_pinned_bytes_rounds_each_table_up_to_a_power_of_two():
     """torch's caching host allocator rounds every pinned block up to a power of two; the host
     check counts the store as it will be pinned: two tables, each rounded on its own."""
@@ -31,6 +30,7 @@ def test_pinned_bytes_rounds_each_table_up_to_a_power_of_two():
     assert pinned_bytes(2 * 2**20) == 2 * 2**20  # a table of exactly 1 MiB is not doubled
     assert pinned_bytes(2 * (2**20 + 1)) == 2 * 2**21
     assert pinned_bytes(0) == 0
+
 
 @pytest.mark.parametrize("host", ["model", "8bit"])
 def test_host_store_is_filled_in_blocks(host, monkeypatch):
