@@ -114,3 +114,21 @@ def test_needles_sit_at_sentence_ends(tok):
         starts = [out.index(-i) for i in (1, 2, 3)]
         assert len(out) == 600 and starts == sorted(starts)
         assert all(out[s - 1] == period for s in starts), (seed, [tok.decode(out[s - 8:s]) for s in starts])
+
+
+def test_variable_tracking_keeps_each_chain_in_order(tok):
+    """vt interleaves two chains at random; whatever the seed, each assignment comes after the one it
+    copies (VAR b = VAR a after VAR a's own line), the asked chain starts from the asked value, and
+    the chains are mixed rather than one after the other."""
+    interleaved = 0
+    for seed in range(12):
+        t = make_task("vt", tok, 1024, seed)
+        lines = [ln for ln in tok.decode(t.ids).splitlines() if ln.startswith("VAR ")]
+        assert len(lines) == 10, seed
+        first = {ln.split(" ")[1]: i for i, ln in enumerate(lines)}  # the line that assigns each variable
+        interleaved += max(first[x] for x in t.answers) > 4  # a decoy line among the asked chain's
+        for a, b in zip(t.answers, t.answers[1:]):
+            assert lines[first[b]] == f"VAR {b} = VAR {a}." and first[a] < first[b], (seed, lines)
+        value = lines[first[t.answers[0]]].split(" = ")[1].rstrip(".")
+        assert value.isdigit() and f"assigned the value {value} " in tok.decode(t.ids)
+    assert interleaved >= 6  # the chains are mixed, not one after the other (11 of these 12 seeds)
