@@ -132,3 +132,16 @@ def test_variable_tracking_keeps_each_chain_in_order(tok):
         value = lines[first[t.answers[0]]].split(" = ")[1].rstrip(".")
         assert value.isdigit() and f"assigned the value {value} " in tok.decode(t.ids)
     assert interleaved >= 6  # the chains are mixed, not one after the other (11 of these 12 seeds)
+
+
+def test_common_word_list_fills_the_prompt(tok):
+    """cwe: a list as long as the prompt allows (what is left before the question is less than one
+    more entry), and at 4096 tokens each of the 5 common words 30 times, as RULER has it."""
+    for n in (1024, 4096):
+        t = make_task("cwe", tok, n, 0)
+        text = tok.decode(t.ids)
+        tail = text.split("\nQuestion:")[0]
+        items = [ln.split(". ", 1)[1] for ln in tail.splitlines() if ". " in ln and ln[:1].isdigit()]
+        assert len(tail) - len(tail.rstrip("\n")) < 8, n  # the blank lines that close it exactly
+        if n == 4096:
+            assert [items.count(w) for w in t.answers] == [30] * 5
