@@ -34,6 +34,7 @@ def no_profiling(monkeypatch):
     ({"temperature": None}, "temperature must be a finite number >= 0"),
     ({"top_k": 2.5}, "top-k must be an int >= 0"),
     ({"top_p": float("nan")}, "top-p must be in (0, 1]"),
+    ({"top_p": 0.0}, "top-p must be in (0, 1]"),  # would drop every token: NaN probabilities mid-generation
     ({"seed": 1.5}, "seed must be an int in [-2**63, 2**64)"),
     ({"seed": 2**64}, "seed must be an int in [-2**63, 2**64)"),
     ({"ctx": 0}, "ctx must be an int >= 1"),  # 0 once meant "no cap"
