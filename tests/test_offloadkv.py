@@ -7,11 +7,11 @@ import torch
 
 from engine.config import preset
 from engine.kv import build_policies, spec_cost
-from engine.kv.offload import OffloadKV
+from engine.kv.offload import OffloadKV, rank_channels
 from engine.model import Llama
 from interpreted import check_interpreted
 from stepping import attend_next, decode_logits
-from kernels.sparse_attn import _dot, _pack, approx_scores_ref, make_sketch, select_topk, sketch_scores
+from kernels.sparse_attn import _dot, _pack, approx_scores_ref, make_sketch, select_topk, sketch_bytes, sketch_scores
 
 ARGS = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128, n_layers=3)  # head_dim 32
 
@@ -170,7 +170,6 @@ def test_layout_keeps_whole_chunks():
 def test_sketch_bytes_prices_what_make_sketch_holds():
     """The planner prices a sketch from shapes alone (sketch_bytes); it must equal what make_sketch
     builds, an odd channel count included (its last code sits alone in a byte)."""
-    from kernels.sparse_attn import sketch_bytes
     mid_k = torch.randn(1, 2, 24, 32, generator=torch.Generator().manual_seed(5))
     for C in (5, 8):
         chan = torch.arange(C).expand(1, 2, C).contiguous()
@@ -181,7 +180,6 @@ def test_sketch_bytes_prices_what_make_sketch_holds():
 def test_rank_channels_by_key_magnitude_and_query_weight():
     """A channel ranks by max|K| over the middle (a large negative key counts as much as a large
     positive one), times the query's mean |q| over the window and the group when there is one."""
-    from engine.kv.offload import rank_channels
     k = torch.tensor([[1.0, -1.0, 0.5, 0.2], [-0.5, -9.0, 3.0, 0.1], [0.2, -2.0, -1.0, -0.1]])  # (M 3, D 4)
     mid_k = k.view(1, 1, 3, 4)
     assert rank_channels(mid_k, None, 2).tolist() == [[[1, 2]]]  # max|K|: 1, 9, 3, 0.2
