@@ -178,12 +178,13 @@ def test_fp8_ranges_round_trip(per_channel, clip):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fp8_reference_in_slices_stores_the_same(per_channel, monkeypatch):
     """The reference weighs its 9 range candidates a slice of tokens at a time (SLICE_VALUES, so a
-    long prompt's candidates stay small): many slices (here 32 tokens each) == one."""
+    long prompt's candidates stay small): many slices (here 32 tokens each) == one, and a slice
+    smaller than a group's tokens (one value) takes one group of tokens at a time."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 2, 320, 64, generator=g) * torch.rand(1, 2, 1, 64, generator=g) * 4
     sup = fp8.superscale(x)
     out = []
-    for values in (1 << 30, 32 * 2 * 64):
+    for values in (1 << 30, 32 * 2 * 64, 1):
         monkeypatch.setattr(fp8, "SLICE_VALUES", values)
         out.append(fp8.quantize_pack_fp8_ref(x, 2, 32, per_channel, True, sup))
-    assert all(torch.equal(a, b) for a, b in zip(*out))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*out))

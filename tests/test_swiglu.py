@@ -1,6 +1,6 @@
 """kernels/swiglu.py: the fused silu(gate) * up kernel against the torch reference (interpreted
 here, compiled on a GPU): float32 and bfloat16, a width that is not a multiple of the block, a
-strided view, several blocks per row."""
+strided view, several blocks per row, nothing written past the output."""
 import pytest
 import torch
 
@@ -28,6 +28,17 @@ x = torch.randn(6, 2 * 80, generator=torch.Generator().manual_seed(1)).to(DEV)[:
 if not torch.allclose(silu_mul_triton(x, block=32), silu_mul_ref(x), rtol=1e-5, atol=1e-5):
     bad += 1
     print("MISMATCH strided rows")
+# nothing stored past a row's end: the last row's output in a buffer with a guard after it (a
+# store one column too far lands in the next row, which its own program overwrites later in the
+# interpreter's serial order; only the last row's shows, and on a GPU it would be a race)
+from kernels.swiglu import _silu_mul_kernel
+x = torch.randn(3, 2 * 100, generator=torch.Generator().manual_seed(2)).to(DEV)
+buf = torch.full((3 * 100 + 64,), 7.0, device=DEV)
+_silu_mul_kernel[(3, 2)](x, buf, 100, x.stride(0), BLOCK=64)
+if not torch.equal(buf[300:], torch.full_like(buf[300:], 7.0)) or \
+        not torch.allclose(buf[:300].view(3, 100), silu_mul_ref(x), rtol=1e-5, atol=1e-5):
+    bad += 1
+    print("MISMATCH guard", buf[300:302].tolist())
 print("cases failed:", bad)
 """
 
