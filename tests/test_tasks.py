@@ -145,3 +145,51 @@ def test_common_word_list_fills_the_prompt(tok):
         assert len(tail) - len(tail.rstrip("\n")) < 8, n  # the blank lines that close it exactly
         if n == 4096:
             assert [items.count(w) for w in t.answers] == [30] * 5
+
+
+def test_pass_key_prompt(tok):
+    """engine/eval/haystack.py: exact length, one BOS, a seeded five-digit key (or the one given) in
+    one needle placed after a whole sentence near the asked depth, the ends included; the shortest
+    prompt the error names is accepted, and bad input is refused in one line."""
+    import re
+
+    from engine.eval.haystack import NEEDLE, QUESTION, make_haystack
+    h = make_haystack(tok, 1000, depth=0.3, seed=5)
+    start = 1 if tok.add_bos else 0
+    assert len(h.ids) == 1000 and (h.ids[0] == tok.bos_id) == bool(start)
+    assert not set(tok.specials.values()).intersection(h.ids[start:])
+    text = tok.decode(h.ids[start:])
+    assert re.fullmatch(r"\d{5}", h.key) and text.count(NEEDLE.format(key=h.key)) == 1
+    assert text.split(NEEDLE.format(key=h.key))[0].endswith(".") and abs(h.depth - 0.3) < 0.05
+    assert make_haystack(tok, 1000, depth=0.3, seed=5).ids == h.ids and make_haystack(tok, 1000, seed=6).key != h.key
+    assert make_haystack(tok, 1000, key="31337").key == "31337"
+    first, last = make_haystack(tok, 777, depth=0.0), make_haystack(tok, 777, depth=1.0)
+    assert first.depth == 0.0 and tok.decode(first.ids).split(NEEDLE.format(key=first.key))[0].endswith("\n\n")
+    assert last.depth == 1.0 and tok.decode(last.ids).endswith(NEEDLE.format(key=last.key) + QUESTION)
+    with pytest.raises(ValueError, match="needs at least") as err:
+        make_haystack(tok, 10)
+    shortest = int(re.search(r"at least (\d+)", str(err.value)).group(1))
+    assert len(make_haystack(tok, shortest).ids) == shortest
+    with pytest.raises(ValueError, match="needs at least"):
+        make_haystack(tok, shortest - 1)
+    for depth in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="depth must be in"):
+            make_haystack(tok, 1000, depth=depth)
+
+
+def test_pass_key_prompt_with_a_tokenizer_that_adds_bos():
+    """Llama-3.1's tokenizer adds BOS (the default model's does not): one BOS, first, and the needle
+    still after a period. One token per character stands in for it."""
+    from engine.eval.haystack import make_haystack
+
+    class CharTokenizer:
+        add_bos, bos_id = True, 1
+
+        def encode(self, text, bos=True):
+            return [self.bos_id] * bos + [ord(c) + 2 for c in text]
+
+    h = make_haystack(CharTokenizer(), 3000, depth=0.5)
+    needle = CharTokenizer().encode(f"\nThe pass key is {h.key}.", bos=False)
+    at = next(i for i in range(len(h.ids)) if h.ids[i:i + len(needle)] == needle)
+    assert len(h.ids) == 3000 and h.ids.count(1) == 1 and h.ids[0] == 1
+    assert h.ids[at - 1] == ord(".") + 2 and abs(h.depth - 0.5) < 0.05
