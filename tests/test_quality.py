@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from engine.eval.quality import fidelity, kl_divergence, perplexity, teacher_forced, top1_agreement
+from engine.eval.quality import (fidelity, greedy, kl_divergence, perplexity, shared_prefill, teacher_forced,
+                                 top1_agreement)
 from engine.kv import build_policies
 from engine.model import Llama
 from helpers import TINY
@@ -45,11 +46,13 @@ def test_fidelity_is_measured_against_fullkv():
     tokens = torch.tensor([prompt + cont[:-1]])
     policies = build_policies(TINY, {"policy": "full"}, tokens.shape[1], "cpu", torch.float32)
     full = model.prefill(tokens, policies, all_logits=True)[0, len(prompt) - 1:]  # (N, vocab): each next token
-    for f, (logits, _) in zip(fids, teacher_forced(model, prompt, cont, specs)):
+    for f, (logits, pols) in zip(fids, teacher_forced(model, prompt, cont, specs)):
         assert f.kl > 1e-3  # a metric that ignored the policy would say 0
         assert abs(f.kl - kl_divergence(full, logits).mean().item()) < 1e-5
         assert abs(f.top1 - top1_agreement(full, logits)) <= 1 / len(cont)  # a near-tie may flip one position
         assert abs(f.ppl - perplexity(logits, cont)) < 1e-9 and abs(f.ppl_full / perplexity(full, cont) - 1) < 1e-5
+        # bytes per decode step: the continuation's first token comes from the prefill, not a step
+        assert f.h2d_bytes_per_token == sum(p.transfer_bytes() for p in pols) / (len(cont) - 1)
     assert fids[0].h2d_bytes_per_token == 0 < fids[1].h2d_bytes_per_token  # only offloading copies to the device
 
 
@@ -68,3 +71,25 @@ def test_shared_prefill_equals_separate_runs(T):
     for spec, (logits, _) in zip(specs, shared):
         alone, _ = decode_logits(model, torch.tensor([prompt + cont[:-1]]), spec, len(prompt))
         assert torch.equal(alone[:, 0], logits)
+
+
+def test_greedy_answers_are_the_argmax_of_one_parallel_forward(default_model):
+    """The harness's greedy decoding (pass-key and RULER answers): each token is the argmax at its
+    position, as one teacher-forced forward over prompt + answer says, and it stops after the
+    first end-of-sequence token or at max_new_tokens. (The default model, whose answer is words:
+    a random model repeats one token, which an answer decoded at the wrong positions repeats too.)"""
+    model, tok = default_model.model, default_model.tokenizer
+    prompt, n = tok.encode("The capital of France is Paris. The capital of Italy is Rome. The capital of"), 12
+
+    def answer(max_new, eos_ids):
+        first, per_spec = shared_prefill(model, prompt, [{"policy": "full"}], n)
+        return greedy(model, per_spec[0], first, len(prompt), max_new, eos_ids)
+
+    ids = answer(n, set())
+    tokens = torch.tensor([prompt + ids[:-1]])
+    policies = build_policies(model.args, {"policy": "full"}, tokens.shape[1], "cpu", torch.float32)
+    assert model.prefill(tokens, policies, all_logits=True)[0, len(prompt) - 1:].argmax(-1).tolist() == ids
+    assert len(set(ids)) > 3, tok.decode(ids)
+    assert answer(5, set()) == ids[:5]
+    stop = ids.index(ids[6]) + 1
+    assert answer(n, {ids[6], 10**6}) == ids[:stop]
