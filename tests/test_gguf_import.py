@@ -28,6 +28,8 @@ def divisors(head_dim: int, scaling: dict) -> np.ndarray:
     (128, {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
            "original_max_position_embeddings": 4096}),  # not Llama's numbers: found from the blend
     (16, LLAMA31_ROPE),  # one blended frequency only: Llama's numbers, checked
+    (32, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 3.0,
+          "original_max_position_embeddings": 2048}),  # two blended: the fewest a line is fitted through
 ])
 def test_the_rescaling_is_recovered_from_its_divisors(head_dim, scaling):
     found = llama3_scaling(divisors(head_dim, scaling), head_dim, THETA)
@@ -41,9 +43,14 @@ def test_no_rescaling_and_unknown_ones():
         llama3_scaling(np.linspace(1, 3, 64).astype(np.float32), 128, THETA)
     with pytest.raises(ValueError, match="entries for head_dim 128"):
         llama3_scaling(np.ones(32, np.float32), 128, THETA)
+    for bad in (0.0, -1.0, np.nan, np.inf):  # a divisor that is none
+        f = np.ones(64, np.float32)
+        f[5] = bad
+        with pytest.raises(ValueError, match="or non-positive ones"):
+            llama3_scaling(f, 128, THETA)
 
 
-def write_gguf(path, rope_freqs=None, linear=None):
+def write_gguf(path, rope_freqs=None, linear=None, tied=False, extra=None):
     dim, heads, kv_heads, ffn, vocab = 128, 2, 1, 64, 32  # head_dim 64
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
@@ -61,8 +68,10 @@ def write_gguf(path, rope_freqs=None, linear=None):
     for name, shape in [("token_embd", (vocab, dim)), ("output_norm", (dim,)), ("output", (vocab, dim)),
                         ("blk.0.attn_norm", (dim,)), ("blk.0.attn_q", (dim, dim)), ("blk.0.attn_k", (64, dim)),
                         ("blk.0.attn_v", (64, dim)), ("blk.0.attn_output", (dim, dim)), ("blk.0.ffn_norm", (dim,)),
-                        ("blk.0.ffn_gate", (ffn, dim)), ("blk.0.ffn_up", (ffn, dim)), ("blk.0.ffn_down", (dim, ffn))]:
-        w.add_tensor(f"{name}.weight", r(*shape))
+                        ("blk.0.ffn_gate", (ffn, dim)), ("blk.0.ffn_up", (ffn, dim)), ("blk.0.ffn_down", (dim, ffn)),
+                        *([(extra, (dim,))] if extra else [])]:
+        if not (tied and name == "output"):  # tied embeddings: the head is token_embd, no tensor of its own
+            w.add_tensor(f"{name}.weight", r(*shape))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
     if linear is not None:
@@ -111,7 +120,9 @@ def test_config_without_import_and_an_entry_per_dtype(tmp_path, monkeypatch):
     real = gi._write_import
     monkeypatch.setattr(gi, "_write_import", lambda *a: imports.append(a[-1]) or real(*a))
     name, args = model_config(path)
-    assert imports == [] and name == "llama31.gguf" and args.rope_scaling == LLAMA31_ROPE
+    assert imports == [] and name == "llama31.gguf" and args.rope_scaling == LLAMA31_ROPE and not args.tie_embeddings
+    write_gguf(tmp_path / "tied.gguf", tied=True)
+    assert model_config(str(tmp_path / "tied.gguf"))[1].tie_embeddings
     f32 = import_gguf(path, log=lambda _: None)
     with open(os.path.join(f32, "config.json")) as f:
         assert ModelArgs.from_hf_config(json.load(f), name=name) == args
@@ -143,3 +154,15 @@ def test_hf_configs_rope_scaling_in_either_layout(layout):
     for kind in ("linear", "dynamic", "yarn"):
         with pytest.raises(ValueError, match=f"unsupported rope_scaling type '{kind}'"):
             ModelArgs.from_hf_config({**base, layout: {"rope_type": kind, "factor": 2.0}})
+
+
+@pytest.mark.parametrize("extra", ["blk.0.attn_q_norm", "blk.0.attn_q.lora", "vision.patch_embd"])
+def test_a_tensor_that_is_not_plain_llama_is_refused_in_one_line(tmp_path, monkeypatch, extra):
+    """A GGUF with a tensor this importer does not know (another architecture's, an adapter's) is
+    refused by name, and nothing of the import is left in the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "odd.gguf"
+    write_gguf(path, extra=extra)
+    with pytest.raises(ValueError, match=f"unsupported tensor '{extra}.weight' in GGUF"):
+        import_gguf(str(path), log=lambda _: None)
+    assert os.listdir(os.path.join(str(tmp_path / "cache"), "layerkv", "gguf")) == []

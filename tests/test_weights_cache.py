@@ -97,6 +97,31 @@ def test_temporary_dirs_of_dead_imports_are_removed(cache):
     assert leftovers == [os.path.basename(alive)]  # the import's own temporary dir was renamed away
 
 
+def test_two_processes_importing_at_once(cache, monkeypatch):
+    """Another process finishes the same import first (its rename lands before ours): its entry is
+    used and ours removed; if what it left is damaged, the import fails rather than use it."""
+    gguf, calls = cache
+    real_write = gi._write_import
+
+    def other_process_first(path, out_dir, name, dtype):
+        real_write(path, out_dir, name, dtype)
+        write_entry(final)  # what a faster process renamed into place meanwhile
+    final = gi._entries(gguf)[1][torch.float32]
+    monkeypatch.setattr(gi, "_write_import", other_process_first)
+    assert gi.import_gguf(gguf, log=lambda _: None) == final and gi.entry_problem(final) is None
+    root = os.path.dirname(final)
+    assert os.listdir(root) == [os.path.basename(final)]  # our temporary copy removed
+
+    def other_process_damaged(path, out_dir, name, dtype):
+        other_process_first(path, out_dir, name, dtype)
+        os.remove(os.path.join(final, "config.json"))
+    os.remove(os.path.join(final, "config.json"))  # damaged: the next import starts afresh
+    monkeypatch.setattr(gi, "_write_import", other_process_damaged)
+    with pytest.raises(OSError):
+        gi.import_gguf(gguf, log=lambda _: None)
+    assert [n for n in os.listdir(root) if n.startswith(".importing-")] == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_streamed_safetensors_read_back_and_make_one_tensor_at_a_time(tmp_path, dtype):
     """The import writes its file tensor by tensor (an 8B model's float32 weights, gathered first,
