@@ -2,6 +2,7 @@
 same file, and each other loading path must agree with its reference library."""
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
@@ -113,6 +114,27 @@ def test_hf_tokenizer_json_dir(tok, ref, tmp_path):
     literal = hf.encode(INJECTION, bos=False, allow_special=False)
     assert not set(hf.specials.values()).intersection(literal) and hf.decode(literal) == INJECTION
     assert hf.encode_chat(messages) == tok.encode_chat(messages)
+
+
+def test_hf_dir_whose_post_processor_adds_bos(tok, ref, tmp_path):
+    """Llama-3's tokenizer_config.json does not say add_bos_token: its tokenizer.json's
+    post-processor puts <|begin_of_text|> first, and that decides. The default model's saved
+    tokenizer, given such a post-processor (its BOS first), adds BOS; as saved, it does not. A
+    tokenizer.json named directly is read as its folder."""
+    ref.save_pretrained(tmp_path)
+    assert "add_bos_token" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).add_bos is False
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    bos = {"id": "<|im_start|>", "ids": [tok.bos_id], "tokens": ["<|im_start|>"]}
+    spec["post_processor"] = {"type": "TemplateProcessing", "special_tokens": {"<|im_start|>": bos},
+                              "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    hf = load_tokenizer(str(tmp_path))
+    assert hf.add_bos is True and hf.encode("Hi there") == [tok.bos_id] + tok.encode("Hi there", bos=False)
+    assert hf.encode("Hi there", bos=False) == tok.encode("Hi there", bos=False)
 
 
 def test_tiktoken_rank_file(tmp_path):
