@@ -125,10 +125,11 @@ def test_plan_json_round_trip_and_refusals(tmp_path):
     plan = Plan.load(str(path))
     assert plan.header["context"] == 4096 and plan.layers == layers
     plan.check("m", 2)
-    with pytest.raises(ValueError, match="made for model"):
-        plan.check("other", 2)
-    with pytest.raises(ValueError, match="layers"):
-        plan.check("m", 3)
+    with pytest.raises(ValueError, match=f"^{path}: plan was made for model 'm', not 'other'"):
+        plan.check("other", 2)  # the error names the file the plan came from
+    with pytest.raises(ValueError, match="^given.json: plan has 2 layers, the model has 3"):
+        plan.check("m", 3, "given.json")
+    assert Plan(layers + layers[:1], {}).summary() == "1 evict, 2 quant layers"
     bad = tmp_path / "bad.json"
     for text in ("[1, 2]", '{"layers": [{"budget": 3}]}', '{"layers": [{"policy": "full", "quality": "x"}]}'):
         bad.write_text(text)

@@ -91,6 +91,44 @@ def test_generation_blocks_render_their_body():
     assert render_chat_template(template, messages) == "U: hi A: yo "  # as transformers 5.17 renders it
 
 
+# Block tags on lines of their own, indented: whitespace that trim_blocks / lstrip_blocks remove
+WHITESPACE_TEMPLATE = """{% for m in messages %}
+    {% if m.role == 'user' %}
+U: {{ m.content }} {{ {'b': 1, 'a': m.content} | tojson }}
+    {% else %}
+A: {{ m.content }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+A:{% endif %}"""
+
+
+def test_a_whitespace_sensitive_template_renders_as_transformers_does(ref):
+    """Templates without Jinja's '-' whitespace control depend on trim_blocks and lstrip_blocks, and
+    tojson keeps non-ASCII text and key order (transformers' own filter, not Jinja's)."""
+    from weights.chat import render_chat_template
+    messages = [{"role": "user", "content": "héllo <b>"}, {"role": "assistant", "content": "yo"}]
+    for gen in (True, False):
+        expected = ref.apply_chat_template(messages, chat_template=WHITESPACE_TEMPLATE, tokenize=False,
+                                           add_generation_prompt=gen)
+        assert render_chat_template(WHITESPACE_TEMPLATE, messages, add_generation_prompt=gen) == expected
+    assert render_chat_template(WHITESPACE_TEMPLATE, messages).endswith("\nA:")  # the default: a prompt
+
+
+def test_where_a_checkpoint_keeps_its_chat_template(tmp_path):
+    """tokenizer_config.json's string, or its "default" among named ones, else chat_template.jinja,
+    else chat_template.json (older transformers)."""
+    from weights.chat import find_chat_template
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    assert find_chat_template(tmp_path, {"chat_template": named}) == "D"
+    assert find_chat_template(tmp_path, {"chat_template": named[:1]}) == "T"
+    assert find_chat_template(tmp_path, {}) is None
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J"}))
+    assert find_chat_template(tmp_path, {}) == "J"
+    (tmp_path / "chat_template.jinja").write_text("K")
+    assert find_chat_template(tmp_path, {}) == "K" and find_chat_template(tmp_path, {"chat_template": "S"}) == "S"
+
+
 def test_stream_decoder(tok):
     text = "Héllo wörld — 日本語 🦙👍🏽 e\u0301 ok"
     ids = tok.encode(text)
@@ -99,6 +137,10 @@ def test_stream_decoder(tok):
     assert "".join(chunks) == tok.decode(ids) == text
     assert not any("\ufffd" in c for c in chunks)
     assert sum(1 for c in chunks if c) > 5  # really streams, not one chunk at the end
+    # a generation cut off inside a character (max_new_tokens): the stream ends as decode() does
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    chunks = [sd.push(i) for i in ids[:cut]] + [sd.flush()]
+    assert "".join(chunks) == tok.decode(ids[:cut]) and chunks[-1].endswith("\ufffd")
 
 
 def test_hf_tokenizer_json_dir(tok, ref, tmp_path):
@@ -120,7 +162,7 @@ def test_hf_dir_whose_post_processor_adds_bos(tok, ref, tmp_path):
     """Llama-3's tokenizer_config.json does not say add_bos_token: its tokenizer.json's
     post-processor puts <|begin_of_text|> first, and that decides. The default model's saved
     tokenizer, given such a post-processor (its BOS first), adds BOS; as saved, it does not. A
-    tokenizer.json named directly is read as its folder."""
+    tokenizer.json named directly is read as its folder. The vocabulary counts added tokens."""
     ref.save_pretrained(tmp_path)
     assert "add_bos_token" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert load_tokenizer(str(tmp_path / "tokenizer.json")).add_bos is False
@@ -131,9 +173,13 @@ def test_hf_dir_whose_post_processor_adds_bos(tok, ref, tmp_path):
                                          {"Sequence": {"id": "A", "type_id": 0}}],
                               "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
                                        {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+    # and, as Llama-3's 256 reserved ones, a special token numbered past the BPE vocabulary
+    spec["added_tokens"].append({"id": tok.vocab_size, "content": "<|extra|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     hf = load_tokenizer(str(tmp_path))
     assert hf.add_bos is True and hf.encode("Hi there") == [tok.bos_id] + tok.encode("Hi there", bos=False)
+    assert hf.vocab_size == tok.vocab_size + 1 and hf.encode("<|extra|>", bos=False) == [tok.vocab_size]
     assert hf.encode("Hi there", bos=False) == tok.encode("Hi there", bos=False)
 
 
