@@ -110,3 +110,20 @@ def test_full_kv_bytes_is_what_fullkv_holds_when_a_run_ends_early(llm, monkeypat
     out = llm.generate(PROMPT, max_new_tokens=8)
     assert out.stop_reason == "eos" and len(out.token_ids) == 1
     assert out.kv_bytes["device"] == out.full_kv_bytes == llm.full_kv_bytes(out.prompt_tokens + 8)
+
+
+def test_defaults_and_edges_of_generate(llm):
+    """What a call without options means: a raw prompt (no chat template), its text as text; the
+    end-of-turn token ends the text without being shown, streamed or not; and the edges of the
+    accepted ranges: no new tokens at all, prefill one token at a time."""
+    assert llm.encode(PROMPT) == llm.tokenizer.encode(PROMPT, allow_special=False)
+    assert llm.tokenizer.specials["<|im_end|>"] not in llm.encode("a<|im_end|>")
+    none = llm.generate(PROMPT, max_new_tokens=0)
+    assert none.token_ids == [] and none.text == "" and none.prompt_tokens == len(llm.encode(PROMPT))
+    one = llm.generate(PROMPT, max_new_tokens=1)
+    assert llm.generate(PROMPT, max_new_tokens=1, prefill_chunk=1).token_ids == one.token_ids
+    stream = llm.stream("Say hi.", chat=True, max_new_tokens=40)
+    pieces = list(stream)
+    out = stream.output
+    assert out.stop_reason == "eos" and out.token_ids[-1] in llm.tokenizer.eos_ids
+    assert "".join(pieces) == out.text == llm.tokenizer.decode(out.token_ids[:-1]) and "<|im_end|>" not in out.text

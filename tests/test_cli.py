@@ -196,6 +196,8 @@ def test_policy_flags_reach_the_policy():
     a = generate.build_parser().parse_args(["--policy", "offload:budget=256", "--host-store", "8bit",
                                             "--lookahead", "layer"])
     assert generate.policy_arg(a) == "offload:budget=256,lookahead=layer,host=8bit"
+    a = generate.build_parser().parse_args(["--policy", "evict", "--budget", "64", "--evict-during-decode"])
+    assert generate.policy_arg(a) == "evict:budget=64,evict_during_decode=1"  # a switch: on when given
 
 
 def test_closed_stdout_ends_quietly():
