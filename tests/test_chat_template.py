@@ -9,21 +9,12 @@ from helpers import smollm_reference_tokenizer, smollm_tokenizer
 from weights.chat import find_chat_template, render_chat_template
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return smollm_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return smollm_reference_tokenizer()
-
-
 @pytest.mark.parametrize("messages", [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
     [{"role": "user", "content": "What is 2+2?"}],
 ])
-def test_chat_template_matches_transformers(tok, ref, messages):
+def test_chat_template_matches_transformers(messages):
+    tok, ref = smollm_tokenizer(), smollm_reference_tokenizer()
     expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tok.apply_chat_template(messages) == expected
     assert tok.apply_chat_template(messages, add_generation_prompt=False) == ref.apply_chat_template(
@@ -51,9 +42,10 @@ A: {{ m.content }}
 A:{% endif %}"""
 
 
-def test_a_whitespace_sensitive_template_renders_as_transformers_does(ref):
+def test_a_whitespace_sensitive_template_renders_as_transformers_does():
     """Templates without Jinja's '-' whitespace control depend on trim_blocks and lstrip_blocks, and
     tojson keeps non-ASCII text and key order (transformers' own filter, not Jinja's)."""
+    ref = smollm_reference_tokenizer()
     messages = [{"role": "user", "content": "héllo <b>"}, {"role": "assistant", "content": "yo"}]
     for gen in (True, False):
         expected = ref.apply_chat_template(messages, chat_template=WHITESPACE_TEMPLATE, tokenize=False,

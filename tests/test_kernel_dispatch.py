@@ -44,45 +44,49 @@ def row_args(new_stride_one=True):
     return (k, k, new, new, torch.zeros(1, dtype=torch.long))
 
 
-# (module, dispatch function, kernel's name, reference's name, arguments, the kernel expected)
+# dispatch function -> (its module, the kernel's name, the reference's name)
+PATHS = {"rms_norm": (norm, "rms_norm_triton", "rms_norm_ref"),
+         "rope_qk": (rotary, "rope_qk_triton", "rope_qk_ref"),
+         "silu_mul": (swiglu, "silu_mul_triton", "silu_mul_ref"),
+         "dense_decode_attention": (dense_attn, "dense_decode_attention_triton", "dense_decode_attention_ref"),
+         "write_row": (dense_attn, "write_row_triton", "write_row_ref"),
+         "gather_rows": (prefetch, "gather_rows_triton", "gather_rows_ref"),
+         "assign_slots": (slots, "assign_slots_triton", "assign_slots_ref"),
+         "approx_scores": (sparse_attn, "approx_scores_triton", "approx_scores_ref")}
+
+# (dispatch function, arguments, the kernel expected)
 CASES = [
-    (norm, "rms_norm", "rms_norm_triton", "rms_norm_ref", (z(2, 576), z(576), 1e-5), True),
-    (norm, "rms_norm", "rms_norm_triton", "rms_norm_ref", (z(2, 576, dtype=BF16), z(576), 1e-5), False),
-    (norm, "rms_norm", "rms_norm_triton", "rms_norm_ref", (z(1, 65536), z(65536), 1e-5), True),
-    (norm, "rms_norm", "rms_norm_triton", "rms_norm_ref", (z(1, 65537), z(65537), 1e-5), False),
-    (rotary, "rope_qk", "rope_qk_triton", "rope_qk_ref", rope_args(64), True),
-    (rotary, "rope_qk", "rope_qk_triton", "rope_qk_ref", rope_args(32), True),  # half 16: the smallest
-    (rotary, "rope_qk", "rope_qk_triton", "rope_qk_ref", rope_args(16), False),
-    (rotary, "rope_qk", "rope_qk_triton", "rope_qk_ref", rope_args(80), False),  # half 40
-    (rotary, "rope_qk", "rope_qk_triton", "rope_qk_ref", rope_args(64, contiguous=False), False),
-    (swiglu, "silu_mul", "silu_mul_triton", "silu_mul_ref", (z(2, 2 * 96),), True),
-    (swiglu, "silu_mul", "silu_mul_triton", "silu_mul_ref", (z(2, 2 * 96 + 1),), False),
-    (dense_attn, "dense_decode_attention", "dense_decode_attention_triton", "dense_decode_attention_ref",
-     (z(1, 4, 1, 64), None, None, None), True),
-    (dense_attn, "dense_decode_attention", "dense_decode_attention_triton", "dense_decode_attention_ref",
-     (z(1, 4, 1, 16), None, None, None), True),  # the smallest tl.dot takes
-    (dense_attn, "dense_decode_attention", "dense_decode_attention_triton", "dense_decode_attention_ref",
-     (z(1, 4, 1, 8), None, None, None), False),
-    (dense_attn, "dense_decode_attention", "dense_decode_attention_triton", "dense_decode_attention_ref",
-     (z(1, 4, 1, 96), None, None, None), False),
-    (dense_attn, "write_row", "write_row_triton", "write_row_ref", row_args(), True),
-    (dense_attn, "write_row", "write_row_triton", "write_row_ref", row_args(new_stride_one=False), False),
-    (prefetch, "gather_rows", "gather_rows_triton", "gather_rows_ref", gather_args(64), True),
-    (prefetch, "gather_rows", "gather_rows_triton", "gather_rows_ref", gather_args(48), False),
-    (prefetch, "gather_rows", "gather_rows_triton", "gather_rows_ref", gather_args(64, False), False),
-    (slots, "assign_slots", "assign_slots_triton", "assign_slots_ref", (None, z(1, slots.MAX_K), 1), True),
-    (slots, "assign_slots", "assign_slots_triton", "assign_slots_ref", (None, z(1, slots.MAX_K + 1), 1), False),
-    (sparse_attn, "approx_scores", "approx_scores_triton", "approx_scores_ref",
-     (z(1, 4, 1, 64), SimpleNamespace(chan=z(1, 1, 4))), True),
-    (sparse_attn, "approx_scores", "approx_scores_triton", "approx_scores_ref",
-     (z(1, 4, 1, 64), SimpleNamespace(chan=z(1, 1, 2))), False),
-    (sparse_attn, "approx_scores", "approx_scores_triton", "approx_scores_ref",
-     (z(1, 4, 1, 64), SimpleNamespace(chan=z(1, 1, 24))), False),
+    ("rms_norm", (z(2, 576), z(576), 1e-5), True),
+    ("rms_norm", (z(2, 576, dtype=BF16), z(576), 1e-5), False),
+    ("rms_norm", (z(1, 65536), z(65536), 1e-5), True),
+    ("rms_norm", (z(1, 65537), z(65537), 1e-5), False),
+    ("rope_qk", rope_args(64), True),
+    ("rope_qk", rope_args(32), True),  # half 16: the smallest
+    ("rope_qk", rope_args(16), False),
+    ("rope_qk", rope_args(80), False),  # half 40
+    ("rope_qk", rope_args(64, contiguous=False), False),
+    ("silu_mul", (z(2, 2 * 96),), True),
+    ("silu_mul", (z(2, 2 * 96 + 1),), False),
+    ("dense_decode_attention", (z(1, 4, 1, 64), None, None, None), True),
+    ("dense_decode_attention", (z(1, 4, 1, 16), None, None, None), True),  # the smallest tl.dot takes
+    ("dense_decode_attention", (z(1, 4, 1, 8), None, None, None), False),
+    ("dense_decode_attention", (z(1, 4, 1, 96), None, None, None), False),
+    ("write_row", row_args(), True),
+    ("write_row", row_args(new_stride_one=False), False),
+    ("gather_rows", gather_args(64), True),
+    ("gather_rows", gather_args(48), False),
+    ("gather_rows", gather_args(64, False), False),
+    ("assign_slots", (None, z(1, slots.MAX_K), 1), True),
+    ("assign_slots", (None, z(1, slots.MAX_K + 1), 1), False),
+    ("approx_scores", (z(1, 4, 1, 64), SimpleNamespace(chan=z(1, 1, 4))), True),
+    ("approx_scores", (z(1, 4, 1, 64), SimpleNamespace(chan=z(1, 1, 2))), False),
+    ("approx_scores", (z(1, 4, 1, 64), SimpleNamespace(chan=z(1, 1, 24))), False),
 ]
 
 
-def route(monkeypatch, mode, module, dispatch, kernel, ref, args) -> str:
-    """Call module.dispatch(*args) with LAYERKV_KERNELS=mode; the name of the path it took."""
+def route(monkeypatch, mode, dispatch, args) -> str:
+    """Call dispatch(*args) with LAYERKV_KERNELS=mode; the name of the path it took."""
+    module, kernel, ref = PATHS[dispatch]
     taken = []
     monkeypatch.setenv("LAYERKV_KERNELS", mode)
     monkeypatch.setattr(module, kernel, lambda *a, **k: taken.append(kernel))
@@ -92,10 +96,11 @@ def route(monkeypatch, mode, module, dispatch, kernel, ref, args) -> str:
     return taken[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}-{c[0].__name__}-{'kernel' if c[5] else 'ref'}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'kernel' if c[2] else 'ref'}")
 def test_dispatch_sends_only_the_shapes_a_kernel_takes_to_it(monkeypatch, case):
-    module, dispatch, kernel, ref, args, fused = case
-    assert route(monkeypatch, "triton", module, dispatch, kernel, ref, args) == (kernel if fused else ref)
+    dispatch, args, fused = case
+    _, kernel, ref = PATHS[dispatch]
+    assert route(monkeypatch, "triton", dispatch, args) == (kernel if fused else ref)
     # and with the kernels off (or on CPU tensors, the default), the reference always
-    assert route(monkeypatch, "torch", module, dispatch, kernel, ref, args) == ref
-    assert route(monkeypatch, "auto", module, dispatch, kernel, ref, args) == ref
+    assert route(monkeypatch, "torch", dispatch, args) == ref
+    assert route(monkeypatch, "auto", dispatch, args) == ref
