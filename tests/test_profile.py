@@ -1,6 +1,7 @@
 """The profile prices each option by what the policy really does: the attention-output error of the
 decode queries under the tokens BudgetedEvictKV keeps / OffloadKV fetches (chunks and all), and a
 calibration that is the KL of the model's own outputs with every layer on one option."""
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from engine.config import preset
 from engine.kv.evict import BudgetedEvictKV
 from engine.kv.offload import OffloadKV
 from engine.planner import harm_weights, layer_options, plan_hybrid
-from engine.layer_stats import FRACTIONS, LayerStats
+from engine.layer_stats import FRACTIONS, LayerStats, average, stats_from_json, stats_to_json
 from engine.profile import CAL, ProfileConfig, calibration_specs, layer_stats, profile_prompt
 from engine.runner import generate
 from engine.sampling import SamplingParams
@@ -127,3 +128,25 @@ def test_calibration_follows_the_kinds_and_short_prompts():
         plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("quant", "evict", "full"))
     assert plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("evict", "offload", "full"))
 
+
+
+def test_profiles_average_layer_by_layer_and_harm_over_the_profiles_that_measured_it():
+    def stats(x, harm):
+        return [LayerStats(x, [x, 2 * x], [1 - x, 0.5], [x / 2, 0.0], {1: x, 2: x / 4, 4: 0.0}, harm)]
+    a, b = stats(0.2, {"evict": 1.0, "quant2": None}), stats(0.4, {"evict": 3.0, "quant2": 0.5})
+    (m,) = average([a, b])
+    assert [m.dense, *m.evict, *m.evict_err, *m.offload_err] == pytest.approx([0.3, 0.3, 0.6, 0.7, 0.5, 0.15, 0.0])
+    assert m.quant_err == pytest.approx({1: 0.3, 2: 0.075, 4: 0.0})
+    assert m.harm == {"evict": 2.0, "quant2": 0.5}  # one profile could not calibrate quant2: the other's
+    assert average([a, stats(0.4, None)])[0].harm is None  # a profile without any calibration: none
+    assert average([stats(0.4, None)] * 2)[0].harm is None
+    assert average([stats(0.2, {"evict": None}), a])[0].harm == {"evict": 1.0, "quant2": None}
+
+
+def test_layer_stats_json_round_trip_and_the_old_kept_mass_format():
+    s = [LayerStats(0.25, [0.5, 1.0], [0.5, 0.0], [0.25, 0.0], {1: 0.3, 2: 0.1, 4: 0.02}, {"evict": 2.0})]
+    rows = json.loads(json.dumps(stats_to_json(s)))  # bit widths come back from JSON as strings
+    assert stats_from_json(rows) == s
+    old = {"dense": 0.25, "evict": [0.5, 1.0], "offload": [0.75, 1.0], "quant_err": {"2": 0.1}}
+    (r,) = stats_from_json([old])  # saved when the planner priced kept attention mass: error = 1 - mass
+    assert (r.evict_err, r.offload_err, r.quant_err, r.harm) == ([0.5, 0.0], [0.25, 0.0], {2: 0.1}, None)

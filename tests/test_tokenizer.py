@@ -247,3 +247,19 @@ def test_gguf_pre_tokenizer_splits_match_transformers():
     shared = set(theirs) & set(GGUF_PRE_PATTERNS)
     assert {"llama-bpe", "qwen2", "tekken", "gpt-4o"} <= shared
     assert all(GGUF_PRE_PATTERNS[k] == theirs[k] for k in shared), [k for k in shared if GGUF_PRE_PATTERNS[k] != theirs[k]]
+
+
+def test_random_presets_fall_back_to_bytes_without_the_default_model(monkeypatch):
+    """A GPU machine without the default model still gets text in and out of random weights: UTF-8
+    bytes as ids 2..257 after a BOS, and ids a random model may emit outside them are dropped."""
+    import weights.load
+
+    def missing():
+        raise ValueError("default model not installed")
+    monkeypatch.setattr(weights.load, "default_gguf_path", missing)
+    tok = weights.load._tokenizer("random:tiny", "tiny", None)
+    assert isinstance(tok, weights.load.ByteTokenizer) and tok.vocab_size == 258
+    ids = tok.encode("é!")
+    assert ids == [0, 0xC3 + 2, 0xA9 + 2, ord("!") + 2]
+    assert tok.decode(ids + [1, 257, 258, 4000]) == "é!\ufffd"  # 257 is byte 0xff; EOS, ids past 257: no text
+    assert tok.decode([2]) == "\x00"
