@@ -131,11 +131,11 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def guarded(cell: dict, device: torch.device, fn, log) -> dict:
-    """Run fn(cell) -> fields; on failure the cell says why (first line), and memory is freed."""
+    """Run fn() -> fields (status "ok" unless they say otherwise, e.g. "skipped"); on failure the
+    cell says why (first line), and memory is freed."""
     release(device)
     try:
-        cell.update(fn())
-        cell["status"] = "ok"
+        cell.update({"status": "ok", **fn()})
     except Exception as e:  # noqa: BLE001 -- one cell's failure (often OOM) must not end the matrix
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         cell.update(status="error", reason=f"{type(e).__name__}: {msg}"[:300])
