@@ -127,3 +127,4 @@ def test_defaults_and_edges_of_generate(llm):
     out = stream.output
     assert out.stop_reason == "eos" and out.token_ids[-1] in llm.tokenizer.eos_ids
     assert "".join(pieces) == out.text == llm.tokenizer.decode(out.token_ids[:-1]) and "<|im_end|>" not in out.text
+    assert llm.generate(PROMPT, max_new_tokens=1, ctx=1).prompt_tokens == 1  # the smallest ctx: the last token
