@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine.api import LLM
+from engine.runner import fit_prompt
 
 pytestmark = pytest.mark.usefixtures("reuse_models")
 PROMPT = "The capital of France is"
@@ -128,3 +129,12 @@ def test_defaults_and_edges_of_generate(llm):
     assert out.stop_reason == "eos" and out.token_ids[-1] in llm.tokenizer.eos_ids
     assert "".join(pieces) == out.text == llm.tokenizer.decode(out.token_ids[:-1]) and "<|im_end|>" not in out.text
     assert llm.generate(PROMPT, max_new_tokens=1, ctx=1).prompt_tokens == 1  # the smallest ctx: the last token
+
+
+def test_a_prompt_past_its_room_loses_its_middle():
+    """The start (instructions) and the end (the question) are kept; an odd room gives the end one more."""
+    ids = list(range(10))
+    assert fit_prompt(ids, 10) == (ids, 0) and fit_prompt(ids, 11) == (ids, 0)
+    assert fit_prompt(ids, 4) == ([0, 1, 8, 9], 6)
+    assert fit_prompt(ids, 5) == ([0, 1, 7, 8, 9], 5)
+    assert fit_prompt(ids, 1) == ([9], 9)

@@ -129,6 +129,10 @@ def test_bad_batches_fail_before_any_work(monkeypatch):
         llm.generate(["hello", "  "])
     with pytest.raises(ValueError, match="2 max_new_tokens values for 3 prompts"):
         llm.generate(["a", "b", "c"], max_new_tokens=[1, 2])
+    for prompts in ([], [[5, 6], []]):  # the runner's own check, for callers below the API
+        with pytest.raises(ValueError, match="empty prompt"):
+            next(stream_batch(llm.model, prompts, [1] * len(prompts), SamplingParams(),
+                              [{"policy": "full"}] * len(prompts), [GenerationResult(len(p)) for p in prompts]))
     import engine.api
     import engine.fit
     full_one = llm.full_kv_bytes(8 + 4)
