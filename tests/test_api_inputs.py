@@ -2,6 +2,7 @@
 print it: misspelt options, values of the wrong type, budgets no plan can meet (each prompt of a
 batch, before the first is profiled), and sampling values that would fail mid-generation."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -59,9 +60,11 @@ def test_bad_options_are_one_value_error(llm, no_profiling, options, fragment):
     ([None], "a prompt is text or a list of token ids, not NoneType"),  # a batch of one bad prompt
     ([1.0, 5], "prompt 0: a prompt is text or a list of token ids, not float"),  # a batch: floats are no ids
     ([True, 5], "token ids must be ints"),
+    ([5, 49152], "token ids must be ints in [0, 49152)"),  # the vocabulary's size is one past its last id
+    ([-1, 5], "token ids must be ints in [0, 49152)"),
 ])
 def test_bad_prompts_are_one_value_error(llm, prompt, fragment):
-    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
         llm.generate(prompt, max_new_tokens=2)
 
 
