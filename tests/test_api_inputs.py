@@ -42,6 +42,8 @@ def no_profiling(monkeypatch):
     ({"ctx": 0}, "ctx must be an int >= 1"),  # 0 once meant "no cap"
     ({"ctx": -1}, "ctx must be an int >= 1"),  # once blamed max_new_tokens
     ({"ctx": "4k"}, "ctx must be an int >= 1"),
+    ({"ctx": True}, "ctx must be an int >= 1"),
+    ({"max_new_tokens": 8192}, "max_new_tokens 8192 leaves no room in"),  # the whole 8192-token context
     ({"prefill_chunk": "4"}, "prefill_chunk must be an int >= 1"),
     ({"prefill_chunk": 1.5}, "prefill_chunk must be an int >= 1"),
     ({"max_new_tokens": True}, "max_new_tokens must be ints >= 0"),
@@ -132,6 +134,7 @@ def test_defaults_and_edges_of_generate(llm):
     assert out.stop_reason == "eos" and out.token_ids[-1] in llm.tokenizer.eos_ids
     assert "".join(pieces) == out.text == llm.tokenizer.decode(out.token_ids[:-1]) and "<|im_end|>" not in out.text
     assert llm.generate(PROMPT, max_new_tokens=1, ctx=1).prompt_tokens == 1  # the smallest ctx: the last token
+    assert llm.generate([0, 49151], max_new_tokens=1).prompt_tokens == 2  # the first and the last id
 
 
 def test_a_prompt_past_its_room_loses_its_middle():
