@@ -1,10 +1,10 @@
-"""ModelArgs: the presets are the published models, and a Hugging Face config.json is read with its
-defaults and refused, in one line, when it is not a Llama we run."""
+"""ModelArgs: the presets are the published models, and a Hugging Face config.json (rope settings in
+either layout) is read with its defaults and refused, in one line, when it is not a Llama we run."""
 import re
 
 import pytest
 
-from engine.config import ModelArgs, preset
+from engine.config import LLAMA31_ROPE, ModelArgs, preset
 
 BASE = dict(model_type="llama", hidden_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=32,
             intermediate_size=64)
@@ -52,3 +52,18 @@ def test_hf_configs_we_do_not_run_are_refused_by_name(change, error):
     cfg = {k: v for k, v in {**BASE, **change}.items() if v is not None}
     with pytest.raises(ValueError, match="^" + re.escape(error)):
         ModelArgs.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
+def test_hf_configs_rope_scaling_in_either_layout(layout):
+    """transformers >= 5 writes rope settings as rope_parameters: llama3 there is read as in
+    rope_scaling, and a rescaling we do not implement is refused in both (rope_parameters' was
+    dropped, and the model ran with plain RoPE: wrong logits, no error)."""
+    assert ModelArgs.from_hf_config({**BASE, layout: LLAMA31_ROPE}).rope_scaling == LLAMA31_ROPE
+    assert ModelArgs.from_hf_config({**BASE, layout: {"rope_type": "default"}}).rope_scaling is None
+    assert ModelArgs.from_hf_config({**BASE, layout: {"rope_theta": 5e5}}).rope_scaling is None
+    with pytest.raises(ValueError, match="rope_scaling without a type"):
+        ModelArgs.from_hf_config({**BASE, layout: {"factor": 8.0}})
+    for kind in ("linear", "dynamic", "yarn"):
+        with pytest.raises(ValueError, match=f"unsupported rope_scaling type '{kind}'"):
+            ModelArgs.from_hf_config({**BASE, layout: {"rope_type": kind, "factor": 2.0}})

@@ -138,24 +138,6 @@ def test_config_without_import_and_an_entry_per_dtype(tmp_path, monkeypatch):
     assert set(a) == set(b) and all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].bfloat16()) for k in a)
 
 
-@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
-def test_hf_configs_rope_scaling_in_either_layout(layout):
-    """transformers >= 5 writes rope settings as rope_parameters: llama3 there is read as in
-    rope_scaling, and a rescaling we do not implement is refused in both (rope_parameters' was
-    dropped, and the model ran with plain RoPE: wrong logits, no error)."""
-    from engine.config import ModelArgs
-    base = dict(model_type="llama", hidden_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=32,
-                intermediate_size=64, rope_theta=THETA)
-    assert ModelArgs.from_hf_config({**base, layout: LLAMA31_ROPE}).rope_scaling == LLAMA31_ROPE
-    assert ModelArgs.from_hf_config({**base, layout: {"rope_type": "default"}}).rope_scaling is None
-    assert ModelArgs.from_hf_config({**base, layout: {"rope_theta": THETA}}).rope_scaling is None
-    with pytest.raises(ValueError, match="rope_scaling without a type"):
-        ModelArgs.from_hf_config({**base, layout: {"factor": 8.0}})
-    for kind in ("linear", "dynamic", "yarn"):
-        with pytest.raises(ValueError, match=f"unsupported rope_scaling type '{kind}'"):
-            ModelArgs.from_hf_config({**base, layout: {"rope_type": kind, "factor": 2.0}})
-
-
 @pytest.mark.parametrize("extra", ["blk.0.attn_q_norm", "blk.0.attn_q.lora", "vision.patch_embd"])
 def test_a_tensor_that_is_not_plain_llama_is_refused_in_one_line(tmp_path, monkeypatch, extra):
     """A GGUF with a tensor this importer does not know (another architecture's, an adapter's) is
