@@ -1,13 +1,15 @@
 """bench.py's tables from a result dict (engine/eval/report.py), on hand-made cells: what each kind of
 cell prints (measured, skipped, failed with its quality standing, quality failed), and the suite's
 agreement/accuracy table with its fixed column and the KV actually held where it is off the fraction.
-(End to end, from real runs: tests/test_bench.py.)"""
-from engine.eval.report import _ctx_label, suite_tables, table
+Which plots a run draws. (End to end, from real runs: tests/test_bench.py.)"""
+import os
+
+from engine.eval.report import _ctx_label, plots, suite_tables, table
 
 MiB = 2 ** 20
 
 
-def test_table_rows_for_each_kind_of_cell():
+def _cells():
     q = {"passkey_found": 19, "passkey_trials": 20, "kl": 0.01234, "top1": 0.9876, "ppl": 9.8765}
     ok = {"engine": "layerkv", "policy": "full", "ctx": 4096, "prompt_tokens": 4000, "status": "ok",
           "prefill_s": 1.234, "decode_ms_per_token": 43.21, "kv_bytes": {"device": 3 * MiB, "host": MiB // 2},
@@ -17,7 +19,11 @@ def test_table_rows_for_each_kind_of_cell():
              {**ok, "policy": "evict", "status": "error", "reason": "OutOfMemoryError: x",
               "quality": {"kl": 0.5, "top1": 0.9, "ppl": 11.0}},
              {**ok, "policy": "quant", "quality": {"error": "ValueError: y"}}]
-    head, rule, *rows = table({"cells": cells}).splitlines()
+    return cells
+
+
+def test_table_rows_for_each_kind_of_cell():
+    head, rule, *rows = table({"cells": _cells()}).splitlines()
     assert head.count("|") == rule.count("|") == 15 and set(rule) == {"|", "-"}
     assert rows == [
         "| layerkv | full | 4k | 4000 | 1.23 | 43.2 | 3.0 | 0.5 | 0.500 | 600 | 19/20 | 0.0123 | 0.988 | 9.88 |",
@@ -47,3 +53,17 @@ def test_suite_table_shows_held_kv_only_where_it_is_off_the_fraction():
         "| quant | 100 / 100 (0.28) |  |  |", ""]
     assert "| evict | 20% | 100 | 50 |" in lines and "| quant | fixed | 100 | 100 |" in lines
     assert "| kvpress snapkv | 20% | 0 | 0 |" in lines  # a task it never ran counts 0
+
+
+def test_plots_drawn_for_each_kind_of_run(tmp_path):
+    """Latency and memory always (into a directory that may already exist), accuracy only when the
+    quality sweep has more than one fraction, a suite run its own plot per context."""
+    meta = {"model": "m", "device_name": "cpu"}
+    sweep = [{"ctx": 4096, "policy": "evict", "fraction": f, "quality": {"passkey_acc": 1.0, "kl": 0.1}} for f in (0.2, 0.5)]
+    names = lambda paths: [os.path.basename(p) for p in paths]  # noqa: E731
+    assert names(plots({"meta": meta, "cells": _cells(), "sweep": sweep[:1]}, str(tmp_path))) == ["latency.png", "memory.png"]
+    assert names(plots({"meta": meta, "cells": _cells(), "sweep": sweep}, str(tmp_path))) == [
+        "latency.png", "memory.png", "accuracy.png"]
+    suite = [_row("layerkv", "evict", 0.2, 0.2, "passkey", 1.0, True)]
+    assert names(plots({"meta": meta, "cells": [], "suite": suite}, str(tmp_path / "new"))) == ["suite_2k.png"]
+    assert (tmp_path / "new" / "suite_2k.png").stat().st_size > 10_000
