@@ -129,7 +129,6 @@ def test_calibration_follows_the_kinds_and_short_prompts():
     assert plan_hybrid(ARGS, stats, 1000, 0, 4, 10**9, kinds=("evict", "offload", "full"))
 
 
-
 def test_profiles_average_layer_by_layer_and_harm_over_the_profiles_that_measured_it():
     def stats(x, harm):
         return [LayerStats(x, [x, 2 * x], [1 - x, 0.5], [x / 2, 0.0], {1: x, 2: x / 4, 4: 0.0}, harm)]

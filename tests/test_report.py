@@ -4,9 +4,7 @@ agreement/accuracy table with its fixed column and the KV actually held where it
 Which plots a run draws. (End to end, from real runs: tests/test_bench.py.)"""
 import os
 
-from engine.eval.report import _ctx_label, plots, suite_tables, table
-
-MiB = 2 ** 20
+from engine.eval.report import MiB, _ctx_label, plots, suite_tables, table
 
 
 def _cells():

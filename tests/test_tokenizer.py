@@ -8,6 +8,7 @@ import random
 import pytest
 
 from helpers import smollm_reference_tokenizer, smollm_tokenizer, write_rank_file
+import weights.load
 from weights.stream_decoder import StreamDecoder
 from weights.tokenizer_files import LLAMA3_SPECIALS, load_tokenizer
 
@@ -252,8 +253,6 @@ def test_gguf_pre_tokenizer_splits_match_transformers():
 def test_random_presets_fall_back_to_bytes_without_the_default_model(monkeypatch):
     """A GPU machine without the default model still gets text in and out of random weights: UTF-8
     bytes as ids 2..257 after a BOS, and ids a random model may emit outside them are dropped."""
-    import weights.load
-
     def missing():
         raise ValueError("default model not installed")
     monkeypatch.setattr(weights.load, "default_gguf_path", missing)
