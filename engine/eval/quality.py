@@ -120,8 +120,11 @@ def greedy(model: Llama, policies: list[KVPolicy], first: torch.Tensor, pos: int
 def passkey_grid(model: Llama, tok, n_tokens: int, depths: list[float], seeds: list[int], specs: list,
                  max_new_tokens: int = 8) -> list[list[dict]]:
     """Greedy pass-key retrieval for every (depth, seed) pair and every spec: one list of trial
-    rows per spec. Each haystack is prefilled once for all specs."""
+    rows per spec. Each haystack is prefilled once for all specs; with none, nothing is run (bench.py's
+    quality pass at a second kept fraction may have no policy of ours left, only peers)."""
     rows = [[] for _ in specs]
+    if not specs:
+        return rows
     for seed in seeds:
         for depth in depths:
             h = make_haystack(tok, n_tokens, depth=depth, seed=seed)
