@@ -17,7 +17,7 @@ from engine.eval.cells import BenchConfig
 
 POLICIES = ["full", "quant", "evict", "offload", "hybrid"]
 CFG = BenchConfig(ctxs=[256], policies=POLICIES, fractions=[0.3, 0.5], steps=2, warmup=1, depths=[0.5],
-                  seeds=1, continuation=4, warm_up=False)
+                  seeds=1, continuation=6, warm_up=False)  # 6 teacher-forced tokens > 4 decoded
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def full_run(tiny):
         real_specs = cells.policy_specs
 
         def spy(name, m, ids, fraction, new):
-            specs_asked.append((name, fraction, len(ids)))
+            specs_asked.append((name, fraction, len(ids), new))
             return real_specs(name, m, ids, fraction, new)
         mp.setattr(cells, "policy_specs", spy)
         results, saves, log = run(tiny, CFG, ["hf-dynamic", "hf-quanto4", "kvpress-snapkv"])
@@ -92,13 +92,13 @@ def test_quality_rows_per_fraction(full_run):
 
 def test_specs_are_built_once_per_fraction(full_run):
     """The latency cells' specs serve the first fraction's quality (a hybrid plan is a profiling
-    pass: not made twice); the second fraction builds its own. The hybrid's haystacks are planned
-    each from its own prompt (the latency prompt is 256 tokens; so is a haystack, made apart)."""
+    pass: not made twice); the second fraction builds its own. Each is made for the longer of the
+    decoded tokens (4) and the teacher-forced ones (6), one spec serving both; a hybrid's haystacks
+    are planned each from its own prompt (256 tokens too, but made apart) for the 8 tokens they decode."""
     _, _, _, asked = full_run
-    latency = [(p, 0.3, 256) for p in POLICIES]
-    assert asked[:5] == latency
-    rest = [a[:2] for a in asked[5:]]
-    assert rest == [("hybrid", 0.3), ("evict", 0.5), ("offload", 0.5), ("hybrid", 0.5), ("hybrid", 0.5)]
+    assert asked == [(p, 0.3, 256, 6) for p in POLICIES] + [
+        ("hybrid", 0.3, 256, 8), ("evict", 0.5, 256, 6), ("offload", 0.5, 256, 6), ("hybrid", 0.5, 256, 6),
+        ("hybrid", 0.5, 256, 8)]
 
 
 def test_random_weights_skip_quality_with_a_note(tiny):
@@ -150,7 +150,7 @@ def test_peer_quality_per_fraction_and_its_failure(tiny, monkeypatch):
 
     def quality(hf, peer, tok, ref, fraction, cfg):
         asked.append(("quality", peer, fraction))
-        assert len(ref["prompt"]) == 256 and len(ref["continuation"]) == 4 and ref["full_logits"].shape[0] == 4
+        assert len(ref["prompt"]) == 256 and len(ref["continuation"]) == 6 and ref["full_logits"].shape[0] == 6
         if fraction == 0.5:
             raise ValueError("press refused")
         return {"passkey_found": 1, "passkey_trials": 1, "kl": 0.5}
