@@ -103,12 +103,16 @@ def test_latency_cell_of_a_dynamic_cache(tiny):
     assert out["prefill_s"] > 0 and "note" not in out
 
 
-def test_greedy_stops_at_an_end_token(tiny):
+def test_greedy_is_our_fullkv_greedy_and_stops_at_an_end_token(tiny):
+    """Token by token at the right positions after the prompt, transformers' full cache decodes our
+    FullKV's greedy tokens; an end token ends the answer after itself."""
+    from engine.eval.quality import greedy, shared_prefill
     m, hf = tiny
     ids = text_ids(m, 40)
-    first = peers.greedy(hf, "hf-dynamic", ids, 1.0, 5, set())[0]
-    assert len(first) == 5
-    assert peers.greedy(hf, "hf-dynamic", ids, 1.0, 5, {first[1]})[0] == first[:2]
+    first, [policies] = shared_prefill(m.model, ids, [{"policy": "full"}], 12)
+    ours = greedy(m.model, policies, first, len(ids), 12, set())
+    assert peers.greedy(hf, "hf-dynamic", ids, 1.0, 12, set())[0] == ours and len(set(ours)) > 3
+    assert peers.greedy(hf, "hf-dynamic", ids, 1.0, 12, {ours[1]})[0] == ours[:2]
 
 
 def test_quality_of_a_full_cache_against_our_fullkv(tiny):
