@@ -103,15 +103,20 @@ def test_latency_cell_of_a_dynamic_cache(tiny):
     assert out["prefill_s"] > 0 and "note" not in out
 
 
-def test_greedy_is_our_fullkv_greedy_and_stops_at_an_end_token(tiny):
-    """Token by token at the right positions after the prompt, transformers' full cache decodes our
-    FullKV's greedy tokens; an end token ends the answer after itself."""
+def test_greedy_is_our_fullkv_greedy_and_stops_at_an_end_token(tiny, monkeypatch):
+    """Token by token, each at its own position after the prompt (a shift of one barely moves a
+    random model's greedy tokens: the positions are checked as given), transformers' full cache
+    decodes our FullKV's greedy tokens; an end token ends the answer after itself."""
     from engine.eval.quality import greedy, shared_prefill
     m, hf = tiny
     ids = text_ids(m, 40)
     first, [policies] = shared_prefill(m.model, ids, [{"policy": "full"}], 12)
     ours = greedy(m.model, policies, first, len(ids), 12, set())
+    fed, forward = [], peers.forward
+    monkeypatch.setattr(peers, "forward", lambda hf, tokens, cache, pos: fed.append((list(tokens), pos)) or
+                        forward(hf, tokens, cache, pos))
     assert peers.greedy(hf, "hf-dynamic", ids, 1.0, 12, set())[0] == ours and len(set(ours)) > 3
+    assert fed == [([t], 40 + i) for i, t in enumerate(ours[:-1])]
     assert peers.greedy(hf, "hf-dynamic", ids, 1.0, 12, {ours[1]})[0] == ours[:2]
 
 
