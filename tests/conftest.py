@@ -80,6 +80,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def tiny_llm():
+    """The tiny preset (random weights, 2 layers, the default model's tokenizer or the byte one) as an
+    LLM on the CPU in float32: the bench harness's loops run on it in seconds. One per test module,
+    which may change it (test_matrix.py renames it so that quality runs)."""
+    from engine import LLM
+    return LLM("random:tiny", "cpu", "float32")
+
+
 @pytest.fixture
 def reuse_models(monkeypatch, request):
     """For CLIs called in-process: the default model (CPU, float32) is the session's, and random:

@@ -6,15 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine import LLM
 from engine.eval import cells
 from engine.kv.evict import BudgetedEvictKV
 from engine.kv.offload import OffloadKV
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return LLM("random:tiny", "cpu", "float32")
 
 
 class Recorder:
@@ -114,14 +108,14 @@ def test_passkey_fields():
         "passkey_found": 3, "passkey_trials": 4, "passkey_acc": 0.75, "passkey_answers": list("abcd")}
 
 
-def test_a_latency_cell_on_the_tiny_preset(tiny):
+def test_a_latency_cell_on_the_tiny_preset(tiny_llm):
     cfg = cells.BenchConfig(ctxs=[64], policies=["evict"], fractions=[0.5], steps=3, warmup=2)
-    ids = cells.text_ids(tiny, 64)
-    out = cells.latency_cell(tiny, ids, [{"policy": "full"}, {"policy": "evict", "budget": 32}], cfg)
+    ids = cells.text_ids(tiny_llm, 64)
+    out = cells.latency_cell(tiny_llm, ids, [{"policy": "full"}, {"policy": "evict", "budget": 32}], cfg)
     assert out["decode_steps"] == 3 and out["layers"] == {"full": 1, "evict": 1} and out["cuda_graphs"] is False
-    assert out["full_kv_bytes"] == tiny.args.kv_bytes_per_token(4) * (64 + 6)
+    assert out["full_kv_bytes"] == tiny_llm.args.kv_bytes_per_token(4) * (64 + 6)
     assert 0.5 < out["kv_ratio"] < 1  # layer 0 holds all 70 tokens, layer 1 less
     assert out["peak_memory_kind"] in ("rss_peak_since_cell_start", "rss_peak_of_process")
     assert "peak_estimate_bytes" not in out  # the CUDA allocator's figures only on a GPU
     with pytest.raises(ValueError):  # the fit check refuses before any prefill
-        cells.latency_cell(tiny, ids, {"policy": "evict", "budget": 0}, cfg)
+        cells.latency_cell(tiny_llm, ids, {"policy": "evict", "budget": 0}, cfg)

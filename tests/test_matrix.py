@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import pytest
 
-from engine import LLM
 from engine.eval import cells, matrix
 from engine.eval import peers as peer_mod
 from engine.eval.cells import BenchConfig
@@ -21,10 +20,9 @@ CFG = BenchConfig(ctxs=[256], policies=POLICIES, fractions=[0.3, 0.5], steps=2, 
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    m = LLM("random:tiny", "cpu", "float32")
-    m.name = "tiny-as-if-real"  # quality runs (random: weights skip it)
-    return m
+def tiny(tiny_llm):
+    tiny_llm.name = "tiny-as-if-real"  # quality runs (random: weights skip it)
+    return tiny_llm
 
 
 def run(m, cfg: BenchConfig, peers: list[str]) -> tuple[dict, list[int], list[str]]:
@@ -101,8 +99,9 @@ def test_specs_are_built_once_per_fraction(full_run):
         ("hybrid", 0.5, 256, 8)]
 
 
-def test_random_weights_skip_quality_with_a_note(tiny):
-    m = LLM("random:tiny", "cpu", "float32")
+def test_random_weights_skip_quality_with_a_note(tiny, monkeypatch):
+    m = tiny
+    monkeypatch.setattr(m, "name", "random:tiny")
     results, saves, log = run(m, replace(CFG, policies=["full", "evict"]), [])
     assert results["sweep"] == [] and all(c["quality"] is None for c in results["cells"])
     assert "random weights" in results["meta"]["quality_note"]
@@ -186,8 +185,7 @@ def test_warm_up_runs_everything_once_unreported(tiny, monkeypatch):
 def test_the_prompt_leaves_room_for_what_follows_it(tiny, monkeypatch):
     """A context past the model's window is cut to leave room for the longer of the decoded tokens
     and the teacher-forced continuation."""
-    m = LLM("random:tiny", "cpu", "float32")
-    m.args = replace(m.args, max_seq_len=300)
-    results, _, log = run(m, replace(CFG, ctxs=[512], policies=["full"], continuation=40), [])
+    monkeypatch.setattr(tiny, "args", replace(tiny.args, max_seq_len=300))
+    results, _, log = run(tiny, replace(CFG, ctxs=[512], policies=["full"], continuation=40), [])
     assert results["cells"][0]["prompt_tokens"] == 260 and results["cells"][0]["ctx"] == 512
     assert "context 512: 260-token prompt" in log

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import LLM
 from engine.eval import peers
 from engine.eval.cells import BenchConfig, text_ids
 from engine.eval.hf_view import hf_view
@@ -17,9 +16,8 @@ from engine.eval.quality import fidelity_with_reference
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    m = LLM("random:tiny", "cpu", "float32")
-    return m, hf_view(m.model)
+def tiny(tiny_llm):
+    return tiny_llm, hf_view(tiny_llm.model)
 
 
 def test_expand_peers_keeps_order_and_drops_repeats():

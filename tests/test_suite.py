@@ -5,25 +5,19 @@ answer even when FullKV was not asked for, the held KV as a share of FullKV's fo
 what is saved and skipped, and the summary's means."""
 import pytest
 
-from engine import LLM
 from engine.eval import suite
 from engine.eval.cells import BenchConfig
 from engine.eval.tasks import make_task
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return LLM("random:tiny", "cpu", "float32")
-
-
-def test_rows_of_one_prompt(tiny, monkeypatch):
+def test_rows_of_one_prompt(tiny_llm, monkeypatch):
     """full is added as the reference; evict gets a row per fraction, quant:bits=2 one; the hybrid
     is profiled once for both fractions; FullKV agrees with itself and holds FullKV's bytes."""
     profiles = []
-    real = tiny.profile
-    monkeypatch.setattr(tiny, "profile", lambda *a, **k: profiles.append(1) or real(*a, **k))
+    real = tiny_llm.profile
+    monkeypatch.setattr(tiny_llm, "profile", lambda *a, **k: profiles.append(1) or real(*a, **k))
     results, saves, log = {"suite": []}, [], []
-    suite.run_suite(tiny, None, 300, ["niah-number"], 2, ["evict", "quant:bits=2", "hybrid"], [], [0.3, 0.6],
+    suite.run_suite(tiny_llm, None, 300, ["niah-number"], 2, ["evict", "quant:bits=2", "hybrid"], [], [0.3, 0.6],
                     results, lambda: saves.append(len(results["suite"])), log.append)
     rows = results["suite"]
     assert [(r["policy"], r["fraction"], r["seed"]) for r in rows] == [
@@ -31,7 +25,7 @@ def test_rows_of_one_prompt(tiny, monkeypatch):
                                                        ("quant:bits=2", None), ("hybrid", 0.3), ("hybrid", 0.6)]]
     assert profiles == [1, 1]  # once per prompt, not per fraction
     assert saves == [6, 12]   # after each task prompt
-    tasks = [make_task("niah-number", tiny.tokenizer, 300, seed=s) for s in (0, 1)]
+    tasks = [make_task("niah-number", tiny_llm.tokenizer, 300, seed=s) for s in (0, 1)]
     for r in rows:
         assert r["engine"] == "layerkv" and r["task"] == "niah-number" and r["ctx"] == 300
         assert r["score"] == tasks[r["seed"]].score(r["answer"])
@@ -45,38 +39,38 @@ def test_rows_of_one_prompt(tiny, monkeypatch):
     assert log[0].startswith("  suite niah-number seed 0 @ 300: FullKV ") and ", 6 answers in " in log[0]
 
 
-def test_agreement_is_against_fulls_answer(tiny, monkeypatch):
+def test_agreement_is_against_fulls_answer(tiny_llm, monkeypatch):
     """A row agrees when its answer key equals FullKV's: faked answers, one the same key in other
     formatting, one different."""
     answers = {"full": " 4711093.\nThe", "evict": "4711093, and more", "quant": " 4711094"}
     monkeypatch.setattr(suite, "ours", lambda m, task, names, fractions, log: [
         suite._row("layerkv", n, None, task, answers[n], 1.0) for n in names])
     results = {"suite": []}
-    suite.run_suite(tiny, None, 300, ["niah-number"], 1, ["evict", "quant"], [], [0.5], results, lambda: None,
+    suite.run_suite(tiny_llm, None, 300, ["niah-number"], 1, ["evict", "quant"], [], [0.5], results, lambda: None,
                     lambda _: None)
     assert [(r["policy"], r["agree"]) for r in results["suite"]] == [("full", True), ("evict", True), ("quant", False)]
 
 
-def test_a_peer_once_or_per_fraction(tiny, monkeypatch):
+def test_a_peer_once_or_per_fraction(tiny_llm, monkeypatch):
     """A peer whose memory does not follow the fraction runs once (its fraction None, asked at 1.0),
     a press once per fraction; its held bytes are a share of FullKV's for the prompt and the answer."""
     asked = []
-    per_token = tiny.args.kv_bytes_per_token(4)
+    per_token = tiny_llm.args.kv_bytes_per_token(4)
 
     def greedy(hf, name, ids, fraction, new, eos):
         asked.append((name, fraction))
         return [5, 6], int(fraction * per_token * (len(ids) + new))
     monkeypatch.setattr(suite.peer_mod, "greedy", greedy)
     from engine.eval.hf_view import hf_view
-    hf = hf_view(tiny.model)
-    task = make_task("niah-number", tiny.tokenizer, 300)
-    rows = suite.peer(hf, "hf-dynamic", tiny.tokenizer, task, [0.2, 0.4]) + \
-        suite.peer(hf, "kvpress-snapkv", tiny.tokenizer, task, [0.2, 0.4])
+    hf = hf_view(tiny_llm.model)
+    task = make_task("niah-number", tiny_llm.tokenizer, 300)
+    rows = suite.peer(hf, "hf-dynamic", tiny_llm.tokenizer, task, [0.2, 0.4]) + \
+        suite.peer(hf, "kvpress-snapkv", tiny_llm.tokenizer, task, [0.2, 0.4])
     assert asked == [("hf-dynamic", 1.0), ("kvpress-snapkv", 0.2), ("kvpress-snapkv", 0.4)]
     assert [(r["engine"], r["policy"], r["fraction"]) for r in rows] == [
         ("transformers", "hf-dynamic", None), ("kvpress", "snapkv", 0.2), ("kvpress", "snapkv", 0.4)]
     assert [r["kv_ratio"] for r in rows] == pytest.approx([1.0, 0.2, 0.4], rel=1e-4)  # int() of the bytes
-    assert rows[0]["answer"] == tiny.tokenizer.decode([5, 6])
+    assert rows[0]["answer"] == tiny_llm.tokenizer.decode([5, 6])
 
 
 def test_the_answer_text_drops_the_token_that_stopped_it():
@@ -89,27 +83,27 @@ def test_the_answer_text_drops_the_token_that_stopped_it():
     assert suite._text(Tok(), []) == ""
 
 
-def test_our_specs_skips_a_hybrid_fraction_below_the_floor(tiny):
+def test_our_specs_skips_a_hybrid_fraction_below_the_floor(tiny_llm):
     ids = list(range(100, 400))
     notes = []
-    specs = suite.our_specs(tiny, ["full", "hybrid", "evict:budget=64"], [0.01, 0.5], ids, 16, notes.append)
+    specs = suite.our_specs(tiny_llm, ["full", "hybrid", "evict:budget=64"], [0.01, 0.5], ids, 16, notes.append)
     assert [(n, f) for n, f, _ in specs] == [("full", None), ("hybrid", 0.5), ("evict:budget=64", None)]
     assert len(notes) == 1 and notes[0].startswith("  hybrid @ 0.01: no plan (")
-    assert specs[0][2] == {"policy": "full"} and len(specs[1][2]) == tiny.args.n_layers
+    assert specs[0][2] == {"policy": "full"} and len(specs[1][2]) == tiny_llm.args.n_layers
 
 
-def test_run_suite_all_notes_skipped_peers_and_fits_the_model(tiny, monkeypatch):
+def test_run_suite_all_notes_skipped_peers_and_fits_the_model(tiny_llm, monkeypatch):
     """A context past the model's window leaves 64 tokens for the answer; a peer that cannot run is
     named in the results, and no transformers view is built when no peer runs."""
     from dataclasses import replace
-    monkeypatch.setattr(tiny, "args", replace(tiny.args, max_seq_len=364))
+    monkeypatch.setattr(tiny_llm, "args", replace(tiny_llm.args, max_seq_len=364))
     monkeypatch.setattr(suite.peer_mod, "skip_reason", lambda p: "not installed here")
     seen = []
     monkeypatch.setattr(suite, "run_suite", lambda m, hf, n, tasks, seeds, names, peers, fractions, *rest:
                         seen.append((hf, n, tasks, seeds, names, peers, fractions)))
     cfg = BenchConfig(ctxs=[256, 1000], policies=["evict"], fractions=[0.5], seeds=2)
     results, log = {"meta": {}}, []
-    suite.run_suite_all(tiny, cfg, ["vt"], ["kvpress-snapkv"], results, lambda: None, log.append)
+    suite.run_suite_all(tiny_llm, cfg, ["vt"], ["kvpress-snapkv"], results, lambda: None, log.append)
     assert results["meta"]["skipped_peers"] == {"kvpress-snapkv": "not installed here"}
     assert seen == [(None, 256, ["vt"], 2, ["evict"], [], [0.5]), (None, 300, ["vt"], 2, ["evict"], [], [0.5])]
     assert log[0] == "  kvpress-snapkv: skipped (not installed here)"
