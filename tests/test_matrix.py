@@ -167,18 +167,21 @@ def test_peer_quality_per_fraction_and_its_failure(tiny, monkeypatch):
 
 def test_warm_up_runs_everything_once_unreported(tiny, monkeypatch):
     """Short runs at half the prompt or more (a 10% plan of 256 tokens is refused), two steps each,
-    before the first cell; nothing of them lands in the results."""
+    before the first cell, and each peer that can run; nothing of them lands in the results."""
     seen = []
     real_latency, real_specs = cells.latency_cell, cells.policy_specs
     monkeypatch.setattr(cells, "latency_cell", lambda m, ids, specs, cfg: (
         seen.append(("run", len(ids), cfg.steps, cfg.warmup)) or real_latency(m, ids, specs, cfg)))
     monkeypatch.setattr(cells, "policy_specs", lambda name, m, ids, f, new: (
         seen.append((name, f)) or real_specs(name, m, ids, f, new)))
+    monkeypatch.setattr(peer_mod, "skip_reason", lambda p: None if p == "hf-dynamic" else "not here")
+    monkeypatch.setattr(peer_mod, "latency_cell", lambda hf, peer, ids, f, cfg: seen.append((peer, f, cfg.steps)) or
+                        cells.latency_fields(0.1, [0.01] * cfg.steps, {"device": 1, "host": 0}, 2, (3, "test")))
     cfg = replace(CFG, policies=["evict", "offload"], fractions=[0.3, 0.7], quality=False, warm_up=True)
-    results, saves, log = run(tiny, cfg, [])
-    assert seen == [("evict", 0.5), ("run", 256, 2, 0), ("offload", 0.5), ("run", 256, 2, 0),
-                    ("evict", 0.3), ("run", 256, 2, 1), ("offload", 0.3), ("run", 256, 2, 1)]
-    assert len(results["cells"]) == 2 and saves == [1, 2]
+    results, saves, log = run(tiny, cfg, ["hf-dynamic", "kvpress-snapkv"])
+    assert seen == [("evict", 0.5), ("run", 256, 2, 0), ("offload", 0.5), ("run", 256, 2, 0), ("hf-dynamic", 0.5, 2),
+                    ("evict", 0.3), ("run", 256, 2, 1), ("offload", 0.3), ("run", 256, 2, 1), ("hf-dynamic", 0.3, 2)]
+    assert len(results["cells"]) == 4 and saves == [1, 2, 3, 4]
     assert log[0].startswith("warm-up: every policy and peer once on 256 tokens")
 
 
