@@ -25,6 +25,11 @@ def tiny(tiny_llm):
     return tiny_llm
 
 
+def fake_peer_latency(cfg: BenchConfig) -> dict:
+    """A peer's latency cell without the peer (kvpress is not in the test venv)."""
+    return cells.latency_fields(0.1, [0.01] * cfg.steps, {"device": 1, "host": 0}, 2, (3, "test"))
+
+
 def run(m, cfg: BenchConfig, peers: list[str]) -> tuple[dict, list[int], list[str]]:
     """-> (results, how many cells each save() saw, log lines)."""
     results = {"meta": {}, "cells": [], "sweep": [], "suite": [], "throughput": []}
@@ -145,7 +150,7 @@ def test_peer_quality_per_fraction_and_its_failure(tiny, monkeypatch):
 
     def latency(hf, peer, ids, fraction, cfg):
         asked.append(("latency", peer, fraction))
-        return cells.latency_fields(0.1, [0.01] * cfg.steps, {"device": 1, "host": 0}, 2, (3, "test"))
+        return fake_peer_latency(cfg)
 
     def quality(hf, peer, tok, ref, fraction, cfg):
         asked.append(("quality", peer, fraction))
@@ -175,8 +180,8 @@ def test_warm_up_runs_everything_once_unreported(tiny, monkeypatch):
     monkeypatch.setattr(cells, "policy_specs", lambda name, m, ids, f, new: (
         seen.append((name, f)) or real_specs(name, m, ids, f, new)))
     monkeypatch.setattr(peer_mod, "skip_reason", lambda p: None if p == "hf-dynamic" else "not here")
-    monkeypatch.setattr(peer_mod, "latency_cell", lambda hf, peer, ids, f, cfg: seen.append((peer, f, cfg.steps)) or
-                        cells.latency_fields(0.1, [0.01] * cfg.steps, {"device": 1, "host": 0}, 2, (3, "test")))
+    monkeypatch.setattr(peer_mod, "latency_cell", lambda hf, peer, ids, f, cfg: (
+        seen.append((peer, f, cfg.steps)) or fake_peer_latency(cfg)))
     cfg = replace(CFG, policies=["evict", "offload"], fractions=[0.3, 0.7], quality=False, warm_up=True)
     results, saves, log = run(tiny, cfg, ["hf-dynamic", "kvpress-snapkv"])
     assert seen == [("evict", 0.5), ("run", 256, 2, 0), ("offload", 0.5), ("run", 256, 2, 0), ("hf-dynamic", 0.5, 2),

@@ -7,15 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 import engine.eval.throughput as tp
-from engine.api import LLM
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return LLM("random:tiny", device="cpu", dtype="float32")
-
-
-def test_measure_times_the_steady_steps_at_advancing_positions(tiny, monkeypatch):
+def test_measure_times_the_steady_steps_at_advancing_positions(tiny_llm, monkeypatch):
     clock, positions = [0.0], []
 
     class Ticking(tp.Decoder):
@@ -27,8 +21,8 @@ def test_measure_times_the_steady_steps_at_advancing_positions(tiny, monkeypatch
     monkeypatch.setattr(tp, "Decoder", Ticking)
     monkeypatch.setattr(tp, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     ids = list(range(5, 25))  # 20 tokens
-    specs = [{"policy": "full"}] * tiny.args.n_layers
-    rows, held = tp.measure(tiny, specs, ids, [1, 2, 3], steps=2, warmup=1, new=9, log=lambda _: None)
+    specs = [{"policy": "full"}] * tiny_llm.args.n_layers
+    rows, held = tp.measure(tiny_llm, specs, ids, [1, 2, 3], steps=2, warmup=1, new=9, log=lambda _: None)
     assert [r["batch"] for r in rows] == [1, 2, 3]
     # steps 2 and 3 of each batch's Decoder are timed (2 s and 3 s), the warm-up step 1 is not
     assert [r["tokens_per_s"] for r in rows] == pytest.approx([0.4, 0.8, 1.2])
@@ -37,17 +31,17 @@ def test_measure_times_the_steady_steps_at_advancing_positions(tiny, monkeypatch
     seq0 = [pos[0] for _, pos in positions]
     assert seq0 == list(range(20, 29))
     assert [pos for b, pos in positions if b == 3] == [[26, 23, 20], [27, 24, 21], [28, 25, 22]]
-    assert held == 3 * (20 + 9) * tiny.args.kv_bytes_per_token(4)  # FullKV allocates the room up front
+    assert held == 3 * (20 + 9) * tiny_llm.args.kv_bytes_per_token(4)  # FullKV allocates the room up front
 
 
-def test_a_cap_that_fits_one_sequence_measures_it(tiny):
+def test_a_cap_that_fits_one_sequence_measures_it(tiny_llm):
     cfg = SimpleNamespace(fractions=[0.2], ctxs=[64], warmup=0, steps=1, policies=["full", "evict"])
     results = {"meta": {}, "throughput": []}
-    tp.run_throughput(tiny, cfg, 1 << 30, 1, results, save=lambda: None, log=lambda _: None)
+    tp.run_throughput(tiny_llm, cfg, 1 << 30, 1, results, save=lambda: None, log=lambda _: None)
     assert [(c["policy"], c["b_max"], [r["batch"] for r in c["rows"]]) for c in results["throughput"]] == [
         ("full", 1, [1]), ("evict", 1, [1])]
     results["throughput"].clear()
-    tp.run_throughput(tiny, cfg, 1000, 4, results, save=lambda: None, log=lambda _: None)
+    tp.run_throughput(tiny_llm, cfg, 1000, 4, results, save=lambda: None, log=lambda _: None)
     assert all(c["status"] == "skipped" and "one sequence needs" in c["reason"] for c in results["throughput"])
 
 

@@ -4,7 +4,7 @@ One operator at a time is swapped in the code of FILE ('<' for '<=', min for max
 '//' for '/', a dropped '- 1' or 'not', True for False...; never inside strings or comments), the
 given tests run, and every swap they still pass is printed. Each survivor is either equivalent
 (the swap changes nothing observable: a tie, a redundant mask, a CUDA-only branch seen from the
-CPU) or behaviour no test pins: a test to write. Run on 2026-11-30 over 46 modules (the README's
+CPU) or behaviour no test pins: a test to write. Run on 2026-11-30 over 50 modules (the README's
 Tests section says what it found).
 
 It rewrites FILE in place and restores it after each run, so run it in a spare worktree, where a
